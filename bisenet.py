@@ -1,0 +1,415 @@
+"""BiSeNetV1 (Yu et al., ECCV 2018) with a ResNet context path, as in mmsegmentation and CoinCheung/BiSeNet.
+
+The model takes RGB images with values 0..255 (uint8 or float) and normalises them itself, so the mean/std a
+checkpoint was trained with travel with it. Train mode returns (main, aux16, aux32) logits at input resolution;
+eval mode returns the main logits.
+
+    python bisenet.py --depth 18 --size 1024x2048      # parameters and GFLOPs
+"""
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+CITYSCAPES_MEAN, CITYSCAPES_STD = (83.06, 94.10, 82.19), (53.87, 54.77, 53.93)  # CoinCheung's, x255
+
+RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
+    "basic": dict(spatial_channels=(64, 64, 64, 128), context_channels=(128, 256, 512), fusion_channels=256, head_channels=256, aux_channels=64),
+    "bottleneck": dict(spatial_channels=(256, 256, 256, 512), context_channels=(512, 1024, 2048), fusion_channels=1024, head_channels=1024, aux_channels=256),
+}
+
+
+class CheckpointError(Exception):
+    """A weights file that cannot be used. The message names the file and what was wrong."""
+
+
+def model_config(depth=18, num_classes=19, ffm_attention_relu=True, dropout=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Everything needed to rebuild a model; stored in our checkpoints."""
+    if depth not in RESNET_LAYOUTS:
+        raise CheckpointError(f"depth {depth} is not one of {sorted(RESNET_LAYOUTS)}")
+    block, _ = RESNET_LAYOUTS[depth]
+    return dict(depth=depth, num_classes=num_classes, ffm_attention_relu=ffm_attention_relu, dropout=dropout, mean=list(mean), std=list(std), **PRESETS[block])
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, cin, cout, kernel_size=3, stride=1, relu=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = relu
+
+    def forward(self, x):
+        x = self.bn(self.conv(x))
+        return F.relu(x, inplace=True) if self.relu else x
+
+
+# -- ResNet with torchvision's parameter names (conv1, bn1, layer1..layer4) ------------------------------------
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = downsample(cin, width, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x), inplace=True)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # stride on the 3x3: torchvision/mmseg 'pytorch'
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * 4)
+        self.downsample = downsample(cin, width * 4, stride)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x), inplace=True)
+
+
+def downsample(cin, cout, stride):
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth):
+        super().__init__()
+        block_kind, blocks = RESNET_LAYOUTS[depth]
+        block = BasicBlock if block_kind == "basic" else Bottleneck
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for i, (count, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
+            layers = []
+            for j in range(count):
+                layers.append(block(cin, width, stride=2 if i > 0 and j == 0 else 1))
+                cin = width * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 3, 2, 1)
+        x = self.layer1(x)
+        x8 = self.layer2(x)
+        x16 = self.layer3(x8)
+        x32 = self.layer4(x16)
+        return x16, x32
+
+
+# -- BiSeNetV1 ------------------------------------------------------------------------------------------------
+class ChannelAttention(nn.Module):
+    """x * sigmoid(BN(conv1x1(mean over H, W))); mmseg's fusion module adds a ReLU before the sigmoid."""
+
+    def __init__(self, channels, relu):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = relu
+
+    def forward(self, x):
+        if self.training and x.shape[0] < 2 and not isinstance(self.bn, nn.SyncBatchNorm):
+            raise ValueError("BatchNorm on a 1x1 pooled map needs a batch of at least 2 per device: use --batch-size >= 2 (or --sync-bn on several devices)")
+        attention = self.bn(self.conv(x.mean((2, 3), keepdim=True)))
+        return x * torch.sigmoid(F.relu(attention) if self.relu else attention)
+
+
+class AttentionRefinement(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, cout, 3)
+        self.attention = ChannelAttention(cout, relu=False)
+
+    def forward(self, x):
+        return self.attention(self.conv(x))
+
+
+class FeatureFusion(nn.Module):
+    def __init__(self, cin, cout, attention_relu):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, cout, 1)
+        self.attention = ChannelAttention(cout, relu=attention_relu)
+
+    def forward(self, spatial, context):
+        fused = self.conv(torch.cat([spatial, context], dim=1))
+        return self.attention(fused) + fused
+
+
+class SegHead(nn.Module):
+    def __init__(self, cin, mid, num_classes, dropout):
+        super().__init__()
+        self.conv = ConvBNReLU(cin, mid, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(mid, num_classes, 1)
+
+    def forward(self, x, size):
+        logits = self.classifier(self.dropout(self.conv(x)))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class BiSeNetV1(nn.Module):
+    def __init__(
+        self,
+        depth=18,
+        num_classes=19,
+        spatial_channels=(64, 64, 64, 128),
+        context_channels=(128, 256, 512),
+        fusion_channels=256,
+        head_channels=256,
+        aux_channels=64,
+        ffm_attention_relu=True,
+        dropout=0.1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
+        super().__init__()
+        self.config = dict(
+            depth=depth,
+            num_classes=num_classes,
+            spatial_channels=list(spatial_channels),
+            context_channels=list(context_channels),
+            fusion_channels=fusion_channels,
+            head_channels=head_channels,
+            aux_channels=aux_channels,
+            ffm_attention_relu=ffm_attention_relu,
+            dropout=dropout,
+            mean=list(mean),
+            std=list(std),
+        )
+        c = context_channels[0]
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = ResNet(depth)
+        s = spatial_channels
+        self.spatial_path = nn.Sequential(ConvBNReLU(3, s[0], 7, 2), ConvBNReLU(s[0], s[1], 3, 2), ConvBNReLU(s[1], s[2], 3, 2), ConvBNReLU(s[2], s[3], 1))
+        self.arm16 = AttentionRefinement(context_channels[1], c)
+        self.arm32 = AttentionRefinement(context_channels[2], c)
+        self.global_context = ConvBNReLU(context_channels[2], c, 1)
+        self.refine32 = ConvBNReLU(c, c, 3)
+        self.refine16 = ConvBNReLU(c, c, 3)
+        self.ffm = FeatureFusion(s[3] + c, fusion_channels, ffm_attention_relu)
+        self.head = SegHead(fusion_channels, head_channels, num_classes, dropout)
+        self.aux_head16 = SegHead(c, aux_channels, num_classes, dropout)  # on the 1/16 branch, upsampled to 1/8
+        self.aux_head32 = SegHead(c, aux_channels, num_classes, dropout)  # on the 1/32 branch, upsampled to 1/16
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for head in (self.head, self.aux_head16, self.aux_head32):
+            nn.init.normal_(head.classifier.weight, std=0.01)
+            nn.init.zeros_(head.classifier.bias)
+
+    def forward(self, images):
+        size = images.shape[2:]
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        x16, x32 = self.backbone(x)
+        context32 = self.arm32(x32) + self.global_context(x32.mean((2, 3), keepdim=True))
+        # nearest resize to the exact size of the next feature map: any input size works, not only multiples of 32
+        up32 = self.refine32(F.interpolate(context32, size=x16.shape[2:], mode="nearest"))
+        spatial = self.spatial_path(x)
+        up16 = self.refine16(F.interpolate(self.arm16(x16) + up32, size=spatial.shape[2:], mode="nearest"))
+        logits = self.head(self.ffm(spatial, up16), size)
+        if not self.training:
+            return logits
+        return logits, self.aux_head16(up16, size), self.aux_head32(up32, size)
+
+
+def build_model(config):
+    return BiSeNetV1(**config)
+
+
+def count_parameters(model, with_aux=True):
+    return sum(p.numel() for name, p in model.named_parameters() if with_aux or not name.startswith("aux_head"))
+
+
+# -- Foreign checkpoint layouts -------------------------------------------------------------------------------
+# Each rule maps a foreign key (regex) to ours. Unmatched keys are reported, never silently dropped.
+CONVBN = r"(conv|bn)\.(.+)"
+COINCHEUNG_RULES = [
+    (r"cp\.resnet\.(.+)", r"backbone.\1"),
+    (r"cp\.arm(16|32)\.conv\." + CONVBN, r"arm\1.conv.\2.\3"),
+    (r"cp\.arm(16|32)\.conv_atten\.(.+)", r"arm\1.attention.conv.\2"),
+    (r"cp\.arm(16|32)\.bn_atten\.(.+)", r"arm\1.attention.bn.\2"),
+    (r"cp\.conv_head(16|32)\.(.+)", r"refine\1.\2"),
+    (r"cp\.conv_avg\.(.+)", r"global_context.\1"),
+    (r"sp\.conv1\.(.+)", r"spatial_path.0.\1"),
+    (r"sp\.conv2\.(.+)", r"spatial_path.1.\1"),
+    (r"sp\.conv3\.(.+)", r"spatial_path.2.\1"),
+    (r"sp\.conv_out\.(.+)", r"spatial_path.3.\1"),
+    (r"ffm\.convblk\.(.+)", r"ffm.conv.\1"),
+    (r"ffm\.conv\.(.+)", r"ffm.attention.conv.\1"),
+    (r"ffm\.bn\.(.+)", r"ffm.attention.bn.\1"),
+    (r"conv_out\.conv\.(.+)", r"head.conv.\1"),
+    (r"conv_out\.conv_out\.(.+)", r"head.classifier.\1"),
+    (r"conv_out(16|32)\.conv\.(.+)", r"aux_head\1.conv.\2"),
+    (r"conv_out(16|32)\.conv_out\.(.+)", r"aux_head\1.classifier.\2"),
+]
+MMSEG_RULES = [
+    (r"backbone\.context_path\.backbone\.(.+)", r"backbone.\1"),
+    (r"backbone\.context_path\.arm(16|32)\.conv_layer\.(.+)", r"arm\1.conv.\2"),
+    (r"backbone\.context_path\.arm(16|32)\.atten_conv_layer\.1\.(.+)", r"arm\1.attention.\2"),
+    (r"backbone\.context_path\.conv_head(16|32)\.(.+)", r"refine\1.\2"),
+    (r"backbone\.context_path\.gap_conv\.1\.(.+)", r"global_context.\1"),
+    (r"backbone\.spatial_path\.layer([1-4])\.(.+)", lambda m: f"spatial_path.{int(m[1]) - 1}.{m[2]}"),
+    (r"backbone\.ffm\.conv1\.(.+)", r"ffm.conv.\1"),
+    (r"backbone\.ffm\.conv_atten\.0\.(.+)", r"ffm.attention.\1"),
+    (r"decode_head\.convs\.0\.(.+)", r"head.conv.\1"),
+    (r"decode_head\.conv_seg\.(.+)", r"head.classifier.\1"),
+    (r"auxiliary_head\.0\.convs\.0\.(.+)", r"aux_head16.conv.\1"),
+    (r"auxiliary_head\.0\.conv_seg\.(.+)", r"aux_head16.classifier.\1"),
+    (r"auxiliary_head\.1\.convs\.0\.(.+)", r"aux_head32.conv.\1"),
+    (r"auxiliary_head\.1\.conv_seg\.(.+)", r"aux_head32.classifier.\1"),
+]
+TORCHVISION_RULES = [(r"(conv1|bn1|layer[1-4])\.(.+)", r"\1.\2")]
+
+
+def rename_keys(state, rules, source):
+    renamed, unmatched = {}, []
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            new_key, hits = re.subn(f"^{pattern}$", replacement, key)
+            if hits:
+                renamed[new_key] = value
+                break
+        else:
+            unmatched.append(key)
+    if unmatched:
+        raise CheckpointError(f"{source}: cannot map {len(unmatched)} keys, e.g. {unmatched[:5]}")
+    return renamed
+
+
+def infer_depth(state, source):
+    """ResNet depth from backbone keys: block kind from conv3, block counts from layer indices."""
+    blocks = tuple(1 + max((int(m[1]) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))), default=-1) for i in range(1, 5))
+    kind = "bottleneck" if any(".conv3." in k for k in state) else "basic"
+    for depth, layout in RESNET_LAYOUTS.items():
+        if layout == (kind, blocks):
+            return depth
+    raise CheckpointError(f"{source}: backbone with {kind} blocks {blocks} is not a ResNet-18/34/50/101")
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_model(path, num_classes=None):
+    """Our checkpoints, CoinCheung's released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly, in eval mode."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")
+    if "model_config" in checkpoint:
+        config, state = dict(checkpoint["model_config"]), checkpoint["model"]
+    else:
+        if "state_dict" in checkpoint:
+            state, rules, extra = checkpoint["state_dict"], MMSEG_RULES, dict(ffm_attention_relu=True)
+        elif any(k.startswith("cp.resnet.") for k in checkpoint):
+            state, rules, extra = checkpoint, COINCHEUNG_RULES, dict(ffm_attention_relu=False, dropout=0.0, mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD)
+        else:
+            raise CheckpointError(f"{path}: unknown layout (first keys {list(checkpoint)[:5]}); expected ours, CoinCheung's or mmseg's")
+        state = rename_keys({k.removeprefix("module."): v for k, v in state.items()}, rules, path)
+        if "head.classifier.weight" not in state:
+            raise CheckpointError(f"{path}: no segmentation head weights found")
+        config = model_config(infer_depth(state, path), state["head.classifier.weight"].shape[0], **extra)
+    if num_classes is not None and config["num_classes"] != num_classes:
+        raise CheckpointError(f"{path}: has {config['num_classes']} classes, expected {num_classes}; pass a matching --num-classes")
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1].strip()[:300]}") from None
+    return model.eval()
+
+
+def load_backbone(model, source, log=print):
+    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
+    if re.match(r"^https?://", str(source)):
+        state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
+    else:
+        state = read_checkpoint(source)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = rename_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, TORCHVISION_RULES, source)
+    try:
+        model.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: backbone does not fit: {str(e).splitlines()[1].strip()[:300]}") from None
+    log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")
+
+
+# -- Inference helpers ----------------------------------------------------------------------------------------
+def fuse_conv_bn(conv, bn):
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, bias=True)
+    fused.weight.data = (conv.weight * scale.view(-1, 1, 1, 1)).detach()
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.data = (bn.bias + (bias - bn.running_mean) * scale).detach()
+    return fused.to(conv.weight.device)
+
+
+@torch.no_grad()
+def fuse_bn(model):
+    """Folds every BatchNorm into the convolution registered just before it (in place). For eval mode only."""
+    for module in model.modules():
+        previous_name, previous = None, None
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
+                setattr(module, previous_name, fuse_conv_bn(previous, child))
+                setattr(module, name, nn.Identity())
+            previous_name, previous = name, child
+    return model
+
+
+def count_flops(model, size):
+    """FLOPs as torch.utils.flop_counter counts them (a multiply-add is 2), convolutions dominate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, *size))
+    return counter.get_total_flops()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS))
+    parser.add_argument("--num-classes", type=int, default=19)
+    parser.add_argument("--size", default="1024x2048", help="HxW")
+    args = parser.parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    model = build_model(model_config(args.depth, args.num_classes)).eval()
+    inference, total = count_parameters(model, with_aux=False), count_parameters(model)
+    gflops = count_flops(model, size) / 1e9
+    print(f"BiSeNetV1 R{args.depth}: {inference:,} parameters for inference, {total:,} with aux heads; {gflops:.1f} GFLOPs at 1x3x{size[0]}x{size[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Evaluate a BiSeNetV1 checkpoint on Cityscapes, write predictions, or time inference.
+
+    python evaluate.py --ckpt work_dirs/r18/latest.pth --data-root data/cityscapes            # ss whole, val
+    python evaluate.py --ckpt model.pth --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip            # ms+flip
+    python evaluate.py --ckpt model.pth --split test --out-dir preds --format labelIds         # test-server files
+    python evaluate.py --ckpt model.pth --images my_photos/ --out-dir out --format overlay     # any images
+    python evaluate.py --benchmark --depth 18 --size 1024x2048                                # inference speed
+
+IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, as cityscapesscripts computes it;
+a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import device as devices
+from bisenet import CheckpointError, build_model, fuse_bn, load_model, model_config
+from cityscapes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, TRAINID_TO_LABELID, CityscapesDataset, DataError, find_images, sample_name
+
+
+def parse_size(text, flag):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+        return h, w
+    except ValueError:
+        raise devices.UsageError(f"{flag} {text!r}: expected HxW, e.g. 1024x2048") from None
+
+
+def mode_name(scales, flip, mode, crop=None, stride=None):
+    """The exact inference flavour, e.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
+    name = ("ms" if len(scales) > 1 or scales[0] != 1.0 else "ss") + ("+flip" if flip else "")
+    name = "flip" if name == "ss+flip" else name
+    if mode == "whole":
+        return f"{name} whole"
+    square = crop[0] == crop[1] and stride[0] == stride[1]
+    return f"{name} slide {crop[0]}/{stride[0]}" if square else f"{name} slide {crop[0]}x{crop[1]}/{stride[0]}x{stride[1]}"
+
+
+def slide_logits(model, images, crop, stride, num_classes):
+    """mmseg's sliding window: windows clamped inside the image, overlapping logits averaged."""
+    _, _, height, width = images.shape
+    crop_h, crop_w = min(crop[0], height), min(crop[1], width)
+    rows = max(height - crop_h + stride[0] - 1, 0) // stride[0] + 1
+    cols = max(width - crop_w + stride[1] - 1, 0) // stride[1] + 1
+    total = images.new_zeros((images.shape[0], num_classes, height, width), dtype=torch.float32)
+    count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    for r in range(rows):
+        for c in range(cols):
+            y1, x1 = min(r * stride[0], height - crop_h), min(c * stride[1], width - crop_w)
+            total[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w] += model(images[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w]).float()
+            count[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w] += 1
+    return total / count
+
+
+def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop=None, stride=None, num_classes=NUM_CLASSES):
+    """Class scores at input size: logits for a single pass, else softmax probabilities averaged over scales/flips."""
+    height, width = images.shape[2:]
+    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    total = None
+    for scale, flipped in passes:
+        x = (
+            images
+            if scale == 1.0
+            else F.interpolate(images.float(), size=(int(height * scale + 0.5), int(width * scale + 0.5)), mode="bilinear", align_corners=False)
+        )
+        x = x.flip(3) if flipped else x
+        scores = model(x).float() if mode == "whole" else slide_logits(model, x, crop, stride, num_classes)
+        if len(passes) == 1:
+            return scores
+        scores = scores.softmax(1)
+        scores = scores.flip(3) if flipped else scores
+        if scale != 1.0:
+            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        total = scores if total is None else total + scores
+    return total / len(passes)
+
+
+def confusion_matrix(pred, label, num_classes):
+    """rows = ground truth, columns = prediction; pixels labelled 255 are ignored."""
+    valid = label != IGNORE_INDEX
+    index = label[valid].long() * num_classes + pred[valid].long()
+    return torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def metrics(confusion):
+    confusion = confusion.double()
+    tp = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    gt = confusion.sum(1)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
+    return {
+        "mIoU": 100 * iou.nanmean().item(),
+        "mAcc": 100 * acc.nanmean().item(),
+        "aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(),
+        "iou": iou.tolist(),
+    }
+
+
+def colorize(pred):
+    return PALETTE[pred]
+
+
+def encode_prediction(pred, fmt, image=None):
+    """pred: HxW trainIds (uint8 numpy) -> PIL image in the requested format."""
+    if fmt == "trainIds":
+        return Image.fromarray(pred)
+    if fmt == "labelIds":
+        return Image.fromarray(TRAINID_TO_LABELID[pred])
+    if fmt == "color":
+        return Image.fromarray(colorize(pred))
+    return Image.fromarray((0.5 * image + 0.5 * colorize(pred)).astype(np.uint8))
+
+
+def shard(dataset, runtime):
+    """Each rank takes every world_size-th image: no padding, so no image is counted twice."""
+    return torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    dataset,
+    runtime,
+    amp="O0",
+    scales=(1.0,),
+    flip=False,
+    mode="whole",
+    crop=None,
+    stride=None,
+    out_dir=None,
+    fmt="color",
+    workers=2,
+    num_classes=NUM_CLASSES,
+    progress=True,
+):
+    """Confusion matrix over the dataset (all ranks together); returns metrics, or None for label-free data."""
+    was_training = model.training
+    model.eval()
+    loader = torch.utils.data.DataLoader(shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.device.type == "cuda")
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    has_labels = True
+    for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):
+        images = sample["image"].to(runtime.device, non_blocking=True)
+        with runtime.autocast(amp):
+            pred = predict(model, images, scales, flip, mode, crop, stride, num_classes).argmax(1)
+        if "label" in sample:
+            confusion += confusion_matrix(pred, sample["label"].to(runtime.device, non_blocking=True), num_classes)
+        else:
+            has_labels = False
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
+                encode_prediction(p, fmt, image).save(Path(out_dir) / f"{sample_name(name)}_{fmt}.png")
+    model.train(was_training)
+    if not has_labels:
+        return None
+    return metrics(runtime.all_reduce_counts(confusion).cpu())
+
+
+def print_table(result, mode):
+    print(f"{'class':>15} | IoU ({mode})")
+    for name, iou in zip(CLASS_NAMES, result["iou"]):
+        print(f"{name:>15} | {'   n/a' if np.isnan(iou) else f'{100 * iou:6.2f}'}")
+    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
+
+
+# -- Inference speed ------------------------------------------------------------------------------------------
+def inference_model(model, runtime):
+    """The deployed path: BatchNorm folded into convolutions, channels_last (faster convolutions on CPU and GPU)."""
+    return fuse_bn(copy.deepcopy(model).eval()).to(runtime.device, memory_format=torch.channels_last)
+
+
+def time_runs(model, images, runtime, amp, runs):
+    times = []
+    with torch.no_grad(), runtime.autocast(amp):
+        for _ in range(runs):
+            runtime.synchronize()
+            start = time.perf_counter()
+            model(images).argmax(1)
+            runtime.synchronize()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def benchmark(model, runtime, size, amp, runs, warmup, baseline=True):
+    """Batch 1, uint8 input already on the device, logits upsampled to input size and argmax'ed, synchronised.
+
+    The baseline is the same model in eager fp32 (BatchNorm unfused, contiguous tensors), timed interleaved with
+    the inference path so that machine drift hits both alike."""
+    images = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, device=runtime.device)
+    fast = inference_model(model, runtime)
+    fast_images = images.contiguous(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model).eval().to(runtime.device)
+    time_runs(fast, fast_images, runtime, amp, warmup)
+    fast_times, plain_times = [], []
+    for _ in range(runs):
+        fast_times += time_runs(fast, fast_images, runtime, amp, 1)
+        if baseline:
+            plain_times += time_runs(plain, images, runtime, "O0", 1)
+    precision = "fp32" if amp == "O0" else ("bf16 autocast" if runtime.device.type == "cpu" else "fp16 autocast")
+    fast_ms = 1000 * statistics.median(fast_times)
+    result = {
+        "latency_ms_median": round(fast_ms, 2),
+        "latency_ms_min": round(1000 * min(fast_times), 2),
+        "latency_ms_max": round(1000 * max(fast_times), 2),
+        "fps": round(1000 / fast_ms, 2),
+        "device": device_name(runtime),
+        "precision": precision,
+        "size": f"{size[0]}x{size[1]}",
+        "batch": 1,
+        "warmup_runs": warmup,
+        "timed_runs": runs,
+    }
+    print(f"inference on {result['device']}: 1x3x{size[0]}x{size[1]}, {precision}, BN folded, channels_last, {warmup} warm-up + {runs} timed runs")
+    print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
+    if baseline:
+        plain_ms = 1000 * statistics.median(plain_times)
+        result.update(baseline_ms_median=round(plain_ms, 2), speedup=round(plain_ms / fast_ms, 2))
+        print(f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x")
+    return result
+
+
+def device_name(runtime):
+    if runtime.device.type == "cuda":
+        return torch.cuda.get_device_name(runtime.device)
+    if runtime.device.type == "npu":
+        return torch.npu.get_device_name(runtime.device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", help="our checkpoint, CoinCheung's or mmseg's released weights")
+    parser.add_argument("--data-root", default="data/cityscapes")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
+    parser.add_argument("--num-classes", type=int, default=NUM_CLASSES)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    parser.add_argument("--device-id", type=int, default=0)
+    parser.add_argument("--amp", "--opt-level", dest="amp", default=None, choices=("O0", "O1"), help="default: O1 (half precision autocast)")
+    parser.add_argument("--scales", default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    parser.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
+    parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
+    parser.add_argument("--crop", default="1024x1024", help="slide window HxW")
+    parser.add_argument("--stride", default="768x768", help="slide stride HxW")
+    parser.add_argument("--out-dir", help="write one PNG per image here")
+    parser.add_argument("--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
+    parser.add_argument("--depth", type=int, default=18, help="with --benchmark and no --ckpt: random weights of this depth")
+    parser.add_argument("--size", default="1024x2048", help="with --benchmark: input HxW")
+    parser.add_argument("--runs", type=int, default=10, help="with --benchmark: timed runs")
+    parser.add_argument("--warmup", type=int, default=3, help="with --benchmark: untimed runs first")
+    return parser.parse_args(argv)
+
+
+def run(args):
+    runtime = devices.setup(args.device, args.device_id)
+    amp = args.amp or "O1"
+    if args.benchmark:
+        model = load_model(args.ckpt, args.num_classes) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
+        result = benchmark(model, runtime, parse_size(args.size, "--size"), amp, args.runs, args.warmup)
+        print(json.dumps(result))
+        return
+    if not args.ckpt:
+        raise devices.UsageError("--ckpt is required (or pass --benchmark)")
+    scales = tuple(float(s) for s in args.scales.split(","))
+    crop, stride = parse_size(args.crop, "--crop"), parse_size(args.stride, "--stride")
+    if args.images:
+        dataset = CityscapesDataset(None, None, images=find_images(args.images))
+        if not args.out_dir:
+            raise devices.UsageError("--images needs --out-dir to write the predictions to")
+    else:
+        dataset = CityscapesDataset(args.data_root, args.split, with_labels=args.split != "test")
+    model = inference_model(load_model(args.ckpt, args.num_classes), runtime)
+    name = mode_name(scales, args.flip, args.mode, crop, stride)
+    result = evaluate(model, dataset, runtime, amp, scales, args.flip, args.mode, crop, stride, args.out_dir, args.format, args.workers, args.num_classes)
+    if runtime.is_main:
+        summary = {"mode": name, "images": len(dataset), "amp": amp}
+        if result is not None:
+            print_table(result, name)
+            per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(CLASS_NAMES, result["iou"])}
+            summary = {"mIoU": round(result["mIoU"], 2), "mAcc": round(result["mAcc"], 2), "aAcc": round(result["aAcc"], 2), **summary, "per_class": per_class}
+        if args.out_dir:
+            summary["out_dir"] = args.out_dir
+        print(json.dumps(summary))
+    devices.teardown(runtime)
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (devices.UsageError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Train BiSeNetV1 on Cityscapes. Defaults reproduce the Ascend ModelZoo / mmseg recipe for one device of the
+8 x 8 images run (R50 context path from scratch, SGD lr 0.2 for 64 images, 40k iterations, poly, AMP O1).
+
+    python train.py --data-root data/cityscapes                           # one device
+    torchrun --nproc-per-node 8 train.py --lr 0.2 ...                     # DDP; backend from DIST_BACKEND
+    python train.py --benchmark-step --depth 18 --batch-size 2 --crop 512x1024 --amp O1    # timed steps
+
+A run ends with one JSON line: {"iters", "train_fps", "mIoU", "checkpoint", ...}.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import device as devices
+from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config
+from cityscapes import IGNORE_INDEX, NUM_CLASSES, CityscapesDataset, DataError, TrainTransform
+from evaluate import evaluate, parse_size
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="data/cityscapes")
+    p.add_argument("--work-dir", default="work_dirs/bisenetv1")
+    p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet context path")
+    p.add_argument("--num-classes", type=int, default=NUM_CLASSES)
+    p.add_argument("--dropout", type=float, default=0.1, help="before each head's classifier (mmseg)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per device")
+    p.add_argument("--crop", default="1024x1024", help="HxW")
+    p.add_argument("--scale-range", default="0.5,2.0", help="random rescale ratio range")
+    p.add_argument("--cat-max-ratio", type=float, default=0.75)
+    p.add_argument("--iters", type=int, default=40000)
+    p.add_argument("--lr", type=float, default=0.025, help="0.2 for 8 devices x 8 images (the seed); scale linearly")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-iters", type=int, default=1000)
+    p.add_argument("--warmup", default="linear", choices=("linear", "exp"))
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--poly-power", type=float, default=0.9)
+    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--loss", default="ce", choices=("ce", "ohem"))
+    p.add_argument("--ohem-thresh", type=float, default=0.7)
+    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    p.add_argument("--device-id", "--gpu-id", dest="device_id", type=int, default=0, help="single-device runs")
+    p.add_argument("--load-from", help="initial weights: any checkpoint bisenet.load_model reads")
+    p.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL")
+    p.add_argument("--resume", action="store_true", help="continue from work-dir/latest.pth if it exists")
+    p.add_argument("--seed", type=int, default=36436756)
+    p.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
+    p.add_argument("--no-validate", action="store_true")
+    p.add_argument("--val-interval", type=int, default=4000)
+    p.add_argument("--ckpt-interval", type=int, default=4000)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--workers", type=int, default=4, help="data loading processes per device")
+    p.add_argument("--sync-bn", action="store_true")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--benchmark-step", action="store_true", help="time training steps on random tensors, then exit")
+    return p.parse_args(argv)
+
+
+# -- Schedule and loss ----------------------------------------------------------------------------------------
+def learning_rate(it, args):
+    """mmcv's poly schedule with warmup, at 0-based iteration `it`."""
+    lr = (args.lr - args.min_lr) * (1 - it / args.iters) ** args.poly_power + args.min_lr
+    if it < args.warmup_iters:
+        if args.warmup == "linear":
+            lr *= 1 - (1 - it / args.warmup_iters) * (1 - args.warmup_ratio)
+        else:
+            lr *= args.warmup_ratio ** (1 - it / args.warmup_iters)
+    return lr
+
+
+def ohem_cross_entropy(logits, labels, thresh):
+    """CoinCheung's OHEM: mean loss of pixels harder than -log(thresh), at least valid/16 of them."""
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+    n_min = int((labels != IGNORE_INDEX).sum()) // 16
+    hard = loss[loss > -math.log(thresh)]
+    if hard.numel() < n_min:
+        hard = loss.topk(n_min).values
+    return hard.mean()
+
+
+def segmentation_loss(outputs, labels, args):
+    def head_loss(logits):
+        logits = logits.float()  # O1: the loss runs in fp32
+        if args.loss == "ohem":
+            return ohem_cross_entropy(logits, labels, args.ohem_thresh)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+
+    main, *aux = outputs
+    return head_loss(main) + args.aux_weight * sum(head_loss(a) for a in aux)
+
+
+# -- Data -----------------------------------------------------------------------------------------------------
+class IterationSampler(torch.utils.data.Sampler):
+    """Batches of (index, augmentation seed) for iterations start..iters-1.
+
+    Epoch e is a permutation seeded by (seed, e); iteration i of rank r takes its own slice of it (disjoint across
+    ranks, drop_last). Augmentation seeds are (seed, iteration, rank, slot): nothing depends on worker processes,
+    so a resumed run sees exactly the samples an uninterrupted one would."""
+
+    def __init__(self, size, batch_size, rank, world_size, seed, start, iters):
+        self.per_epoch = size // (batch_size * world_size)
+        if self.per_epoch == 0:
+            raise devices.UsageError(f"{size} training images cannot fill one batch of {batch_size} x {world_size} devices; lower --batch-size")
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.seed, self.start, self.iters = seed, start, iters
+
+    def __len__(self):
+        return self.iters - self.start
+
+    def __iter__(self):
+        epoch, order = None, None
+        for it in range(self.start, self.iters):
+            if it // self.per_epoch != epoch:
+                epoch = it // self.per_epoch
+                order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+            first = ((it % self.per_epoch) * self.world_size + self.rank) * self.batch_size
+            yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
+
+
+def training_loader(args, runtime, start):
+    crop = parse_size(args.crop, "--crop")
+    low, high = (float(v) for v in args.scale_range.split(","))
+    dataset = CityscapesDataset(args.data_root, "train", TrainTransform(crop, (low, high), args.cat_max_ratio))
+    with Image.open(dataset.samples[0][0]) as first:
+        width, height = first.size
+    if crop[0] > height * high or crop[1] > width * high:
+        raise devices.UsageError(f"--crop {args.crop} is larger than the {height}x{width} images even at the largest scale {high}; use a smaller --crop")
+    sampler = IterationSampler(len(dataset), args.batch_size, runtime.rank, runtime.world_size, args.seed, start, args.iters)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=runtime.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )
+
+
+# -- Checkpoints ----------------------------------------------------------------------------------------------
+def atomic_save(obj, path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def point_latest(work_dir, target):
+    link = work_dir / "latest.pth"
+    tmp = work_dir / ".latest.pth.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, link)
+
+
+def save_checkpoint(path, model, optimizer, scaler, iteration, args, best):
+    atomic_save(
+        {
+            "model_config": model.config,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "iteration": iteration,
+            "best_miou": best,
+            "args": vars(args),
+        },
+        path,
+    )
+
+
+def seed_for(args, rank, iteration):
+    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
+    so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
+    return (args.seed * 1000003 + (rank if args.diff_seed else 0) * 7919 + iteration) % 2**63
+
+
+# -- Model ----------------------------------------------------------------------------------------------------
+def create_model(args, runtime, log):
+    config = model_config(args.depth, args.num_classes, dropout=args.dropout)
+    source = None
+    if args.load_from:
+        source = load_model(args.load_from, args.num_classes)
+        if source.config["depth"] != args.depth:
+            raise CheckpointError(f"{args.load_from}: a ResNet-{source.config['depth']} model; pass --depth {source.config['depth']}")
+        config = {**source.config, "dropout": args.dropout}  # keeps its fusion variant and input normalisation
+    model = build_model(config)
+    if source is not None:
+        model.load_state_dict(source.state_dict())
+        log(f"initial weights from {args.load_from}")
+    if args.pretrained:
+        load_backbone(model, args.pretrained, log)
+    if args.sync_bn and runtime.distributed:
+        if runtime.backend == "gloo":
+            raise devices.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(runtime.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_step(model, optimizer, scaler, images, labels, args, runtime):
+    with runtime.autocast(args.amp):
+        outputs = model(images)
+    loss = segmentation_loss(outputs, labels, args)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
+def to_device(batch, runtime, channels_last):
+    images = batch["image"].to(runtime.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["label"].to(runtime.device, non_blocking=True).long()
+
+
+def benchmark_step(args, runtime):
+    """Timed training steps on random tensors: the configured path against eager fp32, interleaved."""
+    crop = parse_size(args.crop, "--crop")
+    torch.manual_seed(args.seed)
+    images = torch.randint(0, 256, (args.batch_size, 3, *crop), dtype=torch.uint8, device=runtime.device)
+    labels = torch.randint(0, args.num_classes, (args.batch_size, *crop), device=runtime.device)
+    setups = {}
+    for name, amp, channels_last in (("configured", args.amp, args.channels_last), ("baseline", "O0", False)):
+        setup_args = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last})
+        model = create_model(setup_args, runtime, log=lambda _: None).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=args.momentum, weight_decay=args.weight_decay)
+        x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+        setups[name] = (model, optimizer, runtime.grad_scaler(amp), x, setup_args)
+    times = {name: [] for name in setups}
+    for i in range(args.iters + 2):
+        for name, (model, optimizer, scaler, x, setup_args) in setups.items():
+            runtime.synchronize()
+            start = time.perf_counter()
+            train_step(model, optimizer, scaler, x, labels, setup_args, runtime).item()
+            runtime.synchronize()
+            if i >= 2:  # two warm-up steps
+                times[name].append(time.perf_counter() - start)
+    step_ms, base_ms = (1000 * statistics.median(times[n]) for n in ("configured", "baseline"))
+    print(f"training step R{args.depth}, batch {args.batch_size}, {crop[0]}x{crop[1]}, main + 2 aux heads, {args.loss}, SGD, on {runtime.device}")
+    print(f"  --amp {args.amp}{' channels_last' if args.channels_last else ''}: median {step_ms:.0f} ms ({args.batch_size / step_ms * 1000:.2f} img/s)")
+    print(f"  baseline eager fp32: median {base_ms:.0f} ms -> speedup {base_ms / step_ms:.2f}x")
+    print(
+        json.dumps(
+            {
+                "step_ms_median": round(step_ms, 1),
+                "baseline_step_ms_median": round(base_ms, 1),
+                "speedup": round(base_ms / step_ms, 2),
+                "amp": args.amp,
+                "depth": args.depth,
+                "batch_size": args.batch_size,
+                "crop": args.crop,
+                "timed_steps": args.iters,
+            }
+        )
+    )
+
+
+# -- The run --------------------------------------------------------------------------------------------------
+def check_args(args, runtime):
+    if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
+        raise devices.UsageError(
+            "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
+        )
+    if not Path(args.data_root).is_dir() and not args.benchmark_step:
+        raise DataError(f"{args.data_root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {args.data_root}")
+
+
+def train(args):
+    runtime = devices.setup(args.device, args.device_id)
+    check_args(args, runtime)
+    if args.benchmark_step:
+        return benchmark_step(args, runtime)
+    work_dir = Path(args.work_dir)
+    log_file = None
+    if runtime.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        log_file = open(work_dir / "log.jsonl", "a")
+
+    def log(message):
+        if runtime.is_main:
+            tqdm.write(message)
+
+    def record(entry):
+        if log_file:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+
+    model = create_model(args, runtime, log)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scaler = runtime.grad_scaler(args.amp)
+    start, best = 0, None
+    latest = work_dir / "latest.pth"
+    if args.resume and latest.exists():
+        checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start, best = checkpoint["iteration"], checkpoint["best_miou"]
+        log(f"resumed from {latest.resolve()} at iteration {start}")
+    torch.manual_seed(seed_for(args, runtime.rank, start))
+    raw_model = model
+    if runtime.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type != "cpu" else None)
+    loader = training_loader(args, runtime, start)
+    val_set = None if args.no_validate else CityscapesDataset(args.data_root, "val")
+    writer = tensorboard_writer(work_dir) if runtime.is_main else None
+
+    def checkpoint_at(iteration):
+        path = work_dir / f"iter_{iteration}.pth"
+        if runtime.is_main:
+            save_checkpoint(path, raw_model, optimizer, scaler, iteration, args, best)
+            point_latest(work_dir, path)
+        torch.manual_seed(seed_for(args, runtime.rank, iteration))
+        return path
+
+    def validate(iteration):
+        nonlocal best
+        result = evaluate(raw_model, val_set, runtime, args.amp, workers=min(args.workers, 2))
+        improved = best is None or result["mIoU"] > best
+        best = result["mIoU"] if improved else best
+        log(f"iter {iteration}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")
+        record({"iter": iteration, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]})
+        if writer:
+            writer.add_scalar("val/mIoU", result["mIoU"], iteration)
+        return result, improved
+
+    images_per_iter = args.batch_size * runtime.world_size
+    warmup_steps = min(10, max((args.iters - start) // 10, 1))
+    timed_images, timed_seconds, data_seconds = 0, 0.0, 0.0
+    model.train()
+    bar = tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train")
+    result, path = None, None
+    tick = time.perf_counter()
+    for it, batch in enumerate(loader, start):
+        data_time = time.perf_counter() - tick
+        lr = learning_rate(it, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = to_device(batch, runtime, args.channels_last)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        loss = train_step(model, optimizer, scaler, images, labels, args, runtime).item()
+        if not math.isfinite(loss):
+            if not scaler.is_enabled():
+                raise TrainingError(f"loss is {loss} at iteration {it} in fp32; lower --lr or check the data. The last good checkpoint is kept: {latest}")
+            log(f"iter {it}: non-finite loss in fp16, step skipped, loss scale {scale_before} -> {scaler.get_scale()}")
+        step_time = time.perf_counter() - tick
+        if it - start >= warmup_steps:
+            timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
+        bar.update()
+        if (it + 1) % args.log_interval == 0 or it + 1 == args.iters:
+            fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
+            record({"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time})
+            if writer:
+                writer.add_scalar("train/loss", loss, it + 1)
+                writer.add_scalar("train/lr", lr, it + 1)
+        done = it + 1 == args.iters
+        if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
+            result, improved = validate(it + 1)
+            if improved and runtime.is_main:
+                save_checkpoint(work_dir / "best.pth", raw_model, optimizer, scaler, it + 1, args, best)
+        if (it + 1) % args.ckpt_interval == 0 or done:
+            path = checkpoint_at(it + 1)
+        tick = time.perf_counter()
+    bar.close()
+    summary = {
+        "iters": args.iters,
+        "train_fps": round(timed_images / timed_seconds, 2) if timed_seconds else None,
+        "data_wait_frac": round(data_seconds / timed_seconds, 3) if timed_seconds else None,
+        "mIoU": round(result["mIoU"], 2) if result else None,
+        "best_mIoU": round(best, 2) if best is not None else None,
+        "checkpoint": str(path.resolve()) if path else str(latest.resolve()),
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "amp": args.amp,
+        "depth": args.depth,
+    }
+    if runtime.is_main:
+        record({"summary": summary})
+        print(json.dumps(summary), flush=True)
+    if writer:
+        writer.close()
+    devices.teardown(runtime)
+    return summary
+
+
+def tensorboard_writer(work_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(work_dir / "tb"))
+
+
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except (devices.UsageError, DataError, CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
