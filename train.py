@@ -306,6 +306,7 @@ def train(args):
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     model = create_model(args, runtime, log)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = runtime.grad_scaler(args.amp)
@@ -349,41 +350,40 @@ def train(args):
     warmup_steps = min(10, max((args.iters - start) // 10, 1))
     timed_images, timed_seconds, data_seconds = 0, 0.0, 0.0
     model.train()
-    bar = tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train")
-    result, path = None, None
-    tick = time.perf_counter()
-    for it, batch in enumerate(loader, start):
-        data_time = time.perf_counter() - tick
-        lr = learning_rate(it, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images, labels = to_device(batch, runtime, args.channels_last)
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
-        loss = train_step(model, optimizer, scaler, images, labels, args, runtime).item()
-        if not math.isfinite(loss):
-            if not scaler.is_enabled():
-                raise TrainingError(f"loss is {loss} at iteration {it} in fp32; lower --lr or check the data. The last good checkpoint is kept: {latest}")
-            log(f"iter {it}: non-finite loss in fp16, step skipped, loss scale {scale_before} -> {scaler.get_scale()}")
-        step_time = time.perf_counter() - tick
-        if it - start >= warmup_steps:
-            timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
-        bar.update()
-        if (it + 1) % args.log_interval == 0 or it + 1 == args.iters:
-            fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
-            record({"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time})
-            if writer:
-                writer.add_scalar("train/loss", loss, it + 1)
-                writer.add_scalar("train/lr", lr, it + 1)
-        done = it + 1 == args.iters
-        if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
-            result, improved = validate(it + 1)
-            if improved and runtime.is_main:
-                save_checkpoint(work_dir / "best.pth", raw_model, optimizer, scaler, it + 1, args, best)
-        if (it + 1) % args.ckpt_interval == 0 or done:
-            path = checkpoint_at(it + 1)
+    with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
+        result, path = None, None
         tick = time.perf_counter()
-    bar.close()
+        for it, batch in enumerate(loader, start):
+            data_time = time.perf_counter() - tick
+            lr = learning_rate(it, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images, labels = to_device(batch, runtime, args.channels_last)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            loss = train_step(model, optimizer, scaler, images, labels, args, runtime).item()
+            if not math.isfinite(loss):
+                if not scaler.is_enabled():
+                    raise TrainingError(f"loss is {loss} at iteration {it} in fp32; lower --lr or check the data. The last good checkpoint is kept: {latest}")
+                log(f"iter {it}: non-finite loss in fp16, step skipped, loss scale {scale_before} -> {scaler.get_scale()}")
+            step_time = time.perf_counter() - tick
+            if it - start >= warmup_steps:
+                timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
+            bar.update()
+            if (it + 1) % args.log_interval == 0 or it + 1 == args.iters:
+                fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
+                record({"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time})
+                if writer:
+                    writer.add_scalar("train/loss", loss, it + 1)
+                    writer.add_scalar("train/lr", lr, it + 1)
+            done = it + 1 == args.iters
+            if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
+                result, improved = validate(it + 1)
+                if improved and runtime.is_main:
+                    save_checkpoint(work_dir / "best.pth", raw_model, optimizer, scaler, it + 1, args, best)
+            if (it + 1) % args.ckpt_interval == 0 or done:
+                path = checkpoint_at(it + 1)
+            tick = time.perf_counter()
     summary = {
         "iters": args.iters,
         "train_fps": round(timed_images / timed_seconds, 2) if timed_seconds else None,

@@ -1,0 +1,142 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
+
+from bisenet import (
+    CITYSCAPES_MEAN,
+    CITYSCAPES_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointError,
+    build_model,
+    count_parameters,
+    fuse_bn,
+    load_backbone,
+    load_model,
+    model_config,
+)
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def r18(**kw):
+    torch.manual_seed(0)
+    return build_model(model_config(18, **kw))
+
+
+def normalized(images, mean, std):
+    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("depth, inference, total", [(18, 13_275_539, 13_425_721), (50, 56_873_299, 59_243_385)])
+def test_parameter_counts_match_mmseg_configs(depth, inference, total):
+    model = build_model(model_config(depth))
+    assert count_parameters(model, with_aux=False) == inference
+    assert count_parameters(model) == total
+
+
+def test_odd_input_sizes_give_full_resolution_outputs():
+    model = r18().train()
+    outputs = model(torch.rand(2, 3, 527, 952) * 255)
+    assert len(outputs) == 3
+    assert all(o.shape == (2, 19, 527, 952) for o in outputs)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 527, 952) * 255)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 19, 527, 952)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = r18().train()
+    main, aux16, aux32 = model(torch.rand(2, 3, 96, 160) * 255)
+    (main.sum() + aux16.sum() + aux32.sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_batch_of_one_in_training_names_the_fix():
+    with pytest.raises(ValueError, match="batch-size >= 2"):
+        r18().train()(torch.rand(1, 3, 64, 64))
+
+
+def test_fused_batchnorm_equals_unfused():
+    model = randomize_batchnorm(r18(), torch.Generator().manual_seed(1)).eval()
+    images = torch.rand(1, 3, 128, 256) * 255
+    with torch.no_grad():
+        expected = model(images)
+        fused = fuse_bn(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model = randomize_batchnorm(r18(num_classes=7, ffm_attention_relu=False), torch.Generator().manual_seed(2)).eval()
+    torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "ours.pth")
+    loaded = load_model(tmp_path / "ours.pth")
+    images = torch.rand(1, 3, 96, 192) * 255
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    assert not loaded.training and loaded.config == model.config
+    with pytest.raises(CheckpointError, match="has 7 classes, expected 19"):
+        load_model(tmp_path / "ours.pth", num_classes=19)
+
+
+def test_torchvision_backbone_file_loads_strictly(tmp_path):
+    reference = TvResNet(18)
+    state = {**reference.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    torch.save(state, tmp_path / "resnet18.pth")
+    model = r18()
+    logs = []
+    load_backbone(model, tmp_path / "resnet18.pth", logs.append)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value)
+    assert "resnet18.pth" in logs[0]
+    torch.save(TvResNet(50).state_dict(), tmp_path / "resnet50.pth")
+    with pytest.raises(CheckpointError, match="resnet50.pth"):
+        load_backbone(r18(), tmp_path / "resnet50.pth")
+
+
+def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
+    reference = randomize_batchnorm(CoinCheungBiSeNetV1(19), torch.Generator().manual_seed(3)).eval()
+    torch.save(reference.state_dict(), tmp_path / "model_final_v1_city_new.pth")
+    model = load_model(tmp_path / "model_final_v1_city_new.pth")
+    assert model.config["ffm_attention_relu"] is False and model.config["depth"] == 18
+    images = torch.rand(1, 3, 128, 256) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(normalized(images, CITYSCAPES_MEAN, CITYSCAPES_STD)), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_mmseg_release_loads_and_gives_its_logits(tmp_path, depth):
+    torch.manual_seed(depth)
+    reference = randomize_batchnorm(MmsegBiSeNetV1(depth, 19), torch.Generator().manual_seed(4)).eval()
+    state = {"state_dict": reference.state_dict(), "meta": {"mmseg_version": "0.x", "CLASSES": ["road"] * 19}}
+    torch.save(state, tmp_path / "mmseg.pth")
+    model = load_model(tmp_path / "mmseg.pth")
+    assert model.config["depth"] == depth and model.config["ffm_attention_relu"] is True
+    images = torch.rand(1, 3, 100, 164) * 255  # not a multiple of 32: mmseg resizes to exact sizes, as we do
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(normalized(images, IMAGENET_MEAN, IMAGENET_STD)), atol=2e-4, rtol=1e-4)
+
+
+def test_unmappable_and_broken_files_are_rejected_with_the_keys(tmp_path):
+    state = CoinCheungBiSeNetV1(19).state_dict()
+    state["cp.extra_branch.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"odd.pth: cannot map 1 keys, e.g. \['cp.extra_branch.weight'\]"):
+        load_model(tmp_path / "odd.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pth: not a loadable"):
+        load_model(tmp_path / "junk.pth")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pth")
+
+
+def test_cli_prints_parameters_and_flops():
+    out = subprocess.run([sys.executable, "bisenet.py", "--depth", "18", "--size", "512x1024"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "13,275,539 parameters for inference, 13,425,721 with aux heads" in out
+    assert "59.2 GFLOPs" in out  # 236.7 at 1024x2048, a quarter of the pixels
