@@ -148,7 +148,9 @@ def evaluate(
     """Confusion matrix over the dataset (all ranks together); returns metrics, or None for label-free data."""
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.device.type == "cuda", generator=torch.Generator()
+    )
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
     has_labels = True
     for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):

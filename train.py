@@ -152,6 +152,7 @@ def training_loader(args, runtime, start):
         pin_memory=runtime.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if args.workers > 0 else None,
+        generator=torch.Generator(),  # keeps the loader off the global RNG that dropout draws from
     )
 
 

@@ -1,0 +1,267 @@
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import device as devices
+from bisenet import build_model, model_config
+from cityscapes import IGNORE_INDEX, CityscapesDataset, TrainTransform
+from train import IterationSampler, learning_rate, ohem_cross_entropy, parse_args, segmentation_loss, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1"]
+
+
+def run_train(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)
+
+
+def summary_line(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("warmup", ["linear", "exp"])
+def test_learning_rate_follows_mmcv_poly_with_warmup(warmup):
+    args = parse_args(
+        ["--lr", "0.2", "--iters", "40000", "--warmup-iters", "1000", "--warmup", warmup, "--warmup-ratio", "0.1", "--min-lr", "1e-4", "--poly-power", "0.9"]
+    )
+    for it in (0, 1, 500, 999, 1000, 20000, 39999):
+        poly = (0.2 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4
+        if it < 1000:
+            factor = (0.1 + 0.9 * it / 1000) if warmup == "linear" else 0.1 ** (1 - it / 1000)
+            poly *= factor
+        assert math.isclose(learning_rate(it, args), poly, rel_tol=1e-12), it
+    assert math.isclose(learning_rate(0, args), 0.1 * (0.2 - 1e-4) + 0.1 * 1e-4)
+
+
+def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 16, 16) * 3
+    labels = torch.randint(0, 5, (2, 16, 16))
+    labels[0, :4] = IGNORE_INDEX
+    per_pixel = -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=4)[:, None]).squeeze(1)
+    per_pixel[labels == IGNORE_INDEX] = 0
+    values = np.sort(per_pixel.flatten().numpy())[::-1]
+    n_min = int((labels != IGNORE_INDEX).sum()) // 16
+    for thresh in (0.7, 0.999999, 1e-9):
+        hard = values[values > -math.log(thresh)]
+        expected = hard.mean() if len(hard) >= n_min else values[:n_min].mean()
+        assert math.isclose(ohem_cross_entropy(logits, labels, thresh).item(), expected, rel_tol=1e-5)
+
+
+def test_loss_sums_main_and_weighted_aux_heads():
+    torch.manual_seed(1)
+    outputs = [torch.randn(2, 4, 8, 8) for _ in range(3)]
+    labels = torch.randint(0, 4, (2, 8, 8))
+    args = argparse.Namespace(loss="ce", aux_weight=0.4, ohem_thresh=0.7)
+    expected = F.cross_entropy(outputs[0], labels) + 0.4 * (F.cross_entropy(outputs[1], labels) + F.cross_entropy(outputs[2], labels))
+    assert torch.allclose(segmentation_loss(outputs, labels, args), expected)
+
+
+def test_sampler_shards_are_disjoint_and_resumable():
+    full = [list(IterationSampler(20, 2, r, 2, 7, 0, 10)) for r in range(2)]
+    for it in range(5):  # one epoch = 5 iterations of 2 x 2 images
+        indices = [i for r in range(2) for i, _ in full[r][it]]
+        assert len(set(indices)) == 4
+    epoch = {i for r in range(2) for batch in full[r][:5] for i, _ in batch}
+    assert len(epoch) == 20
+    assert list(IterationSampler(20, 2, 1, 2, 7, 6, 10)) == full[1][6:]
+
+
+def test_amp_o1_on_cpu_runs_bf16_convolutions_and_updates_fp32_weights():
+    runtime = devices.Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(model_config(18)).train()
+    dtypes = []
+    model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    before = model.head.conv.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    args = argparse.Namespace(amp="O1", loss="ce", aux_weight=1.0, ohem_thresh=0.7)
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
+    loss = train_step(model, optimizer, runtime.grad_scaler("O1"), images, torch.randint(0, 19, (2, 64, 96)), args, runtime)
+    assert dtypes == [torch.bfloat16] and loss.dtype == torch.float32
+    assert model.head.conv.conv.weight.dtype == torch.float32
+    assert not torch.equal(model.head.conv.conv.weight, before)
+
+
+def test_resume_is_bit_exact(synthetic_root, tmp_path):
+    common = [
+        "--data-root",
+        str(synthetic_root),
+        *SMALL,
+        "--iters",
+        "4",
+        "--ckpt-interval",
+        "2",
+        "--no-validate",
+        "--warmup-iters",
+        "2",
+        "--lr",
+        "0.01",
+        "--workers",
+        "1",
+    ]
+    straight = run_train([*common, "--work-dir", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr
+    interrupted = run_train([*common, "--work-dir", str(tmp_path / "b"), "--iters", "4"])
+    assert interrupted.returncode == 0, interrupted.stderr
+    # simulate a crash after the iteration-2 checkpoint: drop the later one and point latest back
+    (tmp_path / "b" / "iter_4.pth").unlink()
+    (tmp_path / "b" / "latest.pth").unlink()
+    (tmp_path / "b" / "latest.pth").symlink_to("iter_2.pth")
+    resumed = run_train([*common, "--work-dir", str(tmp_path / "b"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    a = torch.load(tmp_path / "a" / "iter_4.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "iter_4.pth", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synthetic_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "train.py"]
+    cmd += ["--data-root", str(synthetic_root), *SMALL, "--iters", "1", "--no-validate", "--dropout", "0", "--amp", "O0", "--lr", "0.05"]
+    cmd += ["--work-dir", str(tmp_path / "ddp"), "--warmup-iters", "0"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary_line(result.stdout)["world_size"] == 2
+    ddp = torch.load(tmp_path / "ddp" / "iter_1.pth", weights_only=True)
+
+    # Second path: one process, the same two per-rank micro-batches, gradients averaged, one SGD step. Same thread
+    # count as the ranks: with 2 images per batch the BatchNorm on pooled maps amplifies reduction-order rounding.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    args = parse_args(["--data-root", str(synthetic_root), *SMALL, "--iters", "1", "--dropout", "0", "--lr", "0.05", "--warmup-iters", "0"])
+    torch.manual_seed(args.seed)
+    model = build_model(model_config(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
+    dataset = CityscapesDataset(synthetic_root, "train", TrainTransform((64, 128), (0.5, 2.0), 0.75))
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(0, args), momentum=0.9, weight_decay=5e-4)
+    for rank in range(2):
+        batch = next(iter(IterationSampler(len(dataset), 2, rank, 2, args.seed, 0, 1)))
+        samples = [dataset[item] for item in batch]
+        images = torch.stack([s["image"] for s in samples]).contiguous(memory_format=torch.channels_last)
+        labels = torch.stack([s["label"] for s in samples]).long()
+        args.amp = "O0"
+        (segmentation_loss(model(images), labels, args) / 2).backward()
+    optimizer.step()
+    torch.set_num_threads(threads)
+    for name, value in model.named_parameters():
+        torch.testing.assert_close(ddp["model"][name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_evaluate_matches_cityscapesscripts_on_the_same_predictions(synthetic_root, tmp_path):
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+
+    torch.manual_seed(3)
+    model = build_model(model_config(18, num_classes=19))
+    for m in model.modules():  # a random model predicts one class; spread its predictions over many
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(0.05)
+    torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "random.pth")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            "--ckpt",
+            str(tmp_path / "random.pth"),
+            "--data-root",
+            str(synthetic_root),
+            "--amp",
+            "O0",
+            "--out-dir",
+            str(tmp_path / "pred"),
+            "--format",
+            "labelIds",
+            "--workers",
+            "0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    ours = summary_line(out)
+    assert ours["mode"] == "ss whole"
+    gts = sorted(str(p) for p in synthetic_root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    preds = [str(tmp_path / "pred" / (Path(g).name.replace("_gtFine_labelIds.png", "_labelIds.png"))) for g in gts]
+    assert all(Path(p).exists() for p in preds)
+    args = official.args
+    args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+    result = official.evaluateImgLists(preds, gts, args)
+    assert math.isclose(ours["mIoU"], 100 * result["averageScoreClasses"], abs_tol=0.006)
+    per_class = {k: v for k, v in result["classScores"].items() if not math.isnan(v)}
+    assert len(per_class) >= 3
+    for name, score in per_class.items():
+        assert math.isclose(ours["per_class"][name], 100 * score, abs_tol=0.006), name
+    assert all(v is None for k, v in ours["per_class"].items() if k not in per_class)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data-root", "/nonexistent/cityscapes"], "/nonexistent/cityscapes: data root not found"),
+        (["--device", "npu"], "--device npu needs torch_npu"),
+        (["--device", "cuda"], "--device cuda: no CUDA device"),
+        (["--batch-size", "1"], "--batch-size >= 2"),
+        (["--crop", "512x1024"], "--crop 512x1024 is larger than the 128x256 images"),
+        (["--load-from", "CKPT7"], "has 7 classes, expected 19"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(synthetic_root, tmp_path, extra, message):
+    if "CKPT7" in extra:
+        model = build_model(model_config(18, num_classes=7))
+        torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "seven.pth")
+        extra = ["--load-from", str(tmp_path / "seven.pth")]
+    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "2", "--no-validate", "--work-dir", str(tmp_path / "wd"), *extra]
+    result = run_train(args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_learning_from_scratch_on_synthetic_data(tmp_path):
+    """R18 from scratch on a small synthetic set: val mIoU well above chance within about a CPU minute."""
+    from cityscapes import synthesize
+    from convert_labels import convert_dataset
+
+    root = tmp_path / "data"
+    synthesize(root, train=24, val=6, height=128, width=256, seed=11)
+    convert_dataset(root, source="labelIds", progress=False)
+    args = ["--data-root", str(root), "--work-dir", str(tmp_path / "wd"), "--depth", "18", "--batch-size", "8", "--crop", "128x256"]
+    args += [
+        "--scale-range",
+        "0.75,1.5",
+        "--iters",
+        "150",
+        "--lr",
+        "0.05",
+        "--warmup-iters",
+        "20",
+        "--val-interval",
+        "50",
+        "--log-interval",
+        "10",
+        "--workers",
+        "1",
+    ]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_line(result.stdout)
+    curve = [json.loads(line) for line in (tmp_path / "wd" / "log.jsonl").read_text().splitlines()]
+    vals = [(e["iter"], round(e["val_mIoU"], 1)) for e in curve if "val_mIoU" in e]
+    print("val mIoU curve (iter, mIoU):", vals, "train img/s:", summary["train_fps"])
+    assert summary["mIoU"] > 25, vals
+    assert vals[-1][1] > vals[0][1]
