@@ -164,7 +164,8 @@ class SegHead(nn.Module):
 
     def forward(self, x, size):
         logits = self.classifier(self.dropout(self.conv(x)))
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        # upsampled in fp32 (the loss runs in fp32 anyway) from a contiguous map: faster and exact on every device
+        return F.interpolate(logits.float().contiguous(), size=size, mode="bilinear", align_corners=False)
 
 
 class BiSeNetV1(nn.Module):

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device.  bash run_1p.sh [full|perf|demo] [extra train.py args]
+#   full  the seed's recipe scaled to one device: R50 from scratch, 8 images, lr 0.025, 40k iterations, AMP O1
+#   perf  the seed's throughput run: the same for 400 iterations, no validation
+#   demo  offline: synthetic Cityscapes, a few minutes of R18 on whatever device exists, evaluate, predictions
+# DEPTH=18 switches full/perf to the R18 real-time recipe (mmseg: 16 images, lr 0.025, 160k iterations).
+# DATA_ROOT (default data/cityscapes) and WORK_DIR override the paths. Re-running resumes from WORK_DIR.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODE=${1:-full}
+shift || true
+DEPTH=${DEPTH:-50}
+DATA_ROOT=${DATA_ROOT:-data/cityscapes}
+
+if [ "$MODE" = demo ]; then
+  DATA_ROOT=${DATA_ROOT_DEMO:-data/synthetic}
+  WORK_DIR=${WORK_DIR:-work_dirs/demo}
+  mkdir -p "$WORK_DIR"
+  if [ ! -f "$DATA_ROOT/val.txt" ]; then
+    python cityscapes.py synthesize "$DATA_ROOT" --train 48 --val 12 --height 256 --width 512
+    python convert_labels.py "$DATA_ROOT" --nproc 2
+  fi
+  python train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --depth 18 --batch-size 8 --crop 256x512 \
+    --scale-range 0.75,1.5 --iters 240 --lr 0.05 --warmup-iters 20 --val-interval 80 --ckpt-interval 80 \
+    --log-interval 10 --workers 2 --resume "$@" | tee "$WORK_DIR/train.out"
+  python evaluate.py --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir demo_out --format color | tee "$WORK_DIR/eval.out"
+  python evaluate.py --benchmark --ckpt "$WORK_DIR/latest.pth" --size 256x512 --runs 10 | tee "$WORK_DIR/bench.out"
+  python - "$WORK_DIR" <<'PY'
+import json, sys
+last = lambda name: json.loads(open(f"{sys.argv[1]}/{name}.out").read().strip().splitlines()[-1])
+train, val, bench = last("train"), last("eval"), last("bench")
+print(f"demo: val mIoU {val['mIoU']:.2f} ({val['mode']}), training {train['train_fps']} img/s, inference {bench['fps']} FPS "
+      f"at {bench['size']} ({bench['precision']}, {bench['device']}); colorized predictions in demo_out/")
+print(json.dumps({"mIoU": val["mIoU"], "train_fps": train["train_fps"], "inference_fps": bench["fps"], "checkpoint": train["checkpoint"]}))
+PY
+  exit 0
+fi
+
+if [ "$DEPTH" = 18 ]; then
+  RECIPE=(--depth 18 --batch-size 16 --lr 0.025 --iters 160000 --val-interval 16000 --ckpt-interval 16000)
+else
+  RECIPE=(--depth "$DEPTH" --batch-size 8 --lr 0.025 --iters 40000)
+fi
+case "$MODE" in
+  full) ;;
+  perf) RECIPE+=(--iters 400 --no-validate --ckpt-interval 400) ;;
+  *) echo "usage: bash run_1p.sh [full|perf|demo] [extra train.py args]" >&2; exit 2 ;;
+esac
+WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_1p}
+python train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@"

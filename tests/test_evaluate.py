@@ -1,0 +1,179 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_models import randomize_batchnorm
+
+from bisenet import build_model, model_config
+from cityscapes import PALETTE, TRAINID_TO_LABELID, synthesize
+from convert_labels import convert_dataset
+from evaluate import confusion_matrix, metrics, mode_name, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return randomize_batchnorm(build_model(model_config(18)), torch.Generator().manual_seed(0)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("ckpt") / "model.pth"
+    torch.save({"model_config": model.config, "model": model.state_dict()}, path)
+    return path
+
+
+def run(script, *args, env=None):
+    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def last_json(stdout):
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@torch.no_grad()
+def test_flip_averaging_happens_in_the_image_frame(model):
+    images = torch.rand(1, 3, 96, 160) * 255
+    flipped = predict(model, images.flip(3), flip=True)
+    torch.testing.assert_close(flipped, predict(model, images, flip=True).flip(3), atol=1e-6, rtol=1e-5)
+    manual = (model(images).softmax(1) + model(images.flip(3)).softmax(1).flip(3)) / 2
+    torch.testing.assert_close(predict(model, images, flip=True), manual)
+
+
+@torch.no_grad()
+def test_sliding_window_covering_the_image_equals_whole_inference(model):
+    images = torch.rand(1, 3, 96, 160) * 255
+    whole = predict(model, images)
+    assert torch.equal(predict(model, images, mode="slide", crop=(96, 160), stride=(64, 64)), whole)
+    assert torch.equal(predict(model, images, mode="slide", crop=(128, 256), stride=(96, 96)), whole)
+
+
+@torch.no_grad()
+def test_sliding_windows_average_every_overlap(model):
+    images = torch.rand(1, 3, 96, 160) * 255
+    windows = [(0, 0), (0, 64), (32, 0), (32, 64)]  # crop 64x96, stride 32x64 -> 2 x 2 windows
+    total, count = torch.zeros(1, 19, 96, 160), torch.zeros(1, 1, 96, 160)
+    for y, x in windows:
+        total[:, :, y : y + 64, x : x + 96] += model(images[:, :, y : y + 64, x : x + 96])
+        count[:, :, y : y + 64, x : x + 96] += 1
+    torch.testing.assert_close(predict(model, images, mode="slide", crop=(64, 96), stride=(32, 64)), total / count)
+
+
+@torch.no_grad()
+def test_multi_scale_with_scale_one_is_single_scale(model):
+    images = torch.rand(1, 3, 96, 160) * 255
+    single = predict(model, images)
+    assert torch.equal(predict(model, images, scales=(1.0,)), single)
+    torch.testing.assert_close(predict(model, images, scales=(1.0, 1.0)), single.softmax(1))
+    multi = predict(model, images, scales=(0.5, 1.0, 1.5), flip=True)
+    assert multi.shape == single.shape and torch.allclose(multi.sum(1), torch.ones(1, 96, 160))
+
+
+def test_mode_names_say_exactly_what_was_run():
+    assert mode_name((1.0,), False, "whole") == "ss whole"
+    assert mode_name((1.0,), True, "whole") == "flip whole"
+    assert mode_name((0.5, 1.0), False, "whole") == "ms whole"
+    assert mode_name((0.5, 0.75, 1.0), True, "slide", (1024, 1024), (768, 768)) == "ms+flip slide 1024/768"
+    assert mode_name((1.0,), False, "slide", (512, 1024), (256, 512)) == "ss slide 512x1024/256x512"
+
+
+def test_metrics_follow_the_official_definition():
+    label = torch.tensor([0, 0, 1, 1, 2, 255, 255])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 3])
+    result = metrics(confusion_matrix(pred, label, 4))
+    iou = result["iou"]
+    assert iou[0] == pytest.approx(1 / 3) and iou[1] == pytest.approx(2 / 3) and iou[2] == 0.0 and math.isnan(iou[3])
+    assert result["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
+    assert result["aAcc"] == pytest.approx(100 * 3 / 5)
+
+
+def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root, checkpoint, tmp_path):
+    from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+
+    ours = last_json(
+        run("evaluate.py", "--ckpt", checkpoint, "--data-root", synthetic_root, "--amp", "O0", "--out-dir", tmp_path, "--format", "labelIds", "--workers", "0")
+    )
+    assert ours["mode"] == "ss whole"
+    gts = sorted(str(p) for p in synthetic_root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    preds = [str(tmp_path / Path(g).name.replace("_gtFine_labelIds.png", "_labelIds.png")) for g in gts]
+    args = official.args
+    args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
+    result = official.evaluateImgLists(preds, gts, args)
+    assert ours["mIoU"] == pytest.approx(100 * result["averageScoreClasses"], abs=0.006)
+    scored = {k: v for k, v in result["classScores"].items() if not math.isnan(v)}
+    assert len(scored) >= 3
+    for name, score in scored.items():
+        assert ours["per_class"][name] == pytest.approx(100 * score, abs=0.006), name
+    assert all(v is None for k, v in ours["per_class"].items() if k not in scored)
+
+
+def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
+    root = tmp_path / "data"
+    synthesize(root, train=0, val=3, height=64, width=128, seed=3)  # 3 images on 2 ranks: uneven shards
+    convert_dataset(root, source="labelIds", progress=False)
+    single = last_json(run("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", "O0", "--workers", "0"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "evaluate.py"]
+    cmd += ["--ckpt", str(checkpoint), "--data-root", str(root), "--amp", "O0", "--workers", "0"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    distributed = last_json(result.stdout)
+    assert distributed["mIoU"] == pytest.approx(single["mIoU"], abs=0.02)
+    assert distributed["aAcc"] == pytest.approx(single["aAcc"], abs=0.02)
+
+
+def test_images_folder_gets_palette_colours_and_test_split_label_ids(synthetic_root, checkpoint, tmp_path):
+    images = synthetic_root / "leftImg8bit" / "test"
+    out = last_json(run("evaluate.py", "--ckpt", checkpoint, "--images", images, "--out-dir", tmp_path / "trainIds", "--format", "trainIds", "--workers", "0"))
+    assert "mIoU" not in out and out["images"] == 2
+    run("evaluate.py", "--ckpt", checkpoint, "--images", images, "--out-dir", tmp_path / "color", "--format", "color", "--workers", "0")
+    run(
+        "evaluate.py",
+        "--ckpt",
+        checkpoint,
+        "--data-root",
+        synthetic_root,
+        "--split",
+        "test",
+        "--out-dir",
+        tmp_path / "labelIds",
+        "--format",
+        "labelIds",
+        "--workers",
+        "0",
+    )
+    for path in sorted((tmp_path / "trainIds").glob("*.png")):
+        train_ids = np.array(Image.open(path))
+        stem = path.name.replace("_trainIds.png", "")
+        color = np.array(Image.open(tmp_path / "color" / f"{stem}_color.png"))
+        assert np.array_equal(color, PALETTE[train_ids])
+        label_ids = np.array(Image.open(tmp_path / "labelIds" / f"{stem}_labelIds.png"))
+        assert np.array_equal(label_ids, TRAINID_TO_LABELID[train_ids])
+        assert label_ids.ndim == 2 and stem.count("_") == 2  # {city}_{seq}_{frame}*.png, as the test server expects
+
+
+def test_benchmark_prints_the_protocol_and_json(checkpoint):
+    out = run("evaluate.py", "--benchmark", "--ckpt", checkpoint, "--size", "64x128", "--runs", "3", "--warmup", "1", "--device", "cpu")
+    result = last_json(out)
+    assert {"latency_ms_median", "fps", "device", "precision", "size", "baseline_ms_median", "speedup"} <= set(result)
+    assert result["size"] == "64x128" and result["precision"] == "bf16 autocast" and result["fps"] > 0
+    assert "warm-up" in out
+
+
+def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (pip install -r requirements-dev.txt)")
+    result = last_json(run("export.py", "--ckpt", checkpoint, "--out", tmp_path / "m.onnx", "--size", "100x164", "--dynamic"))
+    assert result["max_abs_logit_diff"] < 1e-3 and result["argmax_agreement"] > 0.999
+    result = last_json(run("export.py", "--ckpt", checkpoint, "--out", tmp_path / "a.onnx", "--size", "64x128", "--argmax"))
+    assert result["argmax_agreement"] > 0.999
