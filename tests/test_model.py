@@ -140,3 +140,17 @@ def test_cli_prints_parameters_and_flops():
     out = subprocess.run([sys.executable, "bisenet.py", "--depth", "18", "--size", "512x1024"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "13,275,539 parameters for inference, 13,425,721 with aux heads" in out
     assert "59.2 GFLOPs" in out  # 236.7 at 1024x2048, a quarter of the pixels
+
+
+@pytest.mark.parametrize("small, size", [((64, 128), (512, 1024)), ((17, 30), (527, 952)), ((33, 60), (264, 480)), ((8, 8), (5, 7))])
+def test_training_upsampling_equals_interpolate_values_and_gradients(small, size):
+    from bisenet import bilinear_resize
+
+    x = torch.randn(2, 3, *small, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 3, *size, dtype=torch.float64)
+    expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    (expected_grad,) = torch.autograd.grad(expected, x, grad)
+    got = bilinear_resize(x.float(), size)
+    (got_grad,) = torch.autograd.grad(got, x, grad.float())
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-5)
