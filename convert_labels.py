@@ -16,6 +16,7 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -35,11 +36,10 @@ def convert_one(job):
 
             json2labelImg(str(source_path), str(tmp), "trainIds")
         else:
-            with Image.open(source_path) as img:
-                label_ids = np.asarray(img)
-            if label_ids.ndim != 2 or label_ids.dtype != np.uint8:
-                return f"{source_path}: expected a single-channel 8-bit labelIds PNG, got {img.mode}"
-            Image.fromarray(LABELID_TO_TRAINID[label_ids]).save(tmp)
+            label_ids = cv2.imread(str(source_path), cv2.IMREAD_UNCHANGED)
+            if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
+                return f"{source_path}: not a single-channel 8-bit labelIds PNG"
+            Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(tmp)  # PIL, as json2labelImg: same bytes
         os.replace(tmp, target_path)
         return None
     except (SystemExit, Exception) as e:  # cityscapesscripts calls sys.exit on unknown labels

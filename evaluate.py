@@ -86,6 +86,11 @@ def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop=None, s
     return total / len(passes)
 
 
+def classes(scores):
+    """argmax over classes. max().indices gives the same (first maximum) and is ~6x faster on CPU for NCHW maps."""
+    return scores.max(1).indices
+
+
 def confusion_matrix(pred, label, num_classes):
     """rows = ground truth, columns = prediction; pixels labelled 255 are ignored."""
     valid = label != IGNORE_INDEX
@@ -156,7 +161,7 @@ def evaluate(
     for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):
         images = sample["image"].to(runtime.device, non_blocking=True)
         with runtime.autocast(amp):
-            pred = predict(model, images, scales, flip, mode, crop, stride, num_classes).argmax(1)
+            pred = classes(predict(model, images, scales, flip, mode, crop, stride, num_classes))
         if "label" in sample:
             confusion += confusion_matrix(pred, sample["label"].to(runtime.device, non_blocking=True), num_classes)
         else:
@@ -190,7 +195,7 @@ def time_runs(model, images, runtime, amp, runs):
         for _ in range(runs):
             runtime.synchronize()
             start = time.perf_counter()
-            model(images).argmax(1)
+            classes(model(images))
             runtime.synchronize()
             times.append(time.perf_counter() - start)
     return times

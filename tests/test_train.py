@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import device as devices
 from bisenet import build_model, model_config
@@ -218,3 +219,60 @@ def test_learning_from_scratch_on_synthetic_data(tmp_path):
     print("val mIoU curve (iter, mIoU):", vals, "train img/s:", summary["train_fps"])
     assert summary["mIoU"] > 25, vals
     assert vals[-1][1] > vals[0][1]
+
+    # evaluate.py's default CPU path (BN folded, channels_last, bf16) against plain fp32 on the trained model
+    results, predictions = {}, {}
+    for amp in ("O0", "O1"):
+        out = tmp_path / amp
+        cmd = [
+            sys.executable,
+            "evaluate.py",
+            "--ckpt",
+            summary["checkpoint"],
+            "--data-root",
+            str(root),
+            "--amp",
+            amp,
+            "--out-dir",
+            str(out),
+            "--format",
+            "trainIds",
+        ]
+        results[amp] = summary_line(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+        predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
+    agreement = (predictions["O0"] == predictions["O1"]).mean()
+    print(f"bf16 vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
+    assert agreement >= 0.995
+    assert abs(results["O1"]["mIoU"] - results["O0"]["mIoU"]) <= 0.3
+
+
+def test_non_finite_fp32_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
+    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "6", "--no-validate", "--amp", "O0", "--lr", "1e12", "--warmup-iters", "0"]
+    result = run_train([*args, "--ckpt-interval", "1", "--work-dir", str(tmp_path / "wd")])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss is") and "in fp32" in last and "Traceback" not in result.stderr
+    failed_at = int(last.split("at iteration ")[1].split()[0])
+    kept = torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)
+    assert kept["iteration"] == failed_at
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("script", ["run_1p.sh", "run_8p.sh"])
+def test_launch_scripts_run_and_resume(synthetic_root, tmp_path, script):
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DATA_ROOT": str(synthetic_root),
+        "WORK_DIR": str(tmp_path / "wd"),
+        "NPROC": "2",
+        "DIST_BACKEND": "gloo",
+        "MASTER_PORT": "29543",
+    }
+    overrides = ["perf", *SMALL, "--iters", "2", "--ckpt-interval", "1"]
+    first = subprocess.run(["bash", script, *overrides], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert summary_line(first.stdout)["world_size"] == (2 if script == "run_8p.sh" else 1)
+    again = subprocess.run(["bash", script, *overrides[:-2], "--iters", "3"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr + again.stdout and summary_line(again.stdout)["iters"] == 3
