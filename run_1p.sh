@@ -21,7 +21,7 @@ if [ "$MODE" = demo ]; then
     python convert_labels.py "$DATA_ROOT" --nproc 2
   fi
   python train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --depth 18 --batch-size 8 --crop 256x512 \
-    --scale-range 0.75,1.5 --iters 240 --lr 0.05 --warmup-iters 20 --val-interval 80 --ckpt-interval 80 \
+    --scale-range 0.75,1.5 --iters 160 --lr 0.05 --warmup-iters 20 --val-interval 80 --ckpt-interval 80 \
     --log-interval 10 --workers 2 --resume "$@" | tee "$WORK_DIR/train.out"
   python evaluate.py --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir demo_out --format color | tee "$WORK_DIR/eval.out"
   python evaluate.py --benchmark --ckpt "$WORK_DIR/latest.pth" --size 256x512 --runs 10 | tee "$WORK_DIR/bench.out"
