@@ -70,6 +70,9 @@ def main(argv=None):
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ImportError as e:
+        print(f"error: ONNX export needs the optional extras ({e}); pip install onnx onnxscript onnxruntime", file=sys.stderr)
+        sys.exit(2)
     parity = check_parity(graph, args.out, size)
     if parity:
         print(f"onnxruntime vs PyTorch at {size[0]}x{size[1]}: " + ", ".join(f"{k} {v:.6g}" for k, v in parity.items()))

@@ -287,72 +287,81 @@ def check_args(args, runtime):
         raise DataError(f"{args.data_root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {args.data_root}")
 
 
+class RunLog:
+    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
+
+    def __init__(self, work_dir, enabled):
+        self.enabled, self.file, self.writer = enabled, None, None
+        if enabled:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(work_dir / "log.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(work_dir / "tb"))
+            except ImportError:
+                pass
+
+    def message(self, text):
+        if self.enabled:
+            tqdm.write(text)
+
+    def record(self, entry, **scalars):
+        if self.file:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, entry["iter"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def resume(latest, model, optimizer, scaler):
+    """(iteration, best mIoU) of the checkpoint `latest` points to, its state loaded into model/optimizer/scaler."""
+    checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
+    if checkpoint["model_config"] != model.config:
+        raise CheckpointError(f"{latest.resolve()}: a run of another model configuration; pass a new --work-dir or the same flags")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["iteration"], checkpoint["best_miou"]
+
+
 def train(args):
     runtime = devices.setup(args.device, args.device_id)
     check_args(args, runtime)
     if args.benchmark_step:
         return benchmark_step(args, runtime)
     work_dir = Path(args.work_dir)
-    log_file = None
-    if runtime.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(work_dir / "log.jsonl", "a")
-
-    def log(message):
-        if runtime.is_main:
-            tqdm.write(message)
-
-    def record(entry):
-        if log_file:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+    latest = work_dir / "latest.pth"
+    run_log = RunLog(work_dir, runtime.is_main)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(args, runtime, log)
+    model = create_model(args, runtime, run_log.message)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scaler = runtime.grad_scaler(args.amp)
     start, best = 0, None
-    latest = work_dir / "latest.pth"
     if args.resume and latest.exists():
-        checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start, best = checkpoint["iteration"], checkpoint["best_miou"]
-        log(f"resumed from {latest.resolve()} at iteration {start}")
+        start, best = resume(latest, model, optimizer, scaler)
+        run_log.message(f"resumed from {latest.resolve()} at iteration {start}")
     torch.manual_seed(seed_for(args, runtime.rank, start))
-    raw_model = model
+    ddp_model = model
     if runtime.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type != "cpu" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type != "cpu" else None)
     loader = training_loader(args, runtime, start)
     val_set = None if args.no_validate else CityscapesDataset(args.data_root, "val")
-    writer = tensorboard_writer(work_dir) if runtime.is_main else None
-
-    def checkpoint_at(iteration):
-        path = work_dir / f"iter_{iteration}.pth"
-        if runtime.is_main:
-            save_checkpoint(path, raw_model, optimizer, scaler, iteration, args, best)
-            point_latest(work_dir, path)
-        torch.manual_seed(seed_for(args, runtime.rank, iteration))
-        return path
-
-    def validate(iteration):
-        nonlocal best
-        result = evaluate(raw_model, val_set, runtime, args.amp, workers=min(args.workers, 2))
-        improved = best is None or result["mIoU"] > best
-        best = result["mIoU"] if improved else best
-        log(f"iter {iteration}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")
-        record({"iter": iteration, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]})
-        if writer:
-            writer.add_scalar("val/mIoU", result["mIoU"], iteration)
-        return result, improved
 
     images_per_iter = args.batch_size * runtime.world_size
-    warmup_steps = min(10, max((args.iters - start) // 10, 1))
+    warmup_steps = min(10, max((args.iters - start) // 10, 1))  # not timed: allocator and kernel warm-up
     timed_images, timed_seconds, data_seconds = 0, 0.0, 0.0
-    model.train()
+    result, path = None, None
+    ddp_model.train()
     with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
-        result, path = None, None
         tick = time.perf_counter()
         for it, batch in enumerate(loader, start):
             data_time = time.perf_counter() - tick
@@ -360,30 +369,38 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images, labels = to_device(batch, runtime, args.channels_last)
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            loss = train_step(model, optimizer, scaler, images, labels, args, runtime).item()
-            if not math.isfinite(loss):
-                if not scaler.is_enabled():
-                    raise TrainingError(f"loss is {loss} at iteration {it} in fp32; lower --lr or check the data. The last good checkpoint is kept: {latest}")
-                log(f"iter {it}: non-finite loss in fp16, step skipped, loss scale {scale_before} -> {scaler.get_scale()}")
+            scale_before = scaler.get_scale()
+            loss = train_step(ddp_model, optimizer, scaler, images, labels, args, runtime).item()
+            if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                run_log.message(f"iter {it}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scaler.get_scale():g}")
+            elif not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. The last good checkpoint is kept: {latest}")
             step_time = time.perf_counter() - tick
             if it - start >= warmup_steps:
                 timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
             bar.update()
-            if (it + 1) % args.log_interval == 0 or it + 1 == args.iters:
+            done = it + 1 == args.iters
+            if (it + 1) % args.log_interval == 0 or done:
                 fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
-                record({"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time})
-                if writer:
-                    writer.add_scalar("train/loss", loss, it + 1)
-                    writer.add_scalar("train/lr", lr, it + 1)
-            done = it + 1 == args.iters
+                entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time}
+                run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
             if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
-                result, improved = validate(it + 1)
+                result = evaluate(model, val_set, runtime, args.amp, workers=min(args.workers, 2))
+                improved = best is None or result["mIoU"] > best
+                best = result["mIoU"] if improved else best
+                run_log.message(f"iter {it + 1}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")
+                run_log.record(
+                    {"iter": it + 1, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]}, **{"val/mIoU": result["mIoU"]}
+                )
                 if improved and runtime.is_main:
-                    save_checkpoint(work_dir / "best.pth", raw_model, optimizer, scaler, it + 1, args, best)
+                    save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, it + 1, args, best)
             if (it + 1) % args.ckpt_interval == 0 or done:
-                path = checkpoint_at(it + 1)
+                path = work_dir / f"iter_{it + 1}.pth"
+                if runtime.is_main:
+                    save_checkpoint(path, model, optimizer, scaler, it + 1, args, best)
+                    point_latest(work_dir, path)
+                torch.manual_seed(seed_for(args, runtime.rank, it + 1))
             tick = time.perf_counter()
     summary = {
         "iters": args.iters,
@@ -391,27 +408,18 @@ def train(args):
         "data_wait_frac": round(data_seconds / timed_seconds, 3) if timed_seconds else None,
         "mIoU": round(result["mIoU"], 2) if result else None,
         "best_mIoU": round(best, 2) if best is not None else None,
-        "checkpoint": str(path.resolve()) if path else str(latest.resolve()),
+        "checkpoint": str((path or latest).resolve()),
         "device": str(runtime.device),
         "world_size": runtime.world_size,
         "amp": args.amp,
         "depth": args.depth,
     }
+    run_log.record({"iter": args.iters, "summary": summary})
+    run_log.close()
     if runtime.is_main:
-        record({"summary": summary})
         print(json.dumps(summary), flush=True)
-    if writer:
-        writer.close()
     devices.teardown(runtime)
     return summary
-
-
-def tensorboard_writer(work_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(work_dir / "tb"))
 
 
 def main(argv=None):
