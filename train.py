@@ -33,8 +33,12 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data-root", default="data/cityscapes")
     p.add_argument("--work-dir", default="work_dirs/bisenetv1")
     p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet context path")
@@ -138,7 +142,10 @@ class IterationSampler(torch.utils.data.Sampler):
 
 def training_loader(args, runtime, start):
     crop = parse_size(args.crop, "--crop")
-    low, high = (float(v) for v in args.scale_range.split(","))
+    try:
+        low, high = (float(v) for v in args.scale_range.split(","))
+    except ValueError:
+        raise devices.UsageError(f"--scale-range {args.scale_range!r}: expected two ratios, e.g. 0.5,2.0") from None
     dataset = CityscapesDataset(args.data_root, "train", TrainTransform(crop, (low, high), args.cat_max_ratio))
     with Image.open(dataset.samples[0][0]) as first:
         width, height = first.size

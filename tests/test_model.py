@@ -154,3 +154,13 @@ def test_training_upsampling_equals_interpolate_values_and_gradients(small, size
     (got_grad,) = torch.autograd.grad(got, x, grad.float())
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grad, expected_grad, atol=1e-4, rtol=1e-5)
+
+
+def test_backbone_url_is_served_from_the_torch_hub_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = TvResNet(18)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-cached.pth")
+    model = r18()
+    load_backbone(model, "https://download.pytorch.org/models/resnet18-cached.pth", lambda _: None)  # no network here
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
