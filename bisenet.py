@@ -185,7 +185,8 @@ def bilinear_matrix(out_size, in_size, device):
 def bilinear_resize(x, size):
     """The same values as F.interpolate(bilinear, align_corners=False) as two matrix products. Training uses it
     because its backward is two matmuls too: 2-3x faster on CPU than interpolate's scatter-add backward."""
-    return bilinear_matrix(size[0], x.shape[2], x.device) @ (x @ bilinear_matrix(size[1], x.shape[3], x.device).T)
+    with torch.autocast(x.device.type, enabled=False):  # autocast would run these matmuls in half precision
+        return bilinear_matrix(size[0], x.shape[2], x.device) @ (x @ bilinear_matrix(size[1], x.shape[3], x.device).T)
 
 
 class BiSeNetV1(nn.Module):
