@@ -8,6 +8,7 @@ eval mode returns the main logits.
 """
 
 import argparse
+import functools
 import re
 from pathlib import Path
 
@@ -169,6 +170,7 @@ class SegHead(nn.Module):
         return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False)
 
 
+@functools.lru_cache(maxsize=64)
 def bilinear_matrix(out_size, in_size, device):
     """Row i holds the weights of F.interpolate(mode='bilinear', align_corners=False) for output position i."""
     src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)

@@ -32,6 +32,15 @@ class Runtime:
     def distributed(self):
         return self.world_size > 1
 
+    @property
+    def prefers_channels_last(self):
+        """channels_last feeds oneDNN (CPU) and tensor cores (CUDA) best; Ascend picks its own internal formats."""
+        return self.device.type != "npu"
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.prefers_channels_last else torch.contiguous_format
+
     def autocast(self, amp):
         """apex O1 = conv/matmul in half precision, weights and loss in fp32: fp16 on accelerators, bf16 on CPU."""
         if amp == "O0":
@@ -88,6 +97,7 @@ def setup(device="auto", device_id=0):
     index = local_rank if world_size > 1 else device_id
     if kind == "cuda":
         torch.cuda.set_device(index)
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest convolution algorithms once
     elif kind == "npu":
         torch.npu.set_device(index)
     runtime = Runtime(torch.device(kind, index) if kind != "cpu" else torch.device("cpu"), rank, local_rank, world_size)

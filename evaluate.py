@@ -185,8 +185,8 @@ def print_table(result, mode):
 
 # -- Inference speed ------------------------------------------------------------------------------------------
 def inference_model(model, runtime):
-    """The deployed path: BatchNorm folded into convolutions, channels_last (faster convolutions on CPU and GPU)."""
-    return fuse_bn(copy.deepcopy(model).eval()).to(runtime.device, memory_format=torch.channels_last)
+    """The deployed path: BatchNorm folded into convolutions, the device's preferred memory format."""
+    return fuse_bn(copy.deepcopy(model).eval()).to(runtime.device, memory_format=runtime.memory_format)
 
 
 def time_runs(model, images, runtime, amp, runs):
@@ -208,7 +208,7 @@ def benchmark(model, runtime, size, amp, runs, warmup, baseline=True):
     the inference path so that machine drift hits both alike."""
     images = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, device=runtime.device)
     fast = inference_model(model, runtime)
-    fast_images = images.contiguous(memory_format=torch.channels_last)
+    fast_images = images.contiguous(memory_format=runtime.memory_format)
     plain = copy.deepcopy(model).eval().to(runtime.device)
     time_runs(fast, fast_images, runtime, amp, warmup)
     fast_times, plain_times = [], []
@@ -230,7 +230,9 @@ def benchmark(model, runtime, size, amp, runs, warmup, baseline=True):
         "warmup_runs": warmup,
         "timed_runs": runs,
     }
-    print(f"inference on {result['device']}: 1x3x{size[0]}x{size[1]}, {precision}, BN folded, channels_last, {warmup} warm-up + {runs} timed runs")
+    print(
+        f"inference on {result['device']}: 1x3x{size[0]}x{size[1]}, {precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}, {warmup} warm-up + {runs} timed runs"
+    )
     print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
     if baseline:
         plain_ms = 1000 * statistics.median(plain_times)

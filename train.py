@@ -74,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--log-interval", type=int, default=50)
     p.add_argument("--workers", type=int, default=4, help="data loading processes per device")
     p.add_argument("--sync-bn", action="store_true")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CPU and CUDA, off for Ascend")
     p.add_argument("--benchmark-step", action="store_true", help="time training steps on random tensors, then exit")
     return p.parse_args(argv)
 
@@ -286,6 +286,8 @@ def benchmark_step(args, runtime):
 
 # -- The run --------------------------------------------------------------------------------------------------
 def check_args(args, runtime):
+    if args.channels_last is None:
+        args.channels_last = runtime.prefers_channels_last
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
         raise devices.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
