@@ -61,11 +61,6 @@ class Runtime:
         elif self.device.type == "npu":
             torch.npu.synchronize(self.device)
 
-    def all_reduce_sum(self, tensor):
-        if self.distributed:
-            dist.all_reduce(tensor)
-        return tensor
-
     def all_reduce_counts(self, counts):
         """Sums int64 counts on any backend: hccl reduces only 32-bit types, so counts travel as two int32 halves."""
         if not self.distributed:

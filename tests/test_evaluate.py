@@ -177,3 +177,22 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     assert result["max_abs_logit_diff"] < 1e-3 and result["argmax_agreement"] > 0.999
     result = last_json(run("export.py", "--ckpt", checkpoint, "--out", tmp_path / "a.onnx", "--size", "64x128", "--argmax"))
     assert result["argmax_agreement"] > 0.999
+
+
+@pytest.mark.parametrize("small, size, rows", [((128, 256), (1024, 2048), 64), ((17, 30), (131, 237), 16), ((8, 8), (5, 7), 4)])
+def test_banded_class_map_equals_argmax_of_interpolated_logits(small, size, rows):
+    from bisenet import upsampled_classes
+
+    torch.manual_seed(1)
+    logits = torch.randn(2, 19, *small)
+    expected = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+    assert (upsampled_classes(logits, size, rows) == expected).float().mean() > 0.9999
+
+
+@torch.no_grad()
+def test_single_pass_class_map_is_the_model_argmax(model):
+    from evaluate import predict_classes
+
+    images = torch.rand(1, 3, 100, 164) * 255
+    assert model(images, upsample=False).shape == (1, 19, 13, 21)
+    assert (predict_classes(model, images) == model(images).argmax(1)).float().mean() > 0.9999
