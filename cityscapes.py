@@ -159,6 +159,11 @@ def nearest_indices(out_size, in_size, start, count):
     return np.minimum(((positions + 0.5) * in_size / out_size).astype(np.int64), in_size - 1)
 
 
+def affine(image, alpha=1.0, beta=0.0):
+    """uint8 clip(image * alpha + beta) truncated, as mmseg computes it in float32, through a 256-entry table."""
+    return cv2.LUT(image, np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8))
+
+
 class TrainTransform:
     """mmseg's Cityscapes recipe: random rescale, random crop with cat_max_ratio, pad, flip, photometric distortion.
 
@@ -226,9 +231,6 @@ class TrainTransform:
     def distort(self, image, rng):
         """mmseg's PhotoMetricDistortion: every step rounds to uint8, hue in OpenCV's 0..180 circle, as there."""
 
-        def affine(x, alpha=1.0, beta=0.0):
-            return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
         if rng.random() < 0.5:
             image = affine(image, beta=rng.uniform(-self.brightness, self.brightness))
         contrast_first = rng.random() < 0.5
@@ -238,9 +240,9 @@ class TrainTransform:
         if change_saturation or change_hue:
             hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
             if change_saturation:
-                hsv[..., 1] = affine(hsv[..., 1], alpha=rng.uniform(*self.saturation))
+                hsv[..., 1] = affine(np.ascontiguousarray(hsv[..., 1]), alpha=rng.uniform(*self.saturation))
             if change_hue:
-                hsv[..., 0] = (hsv[..., 0].astype(np.int16) + rng.integers(-self.hue, self.hue)) % 180
+                hsv[..., 0] = ((np.arange(256) + rng.integers(-self.hue, self.hue)) % 180).astype(np.uint8)[hsv[..., 0]]
             image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first and rng.random() < 0.5:
             image = affine(image, alpha=rng.uniform(*self.contrast))

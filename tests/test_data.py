@@ -235,3 +235,13 @@ def test_worker_errors_reach_the_user_as_one_line(synthetic_root, tmp_path):
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and str(label) in last and "Traceback" not in result.stderr
+
+
+def test_photometric_affine_equals_mmseg_float_formula():
+    from cityscapes import affine
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    for alpha, beta in ((1.0, -31.7), (1.0, 20.2), (1.43, 0.0), (0.51, 0.0)):
+        expected = np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+        assert np.array_equal(affine(image, alpha, beta), expected)
+        assert np.array_equal(affine(np.ascontiguousarray(image[..., 1]), alpha, beta), expected[..., 1])
