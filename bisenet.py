@@ -39,15 +39,13 @@ def model_config(depth=18, num_classes=19, ffm_attention_relu=True, dropout=0.1,
 
 
 class ConvBNReLU(nn.Module):
-    def __init__(self, cin, cout, kernel_size=3, stride=1, relu=True):
+    def __init__(self, cin, cout, kernel_size=3, stride=1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(cout)
-        self.relu = relu
 
     def forward(self, x):
-        x = self.bn(self.conv(x))
-        return F.relu(x, inplace=True) if self.relu else x
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 # -- ResNet with torchvision's parameter names (conv1, bn1, layer1..layer4) ------------------------------------
