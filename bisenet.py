@@ -170,13 +170,18 @@ class SegHead(nn.Module):
         return F.interpolate(logits.contiguous(), size=size, mode="bilinear", align_corners=False)
 
 
-@functools.lru_cache(maxsize=64)
-def bilinear_matrix(out_size, in_size, device):
-    """Row i holds the weights of F.interpolate(mode='bilinear', align_corners=False) for output position i."""
+def bilinear_taps(out_size, in_size):
+    """F.interpolate(mode='bilinear', align_corners=False) along one axis: for each output position, the two source
+    indices it reads and the weight of the second."""
     src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
     low = src.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    frac = src - low
+    return low, (low + 1).clamp(max=in_size - 1), src - low
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(out_size, in_size, device):
+    """Row i holds the interpolation weights of output position i."""
+    low, high, frac = bilinear_taps(out_size, in_size)
     rows = torch.arange(out_size)
     matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
     matrix.index_put_((rows, low), 1 - frac, accumulate=True)
@@ -199,11 +204,11 @@ def upsampled_classes(logits, size, rows=64):
     with torch.autocast(logits.device.type, enabled=False):
         widened = logits.float() @ bilinear_matrix(size[1], width, logits.device).T
         vertical = bilinear_matrix(size[0], height, logits.device)
+        low, high, _ = bilinear_taps(size[0], height)  # the source rows a band reads: low[top] .. high[bottom - 1]
         out = torch.empty(logits.shape[0], *size, dtype=torch.long, device=logits.device)
         for top in range(0, size[0], rows):
             bottom = min(top + rows, size[0])
-            first = int(max((top + 0.5) * height / size[0] - 0.5, 0))  # source rows this band reads
-            last = min(int(max((bottom - 0.5) * height / size[0] - 0.5, 0)) + 2, height)
+            first, last = int(low[top]), int(high[bottom - 1]) + 1
             out[:, top:bottom] = (vertical[top:bottom, first:last] @ widened[:, :, first:last]).max(1).indices
     return out
 
