@@ -11,6 +11,7 @@ import argparse
 import json
 import re
 import time
+from multiprocessing import Pool
 from pathlib import Path
 
 import cv2
@@ -359,32 +360,41 @@ def render_image(objects, rng, height, width):
     return np.clip(pixels * light[..., None] + texture, 0, 255).astype(np.uint8)
 
 
-def synthesize(out_dir, train=20, val=6, test=0, height=512, width=1024, seed=0):
-    """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs (drawn by cityscapesscripts)."""
+def synthesize_one(job):
+    """One image of a split: leftImg8bit PNG, gtFine polygons JSON, labelIds PNG drawn by cityscapesscripts."""
     from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
+    out, split_index, split, i, height, width, seed = job
+    rng = np.random.default_rng([seed, split_index, i])
+    city = CITIES[i % len(CITIES)]
+    stem = f"{city}_{i // len(CITIES):06d}_{19 + i:06d}"
+    objects = synthetic_scene(rng, height, width)
+    image_dir, label_dir = out / "leftImg8bit" / split / city, out / "gtFine" / split / city
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(render_image(objects, rng, height, width)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
+    annotation = {
+        "imgHeight": height,
+        "imgWidth": width,
+        "objects": [
+            {"date": "", "deleted": 0, "id": k, "label": label, "polygon": poly, "user": "synthetic", "verified": 0} for k, (label, poly) in enumerate(objects)
+        ],
+    }
+    json_path = label_dir / f"{stem}_gtFine_polygons.json"
+    json_path.write_text(json.dumps(annotation, indent=1))
+    json2labelImg(str(json_path), str(label_dir / f"{stem}_gtFine_labelIds.png"), "ids")
+
+
+def synthesize(out_dir, train=20, val=6, test=0, height=512, width=1024, seed=0, nproc=1):
+    """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)."""
     out = Path(out_dir)
-    for split_index, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
-        for i in range(count):
-            rng = np.random.default_rng([seed, split_index, i])
-            city = CITIES[i % len(CITIES)]
-            stem = f"{city}_{i // len(CITIES):06d}_{19 + i:06d}"
-            objects = synthetic_scene(rng, height, width)
-            image_dir, label_dir = out / "leftImg8bit" / split / city, out / "gtFine" / split / city
-            image_dir.mkdir(parents=True, exist_ok=True)
-            label_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(render_image(objects, rng, height, width)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
-            annotation = {
-                "imgHeight": height,
-                "imgWidth": width,
-                "objects": [
-                    {"date": "", "deleted": 0, "id": k, "label": label, "polygon": poly, "user": "synthetic", "verified": 0}
-                    for k, (label, poly) in enumerate(objects)
-                ],
-            }
-            json_path = label_dir / f"{stem}_gtFine_polygons.json"
-            json_path.write_text(json.dumps(annotation, indent=1))
-            json2labelImg(str(json_path), str(label_dir / f"{stem}_gtFine_labelIds.png"), "ids")
+    jobs = [(out, k, split, i, height, width, seed) for k, (split, count) in enumerate((("train", train), ("val", val), ("test", test))) for i in range(count)]
+    if nproc > 1 and len(jobs) > 1:
+        with Pool(nproc) as pool:
+            pool.map(synthesize_one, jobs, chunksize=1)
+    else:
+        for job in jobs:
+            synthesize_one(job)
     return out
 
 
@@ -418,11 +428,12 @@ def main():
     synth.add_argument("--height", type=int, default=1024)
     synth.add_argument("--width", type=int, default=2048)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--nproc", type=int, default=1, help="parallel processes")
     bench = commands.add_parser("benchmark", help="training-transform throughput")
     bench.add_argument("--samples", type=int, default=20)
     args = parser.parse_args()
     if args.command == "synthesize":
-        synthesize(args.out_dir, args.train, args.val, args.test, args.height, args.width, args.seed)
+        synthesize(args.out_dir, args.train, args.val, args.test, args.height, args.width, args.seed, args.nproc)
         print(f"wrote {args.train} train, {args.val} val, {args.test} test images to {args.out_dir}")
     else:
         benchmark_transform(args.samples)

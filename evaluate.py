@@ -222,7 +222,7 @@ def benchmark(model, runtime, size, amp, runs, warmup):
     for _ in range(runs):
         fast_times += time_runs(predict_classes, fast, fast_images, runtime, amp, 1)
         plain_times += time_runs(lambda m, x: classes(m(x)), plain, images, runtime, "O0", 1)
-    precision = "fp32" if amp == "O0" else ("bf16 autocast" if runtime.device.type == "cpu" else "fp16 autocast")
+    precision = runtime.precision(amp)
     fast_ms = 1000 * statistics.median(fast_times)
     result = {
         "latency_ms_median": round(fast_ms, 2),
@@ -302,7 +302,7 @@ def run(args):
     name = mode_name(scales, args.flip, args.mode, crop, stride)
     result = evaluate(model, dataset, runtime, amp, scales, args.flip, args.mode, crop, stride, args.out_dir, args.format, args.workers, args.num_classes)
     if runtime.is_main:
-        summary = {"mode": name, "images": len(dataset), "amp": amp}
+        summary = {"mode": name, "images": len(dataset), "amp": amp, "precision": runtime.precision(amp)}
         if result is not None:
             print_table(result, name)
             per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(CLASS_NAMES, result["iou"])}

@@ -3,16 +3,16 @@
 
     python train.py --data-root data/cityscapes                           # one device
     torchrun --nproc-per-node 8 train.py --lr 0.2 ...                     # DDP; backend from DIST_BACKEND
-    python train.py --benchmark-step --depth 18 --batch-size 2 --crop 512x1024 --amp O1    # timed steps
+    python benchmark.py                                                   # speed of this recipe on this device
 
 A run ends with one JSON line: {"iters", "train_fps", "mIoU", "checkpoint", ...}.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -60,7 +60,20 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="ce", choices=("ce", "ohem"))
     p.add_argument("--ohem-thresh", type=float, default=0.7)
     p.add_argument("--aux-weight", type=float, default=1.0)
-    p.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"))
+    p.add_argument(
+        "--amp",
+        "--opt-level",
+        dest="amp",
+        default="O1",
+        choices=("O0", "O1"),
+        help="O1 = apex O1: convolutions in half precision (--amp-dtype), weights and loss in fp32; O0 = fp32",
+    )
+    p.add_argument(
+        "--amp-dtype",
+        default="auto",
+        choices=("auto", "float16", "bfloat16"),
+        help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did), bfloat16 on CPU; bfloat16 needs no loss scaling",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
     p.add_argument("--device-id", "--gpu-id", dest="device_id", type=int, default=0, help="single-device runs")
     p.add_argument("--load-from", help="initial weights: any checkpoint bisenet.load_model reads")
@@ -75,7 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="data loading processes per device")
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CPU and CUDA, off for Ascend")
-    p.add_argument("--benchmark-step", action="store_true", help="time training steps on random tensors, then exit")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model (compiling takes minutes; see the README's measurements)")
     return p.parse_args(argv)
 
 
@@ -101,15 +114,17 @@ def ohem_cross_entropy(logits, labels, thresh):
     return hard.mean()
 
 
-def segmentation_loss(outputs, labels, args):
+def segmentation_loss(outputs, labels, kind="ce", ohem_thresh=0.7, aux_weight=1.0):
+    """Main head + aux_weight x each aux head; bind the options with functools.partial to get the loss callable."""
+
     def head_loss(logits):
         logits = logits.float()  # O1: the loss runs in fp32
-        if args.loss == "ohem":
-            return ohem_cross_entropy(logits, labels, args.ohem_thresh)
+        if kind == "ohem":
+            return ohem_cross_entropy(logits, labels, ohem_thresh)
         return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
 
     main, *aux = outputs
-    return head_loss(main) + args.aux_weight * sum(head_loss(a) for a in aux)
+    return head_loss(main) + aux_weight * sum(head_loss(a) for a in aux)
 
 
 # -- Data -----------------------------------------------------------------------------------------------------
@@ -193,6 +208,10 @@ def save_checkpoint(path, model, optimizer, scaler, iteration, args, best):
     )
 
 
+def kept_checkpoint(latest):
+    return f"The last good checkpoint is kept: {latest}" if latest.exists() else "No checkpoint had been written yet."
+
+
 def seed_for(args, rank, iteration):
     """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
     so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
@@ -200,34 +219,43 @@ def seed_for(args, rank, iteration):
 
 
 # -- Model ----------------------------------------------------------------------------------------------------
-def create_model(args, runtime, log):
-    config = model_config(args.depth, args.num_classes, dropout=args.dropout)
+def create_model(runtime, depth, num_classes, dropout, channels_last, load_from=None, pretrained=None, sync_bn=False, log=print):
+    config = model_config(depth, num_classes, dropout=dropout)
     source = None
-    if args.load_from:
-        source = load_model(args.load_from, args.num_classes)
-        if source.config["depth"] != args.depth:
-            raise CheckpointError(f"{args.load_from}: a ResNet-{source.config['depth']} model; pass --depth {source.config['depth']}")
-        config = {**source.config, "dropout": args.dropout}  # keeps its fusion variant and input normalisation
+    if load_from:
+        source = load_model(load_from, num_classes)
+        if source.config["depth"] != depth:
+            raise CheckpointError(f"{load_from}: a ResNet-{source.config['depth']} model; pass --depth {source.config['depth']}")
+        config = {**source.config, "dropout": dropout}  # keeps its fusion variant and input normalisation
     model = build_model(config)
     if source is not None:
         model.load_state_dict(source.state_dict())
-        log(f"initial weights from {args.load_from}")
-    if args.pretrained:
-        load_backbone(model, args.pretrained, log)
-    if args.sync_bn and runtime.distributed:
+        log(f"initial weights from {load_from}")
+    if pretrained:
+        load_backbone(model, pretrained, log)
+    if sync_bn and runtime.distributed:
         if runtime.backend == "gloo":
             raise devices.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
-    if args.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def train_step(model, optimizer, scaler, images, labels, args, runtime):
-    with runtime.autocast(args.amp):
+def create_optimizer(model, lr, momentum, weight_decay, fused=False):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+
+
+def data_parallel(model, runtime):
+    return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type != "cpu" else None)
+
+
+def train_step(model, optimizer, scaler, images, labels, loss_fn, autocast):
+    """One SGD step. loss_fn(outputs, labels) -> loss; autocast() -> the precision context (Runtime.autocast)."""
+    with autocast():
         outputs = model(images)
-    loss = segmentation_loss(outputs, labels, args)
+    loss = loss_fn(outputs, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -242,48 +270,6 @@ def to_device(batch, runtime, channels_last):
     return images, batch["label"].to(runtime.device, non_blocking=True).long()
 
 
-def benchmark_step(args, runtime):
-    """Timed training steps on random tensors: the configured path against eager fp32, interleaved."""
-    crop = parse_size(args.crop, "--crop")
-    torch.manual_seed(args.seed)
-    images = torch.randint(0, 256, (args.batch_size, 3, *crop), dtype=torch.uint8, device=runtime.device)
-    labels = torch.randint(0, args.num_classes, (args.batch_size, *crop), device=runtime.device)
-    setups = {}
-    for name, amp, channels_last in (("configured", args.amp, args.channels_last), ("baseline", "O0", False)):
-        setup_args = argparse.Namespace(**{**vars(args), "amp": amp, "channels_last": channels_last})
-        model = create_model(setup_args, runtime, log=lambda _: None).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=args.momentum, weight_decay=args.weight_decay)
-        x = images.contiguous(memory_format=torch.channels_last) if channels_last else images
-        setups[name] = (model, optimizer, runtime.grad_scaler(amp), x, setup_args)
-    times = {name: [] for name in setups}
-    for i in range(args.iters + 2):
-        for name, (model, optimizer, scaler, x, setup_args) in setups.items():
-            runtime.synchronize()
-            start = time.perf_counter()
-            train_step(model, optimizer, scaler, x, labels, setup_args, runtime).item()
-            runtime.synchronize()
-            if i >= 2:  # two warm-up steps
-                times[name].append(time.perf_counter() - start)
-    step_ms, base_ms = (1000 * statistics.median(times[n]) for n in ("configured", "baseline"))
-    print(f"training step R{args.depth}, batch {args.batch_size}, {crop[0]}x{crop[1]}, main + 2 aux heads, {args.loss}, SGD, on {runtime.device}")
-    print(f"  --amp {args.amp}{' channels_last' if args.channels_last else ''}: median {step_ms:.0f} ms ({args.batch_size / step_ms * 1000:.2f} img/s)")
-    print(f"  baseline eager fp32: median {base_ms:.0f} ms -> speedup {base_ms / step_ms:.2f}x")
-    print(
-        json.dumps(
-            {
-                "step_ms_median": round(step_ms, 1),
-                "baseline_step_ms_median": round(base_ms, 1),
-                "speedup": round(base_ms / step_ms, 2),
-                "amp": args.amp,
-                "depth": args.depth,
-                "batch_size": args.batch_size,
-                "crop": args.crop,
-                "timed_steps": args.iters,
-            }
-        )
-    )
-
-
 # -- The run --------------------------------------------------------------------------------------------------
 def check_args(args, runtime):
     if args.channels_last is None:
@@ -292,7 +278,7 @@ def check_args(args, runtime):
         raise devices.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
         )
-    if not Path(args.data_root).is_dir() and not args.benchmark_step:
+    if not Path(args.data_root).is_dir():
         raise DataError(f"{args.data_root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {args.data_root}")
 
 
@@ -337,31 +323,33 @@ def resume(latest, model, optimizer, scaler):
         raise CheckpointError(f"{latest.resolve()}: a run of another model configuration; pass a new --work-dir or the same flags")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
+        scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["iteration"], checkpoint["best_miou"]
 
 
 def train(args):
-    runtime = devices.setup(args.device, args.device_id)
+    runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
     check_args(args, runtime)
-    if args.benchmark_step:
-        return benchmark_step(args, runtime)
     work_dir = Path(args.work_dir)
     latest = work_dir / "latest.pth"
     run_log = RunLog(work_dir, runtime.is_main)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(args, runtime, run_log.message)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    model = create_model(
+        runtime, args.depth, args.num_classes, args.dropout, args.channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message
+    )
+    optimizer = create_optimizer(model, args.lr, args.momentum, args.weight_decay, fused=runtime.fused_optimizer)
     scaler = runtime.grad_scaler(args.amp)
     start, best = 0, None
     if args.resume and latest.exists():
         start, best = resume(latest, model, optimizer, scaler)
         run_log.message(f"resumed from {latest.resolve()} at iteration {start}")
     torch.manual_seed(seed_for(args, runtime.rank, start))
-    ddp_model = model
-    if runtime.distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type != "cpu" else None)
+    ddp_model = data_parallel(model, runtime) if runtime.distributed else model
+    ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
+    loss_fn = functools.partial(segmentation_loss, kind=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight)
+    autocast = functools.partial(runtime.autocast, args.amp)
     loader = training_loader(args, runtime, start)
     val_set = None if args.no_validate else CityscapesDataset(args.data_root, "val")
 
@@ -379,11 +367,18 @@ def train(args):
                 group["lr"] = lr
             images, labels = to_device(batch, runtime, args.channels_last)
             scale_before = scaler.get_scale()
-            loss = train_step(ddp_model, optimizer, scaler, images, labels, args, runtime).item()
+            loss = train_step(ddp_model, optimizer, scaler, images, labels, loss_fn, autocast).item()
             if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                run_log.message(f"iter {it}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scaler.get_scale():g}")
+                scale = scaler.get_scale()
+                run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
+                run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
+                if scale < 1:
+                    raise TrainingError(
+                        f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
+                        f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {kept_checkpoint(latest)}"
+                    )
             elif not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. The last good checkpoint is kept: {latest}")
+                raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {kept_checkpoint(latest)}")
             step_time = time.perf_counter() - tick
             if it - start >= warmup_steps:
                 timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
@@ -420,7 +415,9 @@ def train(args):
         "checkpoint": str((path or latest).resolve()),
         "device": str(runtime.device),
         "world_size": runtime.world_size,
+        "backend": runtime.backend,
         "amp": args.amp,
+        "precision": runtime.precision(args.amp),
         "depth": args.depth,
     }
     run_log.record({"iter": args.iters, "summary": summary})

@@ -21,9 +21,9 @@ def all_files(root):
     return sorted(p.relative_to(root) for p in Path(root).rglob("*") if p.is_file())
 
 
-def test_synthesis_is_byte_identical_for_the_same_seed(tmp_path):
+def test_synthesis_is_byte_identical_for_the_same_seed_in_any_number_of_processes(tmp_path):
     synthesize(tmp_path / "a", train=3, val=1, height=64, width=128, seed=9)
-    synthesize(tmp_path / "b", train=3, val=1, height=64, width=128, seed=9)
+    synthesize(tmp_path / "b", train=3, val=1, height=64, width=128, seed=9, nproc=2)
     files = all_files(tmp_path / "a")
     assert files == all_files(tmp_path / "b") and len(files) == 12
     assert all(filecmp.cmp(tmp_path / "a" / f, tmp_path / "b" / f, shallow=False) for f in files)

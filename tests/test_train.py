@@ -1,4 +1,4 @@
-import argparse
+import functools
 import json
 import math
 import os
@@ -63,9 +63,8 @@ def test_loss_sums_main_and_weighted_aux_heads():
     torch.manual_seed(1)
     outputs = [torch.randn(2, 4, 8, 8) for _ in range(3)]
     labels = torch.randint(0, 4, (2, 8, 8))
-    args = argparse.Namespace(loss="ce", aux_weight=0.4, ohem_thresh=0.7)
     expected = F.cross_entropy(outputs[0], labels) + 0.4 * (F.cross_entropy(outputs[1], labels) + F.cross_entropy(outputs[2], labels))
-    assert torch.allclose(segmentation_loss(outputs, labels, args), expected)
+    assert torch.allclose(segmentation_loss(outputs, labels, aux_weight=0.4), expected)
 
 
 def test_sampler_shards_are_disjoint_and_resumable():
@@ -86,16 +85,56 @@ def test_amp_o1_on_cpu_runs_bf16_convolutions_and_updates_fp32_weights():
     model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = model.head.conv.conv.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    args = argparse.Namespace(amp="O1", loss="ce", aux_weight=1.0, ohem_thresh=0.7)
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
-    loss = train_step(model, optimizer, runtime.grad_scaler("O1"), images, torch.randint(0, 19, (2, 64, 96)), args, runtime)
+    autocast = functools.partial(runtime.autocast, "O1")
+    loss = train_step(model, optimizer, runtime.grad_scaler("O1"), images, torch.randint(0, 19, (2, 64, 96)), segmentation_loss, autocast)
     assert dtypes == [torch.bfloat16] and loss.dtype == torch.float32
     assert model.head.conv.conv.weight.dtype == torch.float32
     assert not torch.equal(model.head.conv.conv.weight, before)
 
 
-def test_resume_is_bit_exact(synthetic_root, tmp_path):
+def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
+    """O1 as on a GPU (fp16 autocast + dynamic loss scaling), run on the CPU: an overflowing step changes nothing."""
+    runtime = devices.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
+    torch.manual_seed(0)
+    model = build_model(model_config(18, dropout=0.0)).train()
+    dtypes = []
+    model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = runtime.grad_scaler("O1")
+    assert scaler.is_enabled() and runtime.precision("O1") == "fp16 autocast"
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**60})  # scaled gradients cannot fit in fp16
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    images, labels = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8), torch.randint(0, 19, (2, 64, 96))
+    autocast = functools.partial(runtime.autocast, "O1")
+    train_step(model, optimizer, scaler, images, labels, segmentation_loss, autocast)
+    assert dtypes == [torch.float16]
+    assert scaler.get_scale() == 2.0**59 and not optimizer.state  # skipped: no momentum buffers were created
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**8})
+    train_step(model, optimizer, scaler, images, labels, segmentation_loss, autocast)
+    assert scaler.get_scale() == 2.0**8 and scaler.state_dict()["_growth_tracker"] == 1
+    assert not torch.equal(model.head.conv.conv.weight, before["head.conv.conv.weight"])
+
+
+def test_fp16_overflows_are_logged_and_a_diverged_run_stops(synthetic_root, tmp_path):
+    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "40", "--no-validate", "--amp-dtype", "float16", "--lr", "1e12", "--warmup-iters", "0"]
+    result = run_train([*args, "--work-dir", str(tmp_path / "wd")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "fp16 gradients overflowed, step skipped, loss scale 65536 -> 32768" in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the fp16 loss scale fell to 0.5 at iteration"), last
+    overflows = [e for e in map(json.loads, (tmp_path / "wd" / "log.jsonl").read_text().splitlines()) if e.get("overflow")]
+    assert [e["loss_scale"] for e in overflows] == [2.0**k for k in range(15, -2, -1)]
+    assert overflows[-1]["iter"] == int(last.split("at iteration ")[1].split(":")[0])
+
+
+@pytest.mark.parametrize("amp_dtype", ["auto", "float16"])
+def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
     common = [
+        "--amp-dtype",
+        amp_dtype,
         "--data-root",
         str(synthetic_root),
         *SMALL,
@@ -129,6 +168,8 @@ def test_resume_is_bit_exact(synthetic_root, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scaler"] == b["scaler"]
+    assert bool(b["scaler"]) == (amp_dtype == "float16")  # fp16: scale and growth tracker (overflows included) travel
 
 
 def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synthetic_root, tmp_path):
@@ -154,8 +195,7 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synt
         samples = [dataset[item] for item in batch]
         images = torch.stack([s["image"] for s in samples]).contiguous(memory_format=torch.channels_last)
         labels = torch.stack([s["label"] for s in samples]).long()
-        args.amp = "O0"
-        (segmentation_loss(model(images), labels, args) / 2).backward()
+        (segmentation_loss(model(images), labels) / 2).backward()
     optimizer.step()
     torch.set_num_threads(threads)
     for name, value in model.named_parameters():
@@ -241,7 +281,7 @@ def test_learning_from_scratch_on_synthetic_data(tmp_path):
         results[amp] = summary_line(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
         predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
     agreement = (predictions["O0"] == predictions["O1"]).mean()
-    print(f"bf16 vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
+    print(f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
     assert agreement >= 0.995
     assert abs(results["O1"]["mIoU"] - results["O0"]["mIoU"]) <= 0.3
 

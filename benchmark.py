@@ -1,0 +1,362 @@
+"""Training speed of the published recipes on whatever device this is, in one command (`bash run_1p.sh bench`).
+
+    python benchmark.py                      # steps of R50 8 x 1024x1024 and R18 16 x 1024x1024, O1 vs eager fp32,
+                                             # end-to-end train.py on synthetic 2048x1024 Cityscapes, torchrun check
+    python benchmark.py --variants all       # also every speed option against the default, step by step
+    BENCH_SMALL=1 python benchmark.py        # the same at small sizes, for CPUs and the tests
+
+Step protocol: random uint8 images and labels already on the device; one step = forward, the three heads' CE loss
+in fp32, backward, SGD (momentum, weight decay) through the loss scaler, synchronised; untimed warm-up steps (cuDNN
+autotuning, compilation), then the median of the timed steps. Variants run interleaved, one step each in turn, so
+drift hits all alike. Peak memory: the most PyTorch allocates for one step, weights, gradients and momentum
+included (what one training process of that recipe needs). The last line printed is JSON.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import device as devices
+from cityscapes import NUM_CLASSES, synthesize
+from convert_labels import convert_dataset
+from evaluate import device_name, parse_size
+from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
+
+ROOT = Path(__file__).resolve().parent
+
+# (name, depth, images per device, crop): Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
+RECIPES = {"full": [("r50", 50, 8, (1024, 1024)), ("r18", 18, 16, (1024, 1024))], "small": [("r50", 50, 2, (64, 128)), ("r18", 18, 2, (64, 128))]}
+DATA = {"full": dict(train=32, val=4, height=1024, width=2048), "small": dict(train=8, val=2, height=128, width=256)}
+TORCHRUN_RECIPE = {"full": ["--batch-size", "4", "--crop", "512x1024"], "small": ["--batch-size", "2", "--crop", "64x128"]}
+
+# What each variant changes from this device's default training path (train.py's defaults).
+VARIANTS = {
+    "default": {},
+    "fp32": {"amp": "O0", "channels_last": False},  # eager fp32, contiguous: the baseline
+    "fp16": {"amp_dtype": "float16"},
+    "bf16": {"amp_dtype": "bfloat16"},
+    "contiguous": {"channels_last": False},
+    "fused-sgd": {"fused_sgd": True},
+    "foreach-sgd": {"fused_sgd": False},
+    "ddp": {"ddp": True},
+    "compile": {"compile": True},
+}
+DEFAULT_VARIANTS = ["default", "fp32"]
+
+
+@dataclasses.dataclass
+class Setup:
+    """One variant, ready to step: its model, optimizer and scaler live on the device for the whole comparison."""
+
+    step: callable
+    state_bytes: callable
+
+
+def variant_options(runtime, changes):
+    options = dict(amp="O1", amp_dtype="auto", channels_last=runtime.prefers_channels_last, fused_sgd=runtime.fused_optimizer, ddp=False, compile=False)
+    return {**options, **changes}
+
+
+def build_setup(runtime, depth, images, labels, options):
+    dtype = devices.AMP_DTYPES.get(options["amp_dtype"])
+    runtime = dataclasses.replace(runtime, amp_dtype=dtype) if dtype else runtime
+    torch.manual_seed(0)
+    model = create_model(runtime, depth, NUM_CLASSES, 0.1, options["channels_last"], log=lambda _: None).train()
+    optimizer = create_optimizer(model, 0.01, 0.9, 5e-4, fused=options["fused_sgd"])
+    stepped = data_parallel(model, runtime) if options["ddp"] else model
+    stepped = torch.compile(stepped) if options["compile"] else stepped
+    scaler = runtime.grad_scaler(options["amp"])
+    autocast = functools.partial(runtime.autocast, options["amp"])
+    x = images.contiguous(memory_format=torch.channels_last) if options["channels_last"] else images
+
+    def step():
+        return train_step(stepped, optimizer, scaler, x, labels, segmentation_loss, autocast).item()
+
+    def state_bytes():
+        tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
+        tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    return Setup(step, state_bytes)
+
+
+def join_single_process_group(runtime):
+    """DDP needs a process group; outside torchrun this process forms a group of one."""
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(devices.DEFAULT_BACKEND[runtime.device.type], init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def time_variants(setups, runtime, warmup, steps):
+    """{name: {step_ms, img_s inputs, first_step_s, peak_gb}}: every variant steps once per round."""
+    cuda = runtime.device.type == "cuda"
+    times, first, peak = {n: [] for n in setups}, {}, {}
+    errors = {}
+    for i in range(warmup + steps):
+        for name, setup in setups.items():
+            if name in errors:
+                continue
+            runtime.synchronize()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(runtime.device)
+                before = torch.cuda.memory_allocated(runtime.device)
+            start = time.perf_counter()
+            try:
+                setup.step()
+                runtime.synchronize()
+            except Exception as e:  # one failing variant (out of memory, a compiler error) must not lose the others
+                errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                continue
+            elapsed = time.perf_counter() - start
+            first.setdefault(name, elapsed)
+            if i >= warmup:
+                times[name].append(elapsed)
+            if cuda:
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(runtime.device) - before + setup.state_bytes())
+    results = {}
+    for name in setups:
+        if name in errors:
+            results[name] = {"error": errors[name]}
+            continue
+        ms = 1000 * statistics.median(times[name])
+        results[name] = {"step_ms": round(ms, 2), "first_step_s": round(first[name], 2), "peak_gb": round(peak[name] / 1e9, 2) if name in peak else None}
+    return results
+
+
+def step_benchmarks(runtime, recipes, variants, warmup, steps, log):
+    out = {}
+    for name, depth, batch, crop in recipes:
+        torch.manual_seed(0)
+        images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=runtime.device)
+        labels = torch.randint(0, NUM_CLASSES, (batch, *crop), device=runtime.device)
+        setups, failed = {}, {}
+        for variant in variants:
+            try:
+                setups[variant] = build_setup(runtime, depth, images, labels, variant_options(runtime, VARIANTS[variant]))
+            except Exception as e:
+                failed[variant] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+        results = {**time_variants(setups, runtime, warmup, steps), **failed}
+        for result in results.values():
+            if "step_ms" in result:
+                result["img_s"] = round(batch / result["step_ms"] * 1000, 2)
+        out[name] = {"depth": depth, "batch": batch, "crop": f"{crop[0]}x{crop[1]}", "variants": results}
+        del setups
+        if runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log_recipe(name, out[name], log)
+    return out
+
+
+def profile_default_step(runtime, recipes, log, steps=3):
+    """The kernels that bound the default step: top operators by device time (CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    sort_by = "device_time_total" if runtime.device.type == "cuda" else "cpu_time_total"
+    for name, depth, batch, crop in recipes:
+        images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=runtime.device)
+        labels = torch.randint(0, NUM_CLASSES, (batch, *crop), device=runtime.device)
+        setup = build_setup(runtime, depth, images, labels, variant_options(runtime, {}))
+        setup.step()
+        runtime.synchronize()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                setup.step()
+            runtime.synchronize()
+        log(f"{name.upper()} default step, {steps} steps profiled, top operators by {sort_by}:")
+        log(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+        del setup
+
+
+def log_recipe(name, result, log):
+    variants = result["variants"]
+    base = variants.get("default", {}).get("step_ms")
+    log(f"{name.upper()} training step, {result['batch']} x {result['crop']}, 3 CE heads, SGD:")
+    for variant, r in variants.items():
+        if "error" in r:
+            log(f"  {variant:>20}: failed: {r['error']}")
+            continue
+        ratio = f"{base / r['step_ms']:.2f}x default" if base else ""
+        memory = f", peak {r['peak_gb']} GB" if r["peak_gb"] is not None else ""
+        log(f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first step {r['first_step_s']} s{memory})")
+
+
+def run_json(cmd, env=None, timeout=None):
+    """Run a command of this project; (its last JSON line, its whole output). Failures come back as text, not raised."""
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout} s: {' '.join(map(str, cmd))}"
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return None, f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n{proc.stderr[-1500:]}"
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), output
+    except (json.JSONDecodeError, IndexError):
+        return None, f"no JSON summary from {' '.join(map(str, cmd))}\n{output[-1500:]}"
+
+
+def end_to_end(data_root, work_dir, device, depth, batch, crop, iters, workers):
+    """train.py as a user runs it (data loading, augmentation, copies, logging), throughput after its warm-up."""
+    cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", str(depth)]
+    cmd += ["--batch-size", str(batch), "--crop", f"{crop[0]}x{crop[1]}", "--iters", str(iters), "--no-validate", "--ckpt-interval", str(iters)]
+    cmd += ["--log-interval", "10", "--workers", str(workers), "--warmup-iters", "0"]
+    summary, output = run_json(cmd, timeout=300)
+    if summary is None:
+        return {"error": output}
+    return {
+        "train_fps": summary["train_fps"],
+        "data_wait_frac": summary["data_wait_frac"],
+        "iters": iters,
+        "workers": workers,
+        "precision": summary["precision"],
+    }
+
+
+def torchrun_check(data_root, work_dir, device, recipe):
+    """One process under torchrun with the device's default backend: train, resume, evaluate (distributed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(port)]
+    train = [*launch, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", "18", *recipe]
+    train += ["--no-validate", "--ckpt-interval", "2", "--workers", "2", "--warmup-iters", "2", "--log-interval", "1"]
+    first, output = run_json([*train, "--iters", "4"], timeout=120)
+    if first is None:
+        return {"error": output}
+    second, output = run_json([*train, "--iters", "6", "--resume"], timeout=120)
+    if second is None:
+        return {"error": output}
+    resumed = "resumed from" in output and "at iteration 4" in output
+    val, output = run_json(
+        [*launch, "evaluate.py", "--ckpt", second["checkpoint"], "--data-root", data_root, "--device", device, "--workers", "2"], timeout=120
+    )
+    if val is None:
+        return {"error": output}
+    return {
+        "backend": second["backend"],
+        "world_size": second["world_size"],
+        "resumed_at": 4 if resumed else None,
+        "iters": second["iters"],
+        "val_mIoU": val["mIoU"],
+    }
+
+
+def environment(runtime):
+    info = {"device": device_name(runtime), "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None, "cpus": os.cpu_count()}
+    if runtime.device.type == "cuda":
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["device_memory_gb"] = round(torch.cuda.get_device_properties(runtime.device).total_memory / 1e9, 1)
+    return info
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
+    p.add_argument("--depth", type=int, choices=(18, 34, 50, 101), help="time this one recipe instead of the two published ones (with --batch-size, --crop)")
+    p.add_argument("--batch-size", type=int, default=8, help="with --depth: images per device")
+    p.add_argument("--crop", default="1024x1024", help="with --depth: HxW")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    p.add_argument("--e2e-iters", type=int, default=None, help="train.py iterations per end-to-end run (default 60; small: 12)")
+    p.add_argument("--workers", type=int, default=None, help="loader workers in the end-to-end runs (default: CPUs - 2)")
+    p.add_argument("--profile", action="store_true", help="also print the top operators of each recipe's default step")
+    p.add_argument("--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun")
+    p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
+    args = p.parse_args(argv)
+    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise devices.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
+    if args.warmup < 1 or args.steps < 1:
+        raise devices.UsageError("--warmup and --steps must be >= 1")
+    if (args.workers is not None and args.workers < 0) or (args.e2e_iters is not None and args.e2e_iters < 2):
+        raise devices.UsageError("--workers must be >= 0 and --e2e-iters >= 2")
+    if args.batch_size < 2:
+        raise devices.UsageError("--batch-size must be >= 2 (BatchNorm on the pooled attention maps)")
+    crop = parse_size(args.crop, "--crop")
+    if min(crop) < 32:
+        raise devices.UsageError(f"--crop {args.crop}: both sides must be >= 32")
+    recipes = [(f"r{args.depth}", args.depth, args.batch_size, crop)] if args.depth else RECIPES["small" if args.small else "full"]
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - {"steps", "e2e", "torchrun"}:
+        raise devices.UsageError(f"--skip: unknown {sorted(skip - {'steps', 'e2e', 'torchrun'})}; choose from steps, e2e, torchrun")
+    return args, recipes, variants, skip
+
+
+def run(args, recipes, variants, skip):
+    started = time.perf_counter()
+    size = "small" if args.small else "full"
+    runtime = devices.setup(args.device)
+    device = runtime.device.type
+    log = functools.partial(print, flush=True)
+    result = {**environment(runtime), "size": size, "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved"}
+    log(f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes")
+    if "ddp" in variants:
+        join_single_process_group(runtime)
+    if "steps" not in skip:
+        result["steps"] = step_benchmarks(runtime, recipes, variants, args.warmup, args.steps, log)
+    if args.profile:
+        try:
+            profile_default_step(runtime, recipes, log)
+        except Exception as e:  # the profile is for reading; it must not cost the measurements
+            log(f"profile failed: {type(e).__name__}: {e}")
+    workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
+    iters = args.e2e_iters or (12 if args.small else 60)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_"))
+    try:
+        if not {"e2e", "torchrun"} <= skip:
+            data_root = work / "data"
+            if not (data_root / "train.txt").is_file():
+                t = time.perf_counter()
+                synthesize(data_root, **DATA[size], seed=1, nproc=max(1, os.cpu_count() or 1))
+                convert_dataset(data_root, source="labelIds", nproc=max(1, os.cpu_count() or 1), progress=False)
+                log(
+                    f"synthetic Cityscapes ({DATA[size]['train']} train images of {DATA[size]['width']}x{DATA[size]['height']}): {time.perf_counter() - t:.1f} s"
+                )
+        if "e2e" not in skip:
+            result["e2e"] = {}
+            for name, depth, batch, crop in recipes:
+                r = result["e2e"][name] = end_to_end(data_root, work / f"e2e_{name}", device, depth, batch, crop, iters, workers)
+                log(f"end-to-end train.py {name.upper()} {batch} x {crop[0]}x{crop[1]}, {workers} workers: {r}")
+        if "torchrun" not in skip:
+            result["torchrun"] = torchrun_check(data_root, work / "torchrun", device, TORCHRUN_RECIPE[size])
+            log(f"torchrun, 1 process: {result['torchrun']}")
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None):
+    try:
+        run(*parse_args(argv))
+    except devices.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

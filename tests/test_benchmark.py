@@ -1,0 +1,49 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import device as devices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_device_defaults_for_o1():
+    cpu, cuda = devices.Runtime(torch.device("cpu")), devices.Runtime(torch.device("cuda", 0))
+    assert (cpu.amp_dtype, cpu.precision("O1"), cpu.fused_optimizer) == (torch.bfloat16, "bf16 autocast", False)
+    assert (cuda.amp_dtype, cuda.precision("O1"), cuda.fused_optimizer) == (torch.float16, "fp16 autocast", True)
+    assert not cpu.grad_scaler("O1").is_enabled() and not cpu.distributed
+    assert devices.Runtime(torch.device("cpu"), amp_dtype=torch.float16).grad_scaler("O1").is_enabled()
+    assert cuda.precision("O0") == "fp32"
+
+
+def test_bench_small_measures_every_part_and_ends_with_json():
+    """`BENCH_SMALL=1 bash run_1p.sh bench`: steps, end-to-end train.py, torchrun train + resume + evaluate."""
+    env = {**os.environ, "BENCH_SMALL": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--steps", "2", "--warmup", "1", "--e2e-iters", "4", "--workers", "1", "--variants", "default,fp32,foreach-sgd"]
+    result = subprocess.run(["bash", "run_1p.sh", "bench", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"device", "torch", "cuda", "cudnn", "cpus", "protocol", "wall_s"} <= out.keys()
+    assert out["device"].startswith("cpu") and out["torch"] == torch.__version__ and out["size"] == "small"
+    for name, depth in (("r50", 50), ("r18", 18)):
+        recipe = out["steps"][name]
+        assert (recipe["depth"], recipe["batch"], recipe["crop"]) == (depth, 2, "64x128")
+        assert recipe["variants"].keys() == {"default", "fp32", "foreach-sgd"}
+        for variant in recipe["variants"].values():
+            assert variant["step_ms"] > 0 and variant["first_step_s"] > 0 and "peak_gb" in variant
+            assert abs(variant["img_s"] - 2 / variant["step_ms"] * 1000) < 0.01
+        e2e = out["e2e"][name]
+        assert e2e["train_fps"] > 0 and 0 <= e2e["data_wait_frac"] < 1 and e2e["precision"] == "bf16 autocast"
+    assert out["torchrun"] == {**out["torchrun"], "backend": "gloo", "world_size": 1, "resumed_at": 4, "iters": 6}
+    assert 0 <= out["torchrun"]["val_mIoU"] <= 100
+
+
+def test_bench_rejects_bad_flags_in_one_line():
+    for flags, message in ((["--variants", "warp-drive"], "--variants: unknown ['warp-drive']"), (["--crop", "8x8", "--depth", "18"], "--crop 8x8")):
+        result = subprocess.run([sys.executable, "benchmark.py", *flags], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
