@@ -93,6 +93,11 @@ def build_setup(runtime, depth, images, labels, options):
     return Setup(step, state_bytes)
 
 
+def describe(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def join_single_process_group(runtime):
     """DDP needs a process group; outside torchrun this process forms a group of one."""
     if dist.is_initialized():
@@ -104,7 +109,7 @@ def join_single_process_group(runtime):
 
 
 def time_variants(setups, runtime, warmup, steps):
-    """{name: {step_ms, img_s inputs, first_step_s, peak_gb}}: every variant steps once per round."""
+    """{name: {step_ms, first_step_s, peak_gb} or {error}}; every variant takes one step per round."""
     cuda = runtime.device.type == "cuda"
     times, first, peak = {n: [] for n in setups}, {}, {}
     errors = {}
@@ -121,7 +126,7 @@ def time_variants(setups, runtime, warmup, steps):
                 setup.step()
                 runtime.synchronize()
             except Exception as e:  # one failing variant (out of memory, a compiler error) must not lose the others
-                errors[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+                errors[name] = describe(e)
                 continue
             elapsed = time.perf_counter() - start
             first.setdefault(name, elapsed)
@@ -150,7 +155,7 @@ def step_benchmarks(runtime, recipes, variants, warmup, steps, log):
             try:
                 setups[variant] = build_setup(runtime, depth, images, labels, variant_options(runtime, VARIANTS[variant]))
             except Exception as e:
-                failed[variant] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"}
+                failed[variant] = {"error": describe(e)}
         results = {**time_variants(setups, runtime, warmup, steps), **failed}
         for result in results.values():
             if "step_ms" in result:
