@@ -98,14 +98,16 @@ def describe(error):
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def join_single_process_group(runtime):
-    """DDP needs a process group; outside torchrun this process forms a group of one."""
-    if dist.is_initialized():
-        return
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group(devices.DEFAULT_BACKEND[runtime.device.type], init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        return s.getsockname()[1]
+
+
+def join_single_process_group(runtime):
+    """DDP needs a process group; outside torchrun this process forms a group of one."""
+    if not dist.is_initialized():
+        dist.init_process_group(devices.DEFAULT_BACKEND[runtime.device.type], init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def time_variants(setups, runtime, warmup, steps):
@@ -236,10 +238,7 @@ def end_to_end(data_root, work_dir, device, depth, batch, crop, iters, workers):
 
 def torchrun_check(data_root, work_dir, device, recipe):
     """One process under torchrun with the device's default backend: train, resume, evaluate (distributed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(port)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port())]
     train = [*launch, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", "18", *recipe]
     train += ["--no-validate", "--ckpt-interval", "2", "--workers", "2", "--warmup-iters", "2", "--log-interval", "1"]
     first, output = run_json([*train, "--iters", "4"], timeout=120)
