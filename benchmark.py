@@ -146,12 +146,17 @@ def time_variants(setups, runtime, warmup, steps):
     return results
 
 
+def random_batch(runtime, batch, crop):
+    """uint8 images and labels already on the device, the same for every variant."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=runtime.device)
+    return images, torch.randint(0, NUM_CLASSES, (batch, *crop), device=runtime.device)
+
+
 def step_benchmarks(runtime, recipes, variants, warmup, steps, log):
     out = {}
     for name, depth, batch, crop in recipes:
-        torch.manual_seed(0)
-        images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=runtime.device)
-        labels = torch.randint(0, NUM_CLASSES, (batch, *crop), device=runtime.device)
+        images, labels = random_batch(runtime, batch, crop)
         setups, failed = {}, {}
         for variant in variants:
             try:
@@ -177,9 +182,7 @@ def profile_default_step(runtime, recipes, log, steps=3):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
     sort_by = "device_time_total" if runtime.device.type == "cuda" else "cpu_time_total"
     for name, depth, batch, crop in recipes:
-        images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=runtime.device)
-        labels = torch.randint(0, NUM_CLASSES, (batch, *crop), device=runtime.device)
-        setup = build_setup(runtime, depth, images, labels, variant_options(runtime, {}))
+        setup = build_setup(runtime, depth, *random_batch(runtime, batch, crop), variant_options(runtime, {}))
         setup.step()
         runtime.synchronize()
         with profile(activities=activities) as prof:
@@ -204,10 +207,10 @@ def log_recipe(name, result, log):
         log(f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first step {r['first_step_s']} s{memory})")
 
 
-def run_json(cmd, env=None, timeout=None):
+def run_json(cmd, timeout=None):
     """Run a command of this project; (its last JSON line, its whole output). Failures come back as text, not raised."""
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout} s: {' '.join(map(str, cmd))}"
     output = proc.stdout + proc.stderr
@@ -322,7 +325,7 @@ def run(args, recipes, variants, skip):
         try:
             profile_default_step(runtime, recipes, log)
         except Exception as e:  # the profile is for reading; it must not cost the measurements
-            log(f"profile failed: {type(e).__name__}: {e}")
+            log(f"profile failed: {describe(e)}")
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     iters = args.e2e_iters or (12 if args.small else 60)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_"))
