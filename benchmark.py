@@ -12,7 +12,6 @@ drift hits all alike. Peak memory: the most PyTorch allocates for one step, weig
 included (what one training process of that recipe needs). The last line printed is JSON.
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -29,10 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import cli
 import device as devices
 from cityscapes import NUM_CLASSES, synthesize
 from convert_labels import convert_dataset
-from evaluate import device_name, parse_size
+from evaluate import device_name
 from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
 
 ROOT = Path(__file__).resolve().parent
@@ -274,17 +274,17 @@ def environment(runtime):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
     p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
     p.add_argument("--depth", type=int, choices=(18, 34, 50, 101), help="time this one recipe instead of the two published ones (with --batch-size, --crop)")
-    p.add_argument("--batch-size", type=int, default=8, help="with --depth: images per device")
-    p.add_argument("--crop", default="1024x1024", help="with --depth: HxW")
+    p.add_argument("--batch-size", type=cli.integer(2), default=8, help="with --depth: images per device (BatchNorm on the pooled attention maps needs 2)")
+    p.add_argument("--crop", type=cli.size, default="1024x1024", help="with --depth: HxW, both sides >= 32")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
-    p.add_argument("--e2e-iters", type=int, default=None, help="train.py iterations per end-to-end run (default 60; small: 12)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers in the end-to-end runs (default: CPUs - 2)")
+    p.add_argument("--warmup", type=cli.integer(1), default=3, help="untimed steps per variant")
+    p.add_argument("--steps", type=cli.integer(1), default=15, help="timed steps per variant")
+    p.add_argument("--e2e-iters", type=cli.integer(2), default=None, help="train.py iterations per end-to-end run (default 60; small: 12)")
+    p.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers in the end-to-end runs (default: CPUs - 2)")
     p.add_argument("--profile", action="store_true", help="also print the top operators of each recipe's default step")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun")
     p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
@@ -292,20 +292,14 @@ def parse_args(argv=None):
     variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise devices.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
-    if args.warmup < 1 or args.steps < 1:
-        raise devices.UsageError("--warmup and --steps must be >= 1")
-    if (args.workers is not None and args.workers < 0) or (args.e2e_iters is not None and args.e2e_iters < 2):
-        raise devices.UsageError("--workers must be >= 0 and --e2e-iters >= 2")
-    if args.batch_size < 2:
-        raise devices.UsageError("--batch-size must be >= 2 (BatchNorm on the pooled attention maps)")
-    crop = parse_size(args.crop, "--crop")
+        raise cli.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
+    crop = args.crop
     if min(crop) < 32:
-        raise devices.UsageError(f"--crop {args.crop}: both sides must be >= 32")
+        raise cli.UsageError(f"--crop {crop[0]}x{crop[1]}: both sides must be >= 32")
     recipes = [(f"r{args.depth}", args.depth, args.batch_size, crop)] if args.depth else RECIPES["small" if args.small else "full"]
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"steps", "e2e", "torchrun"}:
-        raise devices.UsageError(f"--skip: unknown {sorted(skip - {'steps', 'e2e', 'torchrun'})}; choose from steps, e2e, torchrun")
+        raise cli.UsageError(f"--skip: unknown {sorted(skip - {'steps', 'e2e', 'torchrun'})}; choose from steps, e2e, torchrun")
     return args, recipes, variants, skip
 
 
@@ -360,7 +354,7 @@ def run(args, recipes, variants, skip):
 def main(argv=None):
     try:
         run(*parse_args(argv))
-    except devices.UsageError as e:
+    except cli.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -360,14 +360,20 @@ def infer_depth(state, source):
     raise CheckpointError(f"{source}: backbone with {kind} blocks {blocks} is not a ResNet-18/34/50/101")
 
 
+def non_finite(state):
+    """Names of the floating-point tensors of a state dict that hold NaN or inf (one reduction per tensor)."""
+    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason else ''})") from None
 
 
 def load_model(path, num_classes=None):
@@ -395,13 +401,22 @@ def load_model(path, num_classes=None):
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1].strip()[:300]}") from None
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
     return model.eval()
 
 
 def load_backbone(model, source, log=print):
     """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
     if re.match(r"^https?://", str(source)):
-        state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
+        try:
+            state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
+        except (OSError, RuntimeError) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+            reason = getattr(e, "reason", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(
+                f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
+            ) from None
     else:
         state = read_checkpoint(source)
     state = state.get("state_dict", state) if isinstance(state, dict) else state

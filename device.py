@@ -3,6 +3,7 @@ autocast dtype, gradient scaler, memory format and optimizer kernels. torch_npu 
 is asked for.
 """
 
+import datetime
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -10,12 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cli import UsageError
+
 DEFAULT_BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
+BACKENDS = ("nccl", "hccl", "gloo", "mpi", "ucc")
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class UsageError(Exception):
-    """A flag or environment that cannot work. The message names the flag and the fix."""
 
 
 @dataclass
@@ -49,6 +49,15 @@ class Runtime:
     def fused_optimizer(self):
         """One fused SGD kernel for all parameters: 2-4% faster steps on an H100 (README); elsewhere torch's default."""
         return self.device.type == "cuda"
+
+    @property
+    def pin_memory(self):
+        """Page-locked host batches copy to the GPU asynchronously; elsewhere pinning only costs time."""
+        return self.device.type == "cuda"
+
+    @property
+    def ddp_device_ids(self):
+        return None if self.device.type == "cpu" else [self.device.index]
 
     @property
     def memory_format(self):
@@ -118,7 +127,35 @@ def setup(device="auto", device_id=0, amp_dtype="auto"):
     runtime = Runtime(torch.device(kind, index) if kind != "cpu" else torch.device("cpu"), rank, local_rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype))
     if launched:
         runtime.backend = os.environ.get("DIST_BACKEND", DEFAULT_BACKEND[kind])
-        dist.init_process_group(runtime.backend)
+        join_process_group(runtime, distributed_timeout())
+    return runtime
+
+
+def distributed_timeout():
+    """DIST_TIMEOUT (seconds, default 1800): how long a rank waits for the others to start, or for a collective."""
+    text = os.environ.get("DIST_TIMEOUT", "1800")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0
+    if not seconds > 0:
+        raise UsageError(f"DIST_TIMEOUT={text!r}: expected a positive number of seconds, e.g. 1800")
+    return datetime.timedelta(seconds=seconds)
+
+
+def join_process_group(runtime, timeout):
+    if runtime.backend not in BACKENDS:
+        raise UsageError(
+            f"DIST_BACKEND={runtime.backend!r}: expected one of {', '.join(BACKENDS)} (or unset: {DEFAULT_BACKEND[runtime.device.type]} on {runtime.device.type})"
+        )
+    try:
+        dist.init_process_group(runtime.backend, timeout=timeout)
+    except dist.DistError as e:  # rank 0 waiting for the others, or a rank that cannot reach rank 0
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"rank {runtime.rank}: the process group of {runtime.world_size} did not form within {timeout.total_seconds():g} s ({reason}); "
+            f"start every rank with the same MASTER_ADDR:MASTER_PORT and WORLD_SIZE (DIST_TIMEOUT sets the wait)"
+        ) from None
     return runtime
 
 

@@ -10,7 +10,6 @@ IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, a
 a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
 """
 
-import argparse
 import copy
 import json
 import statistics
@@ -24,17 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import device as devices
 from bisenet import CheckpointError, build_model, fuse_bn, load_model, model_config, upsampled_classes
 from cityscapes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, TRAINID_TO_LABELID, CityscapesDataset, DataError, find_images, sample_name
-
-
-def parse_size(text, flag):
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-        return h, w
-    except ValueError:
-        raise devices.UsageError(f"{flag} {text!r}: expected HxW, e.g. 1024x2048") from None
 
 
 def mode_name(scales, flip, mode, crop=None, stride=None):
@@ -255,47 +247,49 @@ def device_name(runtime):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--ckpt", help="our checkpoint, CoinCheung's or mmseg's released weights")
     parser.add_argument("--data-root", default="data/cityscapes")
     parser.add_argument("--split", default="val")
     parser.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
-    parser.add_argument("--num-classes", type=int, default=NUM_CLASSES)
+    parser.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
-    parser.add_argument("--device-id", type=int, default=0)
-    parser.add_argument("--amp", "--opt-level", dest="amp", default=None, choices=("O0", "O1"), help="default: O1 (half precision autocast)")
-    parser.add_argument("--scales", default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    parser.add_argument("--device-id", type=cli.integer(0), default=0)
+    parser.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1: half precision autocast; O0: fp32")
+    parser.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
     parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
-    parser.add_argument("--crop", default="1024x1024", help="slide window HxW")
-    parser.add_argument("--stride", default="768x768", help="slide stride HxW")
+    parser.add_argument("--crop", type=cli.size, default="1024x1024", help="slide window HxW")
+    parser.add_argument("--stride", type=cli.size, default="768x768", help="slide stride HxW")
     parser.add_argument("--out-dir", help="write one PNG per image here")
     parser.add_argument("--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=cli.integer(0), default=2)
     parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
-    parser.add_argument("--depth", type=int, default=18, help="with --benchmark and no --ckpt: random weights of this depth")
-    parser.add_argument("--size", default="1024x2048", help="with --benchmark: input HxW")
-    parser.add_argument("--runs", type=int, default=10, help="with --benchmark: timed runs")
-    parser.add_argument("--warmup", type=int, default=3, help="with --benchmark: untimed runs first")
-    return parser.parse_args(argv)
+    parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="with --benchmark and no --ckpt: random weights of this depth")
+    parser.add_argument("--size", type=cli.size, default="1024x2048", help="with --benchmark: input HxW")
+    parser.add_argument("--runs", type=cli.integer(1), default=10, help="with --benchmark: timed runs")
+    parser.add_argument("--warmup", type=cli.integer(0), default=3, help="with --benchmark: untimed runs first")
+    args = parser.parse_args(argv)
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        parser.error(f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)")
+    return args
 
 
 def run(args):
     runtime = devices.setup(args.device, args.device_id)
-    amp = args.amp or "O1"
+    amp = args.amp
     if args.benchmark:
         model = load_model(args.ckpt, args.num_classes) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
-        result = benchmark(model, runtime, parse_size(args.size, "--size"), amp, args.runs, args.warmup)
+        result = benchmark(model, runtime, args.size, amp, args.runs, args.warmup)
         print(json.dumps(result))
         return
     if not args.ckpt:
-        raise devices.UsageError("--ckpt is required (or pass --benchmark)")
-    scales = tuple(float(s) for s in args.scales.split(","))
-    crop, stride = parse_size(args.crop, "--crop"), parse_size(args.stride, "--stride")
+        raise cli.UsageError("--ckpt is required (or pass --benchmark)")
+    scales, crop, stride = args.scales, args.crop, args.stride
     if args.images:
         dataset = CityscapesDataset(None, None, images=find_images(args.images))
         if not args.out_dir:
-            raise devices.UsageError("--images needs --out-dir to write the predictions to")
+            raise cli.UsageError("--images needs --out-dir to write the predictions to")
     else:
         dataset = CityscapesDataset(args.data_root, args.split, with_labels=args.split != "test")
     model = inference_model(load_model(args.ckpt, args.num_classes), runtime)
@@ -316,7 +310,7 @@ def run(args):
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (devices.UsageError, DataError, CheckpointError) as e:
+    except (cli.UsageError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -7,14 +7,15 @@ The graph takes a float32 RGB image 1x3xHxW with values 0..255 and returns logit
 a 1xHxW class map). When onnxruntime is installed the export is checked against PyTorch and the figures printed.
 """
 
-import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 
+import cli
 from bisenet import CheckpointError, fuse_bn, load_model
-from evaluate import parse_size
 
 
 class ArgmaxHead(torch.nn.Module):
@@ -55,28 +56,43 @@ def check_parity(graph, out, size):
     return {"max_abs_logit_diff": (got - expected).abs().max().item(), "argmax_agreement": (got.argmax(1) == expected.argmax(1)).float().mean().item()}
 
 
+def written_opset(out):
+    import onnx
+
+    return next(entry.version for entry in onnx.load(out, load_external_data=False).opset_import if entry.domain in ("", "ai.onnx"))
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", default="bisenetv1.onnx")
-    parser.add_argument("--size", default="1024x2048", help="HxW of the traced input (and of the parity check)")
+    parser.add_argument("--size", type=cli.size, default="1024x2048", help="HxW of the traced input (and of the parity check)")
     parser.add_argument("--dynamic", action="store_true", help="height and width as dynamic axes")
     parser.add_argument("--argmax", action="store_true", help="output the uint8 class map instead of logits")
-    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--opset", type=cli.integer(18), default=18, help="ONNX opset; torch's exporter writes 18 or newer")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        parser.error(f"argument --out: cannot write {out} ({'a folder' if out.is_dir() else 'its folder is missing or read-only'}); pass a writable file path")
     try:
-        size = parse_size(args.size, "--size")
-        graph = export(load_model(args.ckpt), args.out, size, args.dynamic, args.argmax, args.opset)
+        graph = export(load_model(args.ckpt), out, args.size, args.dynamic, args.argmax, args.opset)
+        opset = written_opset(out)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except ImportError as e:
         print(f"error: ONNX export needs the optional extras ({e}); pip install onnx onnxscript onnxruntime", file=sys.stderr)
         sys.exit(2)
-    parity = check_parity(graph, args.out, size)
+    except OSError as e:
+        print(f"error: {out}: could not write the ONNX file ({e.strerror or e})", file=sys.stderr)
+        sys.exit(2)
+    if opset != args.opset:
+        print(f"error: asked for opset {args.opset}, but the exporter wrote opset {opset} to {out}; pass --opset {opset}", file=sys.stderr)
+        sys.exit(2)
+    parity = check_parity(graph, out, args.size)
     if parity:
-        print(f"onnxruntime vs PyTorch at {size[0]}x{size[1]}: " + ", ".join(f"{k} {v:.6g}" for k, v in parity.items()))
-    print(json.dumps({"onnx": args.out, "opset": args.opset, "dynamic": args.dynamic, "argmax": args.argmax, **(parity or {})}))
+        print(f"onnxruntime vs PyTorch at {args.size[0]}x{args.size[1]}: " + ", ".join(f"{k} {v:.6g}" for k, v in parity.items()))
+    print(json.dumps({"onnx": str(out), "opset": opset, "dynamic": args.dynamic, "argmax": args.argmax, **(parity or {})}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device.  bash run_1p.sh [full|perf|demo|bench] [extra train.py / benchmark.py args]
-#   full  the seed's recipe scaled to one device: R50 from scratch, 8 images, lr 0.025, 40k iterations, AMP O1
-#   perf  the seed's throughput run: the same for 400 iterations, no validation
+#   full  Ascend ModelZoo's recipe scaled to one device: R50 from scratch, 8 images, lr 0.025, 40k iterations, AMP O1
+#   perf  Ascend ModelZoo's throughput run: the same for 400 iterations, no validation
 #   demo  offline: synthetic Cityscapes, a few minutes of R18 on whatever device exists, evaluate, predictions
 #   bench training speed of the R50 and R18 recipes on this device, end to end, and a torchrun check (benchmark.py;
 #         BENCH_SMALL=1 for small sizes, --variants all for every speed option); ends with one JSON line

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Several devices through torchrun.  bash run_8p.sh [full|perf] [extra train.py args]
-#   full  the seed's recipe: R50 from scratch, 8 devices x 8 images, lr 0.2, 40k iterations, AMP O1
+#   full  Ascend ModelZoo's recipe: R50 from scratch, 8 devices x 8 images, lr 0.2, 40k iterations, AMP O1
 #   perf  its 400-iteration throughput run, no validation
 # DEPTH=18 switches to the R18 real-time recipe (16 images in all, lr 0.025, 160k iterations).
-# NPROC (devices per machine, default 8), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT for several machines: run
-# the same command on each. DIST_BACKEND (nccl/hccl/gloo) passes through. Re-running resumes from WORK_DIR.
+# NPROC (devices per machine, default 8), NNODES (machines, default 1), MASTER_ADDR:MASTER_PORT (where the
+# rendezvous runs, default 127.0.0.1:29500): run the same command on every machine, with WORK_DIR on storage they
+# share. DIST_BACKEND (nccl/hccl/gloo) and DIST_TIMEOUT (seconds) pass through to train.py.
+# A lost process (crash, kill -9, OOM) restarts the whole group from the newest checkpoint, up to MAX_RESTARTS
+# (default 3) times. RDZV_BACKEND/RDZV_ENDPOINT (default c10d on MASTER_ADDR:MASTER_PORT; etcd-v2 on an etcd
+# server survives the loss of the MASTER_ADDR machine). Re-running the command resumes from WORK_DIR too.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
@@ -26,6 +30,10 @@ case "$MODE" in
   *) echo "usage: bash run_8p.sh [full|perf] [extra train.py args]" >&2; exit 2 ;;
 esac
 WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_${DEVICES}p}
-python -m torch.distributed.run --nnodes "$NNODES" --node-rank "${NODE_RANK:-0}" --nproc-per-node "$NPROC" \
-  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
+# A fresh store for each restart: with the shared one, restarted gloo ranks can read the dead ranks' addresses and
+# wait forever (seen with torch 2.13 in tests/test_safety.py).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
+  --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}" \
+  --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}" \
   train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@"

@@ -12,7 +12,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,43 +22,55 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import device as devices
-from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config
+from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config, non_finite
+from checkpoints import (
+    WorkDirError,
+    atomic_save,
+    iteration_checkpoints,
+    lock,
+    point_latest,
+    prune,
+    refuse_fresh_start,
+    remove_leftovers,
+    resume_point,
+)
 from cityscapes import IGNORE_INDEX, NUM_CLASSES, CityscapesDataset, DataError, TrainTransform
-from evaluate import evaluate, parse_size
+from evaluate import evaluate
 
 
 class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class Interrupted(TrainingError):
+    """Ctrl-C or SIGTERM: the run stops cleanly and resumes from its last checkpoint."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(__doc__)
     p.add_argument("--data-root", default="data/cityscapes")
     p.add_argument("--work-dir", default="work_dirs/bisenetv1")
     p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet context path")
-    p.add_argument("--num-classes", type=int, default=NUM_CLASSES)
-    p.add_argument("--dropout", type=float, default=0.1, help="before each head's classifier (mmseg)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per device")
-    p.add_argument("--crop", default="1024x1024", help="HxW")
-    p.add_argument("--scale-range", default="0.5,2.0", help="random rescale ratio range")
-    p.add_argument("--cat-max-ratio", type=float, default=0.75)
-    p.add_argument("--iters", type=int, default=40000)
-    p.add_argument("--lr", type=float, default=0.025, help="0.2 for 8 devices x 8 images (the seed); scale linearly")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-iters", type=int, default=1000)
+    p.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES)
+    p.add_argument("--dropout", type=cli.real(0, 1, high_open=True), default=0.1, help="before each head's classifier (mmseg)")
+    p.add_argument("--batch-size", type=cli.integer(1), default=8, help="images per device")
+    p.add_argument("--crop", type=cli.size, default="1024x1024", help="HxW")
+    p.add_argument("--scale-range", type=cli.ratios(2), default="0.5,2.0", help="random rescale ratio range")
+    p.add_argument("--cat-max-ratio", type=cli.real(0, 1, low_open=True), default=0.75)
+    p.add_argument("--iters", type=cli.integer(1), default=40000)
+    p.add_argument("--lr", type=cli.real(0, 1e38, low_open=True), default=0.025, help="0.2 for 8 devices x 8 images (Ascend ModelZoo); scale linearly")
+    p.add_argument("--momentum", type=cli.real(0, 1), default=0.9)
+    p.add_argument("--weight-decay", type=cli.real(0), default=5e-4)
+    p.add_argument("--warmup-iters", type=cli.integer(0), default=1000)
     p.add_argument("--warmup", default="linear", choices=("linear", "exp"))
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--poly-power", type=float, default=0.9)
-    p.add_argument("--min-lr", type=float, default=1e-4)
+    p.add_argument("--warmup-ratio", type=cli.real(0, 1, low_open=True), default=0.1)
+    p.add_argument("--poly-power", type=cli.real(0), default=0.9)
+    p.add_argument("--min-lr", type=cli.real(0), default=1e-4)
     p.add_argument("--loss", default="ce", choices=("ce", "ohem"))
-    p.add_argument("--ohem-thresh", type=float, default=0.7)
-    p.add_argument("--aux-weight", type=float, default=1.0)
+    p.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
+    p.add_argument("--aux-weight", type=cli.real(0), default=1.0)
     p.add_argument(
         "--amp",
         "--opt-level",
@@ -75,32 +86,38 @@ def parse_args(argv=None):
         help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did), bfloat16 on CPU; bfloat16 needs no loss scaling",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
-    p.add_argument("--device-id", "--gpu-id", dest="device_id", type=int, default=0, help="single-device runs")
+    p.add_argument("--device-id", "--gpu-id", dest="device_id", type=cli.integer(0), default=0, help="single-device runs")
     p.add_argument("--load-from", help="initial weights: any checkpoint bisenet.load_model reads")
     p.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL")
-    p.add_argument("--resume", action="store_true", help="continue from work-dir/latest.pth if it exists")
-    p.add_argument("--seed", type=int, default=36436756)
+    p.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its newest checkpoint, if it has one")
+    p.add_argument("--keep-checkpoints", type=cli.integer(0), default=0, help="keep only the newest N iter_N.pth (0: all); best.pth is always kept")
+    p.add_argument("--seed", type=cli.integer(0), default=36436756)
     p.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
     p.add_argument("--no-validate", action="store_true")
-    p.add_argument("--val-interval", type=int, default=4000)
-    p.add_argument("--ckpt-interval", type=int, default=4000)
-    p.add_argument("--log-interval", type=int, default=50)
-    p.add_argument("--workers", type=int, default=4, help="data loading processes per device")
+    p.add_argument("--val-interval", type=cli.integer(1), default=4000)
+    p.add_argument("--ckpt-interval", type=cli.integer(1), default=4000)
+    p.add_argument("--log-interval", type=cli.integer(1), default=50)
+    p.add_argument("--workers", type=cli.integer(0), default=4, help="data loading processes per device")
     p.add_argument("--sync-bn", action="store_true")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CPU and CUDA, off for Ascend")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model (compiling takes minutes; see the README's measurements)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scale_range[0] > args.scale_range[1]:
+        p.error(f"argument --scale-range: {args.scale_range[0]:g},{args.scale_range[1]:g}: the smaller ratio comes first, e.g. 0.5,2.0")
+    if args.min_lr > args.lr:
+        p.error(f"argument --min-lr: {args.min_lr:g} is above --lr {args.lr:g}; the poly schedule decays from --lr to --min-lr")
+    return args
 
 
 # -- Schedule and loss ----------------------------------------------------------------------------------------
-def learning_rate(it, args):
-    """mmcv's poly schedule with warmup, at 0-based iteration `it`."""
-    lr = (args.lr - args.min_lr) * (1 - it / args.iters) ** args.poly_power + args.min_lr
-    if it < args.warmup_iters:
-        if args.warmup == "linear":
-            lr *= 1 - (1 - it / args.warmup_iters) * (1 - args.warmup_ratio)
+def learning_rate(it, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0, warmup="linear", warmup_ratio=0.1):
+    """mmcv's poly schedule with warmup, at 0-based iteration `it`; bind the numbers with functools.partial."""
+    lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
+    if it < warmup_iters:
+        if warmup == "linear":
+            lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
         else:
-            lr *= args.warmup_ratio ** (1 - it / args.warmup_iters)
+            lr *= warmup_ratio ** (1 - it / warmup_iters)
     return lr
 
 
@@ -138,7 +155,7 @@ class IterationSampler(torch.utils.data.Sampler):
     def __init__(self, size, batch_size, rank, world_size, seed, start, iters):
         self.per_epoch = size // (batch_size * world_size)
         if self.per_epoch == 0:
-            raise devices.UsageError(f"{size} training images cannot fill one batch of {batch_size} x {world_size} devices; lower --batch-size")
+            raise cli.UsageError(f"{size} training images cannot fill one batch of {batch_size} x {world_size} devices; lower --batch-size")
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.start, self.iters = seed, start, iters
 
@@ -155,67 +172,88 @@ class IterationSampler(torch.utils.data.Sampler):
             yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
 
 
-def training_loader(args, runtime, start):
-    crop = parse_size(args.crop, "--crop")
+def training_set(data_root, crop, scale_range, cat_max_ratio):
+    dataset = CityscapesDataset(data_root, "train", TrainTransform(crop, scale_range, cat_max_ratio))
+    first = dataset.samples[0][0]
     try:
-        low, high = (float(v) for v in args.scale_range.split(","))
-    except ValueError:
-        raise devices.UsageError(f"--scale-range {args.scale_range!r}: expected two ratios, e.g. 0.5,2.0") from None
-    dataset = CityscapesDataset(args.data_root, "train", TrainTransform(crop, (low, high), args.cat_max_ratio))
-    with Image.open(dataset.samples[0][0]) as first:
-        width, height = first.size
-    if crop[0] > height * high or crop[1] > width * high:
-        raise devices.UsageError(f"--crop {args.crop} is larger than the {height}x{width} images even at the largest scale {high}; use a smaller --crop")
-    sampler = IterationSampler(len(dataset), args.batch_size, runtime.rank, runtime.world_size, args.seed, start, args.iters)
+        with Image.open(first) as image:
+            width, height = image.size
+    except OSError as e:
+        raise DataError(f"{first}: unreadable image ({type(e).__name__}); re-extract or re-download this file") from None
+    largest = scale_range[1]
+    if crop[0] > height * largest or crop[1] > width * largest:
+        raise cli.UsageError(
+            f"--crop {crop[0]}x{crop[1]} is larger than the {height}x{width} images even at the largest scale {largest:g}; use a smaller --crop"
+        )
+    return dataset
+
+
+def training_loader(dataset, batch_size, workers, seed, start, iters, runtime):
+    sampler = IterationSampler(len(dataset), batch_size, runtime.rank, runtime.world_size, seed, start, iters)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=runtime.device.type == "cuda",
+        num_workers=workers,
+        pin_memory=runtime.pin_memory,
         persistent_workers=False,
-        prefetch_factor=4 if args.workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator(),  # keeps the loader off the global RNG that dropout draws from
     )
 
 
 # -- Checkpoints ----------------------------------------------------------------------------------------------
-def atomic_save(obj, path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+RECIPE_FLAGS = (
+    "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
+    "warmup_ratio", "poly_power", "min_lr", "loss", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "seed", "diff_seed", "sync_bn",
+)  # fmt: skip
 
 
-def point_latest(work_dir, target):
-    link = work_dir / "latest.pth"
-    tmp = work_dir / ".latest.pth.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.name)
-    os.replace(tmp, link)
+def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings):
+    """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
+    state = model.state_dict()
+    bad = non_finite(state)
+    if bad:
+        raise TrainingError(
+            f"the weights hold NaN or inf after iteration {iteration} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
+            f"so {path.name} was not written: lower --lr, or check the data. {kept_checkpoint(path.parent)}"
+        )
+    checkpoint = {
+        "model_config": model.config,
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iteration": iteration,
+        "best_miou": best,
+        "args": settings,
+    }
+    atomic_save(checkpoint, path)
 
 
-def save_checkpoint(path, model, optimizer, scaler, iteration, args, best):
-    atomic_save(
-        {
-            "model_config": model.config,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "iteration": iteration,
-            "best_miou": best,
-            "args": vars(args),
-        },
-        path,
-    )
+def kept_checkpoint(work_dir):
+    saved = iteration_checkpoints(work_dir)
+    return f"The last good checkpoint is kept: {saved[-1][1]}" if saved else "No checkpoint had been written yet."
 
 
-def kept_checkpoint(latest):
-    return f"The last good checkpoint is kept: {latest}" if latest.exists() else "No checkpoint had been written yet."
+def setting_text(value):
+    if isinstance(value, (tuple, list)):
+        return ("x" if all(isinstance(v, int) for v in value) else ",").join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def seed_for(args, rank, iteration):
+def changed_settings(saved, current):
+    """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
+    changes = []
+    for name in RECIPE_FLAGS + ("world_size",):
+        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
+            flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
+            changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
+    return ", ".join(changes)
+
+
+def seed_for(seed, diff_seed, rank, iteration):
     """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
     so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
-    return (args.seed * 1000003 + (rank if args.diff_seed else 0) * 7919 + iteration) % 2**63
+    return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
 # -- Model ----------------------------------------------------------------------------------------------------
@@ -235,7 +273,7 @@ def create_model(runtime, depth, num_classes, dropout, channels_last, load_from=
         load_backbone(model, pretrained, log)
     if sync_bn and runtime.distributed:
         if runtime.backend == "gloo":
-            raise devices.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
+            raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
     if channels_last:
@@ -248,7 +286,7 @@ def create_optimizer(model, lr, momentum, weight_decay, fused=False):
 
 
 def data_parallel(model, runtime):
-    return nn.parallel.DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type != "cpu" else None)
+    return nn.parallel.DistributedDataParallel(model, device_ids=runtime.ddp_device_ids)
 
 
 def train_step(model, optimizer, scaler, images, labels, loss_fn, autocast):
@@ -271,24 +309,12 @@ def to_device(batch, runtime, channels_last):
 
 
 # -- The run --------------------------------------------------------------------------------------------------
-def check_args(args, runtime):
-    if args.channels_last is None:
-        args.channels_last = runtime.prefers_channels_last
-    if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
-        raise devices.UsageError(
-            "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
-        )
-    if not Path(args.data_root).is_dir():
-        raise DataError(f"{args.data_root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {args.data_root}")
-
-
 class RunLog:
     """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
 
     def __init__(self, work_dir, enabled):
         self.enabled, self.file, self.writer = enabled, None, None
         if enabled:
-            work_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(work_dir / "log.jsonl", "a")
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -316,11 +342,25 @@ class RunLog:
             self.writer.close()
 
 
-def resume(latest, model, optimizer, scaler):
-    """(iteration, best mIoU) of the checkpoint `latest` points to, its state loaded into model/optimizer/scaler."""
-    checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
+def open_work_dir(work_dir, resume, runtime):
+    """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds the same resume
+    checkpoint (None for a fresh run), reading the work dir that rank 0 writes (shared storage across machines)."""
+    held = None
+    if runtime.is_main:
+        held = lock(work_dir)
+        for path in remove_leftovers(work_dir):
+            tqdm.write(f"removed {path.name}, left by a run that was killed while writing")
+        if not resume:
+            refuse_fresh_start(work_dir)
+    if not resume:
+        return held, None, None
+    return held, *resume_point(work_dir)[:2]
+
+
+def restore(checkpoint, path, model, optimizer, scaler):
+    """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler."""
     if checkpoint["model_config"] != model.config:
-        raise CheckpointError(f"{latest.resolve()}: a run of another model configuration; pass a new --work-dir or the same flags")
+        raise CheckpointError(f"{path}: a run of another model configuration; pass a new --work-dir or the same flags")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
@@ -330,89 +370,116 @@ def resume(latest, model, optimizer, scaler):
 
 def train(args):
     runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
-    check_args(args, runtime)
+    channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
+    if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
+        raise cli.UsageError(
+            "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
+        )
+    if not Path(args.data_root).is_dir():
+        raise DataError(f"{args.data_root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {args.data_root}")
+    dataset = training_set(args.data_root, args.crop, args.scale_range, args.cat_max_ratio)
+    val_set = None if args.no_validate else CityscapesDataset(args.data_root, "val")
     work_dir = Path(args.work_dir)
-    latest = work_dir / "latest.pth"
+    held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime)
     run_log = RunLog(work_dir, runtime.is_main)
+    settings = {**vars(args), "world_size": runtime.world_size}
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(
-        runtime, args.depth, args.num_classes, args.dropout, args.channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message
-    )
+    model = create_model(runtime, args.depth, args.num_classes, args.dropout, channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message)
     optimizer = create_optimizer(model, args.lr, args.momentum, args.weight_decay, fused=runtime.fused_optimizer)
     scaler = runtime.grad_scaler(args.amp)
     start, best = 0, None
-    if args.resume and latest.exists():
-        start, best = resume(latest, model, optimizer, scaler)
-        run_log.message(f"resumed from {latest.resolve()} at iteration {start}")
-    torch.manual_seed(seed_for(args, runtime.rank, start))
+    if checkpoint is not None:
+        start, best = restore(checkpoint, resumed_from, model, optimizer, scaler)
+        for group in optimizer.param_groups:  # this command's flags, not the optimizer state's (see the warning below)
+            group.update(momentum=args.momentum, weight_decay=args.weight_decay)
+        run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}")
+        changes = changed_settings(checkpoint.get("args", {}), settings)
+        if changes:
+            run_log.message(f"warning: resuming with settings that differ from the run's: {changes}")
+        del checkpoint
+    torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, start))
     ddp_model = data_parallel(model, runtime) if runtime.distributed else model
     ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
     loss_fn = functools.partial(segmentation_loss, kind=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight)
+    schedule = functools.partial(
+        learning_rate,
+        base_lr=args.lr,
+        iters=args.iters,
+        min_lr=args.min_lr,
+        power=args.poly_power,
+        warmup_iters=args.warmup_iters,
+        warmup=args.warmup,
+        warmup_ratio=args.warmup_ratio,
+    )
     autocast = functools.partial(runtime.autocast, args.amp)
-    loader = training_loader(args, runtime, start)
-    val_set = None if args.no_validate else CityscapesDataset(args.data_root, "val")
+    loader = training_loader(dataset, args.batch_size, args.workers, args.seed, start, args.iters, runtime)
 
     images_per_iter = args.batch_size * runtime.world_size
     warmup_steps = min(10, max((args.iters - start) // 10, 1))  # not timed: allocator and kernel warm-up
     timed_images, timed_seconds, data_seconds = 0, 0.0, 0.0
-    result, path = None, None
+    result, path, it = None, resumed_from, start
     ddp_model.train()
-    with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
-        tick = time.perf_counter()
-        for it, batch in enumerate(loader, start):
-            data_time = time.perf_counter() - tick
-            lr = learning_rate(it, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, labels = to_device(batch, runtime, args.channels_last)
-            scale_before = scaler.get_scale()
-            loss = train_step(ddp_model, optimizer, scaler, images, labels, loss_fn, autocast).item()
-            if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                scale = scaler.get_scale()
-                run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
-                run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
-                if scale < 1:
-                    raise TrainingError(
-                        f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
-                        f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {kept_checkpoint(latest)}"
-                    )
-            elif not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {kept_checkpoint(latest)}")
-            step_time = time.perf_counter() - tick
-            if it - start >= warmup_steps:
-                timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
-            bar.update()
-            done = it + 1 == args.iters
-            if (it + 1) % args.log_interval == 0 or done:
-                fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
-                entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time}
-                run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
-            if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
-                result = evaluate(model, val_set, runtime, args.amp, workers=min(args.workers, 2))
-                improved = best is None or result["mIoU"] > best
-                best = result["mIoU"] if improved else best
-                run_log.message(f"iter {it + 1}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")
-                run_log.record(
-                    {"iter": it + 1, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]}, **{"val/mIoU": result["mIoU"]}
-                )
-                if improved and runtime.is_main:
-                    save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, it + 1, args, best)
-            if (it + 1) % args.ckpt_interval == 0 or done:
-                path = work_dir / f"iter_{it + 1}.pth"
-                if runtime.is_main:
-                    save_checkpoint(path, model, optimizer, scaler, it + 1, args, best)
-                    point_latest(work_dir, path)
-                torch.manual_seed(seed_for(args, runtime.rank, it + 1))
+    try:
+        with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
             tick = time.perf_counter()
+            for it, batch in enumerate(loader, start):
+                data_time = time.perf_counter() - tick
+                lr = schedule(it)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, labels = to_device(batch, runtime, channels_last)
+                scale_before = scaler.get_scale()
+                loss = train_step(ddp_model, optimizer, scaler, images, labels, loss_fn, autocast).item()
+                if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                    scale = scaler.get_scale()
+                    run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
+                    run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
+                    if scale < 1:
+                        raise TrainingError(
+                            f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
+                            f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {kept_checkpoint(work_dir)}"
+                        )
+                elif not math.isfinite(loss):
+                    raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {kept_checkpoint(work_dir)}")
+                step_time = time.perf_counter() - tick
+                if it - start >= warmup_steps:
+                    timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
+                bar.update()
+                done = it + 1 == args.iters
+                if (it + 1) % args.log_interval == 0 or done:
+                    fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
+                    entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time}
+                    run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
+                if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
+                    result = evaluate(model, val_set, runtime, args.amp, workers=min(args.workers, 2))
+                    improved = best is None or result["mIoU"] > best
+                    best = result["mIoU"] if improved else best
+                    run_log.message(f"iter {it + 1}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")
+                    run_log.record(
+                        {"iter": it + 1, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]}, **{"val/mIoU": result["mIoU"]}
+                    )
+                    if improved and runtime.is_main:
+                        save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, it + 1, best, settings)
+                if (it + 1) % args.ckpt_interval == 0 or done:
+                    path = work_dir / f"iter_{it + 1}.pth"
+                    if runtime.is_main:
+                        save_checkpoint(path, model, optimizer, scaler, it + 1, best, settings)
+                        point_latest(work_dir, path)
+                        for old in prune(work_dir, args.keep_checkpoints):
+                            run_log.message(f"removed {old.name} (--keep-checkpoints {args.keep_checkpoints})")
+                    torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, it + 1))
+                tick = time.perf_counter()
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted at iteration {it}; {kept_checkpoint(work_dir)} Run the same command with --resume to continue.") from None
     summary = {
         "iters": args.iters,
         "train_fps": round(timed_images / timed_seconds, 2) if timed_seconds else None,
         "data_wait_frac": round(data_seconds / timed_seconds, 3) if timed_seconds else None,
         "mIoU": round(result["mIoU"], 2) if result else None,
         "best_mIoU": round(best, 2) if best is not None else None,
-        "checkpoint": str((path or latest).resolve()),
+        "checkpoint": str(path.resolve()) if path else None,
         "device": str(runtime.device),
         "world_size": runtime.world_size,
         "backend": runtime.backend,
@@ -425,13 +492,21 @@ def train(args):
     if runtime.is_main:
         print(json.dumps(summary), flush=True)
     devices.teardown(runtime)
+    if held_lock:
+        held_lock.close()
     return summary
 
 
 def main(argv=None):
     try:
         train(parse_args(argv))
-    except (devices.UsageError, DataError, CheckpointError, TrainingError) as e:
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("error: interrupted before training started; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except (cli.UsageError, DataError, CheckpointError, TrainingError, WorkDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,0 +1,205 @@
+"""A training run's work dir, so that no run is ever lost: one training process per work dir (a lock), checkpoints
+written atomically, only when there is room, with nothing left behind; the point to resume from found even when
+latest.pth is lost or damaged, and never a silent fresh start on top of an earlier run.
+
+    work_dir/iter_N.pth    a complete training checkpoint after N iterations (model, optimizer, scaler, ...)
+    work_dir/latest.pth    a link to the newest iter_N.pth
+    work_dir/best.pth      the checkpoint of the best validation mIoU
+    work_dir/.lock         held by the training process that uses the work dir
+"""
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bisenet import CheckpointError, read_checkpoint
+
+TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
+ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
+MB = 2**20
+
+
+class WorkDirError(Exception):
+    """The work dir cannot be used as asked (in use, not writable, full, holds another run). Nothing was changed."""
+
+
+def lock(work_dir):
+    """Creates work_dir and holds its lock for the life of this process; the kernel drops it when the process dies.
+
+    POSIX record locks (lockf) also hold across machines on NFS with a lock manager. The lock file says who holds it."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(work_dir / ".lock", "a+")
+    except OSError as e:
+        raise WorkDirError(f"{work_dir}: cannot write to the work dir ({e.strerror}); pass a writable --work-dir") from None
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise WorkDirError(f"{work_dir} is in use by {holder}; wait for it to end, or pass another --work-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
+
+
+def remove_leftovers(work_dir):
+    """Temp files of killed runs (only ever called with the lock held, so none belongs to a live process)."""
+    leftovers = sorted(work_dir.glob(".*.tmp"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+def iteration_checkpoints(work_dir):
+    """[(N, path)] of work_dir/iter_N.pth, oldest first."""
+    found = [(int(m[1]), p) for p in work_dir.glob("iter_*.pth") if (m := ITERATION_NAME.match(p.name))]
+    return sorted(found)
+
+
+def tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _no_space(directory, needed):
+    free = shutil.disk_usage(directory).free
+    return WorkDirError(f"no space left on {directory} (needs about {needed / MB:.0f} MB, {free / MB:.0f} MB free); free some space and resume")
+
+
+def out_of_space(error):
+    """torch.save reports ENOSPC as a RuntimeError ('unexpected pos') raised while handling the OSError."""
+    while error is not None:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def atomic_save(obj, path):
+    """torch.save to a unique temp file, fsync, rename: `path` is the old file or the complete new one, never a part.
+
+    A full disk is reported as such (checked first, and on failure), and the partial temp file is deleted."""
+    directory = path.parent
+    needed = tensor_bytes(obj) + MB
+    if shutil.disk_usage(directory).free < needed:
+        raise _no_space(directory, needed)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if out_of_space(e):
+            raise _no_space(directory, needed) from None
+        if isinstance(e, OSError):
+            raise WorkDirError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are kept") from None
+        raise
+    sync_directory(directory)
+
+
+def sync_directory(directory):
+    """Makes a rename durable: without it a power loss can undo the rename after the old file was dropped."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def point_latest(work_dir, target):
+    """latest.pth -> target, replaced atomically (a relative link, so the work dir can be moved)."""
+    tmp = work_dir / f".latest.pth.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, work_dir / "latest.pth")
+
+
+def prune(work_dir, keep):
+    """Deletes the oldest iter_N.pth beyond the newest `keep` (0: keep all); latest.pth's target and best.pth stay."""
+    if keep <= 0:
+        return []
+    removed = [path for _, path in iteration_checkpoints(work_dir)[:-keep]]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def read_training_checkpoint(path):
+    """A complete training checkpoint (model, optimizer, scaler, iteration), or a one-line CheckpointError."""
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a directory, not a checkpoint")
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in TRAINING_KEYS):
+        raise CheckpointError(f"{path}: not a training checkpoint of train.py (no optimizer state or iteration); to start from its weights use --load-from")
+    return checkpoint
+
+
+def describe(work_dir):
+    """What of an earlier run a work dir holds, e.g. 'iter_4.pth, iter_8.pth, best.pth, latest.pth -> iter_8.pth'."""
+    names = [path.name for _, path in iteration_checkpoints(work_dir)]
+    names += ["best.pth"] if (work_dir / "best.pth").exists() else []
+    latest = work_dir / "latest.pth"
+    if latest.is_symlink():
+        names.append(f"latest.pth -> {os.readlink(latest)}{'' if latest.exists() else ' (missing)'}")
+    elif latest.exists():
+        names.append("latest.pth")
+    return ", ".join(names)
+
+
+def resume_point(work_dir):
+    """(checkpoint dict, path, note) to continue the run in work_dir from, or (None, None, None) for an unused one.
+
+    The newest iter_N.pth is the resume point whatever latest.pth says: a run killed between writing iter_N.pth and
+    relinking latest.pth, or one that lost latest.pth's target, goes on from its newest complete checkpoint. A
+    damaged newest checkpoint stops the run with its name (continuing from an older one would later overwrite it)."""
+    saved = iteration_checkpoints(work_dir)
+    latest = work_dir / "latest.pth"
+    if latest.exists() and not latest.is_symlink():
+        raise WorkDirError(
+            f"{latest}: expected the link train.py writes, found a {'directory' if latest.is_dir() else 'file'}; move it out of the work dir and resume"
+        )
+    if not saved:
+        if latest.is_symlink() or (work_dir / "best.pth").exists():
+            raise WorkDirError(
+                f"{work_dir} holds a run ({describe(work_dir)}) but no iter_N.pth to resume from; pass a new --work-dir, or move those files away to start over"
+            )
+        return None, None, None
+    _, newest = saved[-1]
+    try:
+        checkpoint = read_training_checkpoint(newest)
+    except CheckpointError as e:
+        older = f"move it away to resume from {saved[-2][1].name}" if len(saved) > 1 else "move it away to start over"
+        raise WorkDirError(f"{e}; the newest checkpoint of the run in {work_dir} is damaged: {older}") from None
+    note = None
+    if not latest.is_symlink():
+        note = "latest.pth is missing"
+    elif os.readlink(latest) != newest.name:
+        note = f"latest.pth points to {os.readlink(latest)}{'' if latest.exists() else ', which is missing'}"
+    return checkpoint, newest, note
+
+
+def refuse_fresh_start(work_dir):
+    """A run without --resume must not write over the checkpoints of an earlier one."""
+    latest = work_dir / "latest.pth"
+    if iteration_checkpoints(work_dir) or (work_dir / "best.pth").exists() or latest.exists() or latest.is_symlink():
+        raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({describe(work_dir)}); pass --resume to continue it, or a new --work-dir")

@@ -1,0 +1,94 @@
+"""What the command-line scripts share: one-line errors, and flag values checked for their range, not only their type.
+
+Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
+(ArgumentParser below) and the UsageError that the code raises for a combination of flags or an environment that
+cannot work.
+"""
+
+import argparse
+import math
+
+
+class UsageError(Exception):
+    """A flag or environment that cannot work. The message names the flag and the fix."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the module docstring as help, defaults shown, and errors on one line (no usage block)."""
+
+    def __init__(self, description):
+        super().__init__(description=description, formatter_class=HelpFormatter)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python {self.prog} -h)\n")
+
+
+def _checked(name, convert, ok, expectation):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {expectation}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+def integer(low, high=None):
+    """An int in [low, high]."""
+    expectation = f">= {low}" if high is None else f"between {low} and {high}"
+    return _checked("an integer", int, lambda v: v >= low and (high is None or v <= high), expectation)
+
+
+def real(low=None, high=None, low_open=False, high_open=False):
+    """A finite float in the interval given (open or closed at each end)."""
+
+    def ok(v):
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return math.isfinite(v) and above and below
+
+    lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    upper = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    return _checked("a number", float, ok, "a finite number " + " and ".join(filter(None, (lower, upper))))
+
+
+def size(text):
+    """'HxW' -> (H, W), both >= 1."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 1024x2048") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be >= 1, e.g. 1024x2048")
+    return h, w
+
+
+def ratios(count=None):
+    """Comma-separated positive ratios, e.g. '0.5,2.0' -> (0.5, 2.0); count: how many there must be."""
+
+    def parse(text):
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or (count is not None and len(values) != count) or not all(math.isfinite(v) and v > 0 for v in values):
+            how_many = f"{count} " if count else ""
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected {how_many}comma-separated positive numbers, e.g. {'0.5,2.0' if count == 2 else '0.75,1.0,1.25'}"
+            )
+        return values
+
+    parse.__name__ = "ratios"
+    return parse
+
+
+def size_text(value):
+    return f"{value[0]}x{value[1]}"

@@ -1,0 +1,449 @@
+"""Never lose a run: every case first sets up the failure it guards against, then checks exit code, one-line error,
+that no checkpoint was overwritten or lost (hashes before and after) and that no temp file was left."""
+
+import functools
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import ROOT, SMALL, run_train, summary_line
+
+import evaluate
+import export
+import train
+from bisenet import build_model, model_config
+
+QUICK = [*SMALL, "--no-validate", "--warmup-iters", "0", "--lr", "0.01"]
+
+
+def hashes(work_dir):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(work_dir).glob("*.pth")) if p.is_file()}
+
+
+def temp_files(work_dir):
+    return sorted(p.name for p in Path(work_dir).glob(".*.tmp"))
+
+
+def one_line_error(result, code=2):
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    return last
+
+
+def in_small_filesystem(mount_point, size_mb, command, read_only=False):
+    """Runs `command` (argv) with a tmpfs of size_mb mounted at mount_point, in a private mount namespace."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_mb}m" + (",ro" if read_only else "")
+    script = f'mount -t tmpfs -o {options} tmpfs "{mount_point}" && exec "$@"'
+    cmd = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script, "bash", *command]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def interruptible(cmd, **kw):
+    """Popen with Ctrl-C's default action restored: a shell's background job inherits SIGINT ignored."""
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore, **kw)
+
+
+@pytest.fixture(scope="module")
+def finished_run(synthetic_root, tmp_path_factory):
+    """A finished 3-iteration run with a checkpoint per iteration; tests copy it before changing anything."""
+    work_dir = tmp_path_factory.mktemp("run") / "wd"
+    result = run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "3", "--ckpt-interval", "1", "--work-dir", str(work_dir)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work_dir
+
+
+def copy_run(finished_run, tmp_path):
+    work_dir = tmp_path / "wd"
+    shutil.copytree(finished_run, work_dir, symlinks=True)
+    return work_dir
+
+
+# 1. resume never starts over ---------------------------------------------------------------------------------
+def test_dangling_latest_resumes_from_the_newest_complete_checkpoint(synthetic_root, finished_run, tmp_path):
+    work_dir = copy_run(finished_run, tmp_path)
+    (work_dir / "iter_3.pth").unlink()  # latest.pth -> iter_3.pth now dangles
+    before = hashes(work_dir)
+    result = run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "3", "--ckpt-interval", "1", "--work-dir", str(work_dir), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {(work_dir / 'iter_2.pth').resolve()} at iteration 2" in result.stdout
+    assert {k: v for k, v in hashes(work_dir).items() if k in before} == before
+    assert torch.load(work_dir / "latest.pth", weights_only=True)["iteration"] == 3
+    reference = torch.load(finished_run / "iter_3.pth", weights_only=True)["model"]
+    for key, value in torch.load(work_dir / "iter_3.pth", weights_only=True)["model"].items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_without_resume_an_earlier_run_is_never_overwritten(synthetic_root, finished_run, tmp_path):
+    work_dir = copy_run(finished_run, tmp_path)
+    before = hashes(work_dir)
+    last = one_line_error(run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "3", "--work-dir", str(work_dir)]))
+    assert "holds the checkpoints of a run (iter_1.pth, iter_2.pth, iter_3.pth, latest.pth -> iter_3.pth); pass --resume" in last
+    assert hashes(work_dir) == before
+
+
+def test_a_run_without_iteration_checkpoints_is_not_restarted(synthetic_root, finished_run, tmp_path):
+    work_dir = copy_run(finished_run, tmp_path)
+    shutil.copy(work_dir / "iter_1.pth", work_dir / "best.pth")
+    for n in (1, 2, 3):
+        (work_dir / f"iter_{n}.pth").unlink()
+    before = hashes(work_dir)
+    last = one_line_error(run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "3", "--work-dir", str(work_dir), "--resume"]))
+    assert "holds a run (best.pth, latest.pth -> iter_3.pth (missing)) but no iter_N.pth to resume from" in last
+    assert hashes(work_dir) == before
+
+
+def damage(work_dir, kind):
+    newest = work_dir / "iter_3.pth"
+    if kind == "truncated":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    elif kind == "empty":
+        newest.write_bytes(b"")
+    elif kind == "weights only":
+        checkpoint = torch.load(newest, weights_only=True)
+        torch.save({"model_config": checkpoint["model_config"], "model": checkpoint["model"]}, newest)
+    elif kind == "text":
+        (work_dir / "latest.pth").unlink()
+        (work_dir / "latest.pth").write_text("iter_3.pth\n")
+    elif kind == "directory":
+        (work_dir / "latest.pth").unlink()
+        (work_dir / "latest.pth").mkdir()
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("truncated", "iter_3.pth: not a loadable PyTorch checkpoint"),
+        ("empty", "iter_3.pth: not a loadable PyTorch checkpoint"),
+        ("weights only", "iter_3.pth: not a training checkpoint of train.py"),
+        ("text", "latest.pth: expected the link train.py writes, found a file"),
+        ("directory", "latest.pth: expected the link train.py writes, found a directory"),
+    ],
+)
+def test_a_damaged_resume_point_is_named_in_one_line(synthetic_root, finished_run, tmp_path, kind, message):
+    work_dir = copy_run(finished_run, tmp_path)
+    damage(work_dir, kind)
+    before = hashes(work_dir)
+    last = one_line_error(run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "4", "--work-dir", str(work_dir), "--resume"]))
+    assert message in last
+    if kind in ("truncated", "empty", "weights only"):
+        assert "move it away to resume from iter_2.pth" in last
+    assert hashes(work_dir) == before and not temp_files(work_dir)
+
+
+def test_resume_with_other_settings_warns_with_the_differences(synthetic_root, finished_run, tmp_path):
+    work_dir = copy_run(finished_run, tmp_path)
+    args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "4", "--work-dir", str(work_dir), "--resume", "--lr", "0.02", "--crop", "64x96"]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: resuming with settings that differ from the run's: --crop 64x96 (was 64x128), --iters 4 (was 3), --lr 0.02 (was 0.01)" in result.stdout
+
+
+# 2. only finite weights are saved ------------------------------------------------------------------------------
+def test_a_step_that_makes_the_weights_non_finite_is_never_saved(synthetic_root, finished_run, tmp_path):
+    work_dir = copy_run(finished_run, tmp_path)
+    before = hashes(work_dir)
+    args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "5", "--ckpt-interval", "1", "--work-dir", str(work_dir), "--resume"]
+    # weight decay x lr overflows fp32 in the update: the loss of that iteration was still finite
+    last = one_line_error(run_train([*args, "--amp", "O0", "--lr", "1e38", "--weight-decay", "1e3", "--min-lr", "0"]))
+    assert "the weights hold NaN or inf after iteration 4" in last and "iter_4.pth was not written" in last
+    assert f"The last good checkpoint is kept: {work_dir / 'iter_3.pth'}" in last
+    assert hashes(work_dir) == before and not temp_files(work_dir)
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1", "0"])
+def test_non_finite_or_negative_learning_rates_are_refused_up_front(capsys, lr):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["--lr", lr])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: argument --lr: ") and "must be a finite number > 0" in err
+
+
+# 3. one training process per work dir ------------------------------------------------------------------------
+def test_a_second_run_on_a_work_dir_in_use_stops_at_once(synthetic_root, tmp_path):
+    work_dir = tmp_path / "wd"
+    args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "400", "--ckpt-interval", "1", "--keep-checkpoints", "3", "--work-dir", str(work_dir)]
+    first = interruptible([sys.executable, "train.py", *args])
+    try:
+        deadline = time.time() + 120
+        while not (work_dir / "iter_2.pth").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_train([*args, "--resume"])
+        last = one_line_error(second)
+        assert f"{work_dir} is in use by train.py pid {first.pid} on " in last and "pass another --work-dir" in last
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130 and "Traceback" not in stderr
+    for name in [name for name in hashes(work_dir) if name.startswith("iter_")]:
+        checkpoint = torch.load(work_dir / name, weights_only=True)
+        assert checkpoint["iteration"] == int(name[5:-4]) and checkpoint["args"]["iters"] == 400
+    assert not temp_files(work_dir)
+
+
+def test_temp_names_are_unique_and_leftovers_of_killed_runs_are_removed(synthetic_root, finished_run, tmp_path):
+    work_dir = copy_run(finished_run, tmp_path)
+    leftover = work_dir / ".iter_4.pth.x1y2z3.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    result = run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "4", "--work-dir", str(work_dir), "--resume"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "removed .iter_4.pth.x1y2z3.tmp, left by a run that was killed while writing" in result.stdout
+    assert not temp_files(work_dir)
+
+
+def test_sigint_ends_with_one_line_and_leaves_no_temp_files(synthetic_root, tmp_path):
+    work_dir = tmp_path / "wd"
+    args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "400", "--ckpt-interval", "1", "--keep-checkpoints", "3", "--work-dir", str(work_dir)]
+    run = interruptible([sys.executable, "train.py", *args])
+    deadline = time.time() + 120
+    while not (work_dir / "iter_3.pth").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=120)
+    last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=130)
+    assert last.startswith("error: interrupted at iteration ") and "Run the same command with --resume to continue." in last
+    assert not temp_files(work_dir)
+    assert torch.load(work_dir / "latest.pth", weights_only=True)["iteration"] >= 3
+
+
+# 4. full disks -----------------------------------------------------------------------------------------------
+def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(synthetic_root, tmp_path):
+    mount = tmp_path / "small"
+    work_dir = mount / "wd"
+    args = [sys.executable, "train.py", "--data-root", str(synthetic_root), *QUICK, "--iters", "3", "--ckpt-interval", "1", "--work-dir", str(work_dir)]
+    # an R18 checkpoint with momentum is about 103 MB: the first fits in 160 MB, the second does not
+    result = in_small_filesystem(mount, 160, ["bash", "-c", " ".join(args) + f'; code=$?; ls -a "{work_dir}"; exit $code'])
+    last = one_line_error(result)
+    assert f"no space left on {work_dir} (needs about 103 MB, " in last and "free some space and resume" in last, last
+    listing = result.stdout.split()
+    assert "iter_1.pth" in listing and "iter_2.pth" not in listing and not [name for name in listing if name.endswith(".tmp")], listing
+
+
+def test_a_write_that_runs_out_of_space_deletes_its_partial_file(tmp_path):
+    mount = tmp_path / "small"
+    script = f"""
+import torch, sys
+sys.path.insert(0, {str(ROOT)!r})
+from checkpoints import WorkDirError, atomic_save
+from pathlib import Path
+target = Path({str(mount)!r}) / "iter_1.pth"
+atomic_save({{"weights": torch.ones(1000)}}, target)
+before = target.read_bytes()
+storage = torch.zeros(3 * 2**20)  # 12 MB behind a 40-byte view: the estimate passes, the write cannot
+try:
+    atomic_save({{"weights": storage[:10]}}, target)
+except WorkDirError as e:
+    print("ERROR", e)
+print("KEPT", target.read_bytes() == before, "LEFT", sorted(p.name for p in target.parent.iterdir()))
+"""
+    result = in_small_filesystem(mount, 8, [sys.executable, "-c", script])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ERROR no space left on {mount} (needs about 1 MB, " in result.stdout
+    assert "KEPT True LEFT ['iter_1.pth']" in result.stdout
+
+
+def test_keep_checkpoints_prunes_the_oldest(synthetic_root, tmp_path):
+    work_dir = tmp_path / "wd"
+    result = run_train(
+        ["--data-root", str(synthetic_root), *QUICK, "--iters", "4", "--ckpt-interval", "1", "--keep-checkpoints", "2", "--work-dir", str(work_dir)]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(hashes(work_dir)) == ["iter_3.pth", "iter_4.pth", "latest.pth"]
+    assert "removed iter_2.pth (--keep-checkpoints 2)" in result.stdout
+
+
+# 5. one line for every bad input -----------------------------------------------------------------------------
+def in_process_error(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--crop", "0x0"], "argument --crop: '0x0': both sides must be >= 1"),
+        (["--crop", "abc"], "argument --crop: 'abc': expected HxW"),
+        (["--val-interval", "0"], "argument --val-interval: '0': must be >= 1"),
+        (["--ckpt-interval", "0"], "argument --ckpt-interval: '0': must be >= 1"),
+        (["--log-interval", "0"], "argument --log-interval: '0': must be >= 1"),
+        (["--iters", "0"], "argument --iters: '0': must be >= 1"),
+        (["--iters", "-5"], "argument --iters: '-5': must be >= 1"),
+        (["--lr", "-1"], "argument --lr: '-1': must be a finite number > 0"),
+        (["--workers", "-1"], "argument --workers: '-1': must be >= 0"),
+        (["--num-classes", "0"], "argument --num-classes: '0': must be between 2 and 255"),
+        (["--num-classes", "1"], "argument --num-classes: '1': must be between 2 and 255"),
+        (["--dropout", "2"], "argument --dropout: '2': must be a finite number >= 0 and < 1"),
+        (["--ohem-thresh", "0"], "argument --ohem-thresh: '0': must be a finite number > 0 and <= 1"),
+        (["--scale-range", "2,0.5"], "argument --scale-range: 2,0.5: the smaller ratio comes first"),
+        (["--scale-range", "0.5"], "argument --scale-range: '0.5': expected 2 comma-separated positive numbers"),
+        (["--min-lr", "0.5", "--lr", "0.1"], "argument --min-lr: 0.5 is above --lr 0.1"),
+        (["--keep-checkpoints", "-1"], "argument --keep-checkpoints: '-1': must be >= 0"),
+        (["--iters", "x"], "argument --iters: 'x' is not an integer"),
+    ],
+)
+def test_bad_training_flags_give_one_line(capsys, flags, message):
+    assert message in in_process_error(train.main, flags, capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scales", ""], "argument --scales: '': expected comma-separated positive numbers"),
+        (["--scales", "0"], "argument --scales: '0': expected comma-separated positive numbers"),
+        (["--scales", "-1"], "argument --scales: '-1': expected comma-separated positive numbers"),
+        (["--stride", "0x0"], "argument --stride: '0x0': both sides must be >= 1"),
+        (["--runs", "0"], "argument --runs: '0': must be >= 1"),
+        (["--out-dir", "README.md"], "argument --out-dir: README.md is a file"),
+    ],
+)
+def test_bad_evaluation_flags_give_one_line(capsys, flags, message):
+    assert message in in_process_error(evaluate.main, flags, capsys)
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
+    model = build_model(model_config(18))
+    torch.save({"model_config": model.config, "model": model.state_dict()}, path)
+    return path
+
+
+def test_bad_export_flags_give_one_line(capsys, small_checkpoint, tmp_path):
+    ckpt = str(small_checkpoint)
+    assert "argument --size: 'abc': expected HxW" in in_process_error(export.main, ["--ckpt", ckpt, "--size", "abc"], capsys)
+    assert "argument --opset: '5': must be >= 18" in in_process_error(export.main, ["--ckpt", ckpt, "--opset", "5"], capsys)
+    last = in_process_error(export.main, ["--ckpt", ckpt, "--out", str(tmp_path / "missing" / "m.onnx")], capsys)
+    assert f"argument --out: cannot write {tmp_path / 'missing' / 'm.onnx'} (its folder is missing or read-only)" in last
+
+
+def test_non_finite_weights_are_refused_on_load(capsys, small_checkpoint, tmp_path, synthetic_root):
+    checkpoint = torch.load(small_checkpoint, weights_only=True)
+    checkpoint["model"]["head.classifier.weight"][0, 0] = float("nan")
+    torch.save(checkpoint, tmp_path / "nan.pth")
+    last = in_process_error(evaluate.main, ["--ckpt", str(tmp_path / "nan.pth"), "--data-root", str(synthetic_root), "--device", "cpu"], capsys)
+    assert "nan.pth: 1 weight tensors hold NaN or inf (first: head.classifier.weight); it comes from a diverged run" in last
+
+
+def test_an_empty_checkpoint_file_is_named(capsys, tmp_path, synthetic_root):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    last = in_process_error(evaluate.main, ["--ckpt", str(tmp_path / "empty.pth"), "--data-root", str(synthetic_root), "--device", "cpu"], capsys)
+    assert f"{tmp_path / 'empty.pth'}: not a loadable PyTorch checkpoint" in last
+
+
+def test_bad_runs_give_one_line(capsys, synthetic_root, tmp_path, monkeypatch):
+    base = ["--data-root", str(synthetic_root), *QUICK, "--iters", "1"]
+    (tmp_path / "file").write_text("not a folder")
+    last = in_process_error(train.main, [*base, "--work-dir", str(tmp_path / "file")], capsys)
+    assert f"{tmp_path / 'file'}: cannot write to the work dir" in last
+    last = in_process_error(train.main, [*base, "--work-dir", str(tmp_path / "wd"), "--pretrained", "http://127.0.0.1:9/resnet18.pth"], capsys)
+    assert "http://127.0.0.1:9/resnet18.pth: could not download the backbone weights" in last
+
+    broken = tmp_path / "broken"
+    shutil.copytree(synthetic_root, broken)
+    first = sorted((broken / "leftImg8bit" / "train").rglob("*.png"))[0]
+    first.write_bytes(b"not a png")
+    (broken / "train.txt").unlink(missing_ok=True)
+    last = in_process_error(train.main, ["--data-root", str(broken), *QUICK, "--work-dir", str(tmp_path / "wd2")], capsys)
+    assert f"{first}: unreadable image" in last
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29581", "DIST_BACKEND": "bogus"}.items():
+        monkeypatch.setenv(name, value)
+    last = in_process_error(train.main, [*base, "--work-dir", str(tmp_path / "wd3")], capsys)
+    assert "DIST_BACKEND='bogus': expected one of nccl, hccl, gloo, mpi, ucc" in last
+
+
+def test_a_read_only_work_dir_gives_one_line(synthetic_root, tmp_path):
+    mount = tmp_path / "ro"
+    args = [sys.executable, "train.py", "--data-root", str(synthetic_root), *QUICK, "--iters", "1", "--work-dir", str(mount / "wd")]
+    last = one_line_error(in_small_filesystem(mount, 1, args, read_only=True))
+    assert f"{mount / 'wd'}: cannot write to the work dir (Read-only file system)" in last
+
+
+# 6. many machines --------------------------------------------------------------------------------------------
+def rank_pid(marker, rank):
+    """The pid of the train.py process of `rank` whose command line holds `marker`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"train.py" in b" ".join(cmdline) and marker.encode() in b" ".join(cmdline) and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp_path):
+    """run_8p.sh with 2 gloo processes: kill -9 rank 1 mid-run; torchrun restarts the group from the newest
+    checkpoint by itself, and the final weights equal those of an uninterrupted run bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_ROOT": str(synthetic_root), "NPROC": "2", "DIST_BACKEND": "gloo"}
+    args = ["perf", *QUICK, "--iters", "10", "--ckpt-interval", "1"]
+    straight = subprocess.run(
+        ["bash", "run_8p.sh", *args], cwd=ROOT, capture_output=True, text=True, env={**env, "WORK_DIR": str(tmp_path / "a"), "MASTER_PORT": "29561"}
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    work_dir = tmp_path / "b"
+    run = subprocess.Popen(
+        ["bash", "run_8p.sh", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "WORK_DIR": str(work_dir), "MASTER_PORT": "29562"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (work_dir / "iter_3.pth").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        victim = rank_pid(str(work_dir), 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 0, stderr[-3000:]
+    assert f"(exitcode: -9) local_rank: 1 (pid: {victim})" in stderr
+    assert "resumed from" in stdout and summary_line(stdout)["iters"] == 10
+    a = torch.load(tmp_path / "a" / "iter_10.pth", weights_only=True)
+    b = torch.load(work_dir / "iter_10.pth", weights_only=True)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_a_rank_that_never_starts_ends_in_a_bounded_time(synthetic_root, tmp_path):
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"}
+    env.update(DIST_BACKEND="gloo", DIST_TIMEOUT="5")
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "train.py", "--data-root", str(synthetic_root), *QUICK, "--iters", "1", "--work-dir", str(tmp_path / "wd")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    last = one_line_error(result)
+    assert "rank 0: the process group of 2 did not form within 5 s" in last and "DIST_TIMEOUT sets the wait" in last
+    assert time.time() - start < 60
