@@ -149,15 +149,17 @@ def evaluate(
     num_classes=NUM_CLASSES,
     progress=True,
 ):
-    """Confusion matrix over the dataset (all ranks together); returns metrics, or None for label-free data."""
+    """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
+    data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all."""
     was_training = model.training
     model.eval()
-    loader = torch.utils.data.DataLoader(
-        shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.device.type == "cuda", generator=torch.Generator()
-    )
+    loader = torch.utils.data.DataLoader(shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.pin_memory, generator=torch.Generator())
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
-    has_labels = True
+    has_labels, data_s, model_s = True, 0.0, 0.0
+    started = tick = time.perf_counter()
     for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):
+        data_s += time.perf_counter() - tick
+        tick = time.perf_counter()
         images = sample["image"].to(runtime.device, non_blocking=True)
         with runtime.autocast(amp):
             pred = predict_classes(model, images, scales, flip, mode, crop, stride, num_classes)
@@ -165,14 +167,18 @@ def evaluate(
             confusion += confusion_matrix(pred, sample["label"].to(runtime.device, non_blocking=True), num_classes)
         else:
             has_labels = False
+        runtime.synchronize()
+        model_s += time.perf_counter() - tick
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
                 encode_prediction(p, fmt, image).save(Path(out_dir) / f"{sample_name(name)}_{fmt}.png")
+        tick = time.perf_counter()
     model.train(was_training)
+    seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
     if not has_labels:
-        return None
-    return metrics(runtime.all_reduce_counts(confusion).cpu())
+        return seconds
+    return {**metrics(runtime.all_reduce_counts(confusion).cpu()), **seconds}
 
 
 def print_table(result, mode):
@@ -200,12 +206,12 @@ def time_runs(predictor, model, images, runtime, amp, runs):
     return times
 
 
-def benchmark(model, runtime, size, amp, runs, warmup):
-    """Batch 1, uint8 input already on the device, to the class map at input size, synchronised.
+def benchmark(model, runtime, size, amp, runs, warmup, batch=1):
+    """uint8 input already on the device, to the class map at input size, synchronised; FPS = images per second.
 
     The baseline is the same model in eager fp32 (BatchNorm unfused, contiguous tensors, full-size logits, then
     the class map), timed interleaved with the inference path so that machine drift hits both alike."""
-    images = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8, device=runtime.device)
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
     fast = inference_model(model, runtime)
     fast_images = images.contiguous(memory_format=runtime.memory_format)
     plain = copy.deepcopy(model).eval().to(runtime.device)
@@ -220,16 +226,16 @@ def benchmark(model, runtime, size, amp, runs, warmup):
         "latency_ms_median": round(fast_ms, 2),
         "latency_ms_min": round(1000 * min(fast_times), 2),
         "latency_ms_max": round(1000 * max(fast_times), 2),
-        "fps": round(1000 / fast_ms, 2),
+        "fps": round(1000 * batch / fast_ms, 2),
         "device": device_name(runtime),
         "precision": precision,
         "size": f"{size[0]}x{size[1]}",
-        "batch": 1,
+        "batch": batch,
         "warmup_runs": warmup,
         "timed_runs": runs,
     }
     print(
-        f"inference on {result['device']}: 1x3x{size[0]}x{size[1]}, {precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}, {warmup} warm-up + {runs} timed runs"
+        f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}, {warmup} warm-up + {runs} timed runs"
     )
     print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
     plain_ms = 1000 * statistics.median(plain_times)
@@ -267,6 +273,7 @@ def parse_args(argv=None):
     parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
     parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="with --benchmark and no --ckpt: random weights of this depth")
     parser.add_argument("--size", type=cli.size, default="1024x2048", help="with --benchmark: input HxW")
+    parser.add_argument("--batch", type=cli.integer(1), default=1, help="with --benchmark: images per run")
     parser.add_argument("--runs", type=cli.integer(1), default=10, help="with --benchmark: timed runs")
     parser.add_argument("--warmup", type=cli.integer(0), default=3, help="with --benchmark: untimed runs first")
     args = parser.parse_args(argv)
@@ -280,7 +287,7 @@ def run(args):
     amp = args.amp
     if args.benchmark:
         model = load_model(args.ckpt, args.num_classes) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
-        result = benchmark(model, runtime, args.size, amp, args.runs, args.warmup)
+        result = benchmark(model, runtime, args.size, amp, args.runs, args.warmup, args.batch)
         print(json.dumps(result))
         return
     if not args.ckpt:
@@ -296,8 +303,9 @@ def run(args):
     name = mode_name(scales, args.flip, args.mode, crop, stride)
     result = evaluate(model, dataset, runtime, amp, scales, args.flip, args.mode, crop, stride, args.out_dir, args.format, args.workers, args.num_classes)
     if runtime.is_main:
-        summary = {"mode": name, "images": len(dataset), "amp": amp, "precision": runtime.precision(amp)}
-        if result is not None:
+        seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
+        summary = {"mode": name, "images": len(dataset), "amp": amp, "precision": runtime.precision(amp), **seconds}
+        if "mIoU" in result:
             print_table(result, name)
             per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(CLASS_NAMES, result["iou"])}
             summary = {"mIoU": round(result["mIoU"], 2), "mAcc": round(result["mAcc"], 2), "aAcc": round(result["aAcc"], 2), **summary, "per_class": per_class}

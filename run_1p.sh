@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# One device.  bash run_1p.sh [full|perf|demo|bench] [extra train.py / benchmark.py args]
+# One device.  bash run_1p.sh [full|perf|demo|bench|bench-infer] [extra train.py / benchmark.py args]
 #   full  Ascend ModelZoo's recipe scaled to one device: R50 from scratch, 8 images, lr 0.025, 40k iterations, AMP O1
 #   perf  Ascend ModelZoo's throughput run: the same for 400 iterations, no validation
 #   demo  offline: synthetic Cityscapes, a few minutes of R18 on whatever device exists, evaluate, predictions
 #   bench training speed of the R50 and R18 recipes on this device, end to end, and a torchrun check (benchmark.py;
 #         BENCH_SMALL=1 for small sizes, --variants all for every speed option); ends with one JSON line
+#   bench-infer  inference: evaluate.py --benchmark for R18/R50 at 1024x2048 and 512x1024 (batch 1 and the best
+#         batch), the fast path's class maps against eager fp32 on a trained synthetic R18, a timed val pass
+#         split into data and model time; BENCH_SMALL=1 for small sizes; ends with one JSON line
 # DEPTH=18 switches full/perf to the R18 real-time recipe (mmseg: 16 images, lr 0.025, 160k iterations).
 # DATA_ROOT (default data/cityscapes) and WORK_DIR override the paths. Re-running resumes from WORK_DIR.
 set -euo pipefail
@@ -41,6 +44,9 @@ fi
 if [ "$MODE" = bench ]; then
   exec python benchmark.py "$@"
 fi
+if [ "$MODE" = bench-infer ]; then
+  exec python benchmark.py --inference "$@"
+fi
 
 if [ "$DEPTH" = 18 ]; then
   RECIPE=(--depth 18 --batch-size 16 --lr 0.025 --iters 160000 --val-interval 16000 --ckpt-interval 16000)
@@ -50,7 +56,7 @@ fi
 case "$MODE" in
   full) ;;
   perf) RECIPE+=(--iters 400 --no-validate --ckpt-interval 400) ;;
-  *) echo "usage: bash run_1p.sh [full|perf|demo|bench] [extra train.py or benchmark.py args]" >&2; exit 2 ;;
+  *) echo "usage: bash run_1p.sh [full|perf|demo|bench|bench-infer] [extra train.py or benchmark.py args]" >&2; exit 2 ;;
 esac
 WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_1p}
 python train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@"

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import device as devices
@@ -47,3 +48,27 @@ def test_bench_rejects_bad_flags_in_one_line():
         result = subprocess.run([sys.executable, "benchmark.py", *flags], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
+
+
+def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_path):
+    """`BENCH_SMALL=1 bash run_1p.sh bench-infer`: what the GPU issue's one script measures, at CPU sizes."""
+    env = {**os.environ, "BENCH_SMALL": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--steps", "2", "--warmup", "1", "--workers", "1", "--work-dir", str(tmp_path)]
+    result = subprocess.run(["bash", "run_1p.sh", "bench-infer", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["device"].startswith("cpu") and out["size"] == "small" and out["wall_s"] > 0
+    assert out["speed"].keys() == {"r18_128x256", "r18_64x128", "r50_128x256", "r50_64x128"}
+    for speed in out["speed"].values():
+        assert abs(speed["fps"] - 1000 / speed["latency_ms"]) < 0.05 * speed["fps"] and speed["best_batch"] in (1, 2)
+        assert speed["best_batch_fps"] >= speed["fps"] and speed["precision"] == "bf16 autocast"
+    val = out["val"]
+    assert val["images"] == 4 and val["mode"] == "ss whole" and val["precision"] == "bf16 autocast"
+    assert 0 < val["data_s"] + val["model_s"] <= val["eval_s"] <= val["process_wall_s"]
+    assert abs(val["images_per_s"] - val["images"] / val["eval_s"]) < 0.01 * val["images_per_s"]
+    # the agreement is recomputed here from the predictions evaluate.py wrote
+    from PIL import Image
+
+    maps = {amp: [np.array(Image.open(p)) for p in sorted((tmp_path / f"pred_{amp}").glob("*.png"))] for amp in ("O0", "O1")}
+    assert len(maps["O0"]) == 4 and 0.9 <= val["class_map_agreement"] <= 1
+    assert val["class_map_agreement"] == round(float(np.mean([(a == b).mean() for a, b in zip(maps["O0"], maps["O1"])])), 6)
