@@ -33,9 +33,9 @@ from PIL import Image
 import cli
 import device as devices
 from bisenet import build_model, model_config
-from cityscapes import NUM_CLASSES, synthesize
+from cityscapes import NUM_CLASSES, CityscapesDataset, TrainTransform, synthesize
 from convert_labels import convert_dataset
-from evaluate import benchmark, device_name
+from evaluate import benchmark
 from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
 
 ROOT = Path(__file__).resolve().parent
@@ -286,7 +286,7 @@ def torchrun_check(data_root, work_dir, device, recipe):
 
 
 def environment(runtime):
-    info = {"device": device_name(runtime), "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None, "cpus": os.cpu_count()}
+    info = {"device": runtime.name, "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None, "cpus": os.cpu_count()}
     if runtime.device.type == "cuda":
         info["cudnn"] = torch.backends.cudnn.version()
         info["device_memory_gb"] = round(torch.cuda.get_device_properties(runtime.device).total_memory / 1e9, 1)
@@ -359,6 +359,21 @@ def validation_pass(data_root, work_dir, device, train_recipe, workers, log):
     return result
 
 
+def transform_speed(samples, crop, log):
+    """`python benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        synthesize(tmp, train=4, val=0, height=1024, width=2048)
+        convert_dataset(tmp, source="labelIds", progress=False)
+        dataset = CityscapesDataset(tmp, "train", TrainTransform(crop=crop))
+        dataset[(0, 0)]
+        start = time.perf_counter()
+        for i in range(samples):
+            dataset[(i % len(dataset), i)]
+        rate = samples / (time.perf_counter() - start)
+    log(f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: {rate:.1f} samples/s")
+    print(json.dumps({"transform_samples_per_s": round(rate, 2)}), flush=True)
+
+
 def run_inference(args):
     """`bash run_1p.sh bench-infer`: inference speeds, fast-path agreement and a timed val pass; one JSON line."""
     started = time.perf_counter()
@@ -401,6 +416,7 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun")
     p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
     p.add_argument("--inference", action="store_true", help="inference instead (bash run_1p.sh bench-infer): --steps timed runs per size and batch")
+    p.add_argument("--transform", action="store_true", help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)")
     args = p.parse_args(argv)
     variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -460,7 +476,12 @@ def run(args, recipes, variants, skip):
 def main(argv=None):
     try:
         args, recipes, variants, skip = parse_args(argv)
-        run_inference(args) if args.inference else run(args, recipes, variants, skip)
+        if args.transform:
+            transform_speed(args.steps, args.crop, functools.partial(print, flush=True))
+        elif args.inference:
+            run_inference(args)
+        else:
+            run(args, recipes, variants, skip)
     except cli.UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

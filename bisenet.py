@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-CITYSCAPES_MEAN, CITYSCAPES_STD = (83.06, 94.10, 82.19), (53.87, 54.77, 53.93)  # CoinCheung's, x255
+# CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, so they are scaled by 255 here
+CITYSCAPES_MEAN = tuple(255 * v for v in (0.3257, 0.3690, 0.3223))
+CITYSCAPES_STD = tuple(255 * v for v in (0.2112, 0.2148, 0.2115))
 
 RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
 PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
@@ -214,49 +216,26 @@ def upsampled_classes(logits, size, rows=64):
 
 
 class BiSeNetV1(nn.Module):
-    def __init__(
-        self,
-        depth=18,
-        num_classes=19,
-        spatial_channels=(64, 64, 64, 128),
-        context_channels=(128, 256, 512),
-        fusion_channels=256,
-        head_channels=256,
-        aux_channels=64,
-        ffm_attention_relu=True,
-        dropout=0.1,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    ):
+    def __init__(self, config):
+        """config: model_config()'s dict, which the model keeps (self.config) and checkpoints store."""
         super().__init__()
-        self.config = dict(
-            depth=depth,
-            num_classes=num_classes,
-            spatial_channels=list(spatial_channels),
-            context_channels=list(context_channels),
-            fusion_channels=fusion_channels,
-            head_channels=head_channels,
-            aux_channels=aux_channels,
-            ffm_attention_relu=ffm_attention_relu,
-            dropout=dropout,
-            mean=list(mean),
-            std=list(std),
-        )
+        self.config = config
+        context_channels, s = config["context_channels"], config["spatial_channels"]
+        fusion_channels, num_classes, dropout = config["fusion_channels"], config["num_classes"], config["dropout"]
         c = context_channels[0]
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.backbone = ResNet(depth)
-        s = spatial_channels
+        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
+        self.backbone = ResNet(config["depth"])
         self.spatial_path = nn.Sequential(ConvBNReLU(3, s[0], 7, 2), ConvBNReLU(s[0], s[1], 3, 2), ConvBNReLU(s[1], s[2], 3, 2), ConvBNReLU(s[2], s[3], 1))
         self.arm16 = AttentionRefinement(context_channels[1], c)
         self.arm32 = AttentionRefinement(context_channels[2], c)
         self.global_context = ConvBNReLU(context_channels[2], c, 1)
         self.refine32 = ConvBNReLU(c, c, 3)
         self.refine16 = ConvBNReLU(c, c, 3)
-        self.ffm = FeatureFusion(s[3] + c, fusion_channels, ffm_attention_relu)
-        self.head = SegHead(fusion_channels, head_channels, num_classes, dropout)
-        self.aux_head16 = SegHead(c, aux_channels, num_classes, dropout)  # on the 1/16 branch, upsampled to 1/8
-        self.aux_head32 = SegHead(c, aux_channels, num_classes, dropout)  # on the 1/32 branch, upsampled to 1/16
+        self.ffm = FeatureFusion(s[3] + c, fusion_channels, config["ffm_attention_relu"])
+        self.head = SegHead(fusion_channels, config["head_channels"], num_classes, dropout)
+        self.aux_head16 = SegHead(c, config["aux_channels"], num_classes, dropout)  # on the 1/16 branch, upsampled to 1/8
+        self.aux_head32 = SegHead(c, config["aux_channels"], num_classes, dropout)  # on the 1/32 branch, upsampled to 1/16
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -287,7 +266,7 @@ class BiSeNetV1(nn.Module):
 
 
 def build_model(config):
-    return BiSeNetV1(**config)
+    return BiSeNetV1(dict(config))
 
 
 def count_parameters(model, with_aux=True):
@@ -378,6 +357,11 @@ def read_checkpoint(path):
 
 def load_model(path, num_classes=None):
     """Our checkpoints, CoinCheung's released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly, in eval mode."""
+    return load_model_and_dataset(path, num_classes)[0]
+
+
+def load_model_and_dataset(path, num_classes=None):
+    """(model, the dataset description saved with it as a dict, or None: released weights and older checkpoints)."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")
@@ -404,7 +388,7 @@ def load_model(path, num_classes=None):
     bad = non_finite(state)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
-    return model.eval()
+    return model.eval(), checkpoint.get("dataset")
 
 
 def load_backbone(model, source, log=print):

@@ -4,23 +4,20 @@ The dataset yields uint8 images (3xHxW, RGB, 0..255) and uint8 trainId labels (H
 Normalisation happens inside the model, on the device, so host-to-device copies stay uint8.
 
     python cityscapes.py synthesize OUT_DIR --train 20 --val 6    # a fake Cityscapes, exact layout
-    python cityscapes.py benchmark                                # training-transform throughput
 """
 
 import argparse
 import json
-import re
-import time
 from multiprocessing import Pool
 from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image, ImageDraw
 
-IGNORE_INDEX = 255
+from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, folder_info, folder_layout, folder_samples
+
 TRAIN_LABELS = sorted((lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
 CLASS_NAMES = [lb.name for lb in TRAIN_LABELS]
 NUM_CLASSES = len(CLASS_NAMES)
@@ -32,45 +29,16 @@ for _label in CITYSCAPES_LABELS:
     if _label.id >= 0 and 0 <= _label.trainId < IGNORE_INDEX:
         LABELID_TO_TRAINID[_label.id] = _label.trainId
 
-VALID_TRAINID = np.zeros(256, dtype=bool)
-VALID_TRAINID[:NUM_CLASSES] = True
-VALID_TRAINID[IGNORE_INDEX] = True
-
-cv2.setNumThreads(0)  # parallelism comes from DataLoader workers, as in mmseg
+CITYSCAPES = DatasetInfo(
+    "cityscapes",
+    tuple(CLASS_NAMES),
+    tuple(tuple(int(v) for v in c) for c in PALETTE),
+    submission_ids=tuple(int(i) for i in TRAINID_TO_LABELID),
+    label_hint="these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT",
+)
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
-
-
-class DataError(Exception):
-    """Bad input data. The message names the file and the fix."""
-
-    def __str__(self):
-        # DataLoader workers re-raise with their traceback prepended; the message proper is the last line.
-        text = super().__str__().strip().splitlines()[-1]
-        return re.sub(r"^[\w.]*DataError: ", "", text)
-
-
-def read_image(path):
-    """RGB uint8 HxWx3."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"{path}: unreadable image; re-extract or re-download this file")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def read_label(path):
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise DataError(f"{path}: unreadable label PNG; re-convert it: python convert_labels.py DATA_ROOT --force")
-    if label.ndim != 2 or label.dtype != np.uint8:
-        raise DataError(f"{path}: a label must be a single-channel 8-bit PNG of trainIds; re-convert it: python convert_labels.py DATA_ROOT --force")
-    if not VALID_TRAINID[label].all():
-        bad = sorted(set(np.unique(label).tolist()) - set(range(NUM_CLASSES)) - {IGNORE_INDEX})
-        raise DataError(
-            f"{path}: label values {bad[:8]} are not trainIds (0..{NUM_CLASSES - 1} or 255); did you point at labelIds? run: python convert_labels.py DATA_ROOT"
-        )
-    return label
 
 
 def find_samples(root, split, with_labels=True):
@@ -104,54 +72,39 @@ def find_samples(root, split, with_labels=True):
     return samples
 
 
-def find_images(path):
-    """Images for label-free inference: one file, or every .png/.jpg below a folder."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{path}: no such image or folder")
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not images:
-        raise DataError(f"{path}: no .png/.jpg images found")
-    return images
-
-
 def sample_name(image_path):
     """'aachen_000000_000019' for a Cityscapes image, the file stem otherwise."""
     name = Path(image_path).name
     return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else Path(image_path).stem
 
 
-class CityscapesDataset(torch.utils.data.Dataset):
-    """Cityscapes pairs (or bare images when with_labels=False).
+def CityscapesDataset(root, split, transform=None, with_labels=True, images=None):
+    """Cityscapes pairs of a split, or the given images without labels."""
+    samples = [(p, None) for p in images] if images is not None else find_samples(root, split, with_labels)
+    return SegmentationDataset(samples, CITYSCAPES, transform)
 
-    An item is an index, or (index, seed) for random transforms: the seed makes augmentation a function of the
-    sample's place in the run rather than of the worker process, which is what makes resume exact.
-    """
 
-    def __init__(self, root, split, transform=None, with_labels=True, images=None):
-        self.samples = [(p, None) for p in images] if images is not None else find_samples(root, split, with_labels)
-        self.transform = transform
+def detect_dataset(root, kind="auto"):
+    """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else a generic layout)."""
+    root = Path(root)
+    if kind != "auto":
+        return kind
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    if (root / "classes.txt").is_file() or folder_layout(root):
+        return "folder"
+    raise DataError(
+        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor your own data (classes.txt with img_dir/, train.txt or trainannot/); see README: Your own data"
+    )
 
-    def __len__(self):
-        return len(self.samples)
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        image_path, label_path = self.samples[index]
-        image = read_image(image_path)
-        label = read_label(label_path) if label_path is not None else None
-        if label is not None and label.shape != image.shape[:2]:
-            raise DataError(
-                f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image_path} is {image.shape[1]}x{image.shape[0]}; re-convert the labels"
-            )
-        if self.transform is not None:
-            image, label = self.transform(image, label, np.random.default_rng(seed))
-        sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "name": str(image_path)}
-        if label is not None:
-            sample["label"] = torch.from_numpy(np.ascontiguousarray(label))
-        return sample
+def open_dataset(root, split, kind="auto", transform=None, with_labels=True):
+    """Cityscapes (the default) or your own data in a layout of datasets.py; dataset.info describes its classes."""
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {root}")
+    if detect_dataset(root, kind) == "cityscapes":
+        return CityscapesDataset(root, split, transform, with_labels)
+    return SegmentationDataset(folder_samples(root, split, with_labels), folder_info(root), transform)
 
 
 def nearest_indices(out_size, in_size, start, count):
@@ -398,25 +351,6 @@ def synthesize(out_dir, train=20, val=6, test=0, height=512, width=1024, seed=0,
     return out
 
 
-def benchmark_transform(samples=20, crop=(1024, 1024)):
-    """Training-transform throughput on 2048x1024 PNG pairs, one process, decode included."""
-    import tempfile
-
-    from convert_labels import convert_dataset
-
-    with tempfile.TemporaryDirectory() as tmp:
-        synthesize(tmp, train=4, val=0, height=1024, width=2048)
-        convert_dataset(tmp, source="labelIds", progress=False)
-        dataset = CityscapesDataset(tmp, "train", TrainTransform(crop=crop))
-        dataset[(0, 0)]
-        start = time.perf_counter()
-        for i in range(samples):
-            dataset[(i % len(dataset), i)]
-        rate = samples / (time.perf_counter() - start)
-    print(f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: {rate:.1f} samples/s")
-    print(json.dumps({"transform_samples_per_s": round(rate, 2)}))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -429,14 +363,9 @@ def main():
     synth.add_argument("--width", type=int, default=2048)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--nproc", type=int, default=1, help="parallel processes")
-    bench = commands.add_parser("benchmark", help="training-transform throughput")
-    bench.add_argument("--samples", type=int, default=20)
     args = parser.parse_args()
-    if args.command == "synthesize":
-        synthesize(args.out_dir, args.train, args.val, args.test, args.height, args.width, args.seed, args.nproc)
-        print(f"wrote {args.train} train, {args.val} val, {args.test} test images to {args.out_dir}")
-    else:
-        benchmark_transform(args.samples)
+    synthesize(args.out_dir, args.train, args.val, args.test, args.height, args.width, args.seed, args.nproc)
+    print(f"wrote {args.train} train, {args.val} val, {args.test} test images to {args.out_dir}")
 
 
 if __name__ == "__main__":

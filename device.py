@@ -51,6 +51,15 @@ class Runtime:
         return self.device.type == "cuda"
 
     @property
+    def name(self):
+        """The accelerator's marketing name, or the CPU and its thread count."""
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        if self.device.type == "npu":
+            return torch.npu.get_device_name(self.device)
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+    @property
     def pin_memory(self):
         """Page-locked host batches copy to the GPU asynchronously; elsewhere pinning only costs time."""
         return self.device.type == "cuda"

@@ -11,6 +11,7 @@ a class with tp + fp + fn = 0 is left out of the mean. The last line printed is 
 """
 
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,40 +26,58 @@ from tqdm import tqdm
 
 import cli
 import device as devices
-from bisenet import CheckpointError, build_model, fuse_bn, load_model, model_config, upsampled_classes
-from cityscapes import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, TRAINID_TO_LABELID, CityscapesDataset, DataError, find_images, sample_name
+from bisenet import CheckpointError, build_model, fuse_bn, load_model, load_model_and_dataset, model_config, upsampled_classes
+from cityscapes import CITYSCAPES, NUM_CLASSES, detect_dataset, open_dataset, sample_name
+from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, find_images
 
 
-def mode_name(scales, flip, mode, crop=None, stride=None):
-    """The exact inference flavour, e.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
-    name = ("ms" if len(scales) > 1 or scales[0] != 1.0 else "ss") + ("+flip" if flip else "")
-    name = "flip" if name == "ss+flip" else name
-    if mode == "whole":
-        return f"{name} whole"
-    square = crop[0] == crop[1] and stride[0] == stride[1]
-    return f"{name} slide {crop[0]}/{stride[0]}" if square else f"{name} slide {crop[0]}x{crop[1]}/{stride[0]}x{stride[1]}"
+@dataclasses.dataclass(frozen=True)
+class Inference:
+    """How the class scores of an image are computed: scales, horizontal flip, whole image or sliding window."""
+
+    scales: tuple = (1.0,)
+    flip: bool = False
+    mode: str = "whole"
+    crop: tuple = (1024, 1024)  # slide window
+    stride: tuple = (768, 768)  # slide stride
+
+    @property
+    def single_pass(self):
+        return tuple(self.scales) == (1.0,) and not self.flip and self.mode == "whole"
+
+    @property
+    def name(self):
+        """The exact inference flavour, e.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
+        name = ("ms" if len(self.scales) > 1 or self.scales[0] != 1.0 else "ss") + ("+flip" if self.flip else "")
+        name = "flip" if name == "ss+flip" else name
+        if self.mode == "whole":
+            return f"{name} whole"
+        (ch, cw), (sh, sw) = self.crop, self.stride
+        return f"{name} slide {ch}/{sh}" if ch == cw and sh == sw else f"{name} slide {ch}x{cw}/{sh}x{sw}"
 
 
-def slide_logits(model, images, crop, stride, num_classes):
+def slide_logits(model, images, crop, stride):
     """mmseg's sliding window: windows clamped inside the image, overlapping logits averaged."""
     _, _, height, width = images.shape
     crop_h, crop_w = min(crop[0], height), min(crop[1], width)
     rows = max(height - crop_h + stride[0] - 1, 0) // stride[0] + 1
     cols = max(width - crop_w + stride[1] - 1, 0) // stride[1] + 1
-    total = images.new_zeros((images.shape[0], num_classes, height, width), dtype=torch.float32)
-    count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
+    total, count = None, images.new_zeros((1, 1, height, width), dtype=torch.float32)
     for r in range(rows):
         for c in range(cols):
             y1, x1 = min(r * stride[0], height - crop_h), min(c * stride[1], width - crop_w)
-            total[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w] += model(images[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w]).float()
+            logits = model(images[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w]).float()
+            if total is None:  # the class count comes from the logits
+                total = logits.new_zeros((images.shape[0], logits.shape[1], height, width))
+            total[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w] += logits
             count[:, :, y1 : y1 + crop_h, x1 : x1 + crop_w] += 1
     return total / count
 
 
-def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop=None, stride=None, num_classes=NUM_CLASSES):
+def predict(model, images, options=Inference()):
     """Class scores at input size: logits for a single pass, else softmax probabilities averaged over scales/flips."""
     height, width = images.shape[2:]
-    passes = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    passes = [(s, f) for s in options.scales for f in ((False, True) if options.flip else (False,))]
     total = None
     for scale, flipped in passes:
         x = (
@@ -67,7 +86,7 @@ def predict(model, images, scales=(1.0,), flip=False, mode="whole", crop=None, s
             else F.interpolate(images.float(), size=(int(height * scale + 0.5), int(width * scale + 0.5)), mode="bilinear", align_corners=False)
         )
         x = x.flip(3) if flipped else x
-        scores = model(x).float() if mode == "whole" else slide_logits(model, x, crop, stride, num_classes)
+        scores = model(x).float() if options.mode == "whole" else slide_logits(model, x, options.crop, options.stride)
         if len(passes) == 1:
             return scores
         scores = scores.softmax(1)
@@ -83,11 +102,11 @@ def classes(scores):
     return scores.max(1).indices
 
 
-def predict_classes(model, images, scales=(1.0,), flip=False, mode="whole", crop=None, stride=None, num_classes=NUM_CLASSES):
+def predict_classes(model, images, options=Inference()):
     """The class map. A single whole-image pass never materialises the full-size logits (upsampled_classes)."""
-    if tuple(scales) == (1.0,) and not flip and mode == "whole":
+    if options.single_pass:
         return upsampled_classes(model(images, upsample=False), images.shape[2:])
-    return classes(predict(model, images, scales, flip, mode, crop, stride, num_classes))
+    return classes(predict(model, images, options))
 
 
 def confusion_matrix(pred, label, num_classes):
@@ -112,19 +131,15 @@ def metrics(confusion):
     }
 
 
-def colorize(pred):
-    return PALETTE[pred]
-
-
-def encode_prediction(pred, fmt, image=None):
-    """pred: HxW trainIds (uint8 numpy) -> PIL image in the requested format."""
+def encode_prediction(pred, fmt, info, image=None):
+    """pred: HxW class indices (uint8 numpy) -> PIL image in the requested format, coloured by the dataset's palette."""
     if fmt == "trainIds":
         return Image.fromarray(pred)
     if fmt == "labelIds":
-        return Image.fromarray(TRAINID_TO_LABELID[pred])
+        return Image.fromarray(np.array(info.submission_ids, dtype=np.uint8)[pred])
     if fmt == "color":
-        return Image.fromarray(colorize(pred))
-    return Image.fromarray((0.5 * image + 0.5 * colorize(pred)).astype(np.uint8))
+        return Image.fromarray(info.colors[pred])
+    return Image.fromarray((0.5 * image + 0.5 * info.colors[pred]).astype(np.uint8))
 
 
 def shard(dataset, runtime):
@@ -133,27 +148,14 @@ def shard(dataset, runtime):
 
 
 @torch.no_grad()
-def evaluate(
-    model,
-    dataset,
-    runtime,
-    amp="O0",
-    scales=(1.0,),
-    flip=False,
-    mode="whole",
-    crop=None,
-    stride=None,
-    out_dir=None,
-    fmt="color",
-    workers=2,
-    num_classes=NUM_CLASSES,
-    progress=True,
-):
+def evaluate(model, dataset, runtime, amp="O0", options=Inference(), out_dir=None, fmt="color", workers=2, progress=True):
     """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
-    data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all."""
+    data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
+    The classes are the dataset's (dataset.info), which must be the model's."""
     was_training = model.training
     model.eval()
     loader = torch.utils.data.DataLoader(shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.pin_memory, generator=torch.Generator())
+    num_classes = dataset.info.num_classes
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
     has_labels, data_s, model_s = True, 0.0, 0.0
     started = tick = time.perf_counter()
@@ -162,7 +164,7 @@ def evaluate(
         tick = time.perf_counter()
         images = sample["image"].to(runtime.device, non_blocking=True)
         with runtime.autocast(amp):
-            pred = predict_classes(model, images, scales, flip, mode, crop, stride, num_classes)
+            pred = predict_classes(model, images, options)
         if "label" in sample:
             confusion += confusion_matrix(pred, sample["label"].to(runtime.device, non_blocking=True), num_classes)
         else:
@@ -172,7 +174,7 @@ def evaluate(
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
-                encode_prediction(p, fmt, image).save(Path(out_dir) / f"{sample_name(name)}_{fmt}.png")
+                encode_prediction(p, fmt, dataset.info, image).save(Path(out_dir) / f"{sample_name(name)}_{fmt}.png")
         tick = time.perf_counter()
     model.train(was_training)
     seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
@@ -181,9 +183,9 @@ def evaluate(
     return {**metrics(runtime.all_reduce_counts(confusion).cpu()), **seconds}
 
 
-def print_table(result, mode):
+def print_table(result, mode, class_names):
     print(f"{'class':>15} | IoU ({mode})")
-    for name, iou in zip(CLASS_NAMES, result["iou"]):
+    for name, iou in zip(class_names, result["iou"]):
         print(f"{name:>15} | {'   n/a' if np.isnan(iou) else f'{100 * iou:6.2f}'}")
     print(f"{'mIoU':>15} | {result['mIoU']:6.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
 
@@ -227,7 +229,7 @@ def benchmark(model, runtime, size, amp, runs, warmup, batch=1):
         "latency_ms_min": round(1000 * min(fast_times), 2),
         "latency_ms_max": round(1000 * max(fast_times), 2),
         "fps": round(1000 * batch / fast_ms, 2),
-        "device": device_name(runtime),
+        "device": runtime.name,
         "precision": precision,
         "size": f"{size[0]}x{size[1]}",
         "batch": batch,
@@ -244,21 +246,14 @@ def benchmark(model, runtime, size, amp, runs, warmup, batch=1):
     return result
 
 
-def device_name(runtime):
-    if runtime.device.type == "cuda":
-        return torch.cuda.get_device_name(runtime.device)
-    if runtime.device.type == "npu":
-        return torch.npu.get_device_name(runtime.device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def parse_args(argv=None):
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--ckpt", help="our checkpoint, CoinCheung's or mmseg's released weights")
     parser.add_argument("--data-root", default="data/cityscapes")
+    parser.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
-    parser.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES)
+    parser.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES, help="with --benchmark and no --ckpt: classes of the random model")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
     parser.add_argument("--device-id", type=cli.integer(0), default=0)
     parser.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1: half precision autocast; O0: fp32")
@@ -268,7 +263,9 @@ def parse_args(argv=None):
     parser.add_argument("--crop", type=cli.size, default="1024x1024", help="slide window HxW")
     parser.add_argument("--stride", type=cli.size, default="768x768", help="slide stride HxW")
     parser.add_argument("--out-dir", help="write one PNG per image here")
-    parser.add_argument("--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"))
+    parser.add_argument(
+        "--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"), help="trainIds: class indices; labelIds: Cityscapes' submission ids"
+    )
     parser.add_argument("--workers", type=cli.integer(0), default=2)
     parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
     parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="with --benchmark and no --ckpt: random weights of this depth")
@@ -282,32 +279,53 @@ def parse_args(argv=None):
     return args
 
 
+def checkpoint_dataset(description):
+    """The dataset description saved with a checkpoint; checkpoints of before it was saved are Cityscapes ones."""
+    return DatasetInfo.from_dict(description) if description else CITYSCAPES
+
+
 def run(args):
     runtime = devices.setup(args.device, args.device_id)
-    amp = args.amp
     if args.benchmark:
-        model = load_model(args.ckpt, args.num_classes) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
-        result = benchmark(model, runtime, args.size, amp, args.runs, args.warmup, args.batch)
-        print(json.dumps(result))
+        model = load_model(args.ckpt) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
+        print(json.dumps(benchmark(model, runtime, args.size, args.amp, args.runs, args.warmup, args.batch)))
         return
     if not args.ckpt:
         raise cli.UsageError("--ckpt is required (or pass --benchmark)")
-    scales, crop, stride = args.scales, args.crop, args.stride
+    model, description = load_model_and_dataset(args.ckpt)
+    info = checkpoint_dataset(description)
     if args.images:
-        dataset = CityscapesDataset(None, None, images=find_images(args.images))
         if not args.out_dir:
             raise cli.UsageError("--images needs --out-dir to write the predictions to")
+        dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
-        dataset = CityscapesDataset(args.data_root, args.split, with_labels=args.split != "test")
-    model = inference_model(load_model(args.ckpt, args.num_classes), runtime)
-    name = mode_name(scales, args.flip, args.mode, crop, stride)
-    result = evaluate(model, dataset, runtime, amp, scales, args.flip, args.mode, crop, stride, args.out_dir, args.format, args.workers, args.num_classes)
+        dataset = open_dataset(args.data_root, args.split, args.dataset, with_labels=args.split != "test")
+        if dataset.info.num_classes != model.config["num_classes"]:
+            raise CheckpointError(
+                f"{args.ckpt}: a model of {model.config['num_classes']} classes, but {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
+                "evaluate it on the data it was trained for"
+            )
+        if runtime.is_main:
+            print(
+                f"dataset: {dataset.info.name} ({detect_dataset(args.data_root, args.dataset)}), {dataset.info.num_classes} classes, {len(dataset)} {args.split} images"
+            )
+    if args.format == "labelIds" and dataset.info.submission_ids is None:
+        raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
+    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
+    result = evaluate(inference_model(model, runtime), dataset, runtime, args.amp, options, args.out_dir, args.format, args.workers)
     if runtime.is_main:
         seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
-        summary = {"mode": name, "images": len(dataset), "amp": amp, "precision": runtime.precision(amp), **seconds}
+        summary = {
+            "mode": options.name,
+            "dataset": dataset.info.name,
+            "images": len(dataset),
+            "amp": args.amp,
+            "precision": runtime.precision(args.amp),
+            **seconds,
+        }
         if "mIoU" in result:
-            print_table(result, name)
-            per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(CLASS_NAMES, result["iou"])}
+            print_table(result, options.name, dataset.info.class_names)
+            per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
             summary = {"mIoU": round(result["mIoU"], 2), "mAcc": round(result["mAcc"], 2), "aAcc": round(result["aAcc"], 2), **summary, "per_class": per_class}
         if args.out_dir:
             summary["out_dir"] = args.out_dir

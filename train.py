@@ -36,7 +36,8 @@ from checkpoints import (
     remove_leftovers,
     resume_point,
 )
-from cityscapes import IGNORE_INDEX, NUM_CLASSES, CityscapesDataset, DataError, TrainTransform
+from cityscapes import TrainTransform, detect_dataset, open_dataset
+from datasets import IGNORE_INDEX, DataError
 from evaluate import evaluate
 
 
@@ -51,9 +52,10 @@ class Interrupted(TrainingError):
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--data-root", default="data/cityscapes")
+    p.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
     p.add_argument("--work-dir", default="work_dirs/bisenetv1")
     p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet context path")
-    p.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES)
+    p.add_argument("--num-classes", type=cli.integer(2, 255), help="a check: the class count comes from the dataset (Cityscapes 19, classes.txt)")
     p.add_argument("--dropout", type=cli.real(0, 1, high_open=True), default=0.1, help="before each head's classifier (mmseg)")
     p.add_argument("--batch-size", type=cli.integer(1), default=8, help="images per device")
     p.add_argument("--crop", type=cli.size, default="1024x1024", help="HxW")
@@ -172,8 +174,8 @@ class IterationSampler(torch.utils.data.Sampler):
             yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
 
 
-def training_set(data_root, crop, scale_range, cat_max_ratio):
-    dataset = CityscapesDataset(data_root, "train", TrainTransform(crop, scale_range, cat_max_ratio))
+def training_set(data_root, kind, crop, scale_range, cat_max_ratio):
+    dataset = open_dataset(data_root, "train", kind, TrainTransform(crop, scale_range, cat_max_ratio))
     first = dataset.samples[0][0]
     try:
         with Image.open(first) as image:
@@ -208,7 +210,7 @@ RECIPE_FLAGS = (
 )  # fmt: skip
 
 
-def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings):
+def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings, dataset):
     """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
     state = model.state_dict()
     bad = non_finite(state)
@@ -225,6 +227,7 @@ def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings):
         "iteration": iteration,
         "best_miou": best,
         "args": settings,
+        "dataset": dataset.to_dict(),
     }
     atomic_save(checkpoint, path)
 
@@ -257,17 +260,24 @@ def seed_for(seed, diff_seed, rank, iteration):
 
 
 # -- Model ----------------------------------------------------------------------------------------------------
+CLASSIFIERS = ("head.classifier.", "aux_head16.classifier.", "aux_head32.classifier.")
+
+
 def create_model(runtime, depth, num_classes, dropout, channels_last, load_from=None, pretrained=None, sync_bn=False, log=print):
     config = model_config(depth, num_classes, dropout=dropout)
     source = None
     if load_from:
-        source = load_model(load_from, num_classes)
+        source = load_model(load_from)
         if source.config["depth"] != depth:
             raise CheckpointError(f"{load_from}: a ResNet-{source.config['depth']} model; pass --depth {source.config['depth']}")
-        config = {**source.config, "dropout": dropout}  # keeps its fusion variant and input normalisation
+        config = {**source.config, "dropout": dropout, "num_classes": num_classes}  # keeps its fusion variant and input normalisation
     model = build_model(config)
     if source is not None:
-        model.load_state_dict(source.state_dict())
+        state = source.state_dict()
+        if source.config["num_classes"] != num_classes:  # fine-tuning on other classes: everything but the classifiers
+            state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIERS)}
+            log(f"{load_from}: {source.config['num_classes']} classes, the data has {num_classes}: the three classifier layers are re-initialised")
+        model.load_state_dict(state, strict=source.config["num_classes"] == num_classes)
         log(f"initial weights from {load_from}")
     if pretrained:
         load_backbone(model, pretrained, log)
@@ -375,17 +385,19 @@ def train(args):
         raise cli.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
         )
-    if not Path(args.data_root).is_dir():
-        raise DataError(f"{args.data_root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {args.data_root}")
-    dataset = training_set(args.data_root, args.crop, args.scale_range, args.cat_max_ratio)
-    val_set = None if args.no_validate else CityscapesDataset(args.data_root, "val")
+    dataset = training_set(args.data_root, args.dataset, args.crop, args.scale_range, args.cat_max_ratio)
+    info = dataset.info
+    if args.num_classes is not None and args.num_classes != info.num_classes:
+        raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
+    val_set = None if args.no_validate else open_dataset(args.data_root, "val", args.dataset)
     work_dir = Path(args.work_dir)
     held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime)
     run_log = RunLog(work_dir, runtime.is_main)
+    run_log.message(f"dataset: {info.name} ({detect_dataset(args.data_root, args.dataset)}), {info.num_classes} classes, {len(dataset)} training images")
     settings = {**vars(args), "world_size": runtime.world_size}
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(runtime, args.depth, args.num_classes, args.dropout, channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message)
+    model = create_model(runtime, args.depth, info.num_classes, args.dropout, channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message)
     optimizer = create_optimizer(model, args.lr, args.momentum, args.weight_decay, fused=runtime.fused_optimizer)
     scaler = runtime.grad_scaler(args.amp)
     start, best = 0, None
@@ -461,11 +473,11 @@ def train(args):
                         {"iter": it + 1, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]}, **{"val/mIoU": result["mIoU"]}
                     )
                     if improved and runtime.is_main:
-                        save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, it + 1, best, settings)
+                        save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, it + 1, best, settings, info)
                 if (it + 1) % args.ckpt_interval == 0 or done:
                     path = work_dir / f"iter_{it + 1}.pth"
                     if runtime.is_main:
-                        save_checkpoint(path, model, optimizer, scaler, it + 1, best, settings)
+                        save_checkpoint(path, model, optimizer, scaler, it + 1, best, settings, info)
                         point_latest(work_dir, path)
                         for old in prune(work_dir, args.keep_checkpoints):
                             run_log.message(f"removed {old.name} (--keep-checkpoints {args.keep_checkpoints})")

@@ -14,7 +14,7 @@ from reference_models import randomize_batchnorm
 from bisenet import build_model, model_config
 from cityscapes import PALETTE, TRAINID_TO_LABELID, synthesize
 from convert_labels import convert_dataset
-from evaluate import confusion_matrix, metrics, mode_name, predict
+from evaluate import Inference, confusion_matrix, metrics, predict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,18 +45,18 @@ def last_json(stdout):
 @torch.no_grad()
 def test_flip_averaging_happens_in_the_image_frame(model):
     images = torch.rand(1, 3, 96, 160) * 255
-    flipped = predict(model, images.flip(3), flip=True)
-    torch.testing.assert_close(flipped, predict(model, images, flip=True).flip(3), atol=1e-6, rtol=1e-5)
+    flipped = predict(model, images.flip(3), Inference(flip=True))
+    torch.testing.assert_close(flipped, predict(model, images, Inference(flip=True)).flip(3), atol=1e-6, rtol=1e-5)
     manual = (model(images).softmax(1) + model(images.flip(3)).softmax(1).flip(3)) / 2
-    torch.testing.assert_close(predict(model, images, flip=True), manual)
+    torch.testing.assert_close(predict(model, images, Inference(flip=True)), manual)
 
 
 @torch.no_grad()
 def test_sliding_window_covering_the_image_equals_whole_inference(model):
     images = torch.rand(1, 3, 96, 160) * 255
     whole = predict(model, images)
-    assert torch.equal(predict(model, images, mode="slide", crop=(96, 160), stride=(64, 64)), whole)
-    assert torch.equal(predict(model, images, mode="slide", crop=(128, 256), stride=(96, 96)), whole)
+    assert torch.equal(predict(model, images, Inference(mode="slide", crop=(96, 160), stride=(64, 64))), whole)
+    assert torch.equal(predict(model, images, Inference(mode="slide", crop=(128, 256), stride=(96, 96))), whole)
 
 
 @torch.no_grad()
@@ -67,25 +67,25 @@ def test_sliding_windows_average_every_overlap(model):
     for y, x in windows:
         total[:, :, y : y + 64, x : x + 96] += model(images[:, :, y : y + 64, x : x + 96])
         count[:, :, y : y + 64, x : x + 96] += 1
-    torch.testing.assert_close(predict(model, images, mode="slide", crop=(64, 96), stride=(32, 64)), total / count)
+    torch.testing.assert_close(predict(model, images, Inference(mode="slide", crop=(64, 96), stride=(32, 64))), total / count)
 
 
 @torch.no_grad()
 def test_multi_scale_with_scale_one_is_single_scale(model):
     images = torch.rand(1, 3, 96, 160) * 255
     single = predict(model, images)
-    assert torch.equal(predict(model, images, scales=(1.0,)), single)
-    torch.testing.assert_close(predict(model, images, scales=(1.0, 1.0)), single.softmax(1))
-    multi = predict(model, images, scales=(0.5, 1.0, 1.5), flip=True)
+    assert torch.equal(predict(model, images, Inference(scales=(1.0,))), single)
+    torch.testing.assert_close(predict(model, images, Inference(scales=(1.0, 1.0))), single.softmax(1))
+    multi = predict(model, images, Inference(scales=(0.5, 1.0, 1.5), flip=True))
     assert multi.shape == single.shape and torch.allclose(multi.sum(1), torch.ones(1, 96, 160))
 
 
 def test_mode_names_say_exactly_what_was_run():
-    assert mode_name((1.0,), False, "whole") == "ss whole"
-    assert mode_name((1.0,), True, "whole") == "flip whole"
-    assert mode_name((0.5, 1.0), False, "whole") == "ms whole"
-    assert mode_name((0.5, 0.75, 1.0), True, "slide", (1024, 1024), (768, 768)) == "ms+flip slide 1024/768"
-    assert mode_name((1.0,), False, "slide", (512, 1024), (256, 512)) == "ss slide 512x1024/256x512"
+    assert Inference((1.0,), False, "whole").name == "ss whole"
+    assert Inference((1.0,), True, "whole").name == "flip whole"
+    assert Inference((0.5, 1.0), False, "whole").name == "ms whole"
+    assert Inference((0.5, 0.75, 1.0), True, "slide", (1024, 1024), (768, 768)).name == "ms+flip slide 1024/768"
+    assert Inference((1.0,), False, "slide", (512, 1024), (256, 512)).name == "ss slide 512x1024/256x512"
 
 
 def test_metrics_follow_the_official_definition():

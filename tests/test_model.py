@@ -7,8 +7,6 @@ import torch.nn as nn
 from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
 
 from bisenet import (
-    CITYSCAPES_MEAN,
-    CITYSCAPES_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     CheckpointError,
@@ -106,8 +104,14 @@ def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
     model = load_model(tmp_path / "model_final_v1_city_new.pth")
     assert model.config["ffm_attention_relu"] is False and model.config["depth"] == 18
     images = torch.rand(1, 3, 128, 256) * 255
+    # CoinCheung's own preprocessing as published: ToTensor (0..1), then Normalize with these 0..1 statistics
+    published_mean, published_std = (0.3257, 0.3690, 0.3223), (0.2112, 0.2148, 0.2115)
     with torch.no_grad():
-        torch.testing.assert_close(model(images), reference(normalized(images, CITYSCAPES_MEAN, CITYSCAPES_STD)), atol=1e-4, rtol=1e-4)
+        expected = reference(normalized(images / 255, published_mean, published_std))
+        torch.testing.assert_close(model(images), expected, atol=1e-6, rtol=1e-6)
+        rounded = build_model({**model.config, "mean": [83.06, 94.10, 82.19], "std": [53.87, 54.77, 53.93]})  # the old constants
+        rounded.load_state_dict(model.state_dict())
+        assert not torch.allclose(rounded.eval()(images), expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("depth", [18, 50])
