@@ -203,3 +203,46 @@ def refuse_fresh_start(work_dir):
     latest = work_dir / "latest.pth"
     if iteration_checkpoints(work_dir) or (work_dir / "best.pth").exists() or latest.exists() or latest.is_symlink():
         raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({describe(work_dir)}); pass --resume to continue it, or a new --work-dir")
+
+
+# the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
+RECIPE_FLAGS = (
+    "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
+    "warmup_ratio", "poly_power", "min_lr", "loss", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "seed", "diff_seed", "sync_bn",
+)  # fmt: skip
+
+
+def kept_checkpoint(work_dir):
+    saved = iteration_checkpoints(work_dir)
+    return f"The last good checkpoint is kept: {saved[-1][1]}" if saved else "No checkpoint had been written yet."
+
+
+def setting_text(value):
+    if isinstance(value, (tuple, list)):
+        return ("x" if all(isinstance(v, int) for v in value) else ",").join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def changed_settings(saved, current):
+    """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
+    changes = []
+    for name in RECIPE_FLAGS + ("world_size",):
+        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
+            flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
+            changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
+    return ", ".join(changes)
+
+
+def open_work_dir(work_dir, resume, runtime, log=print):
+    """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds the same resume
+    checkpoint (None for a fresh run), reading the work dir that rank 0 writes (shared storage across machines)."""
+    held = None
+    if runtime.is_main:
+        held = lock(work_dir)
+        for path in remove_leftovers(work_dir):
+            log(f"removed {path.name}, left by a run that was killed while writing")
+        if not resume:
+            refuse_fresh_start(work_dir)
+    if not resume:
+        return held, None, None
+    return held, *resume_point(work_dir)[:2]

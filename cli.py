@@ -20,8 +20,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the module docstring as help, defaults shown, and errors on one line (no usage block)."""
 
-    def __init__(self, description):
-        super().__init__(description=description, formatter_class=HelpFormatter)
+    def __init__(self, description=None, **kwargs):
+        super().__init__(description=description, **{"formatter_class": HelpFormatter, **kwargs})
 
     def error(self, message):
         self.exit(2, f"error: {message} (see python {self.prog} -h)\n")

@@ -11,7 +11,6 @@ Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey or palette ("P") 
     python datasets.py synthesize OUT --classes 7 [--layout mmseg|list|camvid]    # synthetic data of any class count
 """
 
-import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -20,6 +19,8 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+
+import cli
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -331,18 +332,18 @@ def synthesize(out_dir, classes=7, train=12, val=4, test=0, height=128, width=25
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synthesize", help="write a synthetic dataset in a generic layout")
     synth.add_argument("out_dir")
-    synth.add_argument("--classes", type=int, default=7, help="class count (CamVid: always its 11)")
+    synth.add_argument("--classes", type=cli.integer(2, 255), default=7, help="class count (CamVid: always its 11)")
     synth.add_argument("--layout", default="mmseg", choices=LAYOUTS)
-    synth.add_argument("--train", type=int, default=12)
-    synth.add_argument("--val", type=int, default=4)
-    synth.add_argument("--test", type=int, default=0)
-    synth.add_argument("--height", type=int, default=128)
-    synth.add_argument("--width", type=int, default=256)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--train", type=cli.integer(1), default=12)
+    synth.add_argument("--val", type=cli.integer(0), default=4)
+    synth.add_argument("--test", type=cli.integer(0), default=0)
+    synth.add_argument("--height", type=cli.integer(32), default=128)
+    synth.add_argument("--width", type=cli.integer(32), default=256)
+    synth.add_argument("--seed", type=cli.integer(0), default=0)
     args = parser.parse_args(argv)
     synthesize(args.out_dir, args.classes, args.train, args.val, args.test, args.height, args.width, args.layout, args.seed)
     print(f"wrote {args.train} train, {args.val} val, {args.test} test images ({args.layout} layout) to {args.out_dir}")

@@ -312,7 +312,9 @@ def run(args):
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
-    result = evaluate(inference_model(model, runtime), dataset, runtime, args.amp, options, args.out_dir, args.format, args.workers)
+    result = evaluate(
+        inference_model(model, runtime), dataset, runtime, amp=args.amp, options=options, out_dir=args.out_dir, fmt=args.format, workers=args.workers
+    )
     if runtime.is_main:
         seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
         summary = {

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 import cli
-from bisenet import CheckpointError, fuse_bn, load_model
+from bisenet import CheckpointError, fuse_bn, load_model_and_dataset
+from evaluate import checkpoint_dataset
 
 
 class ArgmaxHead(torch.nn.Module):
@@ -75,7 +76,8 @@ def main(argv=None):
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         parser.error(f"argument --out: cannot write {out} ({'a folder' if out.is_dir() else 'its folder is missing or read-only'}); pass a writable file path")
     try:
-        graph = export(load_model(args.ckpt), out, args.size, args.dynamic, args.argmax, args.opset)
+        model, description = load_model_and_dataset(args.ckpt)
+        graph = export(model, out, args.size, args.dynamic, args.argmax, args.opset)
         opset = written_opset(out)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -92,7 +94,21 @@ def main(argv=None):
     parity = check_parity(graph, out, args.size)
     if parity:
         print(f"onnxruntime vs PyTorch at {args.size[0]}x{args.size[1]}: " + ", ".join(f"{k} {v:.6g}" for k, v in parity.items()))
-    print(json.dumps({"onnx": str(out), "opset": opset, "dynamic": args.dynamic, "argmax": args.argmax, **(parity or {})}))
+    info = checkpoint_dataset(description)
+    print(f"{out}: {info.num_classes} classes of {info.name}: {', '.join(info.class_names)}")
+    print(
+        json.dumps(
+            {
+                "onnx": str(out),
+                "opset": opset,
+                "dynamic": args.dynamic,
+                "argmax": args.argmax,
+                "dataset": info.name,
+                "classes": list(info.class_names),
+                **(parity or {}),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,17 +25,7 @@ from tqdm import tqdm
 import cli
 import device as devices
 from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config, non_finite
-from checkpoints import (
-    WorkDirError,
-    atomic_save,
-    iteration_checkpoints,
-    lock,
-    point_latest,
-    prune,
-    refuse_fresh_start,
-    remove_leftovers,
-    resume_point,
-)
+from checkpoints import WorkDirError, atomic_save, changed_settings, kept_checkpoint, open_work_dir, point_latest, prune
 from cityscapes import TrainTransform, detect_dataset, open_dataset
 from datasets import IGNORE_INDEX, DataError
 from evaluate import evaluate
@@ -204,12 +194,6 @@ def training_loader(dataset, batch_size, workers, seed, start, iters, runtime):
 
 
 # -- Checkpoints ----------------------------------------------------------------------------------------------
-RECIPE_FLAGS = (
-    "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
-    "warmup_ratio", "poly_power", "min_lr", "loss", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "seed", "diff_seed", "sync_bn",
-)  # fmt: skip
-
-
 def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings, dataset):
     """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
     state = model.state_dict()
@@ -230,27 +214,6 @@ def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings, d
         "dataset": dataset.to_dict(),
     }
     atomic_save(checkpoint, path)
-
-
-def kept_checkpoint(work_dir):
-    saved = iteration_checkpoints(work_dir)
-    return f"The last good checkpoint is kept: {saved[-1][1]}" if saved else "No checkpoint had been written yet."
-
-
-def setting_text(value):
-    if isinstance(value, (tuple, list)):
-        return ("x" if all(isinstance(v, int) for v in value) else ",").join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def changed_settings(saved, current):
-    """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
-    changes = []
-    for name in RECIPE_FLAGS + ("world_size",):
-        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
-            flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
-            changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
-    return ", ".join(changes)
 
 
 def seed_for(seed, diff_seed, rank, iteration):
@@ -352,21 +315,6 @@ class RunLog:
             self.writer.close()
 
 
-def open_work_dir(work_dir, resume, runtime):
-    """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds the same resume
-    checkpoint (None for a fresh run), reading the work dir that rank 0 writes (shared storage across machines)."""
-    held = None
-    if runtime.is_main:
-        held = lock(work_dir)
-        for path in remove_leftovers(work_dir):
-            tqdm.write(f"removed {path.name}, left by a run that was killed while writing")
-        if not resume:
-            refuse_fresh_start(work_dir)
-    if not resume:
-        return held, None, None
-    return held, *resume_point(work_dir)[:2]
-
-
 def restore(checkpoint, path, model, optimizer, scaler):
     """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler."""
     if checkpoint["model_config"] != model.config:
@@ -391,7 +339,7 @@ def train(args):
         raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
     val_set = None if args.no_validate else open_dataset(args.data_root, "val", args.dataset)
     work_dir = Path(args.work_dir)
-    held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime)
+    held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime, tqdm.write)
     run_log = RunLog(work_dir, runtime.is_main)
     run_log.message(f"dataset: {info.name} ({detect_dataset(args.data_root, args.dataset)}), {info.num_classes} classes, {len(dataset)} training images")
     settings = {**vars(args), "world_size": runtime.world_size}
