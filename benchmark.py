@@ -293,6 +293,39 @@ def environment(runtime):
     return info
 
 
+# Inference variants of R18 at the first size, batch 1: what each changes from the default path (evaluate.py's).
+INFER_VARIANTS = {
+    "default": {},
+    "bf16": {"amp_dtype": torch.bfloat16},
+    "fp16": {"amp_dtype": torch.float16},
+    "compile": {"compile_mode": "default"},
+    "compile-cuda-graphs": {"compile_mode": "reduce-overhead"},
+    "compile-max-autotune": {"compile_mode": "max-autotune"},
+}
+
+
+def inference_variants(runtime, size, variants, runs, warmup, log):
+    """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time includes compiling)."""
+    model = build_model(model_config(18, NUM_CLASSES)).eval()
+    out = {}
+    for name in variants:
+        options = dict(INFER_VARIANTS[name])
+        variant_runtime = dataclasses.replace(runtime, amp_dtype=options.pop("amp_dtype", runtime.amp_dtype))
+        try:
+            result = benchmark(model, variant_runtime, size, "O1", runs, warmup, compile_mode=options.get("compile_mode"))
+        except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements
+            out[name] = {"error": describe(e)}
+            continue
+        out[name] = {key: result[key] for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")}
+        log(f"R18 {size[0]}x{size[1]} {name}: {out[name]}")
+    return out
+
+
+def default_infer_variants(runtime):
+    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions."""
+    return list(INFER_VARIANTS) if runtime.device.type == "cuda" else ["default", "bf16"]
+
+
 def inference_speeds(runtime, sizes, batches, runs, warmup, log):
     """evaluate.py --benchmark for R18 and R50 at each size: batch 1, and the batch with the most images per second."""
     out = {}
@@ -387,6 +420,8 @@ def run_inference(args):
     }
     log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
     result["speed"] = inference_speeds(runtime, INFER_SIZES[size], INFER_BATCHES[size], args.steps, args.warmup, log)
+    variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
+    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants, args.steps, args.warmup, log)
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
     try:
@@ -416,12 +451,16 @@ def parse_args(argv=None):
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun")
     p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
     p.add_argument("--inference", action="store_true", help="inference instead (bash run_1p.sh bench-infer): --steps timed runs per size and batch")
+    p.add_argument("--infer-variants", help=f"with --inference, comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 elsewhere)")
     p.add_argument("--transform", action="store_true", help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)")
     args = p.parse_args(argv)
     variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise cli.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
+    unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
+    if unknown:
+        raise cli.UsageError(f"--infer-variants: unknown {unknown}; choose from {', '.join(INFER_VARIANTS)}")
     crop = args.crop
     if min(crop) < 32:
         raise cli.UsageError(f"--crop {crop[0]}x{crop[1]}: both sides must be >= 32")

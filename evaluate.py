@@ -208,16 +208,19 @@ def time_runs(predictor, model, images, runtime, amp, runs):
     return times
 
 
-def benchmark(model, runtime, size, amp, runs, warmup, batch=1):
+def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=None):
     """uint8 input already on the device, to the class map at input size, synchronised; FPS = images per second.
 
     The baseline is the same model in eager fp32 (BatchNorm unfused, contiguous tensors, full-size logits, then
-    the class map), timed interleaved with the inference path so that machine drift hits both alike."""
+    the class map), timed interleaved with the inference path so that machine drift hits both alike.
+    compile_mode: torch.compile the inference path in that mode ("default", "reduce-overhead" = CUDA graphs, ...);
+    compiling happens in the warm-up runs, whose time is reported."""
     images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
     fast = inference_model(model, runtime)
+    fast = torch.compile(fast, mode=compile_mode) if compile_mode else fast
     fast_images = images.contiguous(memory_format=runtime.memory_format)
     plain = copy.deepcopy(model).eval().to(runtime.device)
-    time_runs(predict_classes, fast, fast_images, runtime, amp, warmup)
+    warmup_s = sum(time_runs(predict_classes, fast, fast_images, runtime, amp, max(warmup, 1 if compile_mode else 0)))
     fast_times, plain_times = [], []
     for _ in range(runs):
         fast_times += time_runs(predict_classes, fast, fast_images, runtime, amp, 1)
@@ -234,6 +237,8 @@ def benchmark(model, runtime, size, amp, runs, warmup, batch=1):
         "size": f"{size[0]}x{size[1]}",
         "batch": batch,
         "warmup_runs": warmup,
+        "warmup_s": round(warmup_s, 2),
+        "compile_mode": compile_mode,
         "timed_runs": runs,
     }
     print(

@@ -62,6 +62,8 @@ def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_pat
     for speed in out["speed"].values():
         assert abs(speed["fps"] - 1000 / speed["latency_ms"]) < 0.05 * speed["fps"] and speed["best_batch"] in (1, 2)
         assert speed["best_batch_fps"] >= speed["fps"] and speed["precision"] == "bf16 autocast"
+    assert out["variants"].keys() == {"default", "bf16"}  # CPU: no compile variants unless asked for
+    assert all(v["fps"] > 0 and v["warmup_s"] > 0 for v in out["variants"].values()) and out["variants"]["bf16"]["precision"] == "bf16 autocast"
     val = out["val"]
     assert val["images"] == 4 and val["mode"] == "ss whole" and val["precision"] == "bf16 autocast"
     assert 0 < val["data_s"] + val["model_s"] <= val["eval_s"] <= val["process_wall_s"]
