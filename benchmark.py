@@ -25,17 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 import cli
 import device as devices
-from bisenet import build_model, model_config
 from cityscapes import NUM_CLASSES, CityscapesDataset, TrainTransform, synthesize
 from convert_labels import convert_dataset
-from evaluate import benchmark
 from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
 
 ROOT = Path(__file__).resolve().parent
@@ -43,11 +39,6 @@ ROOT = Path(__file__).resolve().parent
 # (name, depth, images per device, crop): Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
 RECIPES = {"full": [("r50", 50, 8, (1024, 1024)), ("r18", 18, 16, (1024, 1024))], "small": [("r50", 50, 2, (64, 128)), ("r18", 18, 2, (64, 128))]}
 DATA = {"full": dict(train=32, val=4, height=1024, width=2048), "small": dict(train=8, val=2, height=128, width=256)}
-# Inference (--inference): the sizes of issue-style targets, batches tried for throughput, a val split to time.
-INFER_SIZES = {"full": [(1024, 2048), (512, 1024)], "small": [(128, 256), (64, 128)]}
-INFER_BATCHES = {"full": (2, 4, 8, 16), "small": (2,)}
-INFER_DATA = {"full": dict(train=16, val=100, height=1024, width=2048), "small": dict(train=8, val=4, height=128, width=256)}
-INFER_TRAIN = {"full": ["--batch-size", "8", "--crop", "512x1024", "--iters", "80"], "small": ["--batch-size", "2", "--crop", "64x128", "--iters", "6"]}
 TORCHRUN_RECIPE = {"full": ["--batch-size", "4", "--crop", "512x1024"], "small": ["--batch-size", "2", "--crop", "64x128"]}
 
 # What each variant changes from this device's default training path (train.py's defaults).
@@ -293,105 +284,6 @@ def environment(runtime):
     return info
 
 
-# Inference variants of R18 at the first size, batch 1: what each changes from the default path (evaluate.py's).
-INFER_VARIANTS = {
-    "default": {},
-    "bf16": {"amp_dtype": torch.bfloat16},
-    "fp16": {"amp_dtype": torch.float16},
-    "compile": {"compile_mode": "default"},
-    "compile-cuda-graphs": {"compile_mode": "reduce-overhead"},
-    "compile-max-autotune": {"compile_mode": "max-autotune"},
-}
-
-
-def inference_variants(runtime, size, variants, runs, warmup, log):
-    """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time includes compiling)."""
-    model = build_model(model_config(18, NUM_CLASSES)).eval()
-    out = {}
-    for name in variants:
-        options = dict(INFER_VARIANTS[name])
-        variant_runtime = dataclasses.replace(runtime, amp_dtype=options.pop("amp_dtype", runtime.amp_dtype))
-        try:
-            result = benchmark(model, variant_runtime, size, "O1", runs, warmup, compile_mode=options.get("compile_mode"))
-        except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements
-            out[name] = {"error": describe(e)}
-            continue
-        out[name] = {key: result[key] for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")}
-        log(f"R18 {size[0]}x{size[1]} {name}: {out[name]}")
-    return out
-
-
-def default_infer_variants(runtime):
-    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions."""
-    return list(INFER_VARIANTS) if runtime.device.type == "cuda" else ["default", "bf16"]
-
-
-def inference_speeds(runtime, sizes, batches, runs, warmup, log):
-    """evaluate.py --benchmark for R18 and R50 at each size: batch 1, and the batch with the most images per second."""
-    out = {}
-    for depth in (18, 50):
-        model = build_model(model_config(depth, NUM_CLASSES)).eval()
-        for size in sizes:
-            single = benchmark(model, runtime, size, "O1", runs, warmup)
-            best = single
-            for batch in batches:
-                result = benchmark(model, runtime, size, "O1", runs, warmup, batch=batch)
-                best = result if result["fps"] > best["fps"] else best
-            out[f"r{depth}_{size[0]}x{size[1]}"] = {
-                "fps": single["fps"],
-                "latency_ms": single["latency_ms_median"],
-                "speedup_vs_eager_fp32": single["speedup"],
-                "precision": single["precision"],
-                "best_batch": best["batch"],
-                "best_batch_fps": best["fps"],
-            }
-            log(f"R{depth} {size[0]}x{size[1]}: {out[f'r{depth}_{size[0]}x{size[1]}']}")
-    return out
-
-
-def class_maps(folder):
-    return np.stack([np.array(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))])
-
-
-def validation_pass(data_root, work_dir, device, train_recipe, workers, log):
-    """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps, mIoU), and the wall
-    time of a whole val pass, split into data loading and model time."""
-    train_cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir / "r18", "--device", device, "--depth", "18"]
-    train_cmd += [*train_recipe, "--lr", "0.05", "--warmup-iters", "5", "--no-validate", "--workers", str(workers), "--log-interval", "10"]
-    trained, output = run_json(train_cmd, timeout=600)
-    if trained is None:
-        return {"error": output}
-    evaluate_cmd = [sys.executable, "evaluate.py", "--ckpt", trained["checkpoint"], "--data-root", data_root, "--device", device, "--workers", str(workers)]
-    start = time.perf_counter()
-    timed, output = run_json(evaluate_cmd, timeout=600)
-    wall = time.perf_counter() - start
-    if timed is None:
-        return {"error": output}
-    results = {}
-    for amp in ("O0", "O1"):
-        results[amp], output = run_json([*evaluate_cmd, "--amp", amp, "--out-dir", work_dir / f"pred_{amp}", "--format", "trainIds"], timeout=600)
-        if results[amp] is None:
-            return {"error": output}
-    agreement = float((class_maps(work_dir / "pred_O0") == class_maps(work_dir / "pred_O1")).mean())
-    result = {
-        "train_iters": trained["iters"],
-        "images": timed["images"],
-        "mode": timed["mode"],
-        "precision": timed["precision"],
-        "mIoU": timed["mIoU"],
-        "mIoU_fp32": results["O0"]["mIoU"],
-        "class_map_agreement": round(agreement, 6),
-        "process_wall_s": round(wall, 2),
-        "eval_s": timed["eval_s"],
-        "data_s": timed["data_s"],
-        "model_s": timed["model_s"],
-        "images_per_s": round(timed["images"] / timed["eval_s"], 2),
-        "workers": workers,
-    }
-    log(f"val pass, {result['images']} images: {result}")
-    return result
-
-
 def transform_speed(samples, crop, log):
     """`python benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -405,34 +297,6 @@ def transform_speed(samples, crop, log):
         rate = samples / (time.perf_counter() - start)
     log(f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: {rate:.1f} samples/s")
     print(json.dumps({"transform_samples_per_s": round(rate, 2)}), flush=True)
-
-
-def run_inference(args):
-    """`bash run_1p.sh bench-infer`: inference speeds, fast-path agreement and a timed val pass; one JSON line."""
-    started = time.perf_counter()
-    size = "small" if args.small else "full"
-    runtime = devices.setup(args.device)
-    log = functools.partial(print, flush=True)
-    result = {
-        **environment(runtime),
-        "size": size,
-        "protocol": f"median of {args.steps} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
-    }
-    log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
-    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], INFER_BATCHES[size], args.steps, args.warmup, log)
-    variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
-    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants, args.steps, args.warmup, log)
-    workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
-    try:
-        data_root = synthetic_data(work / "data", INFER_DATA[size], 2, log)
-        result["val"] = validation_pass(data_root, work, runtime.device.type, INFER_TRAIN[size], workers, log)
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work, ignore_errors=True)
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result), flush=True)
-    return result
 
 
 def parse_args(argv=None):
@@ -450,17 +314,12 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="also print the top operators of each recipe's default step")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun")
     p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
-    p.add_argument("--inference", action="store_true", help="inference instead (bash run_1p.sh bench-infer): --steps timed runs per size and batch")
-    p.add_argument("--infer-variants", help=f"with --inference, comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 elsewhere)")
     p.add_argument("--transform", action="store_true", help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)")
     args = p.parse_args(argv)
     variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise cli.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
-    unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
-    if unknown:
-        raise cli.UsageError(f"--infer-variants: unknown {unknown}; choose from {', '.join(INFER_VARIANTS)}")
     crop = args.crop
     if min(crop) < 32:
         raise cli.UsageError(f"--crop {crop[0]}x{crop[1]}: both sides must be >= 32")
@@ -517,8 +376,6 @@ def main(argv=None):
         args, recipes, variants, skip = parse_args(argv)
         if args.transform:
             transform_speed(args.steps, args.crop, functools.partial(print, flush=True))
-        elif args.inference:
-            run_inference(args)
         else:
             run(args, recipes, variants, skip)
     except cli.UsageError as e:

@@ -83,13 +83,18 @@ def _no_space(directory, needed):
     return WorkDirError(f"no space left on {directory} (needs about {needed / MB:.0f} MB, {free / MB:.0f} MB free); free some space and resume")
 
 
-def out_of_space(error):
-    """torch.save reports ENOSPC as a RuntimeError ('unexpected pos') raised while handling the OSError."""
+def caused_by(error, matches):
+    """Whether `error` or an error it was raised while handling matches: torch.save reports what went wrong in its
+    Python file writes (ENOSPC, Ctrl-C) as a RuntimeError ('unexpected pos') raised during their handling."""
     while error is not None:
-        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        if matches(error):
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def out_of_space(error):
+    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
 
 def atomic_save(obj, path):
@@ -109,7 +114,9 @@ def atomic_save(obj, path):
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if out_of_space(e):
+        if caused_by(e, lambda error: isinstance(error, KeyboardInterrupt)):
+            raise KeyboardInterrupt from None
+        if caused_by(e, out_of_space):
             raise _no_space(directory, needed) from None
         if isinstance(e, OSError):
             raise WorkDirError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are kept") from None

@@ -45,7 +45,7 @@ if [ "$MODE" = bench ]; then
   exec python benchmark.py "$@"
 fi
 if [ "$MODE" = bench-infer ]; then
-  exec python benchmark.py --inference "$@"
+  exec python benchmark_inference.py "$@"
 fi
 
 if [ "$DEPTH" = 18 ]; then

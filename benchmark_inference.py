@@ -1,0 +1,191 @@
+"""Inference speed on whatever device this is, in one command (`bash run_1p.sh bench-infer`).
+
+    python benchmark_inference.py                    # R18/R50 at 1024x2048 and 512x1024, batch 1 and best batch;
+                                                     # R18 through each inference variant; a trained synthetic R18:
+                                                     # fast path vs eager fp32 and a timed val pass
+    BENCH_SMALL=1 python benchmark_inference.py      # the same at small sizes, for CPUs and the tests
+
+Protocol: evaluate.py --benchmark's (uint8 input on the device, class map at input size, synchronised, median
+of the timed runs after warm-up, interleaved with eager fp32). The last line printed is JSON.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import cli
+import device as devices
+from benchmark import describe, environment, run_json, synthetic_data
+from bisenet import build_model, model_config
+from cityscapes import NUM_CLASSES
+from evaluate import benchmark
+
+# Sizes timed, batches tried for throughput, the val split that is timed and the training that precedes it.
+INFER_SIZES = {"full": [(1024, 2048), (512, 1024)], "small": [(128, 256), (64, 128)]}
+INFER_BATCHES = {"full": (2, 4, 8, 16), "small": (2,)}
+INFER_DATA = {"full": dict(train=16, val=100, height=1024, width=2048), "small": dict(train=8, val=4, height=128, width=256)}
+INFER_TRAIN = {"full": ["--batch-size", "8", "--crop", "512x1024", "--iters", "80"], "small": ["--batch-size", "2", "--crop", "64x128", "--iters", "6"]}
+
+# Inference variants of R18 at the first size, batch 1: what each changes from the default path (evaluate.py's).
+INFER_VARIANTS = {
+    "default": {},
+    "bf16": {"amp_dtype": torch.bfloat16},
+    "fp16": {"amp_dtype": torch.float16},
+    "compile": {"compile_mode": "default"},
+    "compile-cuda-graphs": {"compile_mode": "reduce-overhead"},
+    "compile-max-autotune": {"compile_mode": "max-autotune"},
+}
+
+
+def inference_variants(runtime, size, variants, runs, warmup, log):
+    """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time includes compiling)."""
+    model = build_model(model_config(18, NUM_CLASSES)).eval()
+    out = {}
+    for name in variants:
+        options = dict(INFER_VARIANTS[name])
+        variant_runtime = dataclasses.replace(runtime, amp_dtype=options.pop("amp_dtype", runtime.amp_dtype))
+        try:
+            result = benchmark(model, variant_runtime, size, "O1", runs, warmup, compile_mode=options.get("compile_mode"))
+        except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements
+            out[name] = {"error": describe(e)}
+            continue
+        out[name] = {key: result[key] for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")}
+        log(f"R18 {size[0]}x{size[1]} {name}: {out[name]}")
+    return out
+
+
+def default_infer_variants(runtime):
+    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions."""
+    return list(INFER_VARIANTS) if runtime.device.type == "cuda" else ["default", "bf16"]
+
+
+def inference_speeds(runtime, sizes, batches, runs, warmup, log):
+    """evaluate.py --benchmark for R18 and R50 at each size: batch 1, and the batch with the most images per second."""
+    out = {}
+    for depth in (18, 50):
+        model = build_model(model_config(depth, NUM_CLASSES)).eval()
+        for size in sizes:
+            single = benchmark(model, runtime, size, "O1", runs, warmup)
+            best = single
+            for batch in batches:
+                result = benchmark(model, runtime, size, "O1", runs, warmup, batch=batch)
+                best = result if result["fps"] > best["fps"] else best
+            out[f"r{depth}_{size[0]}x{size[1]}"] = {
+                "fps": single["fps"],
+                "latency_ms": single["latency_ms_median"],
+                "speedup_vs_eager_fp32": single["speedup"],
+                "precision": single["precision"],
+                "best_batch": best["batch"],
+                "best_batch_fps": best["fps"],
+            }
+            log(f"R{depth} {size[0]}x{size[1]}: {out[f'r{depth}_{size[0]}x{size[1]}']}")
+    return out
+
+
+def class_maps(folder):
+    return np.stack([np.array(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))])
+
+
+def validation_pass(data_root, work_dir, device, train_recipe, workers, log):
+    """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps, mIoU), and the wall
+    time of a whole val pass, split into data loading and model time."""
+    train_cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir / "r18", "--device", device, "--depth", "18"]
+    train_cmd += [*train_recipe, "--lr", "0.05", "--warmup-iters", "5", "--no-validate", "--workers", str(workers), "--log-interval", "10"]
+    trained, output = run_json(train_cmd, timeout=600)
+    if trained is None:
+        return {"error": output}
+    evaluate_cmd = [sys.executable, "evaluate.py", "--ckpt", trained["checkpoint"], "--data-root", data_root, "--device", device, "--workers", str(workers)]
+    start = time.perf_counter()
+    timed, output = run_json(evaluate_cmd, timeout=600)
+    wall = time.perf_counter() - start
+    if timed is None:
+        return {"error": output}
+    results = {}
+    for amp in ("O0", "O1"):
+        results[amp], output = run_json([*evaluate_cmd, "--amp", amp, "--out-dir", work_dir / f"pred_{amp}", "--format", "trainIds"], timeout=600)
+        if results[amp] is None:
+            return {"error": output}
+    agreement = float((class_maps(work_dir / "pred_O0") == class_maps(work_dir / "pred_O1")).mean())
+    result = {
+        "train_iters": trained["iters"],
+        "images": timed["images"],
+        "mode": timed["mode"],
+        "precision": timed["precision"],
+        "mIoU": timed["mIoU"],
+        "mIoU_fp32": results["O0"]["mIoU"],
+        "class_map_agreement": round(agreement, 6),
+        "process_wall_s": round(wall, 2),
+        "eval_s": timed["eval_s"],
+        "data_s": timed["data_s"],
+        "model_s": timed["model_s"],
+        "images_per_s": round(timed["images"] / timed["eval_s"], 2),
+        "workers": workers,
+    }
+    log(f"val pass, {result['images']} images: {result}")
+    return result
+
+
+def run(args):
+    """Inference speeds, variants, fast-path agreement and a timed val pass; one JSON line."""
+    started = time.perf_counter()
+    size = "small" if args.small else "full"
+    runtime = devices.setup(args.device)
+    log = functools.partial(print, flush=True)
+    result = {
+        **environment(runtime),
+        "size": size,
+        "protocol": f"median of {args.steps} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
+    }
+    log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
+    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], INFER_BATCHES[size], args.steps, args.warmup, log)
+    variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
+    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants, args.steps, args.warmup, log)
+    workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
+    try:
+        data_root = synthetic_data(work / "data", INFER_DATA[size], 2, log)
+        result["val"] = validation_pass(data_root, work, runtime.device.type, INFER_TRAIN[size], workers, log)
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(__doc__)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
+    p.add_argument("--warmup", type=cli.integer(1), default=3, help="untimed runs per measurement (compiling happens here)")
+    p.add_argument("--steps", type=cli.integer(1), default=10, help="timed runs per measurement")
+    p.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers of train.py and evaluate.py (default: CPUs - 2)")
+    p.add_argument("--infer-variants", help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 elsewhere)")
+    p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
+    args = p.parse_args(argv)
+    unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
+    if unknown:
+        p.error(f"argument --infer-variants: unknown {unknown}; choose from {', '.join(INFER_VARIANTS)}")
+    return args
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except cli.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
