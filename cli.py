@@ -88,7 +88,3 @@ def ratios(count=None):
 
     parse.__name__ = "ratios"
     return parse
-
-
-def size_text(value):
-    return f"{value[0]}x{value[1]}"

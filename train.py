@@ -36,7 +36,7 @@ class TrainingError(Exception):
 
 
 class Interrupted(TrainingError):
-    """Ctrl-C or SIGTERM: the run stops cleanly and resumes from its last checkpoint."""
+    """Ctrl-C: the run stops cleanly and resumes from its last checkpoint."""
 
 
 def parse_args(argv=None):
