@@ -252,4 +252,7 @@ def open_work_dir(work_dir, resume, runtime, log=print):
             refuse_fresh_start(work_dir)
     if not resume:
         return held, None, None
-    return held, *resume_point(work_dir)[:2]
+    checkpoint, path, note = resume_point(work_dir)
+    if note and runtime.is_main:
+        log(f"{note}: resuming from {path.name}, the newest complete checkpoint")
+    return held, checkpoint, path

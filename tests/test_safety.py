@@ -77,6 +77,7 @@ def test_dangling_latest_resumes_from_the_newest_complete_checkpoint(synthetic_r
     result = run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "3", "--ckpt-interval", "1", "--work-dir", str(work_dir), "--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {(work_dir / 'iter_2.pth').resolve()} at iteration 2" in result.stdout
+    assert "latest.pth points to iter_3.pth, which is missing: resuming from iter_2.pth, the newest complete checkpoint" in result.stdout
     assert {k: v for k, v in hashes(work_dir).items() if k in before} == before
     assert torch.load(work_dir / "latest.pth", weights_only=True)["iteration"] == 3
     reference = torch.load(finished_run / "iter_3.pth", weights_only=True)["model"]
