@@ -5,6 +5,9 @@
     python evaluate.py --ckpt model.pth --split test --out-dir preds --format labelIds         # test-server files
     python evaluate.py --ckpt model.pth --images my_photos/ --out-dir out --format overlay     # any images
     python evaluate.py --benchmark --depth 18 --size 1024x2048                                # inference speed
+    python evaluate.py --model r18_int8.xml --data-root data/cityscapes                       # an exported model
+    python evaluate.py --model r18_int8.xml --benchmark --ckpt model.pth                      # ... against eager fp32
+    python evaluate.py --model r18_int8.xml --video drive.mp4 --out drive_seg.mp4             # live video
 
 IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, as cityscapesscripts computes it;
 a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
@@ -29,6 +32,8 @@ import device as devices
 from bisenet import CheckpointError, build_model, fuse_bn, load_model, load_model_and_dataset, model_config, upsampled_classes
 from cityscapes import CITYSCAPES, NUM_CLASSES, detect_dataset, open_dataset, sample_name
 from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, find_images
+from deploy import OpenVinoModel, deployed_info, open_deployed, openvino_installed, to_openvino
+from video import CODECS, default_output, segment_video
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,13 +152,22 @@ def shard(dataset, runtime):
     return torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
 
 
+def torch_segmenter(model, runtime, amp="O0", options=Inference()):
+    """images -> class map through a PyTorch model in eval mode: what evaluate() and video.py call."""
+
+    def segment(images):
+        with torch.no_grad(), runtime.autocast(amp):
+            return predict_classes(model, images, options)
+
+    return segment
+
+
 @torch.no_grad()
-def evaluate(model, dataset, runtime, amp="O0", options=Inference(), out_dir=None, fmt="color", workers=2, progress=True):
+def evaluate(segment, dataset, runtime, out_dir=None, fmt="color", workers=2, progress=True):
     """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
-    The classes are the dataset's (dataset.info), which must be the model's."""
-    was_training = model.training
-    model.eval()
+    segment: images -> class map (torch_segmenter, or a deployed model of deploy.py). The classes are the
+    dataset's (dataset.info), which must be the model's."""
     loader = torch.utils.data.DataLoader(shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.pin_memory, generator=torch.Generator())
     num_classes = dataset.info.num_classes
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
@@ -162,9 +176,7 @@ def evaluate(model, dataset, runtime, amp="O0", options=Inference(), out_dir=Non
     for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):
         data_s += time.perf_counter() - tick
         tick = time.perf_counter()
-        images = sample["image"].to(runtime.device, non_blocking=True)
-        with runtime.autocast(amp):
-            pred = predict_classes(model, images, options)
+        pred = segment(sample["image"].to(runtime.device, non_blocking=True))
         if "label" in sample:
             confusion += confusion_matrix(pred, sample["label"].to(runtime.device, non_blocking=True), num_classes)
         else:
@@ -176,7 +188,6 @@ def evaluate(model, dataset, runtime, amp="O0", options=Inference(), out_dir=Non
             for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
                 encode_prediction(p, fmt, dataset.info, image).save(Path(out_dir) / f"{sample_name(name)}_{fmt}.png")
         tick = time.perf_counter()
-    model.train(was_training)
     seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
     if not has_labels:
         return seconds
@@ -196,64 +207,82 @@ def inference_model(model, runtime):
     return fuse_bn(copy.deepcopy(model).eval()).to(runtime.device, memory_format=runtime.memory_format)
 
 
-def time_runs(predictor, model, images, runtime, amp, runs):
+def time_runs(segment, images, runtime, runs):
     times = []
-    with torch.no_grad(), runtime.autocast(amp):
-        for _ in range(runs):
-            runtime.synchronize()
-            start = time.perf_counter()
-            predictor(model, images)
-            runtime.synchronize()
-            times.append(time.perf_counter() - start)
+    for _ in range(runs):
+        runtime.synchronize()
+        start = time.perf_counter()
+        segment(images)
+        runtime.synchronize()
+        times.append(time.perf_counter() - start)
     return times
 
 
-def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=None):
-    """uint8 input already on the device, to the class map at input size, synchronised; FPS = images per second.
-
-    The baseline is the same model in eager fp32 (BatchNorm unfused, contiguous tensors, full-size logits, then
-    the class map), timed interleaved with the inference path so that machine drift hits both alike.
-    compile_mode: torch.compile the inference path in that mode ("default", "reduce-overhead" = CUDA graphs, ...);
-    compiling happens in the warm-up runs, whose time is reported."""
-    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
-    fast = inference_model(model, runtime)
-    fast = torch.compile(fast, mode=compile_mode) if compile_mode else fast
-    fast_images = images.contiguous(memory_format=runtime.memory_format)
+def eager_fp32(model, runtime):
+    """The baseline every speed-up is measured against: eager fp32, BatchNorm unfused, contiguous tensors, the
+    full-size logits, then the class map."""
     plain = copy.deepcopy(model).eval().to(runtime.device)
-    warmup_s = sum(time_runs(predict_classes, fast, fast_images, runtime, amp, max(warmup, 1 if compile_mode else 0)))
+
+    def segment(images):
+        with torch.no_grad():
+            return classes(plain(images))
+
+    return segment
+
+
+def compare_with_eager(segment, model, runtime, size, runs, warmup, batch, path):
+    """segment (uint8 images on the device -> class map at input size, synchronised) timed interleaved with
+    eager_fp32(model), so that machine drift hits both alike; FPS = images per second."""
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
+    baseline = eager_fp32(model, runtime)
+    warmup_s = sum(time_runs(segment, images, runtime, warmup))
     fast_times, plain_times = [], []
     for _ in range(runs):
-        fast_times += time_runs(predict_classes, fast, fast_images, runtime, amp, 1)
-        plain_times += time_runs(lambda m, x: classes(m(x)), plain, images, runtime, "O0", 1)
-    precision = runtime.precision(amp)
-    fast_ms = 1000 * statistics.median(fast_times)
+        fast_times += time_runs(segment, images, runtime, 1)
+        plain_times += time_runs(baseline, images, runtime, 1)
+    fast_ms, plain_ms = 1000 * statistics.median(fast_times), 1000 * statistics.median(plain_times)
     result = {
         "latency_ms_median": round(fast_ms, 2),
         "latency_ms_min": round(1000 * min(fast_times), 2),
         "latency_ms_max": round(1000 * max(fast_times), 2),
         "fps": round(1000 * batch / fast_ms, 2),
         "device": runtime.name,
-        "precision": precision,
         "size": f"{size[0]}x{size[1]}",
         "batch": batch,
         "warmup_runs": warmup,
         "warmup_s": round(warmup_s, 2),
-        "compile_mode": compile_mode,
         "timed_runs": runs,
+        "baseline_ms_median": round(plain_ms, 2),
+        "speedup": round(plain_ms / fast_ms, 2),
     }
-    print(
-        f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}, {warmup} warm-up + {runs} timed runs"
-    )
+    print(f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs")
     print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
-    plain_ms = 1000 * statistics.median(plain_times)
-    result.update(baseline_ms_median=round(plain_ms, 2), speedup=round(plain_ms / fast_ms, 2))
     print(f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x")
     return result
+
+
+def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=None):
+    """evaluate.py's PyTorch path against eager fp32. compile_mode: torch.compile the inference path in that mode
+    ("default", "reduce-overhead" = CUDA graphs, ...); compiling happens in the warm-up runs, whose time is reported."""
+    fast = inference_model(model, runtime)
+    fast = torch.compile(fast, mode=compile_mode) if compile_mode else fast
+    precision = runtime.precision(amp)
+    path = f"{precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}"
+    warmup = max(warmup, 1 if compile_mode else 0)
+    result = compare_with_eager(torch_segmenter(fast, runtime, amp), model, runtime, size, runs, warmup, batch, path)
+    return {**result, "precision": precision, "compile_mode": compile_mode}
+
+
+def benchmark_deployed(deployed, path, model, source, runtime, size, runs, warmup, batch=1):
+    """An exported model against eager fp32 of `model` (its source checkpoint, or the same architecture)."""
+    result = compare_with_eager(deployed, model, runtime, size, runs, warmup, batch, f"{deployed.precision} ({path})")
+    return {**result, "precision": deployed.precision, "model": str(path), "baseline": source}
 
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--ckpt", help="our checkpoint, CoinCheung's or mmseg's released weights")
+    parser.add_argument("--model", help="instead of --ckpt: an OpenVINO .xml or ONNX .onnx file of export.py (runs on the CPU)")
     parser.add_argument("--data-root", default="data/cityscapes")
     parser.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
     parser.add_argument("--split", default="val")
@@ -272,6 +301,8 @@ def parse_args(argv=None):
         "--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"), help="trainIds: class indices; labelIds: Cityscapes' submission ids"
     )
     parser.add_argument("--workers", type=cli.integer(0), default=2)
+    parser.add_argument("--video", help="a video file or a camera index (0, 1, ...) to segment frame by frame")
+    parser.add_argument("--out", help="with --video: the overlay video to write, .mp4 or .avi (default: NAME_bisenet.mp4 here)")
     parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
     parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="with --benchmark and no --ckpt: random weights of this depth")
     parser.add_argument("--size", type=cli.size, default="1024x2048", help="with --benchmark: input HxW")
@@ -279,6 +310,20 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=cli.integer(1), default=10, help="with --benchmark: timed runs")
     parser.add_argument("--warmup", type=cli.integer(0), default=3, help="with --benchmark: untimed runs first")
     args = parser.parse_args(argv)
+    if args.ckpt and args.model and not args.benchmark:
+        parser.error("pass --ckpt or --model, not both (both only with --benchmark, where the checkpoint is the baseline)")
+    if args.model and args.device not in ("auto", "cpu"):
+        parser.error(f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}")
+    if args.out and not args.video:
+        parser.error("argument --out: it names the overlay video of --video; for images use --out-dir")
+    if args.video:
+        args.out = Path(args.out) if args.out else default_output(args.video)
+        if args.out.suffix not in CODECS:
+            parser.error(f"argument --out: {args.out} must end in {' or '.join(CODECS)}")
+        if args.out.exists():
+            parser.error(f"argument --out: {args.out} exists; pass another --out or remove it (it is never overwritten)")
+        if not args.out.parent.is_dir():
+            parser.error(f"argument --out: the folder of {args.out} does not exist")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         parser.error(f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)")
     return args
@@ -289,25 +334,64 @@ def checkpoint_dataset(description):
     return DatasetInfo.from_dict(description) if description else CITYSCAPES
 
 
+def baseline_model(deployed, ckpt):
+    """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
+    hand, else the same architecture with random weights (the same speed)."""
+    config, source = deployed.metadata["model_config"], ckpt or deployed.metadata["source"]
+    if source and Path(source).is_file():
+        model = load_model(source)
+        if (model.config["depth"], model.config["num_classes"]) != (config["depth"], config["num_classes"]):
+            raise cli.UsageError(
+                f"--ckpt {source}: R{model.config['depth']}, {model.config['num_classes']} classes; the exported model is R{config['depth']}, {config['num_classes']} classes"
+            )
+        return model, f"eager fp32 of {source}"
+    return build_model(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
+
+
+def open_model(ckpt, model_file, runtime, amp, options, for_video):
+    """(segment, dataset description, classes, precision) of --ckpt (PyTorch) or --model (deploy.py). Video from a
+    checkpoint on a CPU takes the fastest path there is: OpenVINO, converted in memory, when it is installed."""
+    if model_file:
+        if not options.single_pass:
+            raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
+        deployed = open_deployed(model_file, amp)
+        return deployed, deployed_info(deployed), deployed.metadata["model_config"]["num_classes"], deployed.precision
+    if not ckpt:
+        raise cli.UsageError("--ckpt or --model is required (or pass --benchmark)")
+    model, description = load_model_and_dataset(ckpt)
+    if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
+        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, "f32" if amp == "O0" else None)
+        return deployed, checkpoint_dataset(description), model.config["num_classes"], f"{deployed.precision} (converted in memory)"
+    segment = torch_segmenter(inference_model(model, runtime), runtime, amp, options)
+    return segment, checkpoint_dataset(description), model.config["num_classes"], runtime.precision(amp)
+
+
 def run(args):
-    runtime = devices.setup(args.device, args.device_id)
+    runtime = devices.setup("cpu" if args.model else args.device, args.device_id)
+    if args.benchmark and args.model:
+        deployed = open_deployed(args.model, args.amp)
+        model, source = baseline_model(deployed, args.ckpt)
+        print(json.dumps(benchmark_deployed(deployed, args.model, model, source, runtime, args.size, args.runs, args.warmup, args.batch)))
+        return
     if args.benchmark:
         model = load_model(args.ckpt) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
         print(json.dumps(benchmark(model, runtime, args.size, args.amp, args.runs, args.warmup, args.batch)))
         return
-    if not args.ckpt:
-        raise cli.UsageError("--ckpt is required (or pass --benchmark)")
-    model, description = load_model_and_dataset(args.ckpt)
-    info = checkpoint_dataset(description)
+    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
+    segment, info, num_classes, precision = open_model(args.ckpt, args.model, runtime, args.amp, options, bool(args.video))
+    if args.video:
+        print(f"segmenting {args.video} with {precision} into {args.out}")
+        print(json.dumps({**segment_video(segment, args.video, args.out, info, runtime.device), "precision": precision}))
+        return
     if args.images:
         if not args.out_dir:
             raise cli.UsageError("--images needs --out-dir to write the predictions to")
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
         dataset = open_dataset(args.data_root, args.split, args.dataset, with_labels=args.split != "test")
-        if dataset.info.num_classes != model.config["num_classes"]:
+        if dataset.info.num_classes != num_classes:
             raise CheckpointError(
-                f"{args.ckpt}: a model of {model.config['num_classes']} classes, but {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
+                f"{args.ckpt or args.model}: a model of {num_classes} classes, but {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
                 "evaluate it on the data it was trained for"
             )
         if runtime.is_main:
@@ -316,20 +400,12 @@ def run(args):
             )
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
-    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
-    result = evaluate(
-        inference_model(model, runtime), dataset, runtime, amp=args.amp, options=options, out_dir=args.out_dir, fmt=args.format, workers=args.workers
-    )
+    result = evaluate(segment, dataset, runtime, out_dir=args.out_dir, fmt=args.format, workers=args.workers)
     if runtime.is_main:
         seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
-        summary = {
-            "mode": options.name,
-            "dataset": dataset.info.name,
-            "images": len(dataset),
-            "amp": args.amp,
-            "precision": runtime.precision(args.amp),
-            **seconds,
-        }
+        summary = {"mode": options.name, "dataset": dataset.info.name, "images": len(dataset), "amp": args.amp, "precision": precision, **seconds}
+        if args.model:
+            summary["model"] = args.model
         if "mIoU" in result:
             print_table(result, options.name, dataset.info.class_names)
             per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}

@@ -28,7 +28,7 @@ from bisenet import CheckpointError, build_model, load_backbone, load_model, mod
 from checkpoints import WorkDirError, atomic_save, changed_settings, kept_checkpoint, open_work_dir, point_latest, prune
 from cityscapes import TrainTransform, detect_dataset, open_dataset
 from datasets import IGNORE_INDEX, DataError
-from evaluate import evaluate
+from evaluate import evaluate, torch_segmenter
 
 
 class TrainingError(Exception):
@@ -413,7 +413,9 @@ def train(args):
                     entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time}
                     run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
                 if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
-                    result = evaluate(model, val_set, runtime, args.amp, workers=min(args.workers, 2))
+                    model.eval()
+                    result = evaluate(torch_segmenter(model, runtime, args.amp), val_set, runtime, workers=min(args.workers, 2))
+                    model.train()
                     improved = best is None or result["mIoU"] > best
                     best = result["mIoU"] if improved else best
                     run_log.message(f"iter {it + 1}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")

@@ -1,0 +1,187 @@
+"""Deployed models: the OpenVINO IR (.xml + .bin) and ONNX files that export.py writes, run on the CPU the way
+evaluate.py runs a checkpoint (RGB images 0..255 in, the class map at input size out).
+
+Every exported file describes itself (METADATA_KEY): the model configuration, the dataset's classes and palette,
+the input size it was exported for, its precision and the checkpoint it came from; so `evaluate.py --model` needs
+nothing else. OpenVINO, NNCF and ONNX Runtime are optional: each is imported only when a command asks for it.
+"""
+
+import copy
+import importlib
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import cli
+from bisenet import fuse_bn
+from datasets import DatasetInfo
+
+METADATA_KEY = "bisenet"
+INSTALL = {"openvino": "pip install openvino nncf", "nncf": "pip install openvino nncf", "onnxruntime": "pip install onnxruntime"}
+TRACE_SIZE = (64, 128)  # OpenVINO's graph has dynamic height and width, so tracing on a small image is enough (and fast)
+
+
+def openvino_installed():
+    return importlib.util.find_spec("openvino") is not None
+
+
+def optional_import(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise cli.UsageError(f"this needs {name}, which is not installed ({e}); {INSTALL[name]}") from None
+
+
+class DeployGraph(torch.nn.Module):
+    """The exported computation: BatchNorm folded, normalisation inside, the class map at input size (uint8) and the
+    logits at 1/8 size (cheap to return; they are what the fp32 parity check compares)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = fuse_bn(copy.deepcopy(model).eval())
+
+    def forward(self, images):
+        logits = self.model(images, upsample=False)
+        full = F.interpolate(logits, size=images.shape[2:], mode="bilinear", align_corners=False)
+        return full.argmax(1).to(torch.uint8), logits
+
+
+def describe(model, info, size, precision, source):
+    """What an exported file records about itself."""
+    return {"model_config": model.config, "dataset": info.to_dict(), "size": list(size), "precision": precision, "source": str(source)}
+
+
+# -- OpenVINO ---------------------------------------------------------------------------------------------------
+def to_openvino(model):
+    """An in-memory OpenVINO model of DeployGraph, any batch, height and width."""
+    ov = optional_import("openvino")
+    sample = torch.randint(0, 256, (1, 3, *TRACE_SIZE)).float()
+    with torch.no_grad():
+        ov_model = ov.convert_model(DeployGraph(model), example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])])
+    ov_model.inputs[0].get_tensor().set_names({"images"})
+    ov_model.outputs[0].get_tensor().set_names({"classes"})
+    ov_model.outputs[1].get_tensor().set_names({"logits"})
+    return ov_model
+
+
+def quantize_int8(ov_model, images):
+    """NNCF post-training quantisation (weights and activations int8), calibrated on `images` (float32 1x3xHxW
+    arrays of real training images)."""
+    nncf = optional_import("nncf")
+    return nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images))
+
+
+def temporary_path(out, suffix):
+    """A unique file beside `out`, to be renamed onto it; with the permissions a plain open() would give (mkstemp's
+    are owner-only, and a deployed model is meant to be read by others)."""
+    handle, temp = tempfile.mkstemp(prefix=f".{Path(out).stem}.", suffix=suffix, dir=Path(out).parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)
+    os.close(handle)
+    return Path(temp)
+
+
+def save_openvino(ov_model, out, metadata):
+    """xml + bin, each written under a temporary name and renamed, bin first: a reader never sees a half-written pair."""
+    ov = optional_import("openvino")
+    out = Path(out)
+    ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+    temp = temporary_path(out, ".tmp.xml")
+    try:
+        ov.save_model(ov_model, temp, compress_to_fp16=False)
+        os.replace(temp.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(temp, out)
+    finally:
+        temp.unlink(missing_ok=True)
+        temp.with_suffix(".bin").unlink(missing_ok=True)
+
+
+class OpenVinoModel:
+    """An OpenVINO model compiled for the CPU, once per input shape. precision: "f32", or None for OpenVINO's
+    default (bf16 where the CPU has it, else f32); int8 layers of a quantised model stay int8 either way."""
+
+    def __init__(self, ov_model, metadata, precision=None):
+        ov = optional_import("openvino")
+        self.core, self.ov_model, self.metadata = ov.Core(), ov_model, metadata
+        self.config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        self.compiled = {}
+
+    def compile(self, shape):
+        if shape not in self.compiled:
+            model = self.ov_model.clone()  # the model itself keeps its dynamic shape
+            model.reshape({"images": list(shape)})
+            self.compiled[shape] = self.core.compile_model(model, "CPU", self.config)
+        return self.compiled[shape]
+
+    @property
+    def precision(self):
+        compiled = next(iter(self.compiled.values()), None) or self.compile((1, 3, *TRACE_SIZE))
+        runtime = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+        return f"OpenVINO {'int8 + ' + runtime if self.metadata['precision'] == 'int8' else runtime}"
+
+    def run(self, images):
+        """(class map, logits at 1/8 size) as numpy arrays."""
+        result = self.compile(tuple(images.shape))(images.float().cpu().numpy())
+        return result["classes"], result["logits"]
+
+    def __call__(self, images):
+        return torch.from_numpy(self.run(images)[0]).long()
+
+
+# -- ONNX Runtime -----------------------------------------------------------------------------------------------
+class OnnxModel:
+    """An ONNX file of export.py (logits or, with --argmax, the class map), run by ONNX Runtime on the CPU in fp32."""
+
+    precision = "ONNX Runtime fp32"
+
+    def __init__(self, path, metadata):
+        ort = optional_import("onnxruntime")
+        self.path, self.metadata = path, metadata
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0]
+
+    def __call__(self, images):
+        static = self.input.shape[2:]
+        if all(isinstance(d, int) for d in static) and tuple(static) != tuple(images.shape[2:]):
+            h, w = images.shape[2:]
+            raise cli.UsageError(f"{self.path} was exported for {static[0]}x{static[1]} images, this one is {h}x{w}; export with --dynamic or --size {h}x{w}")
+        output = torch.from_numpy(self.session.run(None, {self.input.name: images.float().cpu().numpy()})[0])
+        return output.long() if output.dtype == torch.uint8 else output.max(1).indices
+
+
+def read_metadata(path):
+    if path.suffix == ".xml":
+        ov_model = optional_import("openvino").Core().read_model(path)
+        text = ov_model.get_rt_info([METADATA_KEY]).astype(str) if ov_model.has_rt_info([METADATA_KEY]) else None
+        return ov_model, json.loads(text) if text else None
+    onnx = optional_import("onnx")
+    props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return None, json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
+
+
+def open_deployed(path, amp="O1"):
+    """--model PATH.xml or PATH.onnx. amp O0 runs OpenVINO in f32; O1 lets it pick (bf16 where the CPU has it)."""
+    path = Path(path)
+    if path.suffix not in (".xml", ".onnx"):
+        raise cli.UsageError(f"--model {path}: expected an OpenVINO .xml or an .onnx file written by export.py")
+    if not path.is_file():
+        raise cli.UsageError(f"--model {path}: no such file")
+    try:
+        ov_model, metadata = read_metadata(path)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise cli.UsageError(f"--model {path}: not a readable {path.suffix} model ({str(e).strip().splitlines()[0]})") from None
+    if metadata is None:
+        raise cli.UsageError(f"--model {path}: it does not describe its classes (not written by this export.py); export it again with python export.py")
+    if ov_model is not None:
+        return OpenVinoModel(ov_model, metadata, "f32" if amp == "O0" else None)
+    return OnnxModel(path, metadata)
+
+
+def deployed_info(deployed):
+    return DatasetInfo.from_dict(deployed.metadata["dataset"])

@@ -1,0 +1,94 @@
+"""Live video: segment a video file or a camera stream frame by frame and write the overlay video.
+
+    python evaluate.py --model r18_int8.xml --video drive.mp4 --out drive_seg.mp4
+    python evaluate.py --ckpt model.pth --video 0          # camera 0, until the stream ends or Ctrl-C
+
+The overlay is half frame, half palette colour of the predicted class (evaluate.py --format overlay), at the input's
+size and frame rate. The bar shows each frame's model latency and the effective FPS (frames per wall-clock second,
+decoding and encoding included).
+"""
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasets import DataError
+from deploy import temporary_path
+
+CODECS = {".mp4": "mp4v", ".avi": "MJPG"}  # what OpenCV's pip wheels can write
+
+
+def open_source(source):
+    """A video file, or a camera index (0, 1, ...)."""
+    capture = cv2.VideoCapture(int(source) if str(source).isdigit() else str(source))
+    if not capture.isOpened():
+        raise DataError(f"--video {source}: cannot open it (no such file, not a video OpenCV reads, or no such camera)")
+    return capture
+
+
+def default_output(source):
+    return Path(f"camera{source}_bisenet.mp4" if str(source).isdigit() else f"{Path(source).stem}_bisenet.mp4")
+
+
+def overlay(frame, pred, colors):
+    """frame: HxWx3 uint8 BGR; pred: HxW class indices; colors: Cx3 uint8 BGR."""
+    return cv2.addWeighted(frame, 0.5, colors[pred], 0.5, 0)
+
+
+def segment_video(segment, source, out, info, device="cpu", progress=True):
+    """Reads `source` frame by frame, writes the overlay video to `out` (under a temporary name, renamed at the end;
+    Ctrl-C ends a camera stream and keeps what was written) and returns the summary."""
+    capture = open_source(source)
+    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may not say
+    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    temp = temporary_path(out, f".tmp{out.suffix}")
+    writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*CODECS[out.suffix]), fps, (width, height))
+    colors = np.ascontiguousarray(info.colors[:, ::-1])
+    latencies, interrupted = [], False
+    bar = tqdm(total=total if total > 0 else None, unit="frame", desc="video", disable=not progress)
+    started = time.perf_counter()
+    try:
+        if not writer.isOpened():
+            raise DataError(f"--out {out}: OpenCV cannot write this video")
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            tick = time.perf_counter()
+            images = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].to(device)
+            pred = segment(images)[0].to(torch.uint8).cpu().numpy()
+            latencies.append(time.perf_counter() - tick)
+            writer.write(overlay(frame, pred, colors))
+            bar.update()
+            bar.set_postfix(latency_ms=f"{1000 * latencies[-1]:.0f}", fps=f"{len(latencies) / (time.perf_counter() - started):.1f}")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        elapsed = time.perf_counter() - started
+        bar.close()
+        capture.release()
+        writer.release()
+        if latencies:
+            os.replace(temp, out)
+        temp.unlink(missing_ok=True)
+    if not latencies:
+        raise DataError(f"--video {source}: no frame could be read")
+    latency_ms = 1000 * statistics.median(latencies)
+    return {
+        "video": str(source),
+        "out": str(out),
+        "frames": len(latencies),
+        "size": f"{height}x{width}",
+        "input_fps": round(fps, 2),
+        "effective_fps": round(len(latencies) / elapsed, 2),
+        "latency_ms_median": round(latency_ms, 2),
+        "model_fps": round(1000 / latency_ms, 2),
+        "interrupted": interrupted,
+    }
