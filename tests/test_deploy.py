@@ -19,9 +19,9 @@ import evaluate
 import export
 from bisenet import load_model
 from cityscapes import PALETTE
-from deploy import read_metadata
+from deploy import read_metadata, to_openvino
 
-pytest.importorskip("openvino", reason="OpenVINO is optional here; CI installs it (pip install openvino nncf)")
+openvino = pytest.importorskip("openvino", reason="OpenVINO is optional here; CI installs it (pip install openvino nncf)")
 
 
 def run(script, *args, env=None):
@@ -172,6 +172,8 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, s
     line = one_line_error(hide + f"import export; export.main(['--ckpt', '{trained}', '--format', 'openvino', '--out', '{tmp_path / 'm.xml'}'])")
     assert line.endswith("pip install openvino nncf") and not (tmp_path / "m.xml").exists()
     (tmp_path / "taken.mp4").write_bytes(b"the user's")
+    (tmp_path / "ir").mkdir()
+    openvino.save_model(to_openvino(load_model(trained)), tmp_path / "ir" / "anonymous.xml")  # an IR without our description
     calls = {
         "--int8 and --calib-data go together": ["export.py", "--ckpt", trained, "--format", "openvino", "--int8"],
         "add --format openvino": ["export.py", "--ckpt", trained, "--int8", "--calib-data", synthetic_root],
@@ -180,9 +182,10 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, s
         "runs on the CPU": ["evaluate.py", "--model", folder / "int8.xml", "--device", "cuda"],
         "no such file": ["evaluate.py", "--model", tmp_path / "missing.xml"],
         "is never overwritten": ["evaluate.py", "--model", folder / "int8.xml", "--video", "in.mp4", "--out", tmp_path / "taken.mp4"],
+        "does not describe its classes": ["evaluate.py", "--model", tmp_path / "ir" / "anonymous.xml", "--data-root", synthetic_root],
         "cannot open it": ["evaluate.py", "--model", folder / "int8.xml", "--video", tmp_path / "missing.mp4", "--out", tmp_path / "o.mp4"],
     }
     for expected, argv in calls.items():
         line = one_line_error(f"import sys, runpy; sys.argv = {[str(a) for a in argv]}; runpy.run_path(sys.argv[0], run_name='__main__')")
         assert expected in line, (expected, line)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.mp4"] and (tmp_path / "taken.mp4").read_bytes() == b"the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ir", "taken.mp4"] and (tmp_path / "taken.mp4").read_bytes() == b"the user's"
