@@ -121,8 +121,7 @@ class OpenVinoModel:
 
     @property
     def precision(self):
-        compiled = next(iter(self.compiled.values()), None) or self.compile((1, 3, *TRACE_SIZE))
-        runtime = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+        runtime = self.config.get("INFERENCE_PRECISION_HINT") or self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
         return f"OpenVINO {'int8 + ' + runtime if self.metadata['precision'] == 'int8' else runtime}"
 
     def run(self, images):
