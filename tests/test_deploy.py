@@ -154,7 +154,7 @@ def test_video_overlay_keeps_frames_size_and_rate_and_carries_the_palette(export
         colour = 2 * frame_out.astype(np.float32) - frame_in.astype(np.float32)  # the overlay's palette half, with codec noise
         nearest = np.abs(colour[:, :, None, :] - palette_bgr[None, None]).sum(-1).argmin(-1)
         agree.append((nearest == pred).mean())
-    assert np.mean(agree) > 0.9, agree
+    assert np.mean(agree) > 0.95, agree  # 97-98% measured; the rest is the mp4 codec's noise at class edges
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]  # no temp file left
 
 
