@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import last_json, run
 from test_train import ROOT
 
 import evaluate
@@ -22,16 +23,6 @@ from cityscapes import PALETTE
 from deploy import read_metadata, to_openvino
 
 openvino = pytest.importorskip("openvino", reason="OpenVINO is optional here; CI installs it (pip install openvino nncf)")
-
-
-def run(script, *args, env=None):
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def in_process(main, argv, capsys):
