@@ -204,6 +204,18 @@ def log_recipe(name, result, log):
         ratio = f"{base / r['step_ms']:.2f}x default" if base else ""
         memory = f", peak {r['peak_gb']} GB" if r["peak_gb"] is not None else ""
         log(f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first step {r['first_step_s']} s{memory})")
+    warning = slower_than_fp32(variants)
+    if warning:
+        log(f"warning: {name.upper()}: {warning}")
+
+
+def slower_than_fp32(variants):
+    """A sentence when the measured default step is slower than eager fp32, naming the fastest variant; else None."""
+    timed = {name: r["step_ms"] for name, r in variants.items() if "step_ms" in r}
+    if "default" not in timed or "fp32" not in timed or timed["default"] <= timed["fp32"]:
+        return None
+    fastest = min(timed, key=timed.get)
+    return f"the default step ({timed['default']:.0f} ms) is slower than eager fp32 ({timed['fp32']:.0f} ms) on this device; fastest measured: {fastest} ({timed[fastest]:.0f} ms)"
 
 
 def synthetic_data(data_root, sizes, seed, log):
@@ -338,6 +350,7 @@ def run(args, recipes, variants, skip):
     log = functools.partial(print, flush=True)
     result = {**environment(runtime), "size": size, "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved"}
     log(f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes")
+    log(runtime.precision_note("O1"))
     if "ddp" in variants:
         join_single_process_group(runtime)
     if "steps" not in skip:

@@ -65,8 +65,11 @@ def inference_variants(runtime, size, variants, runs, warmup, log):
 
 
 def default_infer_variants(runtime):
-    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions."""
-    return list(INFER_VARIANTS) if runtime.device.type == "cuda" else ["default", "bf16"]
+    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions: bf16 where the CPU
+    computes it natively (device.cpu_amp_dtype), none on other CPUs, where bf16 is many times slower than fp32."""
+    if runtime.device.type == "cuda":
+        return list(INFER_VARIANTS)
+    return ["default", "bf16"] if devices.cpu_amp_dtype(devices.CpuFeatures.detect())[0] == torch.bfloat16 else ["default"]
 
 
 def inference_speeds(runtime, sizes, batches, runs, warmup, log):
@@ -147,6 +150,7 @@ def run(args):
         "protocol": f"median of {args.steps} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
     }
     log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
+    log(runtime.precision_note("O1"))
     result["speed"] = inference_speeds(runtime, INFER_SIZES[size], INFER_BATCHES[size], args.steps, args.warmup, log)
     variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
     result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants, args.steps, args.warmup, log)
@@ -170,7 +174,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=cli.integer(1), default=3, help="untimed runs per measurement (compiling happens here)")
     p.add_argument("--steps", type=cli.integer(1), default=10, help="timed runs per measurement")
     p.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers of train.py and evaluate.py (default: CPUs - 2)")
-    p.add_argument("--infer-variants", help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 elsewhere)")
+    p.add_argument(
+        "--infer-variants", help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 on a CPU with native bf16, else default)"
+    )
     p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]

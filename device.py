@@ -1,6 +1,6 @@
 """Every difference between CPU, NVIDIA GPUs and Ascend NPUs lives here: device, distributed backend,
-autocast dtype, gradient scaler, memory format and optimizer kernels. torch_npu is imported only when --device npu
-is asked for.
+autocast dtype (on a CPU, from the instructions it has), gradient scaler, memory format and optimizer kernels.
+torch_npu is imported only when --device npu is asked for.
 """
 
 import datetime
@@ -16,6 +16,68 @@ from cli import UsageError
 DEFAULT_BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 BACKENDS = ("nccl", "hccl", "gloo", "mpi", "ucc")
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; the AVX10 names and their aliases).
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX")
+ONEDNN_ALIASES = {
+    "AVX512_CORE_FP16": "AVX10_1_512",
+    "AVX512_CORE_AMX": "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16": "AVX10_1_512_AMX",
+}
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What decides the CPU's O1 precision: the hardware's bf16 instructions, and the instruction sets ATen and
+    oneDNN are allowed to use (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them below the hardware's)."""
+
+    aten_capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", ...
+    avx512_bf16: bool
+    amx_bf16: bool
+    onednn_max_isa: str | None = None  # ONEDNN_MAX_CPU_ISA as set, None when unset
+
+    @classmethod
+    def detect(cls):
+        return cls(
+            aten_capability=torch.backends.cpu.get_cpu_capability(),
+            avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
+            amx_bf16=torch.cpu._is_amx_tile_supported(),
+            onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
+        )
+
+
+def onednn_allows(max_isa, isa):
+    """Whether oneDNN may use `isa` under ONEDNN_MAX_CPU_ISA=max_isa (unset, DEFAULT or unknown: no limit)."""
+    if max_isa is None:
+        return True
+    name = ONEDNN_ALIASES.get(max_isa.upper(), max_isa.upper())
+    return name not in ONEDNN_ISAS or ONEDNN_ISAS.index(name) >= ONEDNN_ISAS.index(isa)
+
+
+def cpu_amp_dtype(features):
+    """(dtype, why) of O1 on this CPU: bf16 where it computes bf16 natively (AMX-BF16 or AVX512-BF16), else fp32,
+    because bf16 without those instructions is emulated through fp32 conversions and is many times slower."""
+    if not features.aten_capability.upper().startswith(("AVX512", "AMX")):
+        if features.avx512_bf16 or features.amx_bf16:
+            return torch.float32, f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions"
+        return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
+    if features.amx_bf16 and onednn_allows(features.onednn_max_isa, "AVX10_1_512_AMX"):
+        return torch.bfloat16, "this CPU computes bf16 natively: AMX-BF16"
+    if (features.avx512_bf16 or features.amx_bf16) and onednn_allows(features.onednn_max_isa, "AVX512_CORE_BF16"):
+        return torch.bfloat16, "this CPU computes bf16 natively: AVX512-BF16"
+    if features.avx512_bf16 or features.amx_bf16:
+        return torch.float32, f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa} keeps oneDNN from the CPU's bf16 instructions"
+    return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
+
+
+def default_amp_dtype(device_type, cpu_features=None):
+    """(dtype, why) of O1 when --amp-dtype is auto. apex O1 was fp16 with dynamic loss scaling, which GPUs and NPUs
+    run natively; a CPU has no fast fp16, and bf16 only on some kinds (cpu_amp_dtype)."""
+    if device_type != "cpu":
+        return torch.float16, "fp16 with dynamic loss scaling, as apex O1"
+    return cpu_amp_dtype(cpu_features or CpuFeatures.detect())
 
 
 @dataclass
@@ -25,11 +87,16 @@ class Runtime:
     local_rank: int = 0
     world_size: int = 1
     backend: str | None = None
-    amp_dtype: torch.dtype | None = None  # O1's half precision; None: the device's default (see __post_init__)
+    amp_dtype: torch.dtype | None = None  # what O1 computes in; torch.float32: no autocast; None: the device's default
+    amp_reason: str = ""  # why amp_dtype, printed once at start (precision_note)
 
     def __post_init__(self):
-        if self.amp_dtype is None:  # apex O1 was fp16; CPUs have no fast fp16 but AMX/AVX-512 bf16
-            self.amp_dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+        if self.amp_dtype is None:
+            self.amp_dtype, self.amp_reason = default_amp_dtype(self.device.type)
+        elif not self.amp_reason:
+            self.amp_reason = f"--amp-dtype {next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)}"
+            if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16 and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16:
+                self.amp_reason += "; this CPU has no bf16 instructions, so about 10x slower than fp32 here"
 
     @property
     def is_main(self):
@@ -47,7 +114,7 @@ class Runtime:
 
     @property
     def fused_optimizer(self):
-        """One fused SGD kernel for all parameters: 2-4% faster steps on an H100 (README); elsewhere torch's default."""
+        """One fused SGD kernel for all parameters: faster steps on CUDA (README: Performance); elsewhere torch's default."""
         return self.device.type == "cuda"
 
     @property
@@ -74,12 +141,22 @@ class Runtime:
 
     def autocast(self, amp):
         """apex O1 = conv/matmul in half precision (amp_dtype), weights and loss in fp32; O0 = fp32."""
-        if amp == "O0":
+        if amp == "O0" or self.amp_dtype == torch.float32:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def precision(self, amp):
-        return "fp32" if amp == "O0" else f"{'fp16' if self.amp_dtype == torch.float16 else 'bf16'} autocast"
+        """What really runs: "fp32", "bf16 autocast" or "fp16 autocast" (the JSON summaries' `precision`)."""
+        if amp == "O0" or self.amp_dtype == torch.float32:
+            return "fp32"
+        return f"{PRECISION_NAMES[self.amp_dtype]} autocast"
+
+    def precision_note(self, amp):
+        """The line every script prints once at start, e.g. `precision: fp32 (this CPU has no bf16 instructions: AVX2; ...)`."""
+        if amp == "O0":
+            return "precision: fp32 (--amp O0)"
+        hint = "; --amp-dtype bfloat16 forces bf16, about 10x slower here" if self.device.type == "cpu" and self.amp_dtype == torch.float32 else ""
+        return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
 
     def grad_scaler(self, amp):
         """Dynamic loss scaling for fp16 (apex O1's); bf16 and fp32 need none (the scaler is then a pass-through)."""

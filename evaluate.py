@@ -258,6 +258,8 @@ def compare_with_eager(segment, model, runtime, size, runs, warmup, batch, path)
     print(f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs")
     print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
     print(f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x")
+    if fast_ms > plain_ms:
+        print(f"warning: this path ({path}) is slower than eager fp32 here; the faster variant is --amp O0 (fp32)")
     return result
 
 
@@ -291,6 +293,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
     parser.add_argument("--device-id", type=cli.integer(0), default=0)
     parser.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1: half precision autocast; O0: fp32")
+    parser.add_argument(
+        "--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"), help="O1's half precision; auto as train.py (CPU: bf16 only where native)"
+    )
     parser.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
     parser.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
     parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
@@ -354,22 +359,25 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
     if model_file:
         if not options.single_pass:
             raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
-        deployed = open_deployed(model_file, amp)
+        deployed = open_deployed(model_file, runtime.precision(amp) == "fp32")
         return deployed, deployed_info(deployed), deployed.metadata["model_config"]["num_classes"], deployed.precision
     if not ckpt:
         raise cli.UsageError("--ckpt or --model is required (or pass --benchmark)")
     model, description = load_model_and_dataset(ckpt)
     if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
-        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, "f32" if amp == "O0" else None)
+        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, "f32" if runtime.precision(amp) == "fp32" else None)
         return deployed, checkpoint_dataset(description), model.config["num_classes"], f"{deployed.precision} (converted in memory)"
     segment = torch_segmenter(inference_model(model, runtime), runtime, amp, options)
     return segment, checkpoint_dataset(description), model.config["num_classes"], runtime.precision(amp)
 
 
 def run(args):
-    runtime = devices.setup("cpu" if args.model else args.device, args.device_id)
+    runtime = devices.setup("cpu" if args.model else args.device, args.device_id, args.amp_dtype)
+    fp32 = runtime.precision(args.amp) == "fp32"
+    if runtime.is_main and not args.model:
+        print(runtime.precision_note(args.amp), flush=True)
     if args.benchmark and args.model:
-        deployed = open_deployed(args.model, args.amp)
+        deployed = open_deployed(args.model, fp32)
         model, source = baseline_model(deployed, args.ckpt)
         print(json.dumps(benchmark_deployed(deployed, args.model, model, source, runtime, args.size, args.runs, args.warmup, args.batch)))
         return
@@ -379,6 +387,8 @@ def run(args):
         return
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
     segment, info, num_classes, precision = open_model(args.ckpt, args.model, runtime, args.amp, options, bool(args.video))
+    if runtime.is_main and args.model:
+        print(f"precision: {precision}", flush=True)
     if args.video:
         print(f"segmenting {args.video} with {precision} into {args.out}")
         print(json.dumps({**segment_video(segment, args.video, args.out, info, runtime.device), "precision": precision}))

@@ -75,7 +75,8 @@ def parse_args(argv=None):
         "--amp-dtype",
         default="auto",
         choices=("auto", "float16", "bfloat16"),
-        help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did), bfloat16 on CPU; bfloat16 needs no loss scaling",
+        help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did); on a CPU bfloat16 where it has "
+        "AMX-BF16 or AVX512-BF16, else fp32 (printed at start); bfloat16 needs no loss scaling",
     )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
     p.add_argument("--device-id", "--gpu-id", dest="device_id", type=cli.integer(0), default=0, help="single-device runs")
@@ -342,6 +343,7 @@ def train(args):
     held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime, tqdm.write)
     run_log = RunLog(work_dir, runtime.is_main)
     run_log.message(f"dataset: {info.name} ({detect_dataset(args.data_root, args.dataset)}), {info.num_classes} classes, {len(dataset)} training images")
+    run_log.message(runtime.precision_note(args.amp))
     settings = {**vars(args), "world_size": runtime.world_size}
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run

@@ -75,8 +75,8 @@ def test_sampler_shards_are_disjoint_and_resumable():
     assert list(IterationSampler(20, 2, 1, 2, 7, 6, 10)) == full[1][6:]
 
 
-def test_amp_o1_on_cpu_runs_bf16_convolutions_and_updates_fp32_weights():
-    runtime = devices.Runtime(torch.device("cpu"))
+def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
+    runtime = devices.Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16)  # the default on CPUs with native bf16
     torch.manual_seed(0)
     model = build_model(model_config(18)).train()
     dtypes = []
@@ -128,7 +128,7 @@ def test_fp16_overflows_are_logged_and_a_diverged_run_stops(synthetic_root, tmp_
     assert overflows[-1]["iter"] == int(last.split("at iteration ")[1].split(":")[0])
 
 
-@pytest.mark.parametrize("amp_dtype", ["auto", "float16"])
+@pytest.mark.parametrize("amp_dtype", ["bfloat16", "float16"])  # auto is one of them, or fp32 (no autocast)
 def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
     common = [
         "--amp-dtype",
@@ -230,7 +230,7 @@ def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
     assert summary["mIoU"] > 25, vals
     assert vals[-1][1] > vals[0][1]
 
-    # evaluate.py's default CPU path (BN folded, channels_last, bf16) against plain fp32 on the trained model
+    # evaluate.py's default CPU path (BN folded, channels_last, O1: bf16 where native) against plain fp32 on the trained model
     results, predictions = {}, {}
     for amp in ("O0", "O1"):
         out = tmp_path / amp
