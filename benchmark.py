@@ -48,6 +48,7 @@ VARIANTS = {
     "fp16": {"amp_dtype": "float16"},
     "bf16": {"amp_dtype": "bfloat16"},
     "contiguous": {"channels_last": False},
+    "channels-last": {"channels_last": True},
     "fused-sgd": {"fused_sgd": True},
     "foreach-sgd": {"fused_sgd": False},
     "ddp": {"ddp": True},

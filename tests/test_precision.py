@@ -41,6 +41,13 @@ def test_cpu_o1_precision_is_decided_from_the_instructions(features, dtype, reas
     assert decided == dtype and reason in why
 
 
+@pytest.mark.parametrize("features, channels_last", [(ZEN2, False), (SKYLAKE, True), (ZEN4, True), (SAPPHIRE_RAPIDS, True)])
+def test_cpu_training_memory_format_follows_the_isa(features, channels_last):
+    assert devices.cpu_trains_channels_last(features) == channels_last
+    limited = devices.CpuFeatures(features.aten_capability, features.avx512_bf16, features.amx_bf16, "AVX2")
+    assert not devices.cpu_trains_channels_last(limited)
+
+
 def test_gpus_and_npus_keep_apex_o1_fp16_with_loss_scaling():
     for device_type in ("cuda", "npu"):
         assert devices.default_amp_dtype(device_type, ZEN2)[0] == torch.float16
