@@ -62,6 +62,10 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.downsample = downsample(cin, width, stride)
 
+    @property
+    def last_bn(self):
+        return self.bn2
+
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
@@ -80,6 +84,10 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width * 4)
         self.downsample = downsample(cin, width * 4, stride)
+
+    @property
+    def last_bn(self):
+        return self.bn3
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -239,12 +247,18 @@ class BiSeNetV1(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """mmseg's from-scratch initialisation: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1 and 0, the
+        classifiers normal(0, 0.01), and the last BatchNorm of every residual block at 0 (zero_init_residual), so each
+        block starts as the identity (Goyal et al. 2017), which from-scratch training depends on early."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for block in self.backbone.modules():
+            if isinstance(block, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(block.last_bn.weight)
         for head in (self.head, self.aux_head16, self.aux_head32):
             nn.init.normal_(head.classifier.weight, std=0.01)
             nn.init.zeros_(head.classifier.bias)

@@ -64,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
     p.add_argument("--aux-weight", type=cli.real(0), default=1.0)
     p.add_argument(
+        "--loss-normalise",
+        default="valid",
+        choices=("valid", "all"),
+        help="CE divides by the labelled pixels (valid: PyTorch's, CoinCheung's) or by all pixels (all: mmseg's avg_non_ignore=False, the seed's)",
+    )
+    p.add_argument(
         "--amp",
         "--opt-level",
         dest="amp",
@@ -97,6 +103,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.scale_range[0] > args.scale_range[1]:
         p.error(f"argument --scale-range: {args.scale_range[0]:g},{args.scale_range[1]:g}: the smaller ratio comes first, e.g. 0.5,2.0")
+    if args.loss == "ohem" and args.loss_normalise != "valid":
+        p.error("argument --loss-normalise: OHEM averages over the hard pixels it keeps; --loss-normalise applies to --loss ce")
     if args.min_lr > args.lr:
         p.error(f"argument --min-lr: {args.min_lr:g} is above --lr {args.lr:g}; the poly schedule decays from --lr to --min-lr")
     return args
@@ -124,14 +132,22 @@ def ohem_cross_entropy(logits, labels, thresh):
     return hard.mean()
 
 
-def segmentation_loss(outputs, labels, kind="ce", ohem_thresh=0.7, aux_weight=1.0):
+def cross_entropy(logits, labels, normalise="valid"):
+    """Mean CE over the labelled pixels (valid), or the sum over them divided by all pixels, ignored ones included
+    (all: mmseg's CrossEntropyLoss with avg_non_ignore=False, which scales the loss by the labelled fraction)."""
+    if normalise == "valid":
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
+
+
+def segmentation_loss(outputs, labels, kind="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
     """Main head + aux_weight x each aux head; bind the options with functools.partial to get the loss callable."""
 
     def head_loss(logits):
         logits = logits.float()  # O1: the loss runs in fp32
         if kind == "ohem":
             return ohem_cross_entropy(logits, labels, ohem_thresh)
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        return cross_entropy(logits, labels, normalise)
 
     main, *aux = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in aux)
@@ -363,7 +379,7 @@ def train(args):
     torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, start))
     ddp_model = data_parallel(model, runtime) if runtime.distributed else model
     ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
-    loss_fn = functools.partial(segmentation_loss, kind=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight)
+    loss_fn = functools.partial(segmentation_loss, kind=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
     schedule = functools.partial(
         learning_rate,
         base_lr=args.lr,

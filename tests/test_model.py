@@ -1,3 +1,5 @@
+import math
+import re
 import subprocess
 import sys
 
@@ -168,3 +170,45 @@ def test_backbone_url_is_served_from_the_torch_hub_cache_offline(tmp_path, monke
     model = r18()
     load_backbone(model, "https://download.pytorch.org/models/resnet18-cached.pth", lambda _: None)  # no network here
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+@pytest.mark.parametrize("depth, last_bn", [(18, "bn2"), (50, "bn3")])
+def test_initialisation_follows_mmseg_from_scratch_rules(depth, last_bn):
+    """mmseg 0.x's rules, written out from its code rather than ours: mmcv's ConvModule and ResNet init every
+    convolution with kaiming_init (normal, mode fan_out, ReLU gain: std sqrt(2 / (out x kh x kw)), bias 0) and every
+    norm with constant 1 / 0; ResNet's zero_init_residual sets the last norm of each block (BasicBlock norm2,
+    Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0, 0.01) with bias 0."""
+    torch.manual_seed(0)
+    model = build_model(model_config(depth))
+    residual_last = re.compile(rf"backbone\.layer\d\.\d+\.{last_bn}$")
+    zeroed = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            w = m.weight.detach().double().flatten()
+            if name.endswith("classifier"):
+                expected_std, tolerance = 0.01, 0.1
+            else:
+                expected_std, tolerance = math.sqrt(2 / (m.out_channels * m.kernel_size[0] * m.kernel_size[1])), 0.05
+            assert abs(w.std().item() / expected_std - 1) < tolerance, name
+            assert abs(w.mean().item()) < 4 * expected_std / math.sqrt(w.numel()), name
+            kurtosis = (((w - w.mean()) / w.std()) ** 4).mean().item()  # 3 for a normal, 1.8 for a uniform distribution
+            assert abs(kurtosis - 3) < 8 * math.sqrt(24 / w.numel()), (name, kurtosis)
+            assert m.bias is None or not m.bias.any(), name
+        elif isinstance(m, nn.BatchNorm2d):
+            gamma = 0.0 if residual_last.search(name) else 1.0
+            zeroed += gamma == 0.0
+            assert torch.equal(m.weight, torch.full_like(m.weight, gamma)) and not m.bias.any(), name
+            assert not m.running_mean.any() and torch.equal(m.running_var, torch.ones_like(m.running_var)), name
+    assert zeroed == (8 if depth == 18 else 16)
+
+
+def test_pretrained_backbone_replaces_the_zero_initialised_residual_norms(tmp_path):
+    torch.manual_seed(1)
+    reference = TvResNet(18)
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = r18()
+    load_backbone(model, str(tmp_path / "resnet18.pth"), log=lambda _: None)
+    assert torch.equal(model.backbone.layer1[0].bn2.weight, reference.state_dict()["layer1.0.bn2.weight"])

@@ -42,6 +42,24 @@ def test_learning_rate_follows_mmcv_poly_with_warmup(warmup):
     assert math.isclose(schedule(0), 0.1 * (0.2 - 1e-4) + 0.1 * 1e-4)
 
 
+def test_loss_normalise_all_is_mmseg_mean_over_every_pixel():
+    """mmseg's CrossEntropyLoss (avg_non_ignore=False): per-pixel CE, 0 where ignored, averaged over all pixels."""
+    torch.manual_seed(2)
+    outputs = [torch.randn(2, 5, 8, 8) for _ in range(3)]
+    labels = torch.randint(0, 5, (2, 8, 8))
+    labels[:, :3] = IGNORE_INDEX
+    valid = labels != IGNORE_INDEX
+
+    def per_pixel(logits):
+        return -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=4)[:, None]).squeeze(1) * valid
+
+    every_pixel = sum(per_pixel(o).mean() for o in outputs)
+    labelled = sum(per_pixel(o).sum() / valid.sum() for o in outputs)
+    assert torch.allclose(segmentation_loss(outputs, labels, normalise="all"), every_pixel)
+    assert torch.allclose(segmentation_loss(outputs, labels, normalise="valid"), labelled)
+    assert math.isclose(every_pixel / labelled, valid.float().mean().item(), rel_tol=1e-5)
+
+
 def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 16, 16) * 3

@@ -1,0 +1,82 @@
+"""How fast R18 learns from scratch: val mIoU at fixed iterations over several seeds, on a learnable synthetic
+Cityscapes, with the recipe of the mmseg side-by-side comparison (README: Learning from scratch).
+
+    python benchmark_learning.py                                    # seeds 0 and 1, mIoU at 100/200/300
+    python benchmark_learning.py --seeds 0,1,2 -- --loss-normalise all    # anything after -- goes to train.py
+
+Each run is train.py in its own process (fp32, so every CPU computes the same curve's shape), validated every
+--val-interval iterations; the last line printed is JSON with every curve and the mean at each point.
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cli
+from benchmark import run_json
+from cityscapes import synthesize
+from convert_labels import convert_dataset
+
+# mmseg 1.2.2's BiSeNetV1 R18 config at a CPU's scale: batch 4, crop 128x256, lr 0.025, warmup 25, 300 iterations
+RECIPE = ["--depth", "18", "--batch-size", "4", "--crop", "128x256", "--lr", "0.025", "--warmup-iters", "25", "--amp", "O0"]
+DATA = dict(train=48, val=12, height=256, width=512)
+
+
+def learning_curve(data_root, work_dir, seed, iters, val_interval, workers, extra):
+    """{iteration: val mIoU} of one from-scratch run."""
+    cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir, *RECIPE, "--iters", str(iters), "--seed", str(seed)]
+    cmd += ["--val-interval", str(val_interval), "--ckpt-interval", str(iters), "--workers", str(workers), "--log-interval", "50", *extra]
+    summary, output = run_json(cmd)
+    if summary is None:
+        raise cli.UsageError(f"train.py failed: {output.strip().splitlines()[-1] if output.strip() else 'no output'}")
+    entries = [json.loads(line) for line in (Path(work_dir) / "log.jsonl").read_text().splitlines()]
+    return {e["iter"]: round(e["val_mIoU"], 2) for e in entries if "val_mIoU" in e}
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    p = cli.ArgumentParser(__doc__)
+    p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    p.add_argument("--iters", type=cli.integer(1), default=300)
+    p.add_argument("--val-interval", type=cli.integer(1), default=100)
+    p.add_argument("--workers", type=cli.integer(0), default=2)
+    p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder)")
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"argument --seeds: {args.seeds!r}: expected comma-separated integers, e.g. 0,1")
+    return args, extra
+
+
+def run(args, extra):
+    started = time.perf_counter()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bisenet_learning_"))
+    data_root = work / "data"
+    if not (data_root / "val.txt").is_file():
+        synthesize(data_root, **DATA, seed=3)
+        convert_dataset(data_root, source="labelIds", progress=False)
+    curves = {}
+    for seed in args.seeds:
+        curves[seed] = learning_curve(data_root, work / f"seed{seed}_{time.time_ns()}", seed, args.iters, args.val_interval, args.workers, extra)
+        print(f"seed {seed}: " + ", ".join(f"@{it} {miou:.2f}" for it, miou in curves[seed].items()), flush=True)
+    points = sorted(set.intersection(*(set(c) for c in curves.values())))
+    mean = {it: round(statistics.mean(c[it] for c in curves.values()), 2) for it in points}
+    print("mean: " + ", ".join(f"@{it} {m:.2f}" for it, m in mean.items()), flush=True)
+    print(json.dumps({"train_args": RECIPE + extra, "data": DATA, "curves": curves, "mean": mean, "wall_s": round(time.perf_counter() - started, 1)}))
+
+
+def main(argv=None):
+    try:
+        run(*parse_args(argv))
+    except cli.UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
