@@ -116,7 +116,16 @@ class OpenVinoModel:
         if shape not in self.compiled:
             model = self.ov_model.clone()  # the model itself keeps its dynamic shape
             model.reshape({"images": list(shape)})
-            self.compiled[shape] = self.core.compile_model(model, "CPU", self.config)
+            try:
+                self.compiled[shape] = self.core.compile_model(model, "CPU", self.config)
+            except RuntimeError as e:  # OpenVINO's message is a stack of "Exception from <file>" lines; the last line says what failed
+                reason = [line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().startswith("Exception from")]
+                limit = (
+                    " (ONEDNN_MAX_CPU_ISA is set: OpenVINO's CPU plugin does not run under every limit; unset it)"
+                    if os.environ.get("ONEDNN_MAX_CPU_ISA")
+                    else ""
+                )
+                raise cli.UsageError(f"OpenVINO cannot compile the model for this CPU: {reason[-1] if reason else type(e).__name__}{limit}") from None
         return self.compiled[shape]
 
     @property

@@ -98,7 +98,9 @@ def parse_args(argv=None):
     p.add_argument("--log-interval", type=cli.integer(1), default=50)
     p.add_argument("--workers", type=cli.integer(0), default=4, help="data loading processes per device")
     p.add_argument("--sync-bn", action="store_true")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA and AVX-512 CPUs, off for AVX2 CPUs and Ascend")
+    p.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA and AVX-512 CPUs, off for AVX2 CPUs and Ascend"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the training model (compiling takes minutes; see the README's measurements)")
     args = p.parse_args(argv)
     if args.scale_range[0] > args.scale_range[1]:
