@@ -278,7 +278,7 @@ def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
 
 
 def test_non_finite_fp32_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
-    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "6", "--no-validate", "--amp", "O0", "--lr", "1e12", "--warmup-iters", "0"]
+    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "6", "--no-validate", "--amp", "O0", "--lr", "1e15", "--warmup-iters", "0"]
     result = run_train([*args, "--ckpt-interval", "1", "--work-dir", str(tmp_path / "wd")])
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
