@@ -72,7 +72,7 @@ def variant_options(runtime, changes):
 
 def build_setup(runtime, depth, images, labels, options):
     dtype = devices.AMP_DTYPES.get(options["amp_dtype"])
-    runtime = dataclasses.replace(runtime, amp_dtype=dtype) if dtype else runtime
+    runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
     torch.manual_seed(0)
     model = create_model(runtime, depth, NUM_CLASSES, 0.1, options["channels_last"], log=lambda _: None).train()
     optimizer = create_optimizer(model, 0.01, 0.9, 5e-4, fused=options["fused_sgd"])

@@ -53,7 +53,8 @@ def inference_variants(runtime, size, variants, runs, warmup, log):
     out = {}
     for name in variants:
         options = dict(INFER_VARIANTS[name])
-        variant_runtime = dataclasses.replace(runtime, amp_dtype=options.pop("amp_dtype", runtime.amp_dtype))
+        dtype = options.pop("amp_dtype", None)
+        variant_runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
         try:
             result = benchmark(model, variant_runtime, size, "O1", runs, warmup, compile_mode=options.get("compile_mode"))
         except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements

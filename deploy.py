@@ -173,9 +173,9 @@ def read_metadata(path):
     return None, json.loads(props[METADATA_KEY]) if METADATA_KEY in props else None
 
 
-def open_deployed(path, fp32=False):
-    """--model PATH.xml or PATH.onnx. fp32 (--amp O0, or a CPU without native bf16: device.py) runs OpenVINO in
-    f32; otherwise OpenVINO picks (bf16 where the CPU has it)."""
+def open_deployed(path, precision=None):
+    """--model PATH.xml or PATH.onnx. precision: OpenVINO's hint, "f32" or None for its own choice (bf16 where the
+    CPU has it); Runtime.openvino_precision decides."""
     path = Path(path)
     if path.suffix not in (".xml", ".onnx"):
         raise cli.UsageError(f"--model {path}: expected an OpenVINO .xml or an .onnx file written by export.py")
@@ -188,7 +188,7 @@ def open_deployed(path, fp32=False):
     if metadata is None:
         raise cli.UsageError(f"--model {path}: it does not describe its classes (not written by this export.py); export it again with python export.py")
     if ov_model is not None:
-        return OpenVinoModel(ov_model, metadata, "f32" if fp32 else None)
+        return OpenVinoModel(ov_model, metadata, precision)
     return OnnxModel(path, metadata)
 
 

@@ -17,6 +17,7 @@ DEFAULT_BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 BACKENDS = ("nccl", "hccl", "gloo", "mpi", "ucc")
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+EMULATED_BF16 = "about 10x slower here"  # bf16 without AMX/AVX512-BF16 (README: Performance)
 
 # oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; the AVX10 names and their aliases).
 ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX")
@@ -37,6 +38,10 @@ class CpuFeatures:
     avx512_bf16: bool
     amx_bf16: bool
     onednn_max_isa: str | None = None  # ONEDNN_MAX_CPU_ISA as set, None when unset
+
+    @property
+    def aten_avx512(self):
+        return self.aten_capability.upper().startswith(("AVX512", "AMX"))
 
     @classmethod
     def detect(cls):
@@ -59,7 +64,7 @@ def onednn_allows(max_isa, isa):
 def cpu_amp_dtype(features):
     """(dtype, why) of O1 on this CPU: bf16 where it computes bf16 natively (AMX-BF16 or AVX512-BF16), else fp32,
     because bf16 without those instructions is emulated through fp32 conversions and is many times slower."""
-    if not features.aten_capability.upper().startswith(("AVX512", "AMX")):
+    if not features.aten_avx512:
         if features.avx512_bf16 or features.amx_bf16:
             return torch.float32, f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions"
         return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
@@ -75,7 +80,7 @@ def cpu_amp_dtype(features):
 def cpu_trains_channels_last(features):
     """oneDNN's AVX-512 convolutions train fastest on channels_last tensors; its AVX2 ones backpropagate faster on
     contiguous ones (README: Performance, measured on both)."""
-    return features.aten_capability.upper().startswith(("AVX512", "AMX")) and onednn_allows(features.onednn_max_isa, "AVX512_CORE")
+    return features.aten_avx512 and onednn_allows(features.onednn_max_isa, "AVX512_CORE")
 
 
 def default_amp_dtype(device_type, cpu_features=None):
@@ -102,7 +107,7 @@ class Runtime:
         elif not self.amp_reason:
             self.amp_reason = f"--amp-dtype {next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)}"
             if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16 and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16:
-                self.amp_reason += "; this CPU has no bf16 instructions, so about 10x slower than fp32 here"
+                self.amp_reason += f"; this CPU has no bf16 instructions, so {EMULATED_BF16}"
 
     @property
     def is_main(self):
@@ -165,8 +170,12 @@ class Runtime:
         """The line every script prints once at start, e.g. `precision: fp32 (this CPU has no bf16 instructions: AVX2; ...)`."""
         if amp == "O0":
             return "precision: fp32 (--amp O0)"
-        hint = "; --amp-dtype bfloat16 forces bf16, about 10x slower here" if self.device.type == "cpu" and self.amp_dtype == torch.float32 else ""
+        hint = f"; --amp-dtype bfloat16 forces bf16, {EMULATED_BF16}" if self.device.type == "cpu" and self.amp_dtype == torch.float32 else ""
         return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
+
+    def openvino_precision(self, amp):
+        """OpenVINO's INFERENCE_PRECISION_HINT for the same O1: "f32" where PyTorch runs fp32, else None (its own choice)."""
+        return "f32" if self.precision(amp) == "fp32" else None
 
     def grad_scaler(self, amp):
         """Dynamic loss scaling for fp16 (apex O1's); bf16 and fp32 need none (the scaler is then a pass-through)."""

@@ -359,13 +359,13 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
     if model_file:
         if not options.single_pass:
             raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
-        deployed = open_deployed(model_file, runtime.precision(amp) == "fp32")
+        deployed = open_deployed(model_file, runtime.openvino_precision(amp))
         return deployed, deployed_info(deployed), deployed.metadata["model_config"]["num_classes"], deployed.precision
     if not ckpt:
         raise cli.UsageError("--ckpt or --model is required (or pass --benchmark)")
     model, description = load_model_and_dataset(ckpt)
     if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
-        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, "f32" if runtime.precision(amp) == "fp32" else None)
+        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, runtime.openvino_precision(amp))
         return deployed, checkpoint_dataset(description), model.config["num_classes"], f"{deployed.precision} (converted in memory)"
     segment = torch_segmenter(inference_model(model, runtime), runtime, amp, options)
     return segment, checkpoint_dataset(description), model.config["num_classes"], runtime.precision(amp)
@@ -373,11 +373,10 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
 
 def run(args):
     runtime = devices.setup("cpu" if args.model else args.device, args.device_id, args.amp_dtype)
-    fp32 = runtime.precision(args.amp) == "fp32"
     if runtime.is_main and not args.model:
         print(runtime.precision_note(args.amp), flush=True)
     if args.benchmark and args.model:
-        deployed = open_deployed(args.model, fp32)
+        deployed = open_deployed(args.model, runtime.openvino_precision(args.amp))
         model, source = baseline_model(deployed, args.ckpt)
         print(json.dumps(benchmark_deployed(deployed, args.model, model, source, runtime, args.size, args.runs, args.warmup, args.batch)))
         return

@@ -60,6 +60,7 @@ def test_fp32_runtime_runs_o1_without_autocast_or_loss_scaling():
     with runtime.autocast("O1"):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
     assert runtime.precision("O1") == "fp32" and not runtime.grad_scaler("O1").is_enabled()
+    assert runtime.openvino_precision("O1") == "f32"  # OpenVINO follows the same decision
     note = runtime.precision_note("O1")
     assert note == "precision: fp32 (this CPU has no bf16 instructions: AVX2; --amp-dtype bfloat16 forces bf16, about 10x slower here)"
 
@@ -73,6 +74,7 @@ def test_forced_amp_dtype_runs_what_it_names(forced, dtype):
     assert ran == dtype and runtime.precision("O1") == f"{devices.PRECISION_NAMES[dtype]} autocast"
     assert runtime.precision_note("O1").startswith(f"precision: {runtime.precision('O1')} (--amp-dtype ")
     assert runtime.grad_scaler("O1").is_enabled() == (dtype == torch.float16)
+    assert runtime.openvino_precision("O1") is None and runtime.openvino_precision("O0") == "f32"
 
 
 def test_this_machines_default_runs_what_it_says():
