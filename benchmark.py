@@ -49,8 +49,8 @@ VARIANTS = {
     "bf16": {"amp_dtype": "bfloat16"},
     "contiguous": {"channels_last": False},
     "channels-last": {"channels_last": True},
-    "fused-sgd": {"fused_sgd": True},
-    "foreach-sgd": {"fused_sgd": False},
+    "fused-sgd": {"sgd_kernel": "fused"},
+    "foreach-sgd": {"sgd_kernel": "default"},
     "ddp": {"ddp": True},
     "compile": {"compile": True},
 }
@@ -66,7 +66,7 @@ class Setup:
 
 
 def variant_options(runtime, changes):
-    options = dict(amp="O1", amp_dtype="auto", channels_last=runtime.prefers_channels_last, fused_sgd=runtime.fused_optimizer, ddp=False, compile=False)
+    options = dict(amp="O1", amp_dtype="auto", channels_last=runtime.prefers_channels_last, sgd_kernel=runtime.sgd_kernel, ddp=False, compile=False)
     return {**options, **changes}
 
 
@@ -75,7 +75,7 @@ def build_setup(runtime, depth, images, labels, options):
     runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
     torch.manual_seed(0)
     model = create_model(runtime, depth, NUM_CLASSES, 0.1, options["channels_last"], log=lambda _: None).train()
-    optimizer = create_optimizer(model, 0.01, 0.9, 5e-4, fused=options["fused_sgd"])
+    optimizer = create_optimizer(model, 0.01, 0.9, 5e-4, kernel=options["sgd_kernel"])
     stepped = data_parallel(model, runtime) if options["ddp"] else model
     stepped = torch.compile(stepped) if options["compile"] else stepped
     scaler = runtime.grad_scaler(options["amp"])
@@ -351,6 +351,7 @@ def run(args, recipes, variants, skip):
     log = functools.partial(print, flush=True)
     result = {**environment(runtime), "size": size, "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved"}
     log(f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes")
+    log(runtime.device_note)
     log(runtime.precision_note("O1"))
     if "ddp" in variants:
         join_single_process_group(runtime)

@@ -151,6 +151,7 @@ def run(args):
         "protocol": f"median of {args.steps} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
     }
     log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
+    log(runtime.device_note)
     log(runtime.precision_note("O1"))
     result["speed"] = inference_speeds(runtime, INFER_SIZES[size], INFER_BATCHES[size], args.steps, args.warmup, log)
     variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)

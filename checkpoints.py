@@ -215,7 +215,7 @@ def refuse_fresh_start(work_dir):
 # the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
 RECIPE_FLAGS = (
     "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
-    "warmup_ratio", "poly_power", "min_lr", "loss", "loss_normalise", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "seed", "diff_seed", "sync_bn",
+    "warmup_ratio", "poly_power", "min_lr", "loss", "loss_normalise", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "loss_scale", "seed", "diff_seed", "sync_bn",
 )  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 """Every difference between CPU, NVIDIA GPUs and Ascend NPUs lives here: device, distributed backend,
-autocast dtype (on a CPU, from the instructions it has), gradient scaler, memory format and optimizer kernels.
-torch_npu is imported only when --device npu is asked for.
+autocast dtype (on a CPU, from the instructions it has), gradient scaler, memory format, optimizer kernels, where
+the metric is counted and which options a device supports. torch_npu is imported only where it is installed:
+for --device npu, and for --device auto when importlib finds it.
 """
 
 import datetime
+import importlib.util
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -91,15 +93,83 @@ def default_amp_dtype(device_type, cpu_features=None):
     return cpu_amp_dtype(cpu_features or CpuFeatures.detect())
 
 
+def npu_amp_dtype_error(dtype):
+    """Why this NPU cannot autocast to dtype, or None: torch_npu autocasts to bf16 only on chips that have it (not
+    the 910A) and otherwise switches autocast off with a warning, so the run would train in fp32 unnoticed."""
+    if dtype == torch.bfloat16 and not torch.npu.is_bf16_supported():
+        return (
+            f"--amp-dtype bfloat16: this {torch.npu.get_device_name()} has no bf16 (torch.npu.is_bf16_supported() is False) and would train in fp32; "
+            "leave --amp-dtype out (fp16 with loss scaling)"
+        )
+    return None
+
+
+def scaler_state_for(device_type, state):
+    """A GradScaler state saved on any device, for this one's scaler: torch_npu's keeps a `dynamic` flag that torch's
+    has not and needs it on load; scale and growth tracker carry over both ways."""
+    state = dict(state)
+    if device_type == "npu":
+        state.setdefault("dynamic", True)
+    else:
+        state.pop("dynamic", None)
+    return state
+
+
+def npu_fused_sgd_available():
+    try:
+        from torch_npu.optim import NpuFusedSGD  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+SGD_KERNELS = ("default", "fused", "npu-fused")
+
+
+def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
+    """torch's SGD (kernel "default": its own choice; "fused": one kernel for all parameters) or torch_npu's
+    NpuFusedSGD ("npu-fused": parameters and gradients in one combined buffer each). Every optimizer is then cleared
+    with its own zero_grad() default: NpuFusedSGD refuses set_to_none, which would drop its combined gradients."""
+    if kernel == "npu-fused":
+        from torch_npu.optim import NpuFusedSGD
+
+        return NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=kernel == "fused" or None)
+
+
+def version_tuple(text):
+    """'2.6.0rc1' / '2.1.0.post3' -> (2, 6)."""
+    major, minor = (text.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def npu_option_error(*, compile=False, channels_last=None, torch_npu_version="0.0", triton_installed=False):
+    """Why an option cannot run on this torch_npu, or None. torch.compile has no NPU backend before torch_npu 2.6,
+    which then needs triton-ascend; channels_last is left to torch_npu, which converts to its own internal formats."""
+    if compile and (version_tuple(torch_npu_version) < (2, 6) or not triton_installed):
+        return f"--compile: torch_npu {torch_npu_version} has no torch.compile backend (it needs torch_npu >= 2.6 with triton-ascend); leave --compile out"
+    if channels_last:
+        return "--channels-last: torch_npu picks its own internal memory formats on Ascend; leave --channels-last out"
+    return None
+
+
+def cpu_share(cpus, local_rank, local_world_size):
+    """This rank's contiguous slice of the host's cores, as Ascend's port pins each device's process (taskset), so
+    the ranks' loader workers and host-side operators do not compete for the same cores."""
+    cpus = sorted(cpus)
+    per_rank = len(cpus) // max(local_world_size, 1)
+    return cpus[local_rank * per_rank : (local_rank + 1) * per_rank] if per_rank else cpus
+
+
 @dataclass
 class Runtime:
     device: torch.device
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
     backend: str | None = None
     amp_dtype: torch.dtype | None = None  # what O1 computes in; torch.float32: no autocast; None: the device's default
     amp_reason: str = ""  # why amp_dtype, printed once at start (precision_note)
+    device_reason: str = ""  # why this device, printed first (device_note)
 
     def __post_init__(self):
         if self.amp_dtype is None:
@@ -127,9 +197,29 @@ class Runtime:
         return self.device.type != "npu"
 
     @property
-    def fused_optimizer(self):
-        """One fused SGD kernel for all parameters: faster steps on CUDA (README: Performance); elsewhere torch's default."""
-        return self.device.type == "cuda"
+    def sgd_kernel(self):
+        """CUDA: one fused kernel (README: Performance). Ascend: NpuFusedSGD where torch_npu has it, because torch_npu
+        turns foreach off on the 910A (and on the 910B before CANN 8.0.RC3) and has no fused SGD before torch 2.7."""
+        if self.device.type == "cuda":
+            return "fused"
+        if self.device.type == "npu" and npu_fused_sgd_available():
+            return "npu-fused"
+        return "default"
+
+    def check_options(self, *, compile=False, channels_last=None):
+        """Refuses, in one line, an option this device cannot run as asked."""
+        if self.device.type != "npu":
+            return
+        import torch_npu
+
+        error = npu_option_error(
+            compile=compile,
+            channels_last=channels_last,
+            torch_npu_version=torch_npu.__version__,
+            triton_installed=importlib.util.find_spec("triton") is not None,
+        )
+        if error:
+            raise UsageError(error)
 
     @property
     def name(self):
@@ -137,13 +227,25 @@ class Runtime:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         if self.device.type == "npu":
-            return torch.npu.get_device_name(self.device)
+            return torch.npu.get_device_name(self.device.index)
         return f"cpu ({torch.get_num_threads()} threads)"
 
     @property
+    def device_note(self):
+        """The first line every script prints, e.g. `device: npu:0, Ascend910B3 (--device auto: torch_npu sees 8 NPUs)`."""
+        where = f"cpu, {torch.get_num_threads()} threads" if self.device.type == "cpu" else f"{self.device}, {self.name}"
+        return f"device: {where} ({self.device_reason})" if self.device_reason else f"device: {where}"
+
+    @property
     def pin_memory(self):
-        """Page-locked host batches copy to the GPU asynchronously; elsewhere pinning only costs time."""
-        return self.device.type == "cuda"
+        """Page-locked host batches copy to the accelerator asynchronously; on a CPU pinning only costs time."""
+        return self.device.type in ("cuda", "npu")
+
+    @property
+    def pin_memory_device(self):
+        """torch before the accelerator API pins for CUDA unless told the device; newer torch pins for the current
+        accelerator and warns about the argument."""
+        return "npu" if self.device.type == "npu" and not hasattr(torch, "accelerator") else ""
 
     @property
     def ddp_device_ids(self):
@@ -153,6 +255,12 @@ class Runtime:
     def memory_format(self):
         """Inference (BN folded, no backward): channels_last on CPUs of any kind and on CUDA."""
         return torch.contiguous_format if self.device.type == "npu" else torch.channels_last
+
+    @property
+    def metric_device(self):
+        """Where the confusion matrix is counted: on CUDA beside the predictions; on Ascend on the host, as Ascend's
+        port does (bincount runs on the NPU's slow AI CPU and every new shape recompiles there)."""
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def autocast(self, amp):
         """apex O1 = conv/matmul in half precision (amp_dtype), weights and loss in fp32; O0 = fp32."""
@@ -177,12 +285,18 @@ class Runtime:
         """OpenVINO's INFERENCE_PRECISION_HINT for the same O1: "f32" where PyTorch runs fp32, else None (its own choice)."""
         return "f32" if self.precision(amp) == "fp32" else None
 
-    def grad_scaler(self, amp):
-        """Dynamic loss scaling for fp16 (apex O1's); bf16 and fp32 need none (the scaler is then a pass-through)."""
-        enabled = amp == "O1" and self.amp_dtype == torch.float16
+    def grad_scaler(self, amp, loss_scale=None):
+        """Loss scaling for fp16 (apex O1's): dynamic, or from loss_scale on and never grown (train.py puts it back
+        after an overflow); bf16 and fp32 need none (the scaler is then a pass-through)."""
+        options = dict(enabled=amp == "O1" and self.amp_dtype == torch.float16)
+        if loss_scale:
+            options.update(init_scale=float(loss_scale), growth_interval=2**31 - 1)
         if self.device.type == "npu":
-            return torch.npu.amp.GradScaler(enabled=enabled)
-        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+            return torch.npu.amp.GradScaler(**options)
+        return torch.amp.GradScaler(self.device.type, **options)
+
+    def load_scaler_state(self, scaler, state):
+        scaler.load_state_dict(scaler_state_for(self.device.type, state))
 
     def synchronize(self):
         if self.device.type == "cuda":
@@ -191,26 +305,54 @@ class Runtime:
             torch.npu.synchronize(self.device)
 
     def all_reduce_counts(self, counts):
-        """Sums int64 counts on any backend: hccl reduces only 32-bit types, so counts travel as two int32 halves."""
+        """Sums int64 counts on any backend, through the device (hccl reduces no host tensors). They travel as two
+        int32 halves: hccl before torch_npu 2.1.0-5.0.rc3 reduced only 32-bit types."""
         if not self.distributed:
             return counts
-        low, high = (counts % 2**20).int(), (counts // 2**20).int()
+        low, high = (counts % 2**20).int().to(self.device), (counts // 2**20).int().to(self.device)
         dist.all_reduce(low)
         dist.all_reduce(high)
-        return high.long() * 2**20 + low.long()
+        return (high.long() * 2**20 + low.long()).to(counts.device)
+
+    def share_buffers(self, model):
+        """Rank 0's BatchNorm statistics to every rank before validation: DDP runs with broadcast_buffers=False (as
+        Ascend's port and mmengine), so each rank's running stats drift apart during training (mmcv's EvalHook
+        broadcasts them the same way)."""
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
 
 
-def resolve_device_type(name):
+def npu_present():
+    """(whether torch_npu is installed and sees an NPU, why). importlib looks the package up without importing it;
+    torch >= 2.5 may already have loaded it at `import torch` (TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns that off)."""
+    if importlib.util.find_spec("torch_npu") is None:
+        return False, "torch_npu is not installed"
+    try:
+        import torch_npu  # noqa: F401  (registers the 'npu' device and the 'hccl' backend)
+    except (ImportError, SystemExit, RuntimeError) as e:  # without CANN, torch_npu may call sys.exit
+        return False, f"torch_npu is installed but does not load ({type(e).__name__}: {str(e).strip()[:160]}); source CANN's set_env.sh"
+    count = torch.npu.device_count() if torch.npu.is_available() else 0
+    return count > 0, f"torch_npu sees {count} NPU{'s' if count != 1 else ''}"
+
+
+def choose_device(name):
+    """(device type, why) from --device: auto takes an Ascend NPU, else a CUDA GPU, else the CPU."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        found, why = npu_present()
+        if found:
+            return "npu", f"--device auto: {why}"
+        if torch.cuda.is_available():
+            return "cuda", "--device auto: CUDA is available"
+        return "cpu", f"--device auto: no CUDA device, {why}"
     if name == "npu":
         try:
-            import torch_npu  # noqa: F401  (registers the 'npu' device and the 'hccl' backend)
-        except (ImportError, SystemExit, RuntimeError) as e:  # without CANN, torch_npu may call sys.exit
+            import torch_npu  # noqa: F401
+        except (ImportError, SystemExit, RuntimeError) as e:
             raise UsageError(f"--device npu needs torch_npu and Ascend CANN ({type(e).__name__}: {e}); install them or use --device cpu") from None
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available to this PyTorch build; use --device cpu (or auto)")
-    return name
+    return name, f"--device {name}"
 
 
 def launched_by_torchrun():
@@ -219,17 +361,22 @@ def launched_by_torchrun():
 
 def setup(device="auto", device_id=0, amp_dtype="auto"):
     """Device from --device and, under torchrun, LOCAL_RANK; joins the process group when launched by torchrun."""
-    kind = resolve_device_type(device)
+    kind, why = choose_device(device)
     launched = launched_by_torchrun()
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
-    rank, local_rank = (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))) if launched else (0, device_id)
-    index = local_rank if launched else device_id
+    rank, index = (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))) if launched else (0, device_id)
     if kind == "cuda":
         torch.cuda.set_device(index)
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest convolution algorithms once
     elif kind == "npu":
         torch.npu.set_device(index)
-    runtime = Runtime(torch.device(kind, index) if kind != "cpu" else torch.device("cpu"), rank, local_rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype))
+        error = npu_amp_dtype_error(AMP_DTYPES.get(amp_dtype))
+        if error:
+            raise UsageError(error)
+        if launched and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, cpu_share(os.sched_getaffinity(0), index, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    device = torch.device(kind, index) if kind != "cpu" else torch.device("cpu")
+    runtime = Runtime(device, rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype), device_reason=why)
     if launched:
         runtime.backend = os.environ.get("DIST_BACKEND", DEFAULT_BACKEND[kind])
         join_process_group(runtime, distributed_timeout())

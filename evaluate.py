@@ -115,10 +115,11 @@ def predict_classes(model, images, options=Inference()):
 
 
 def confusion_matrix(pred, label, num_classes):
-    """rows = ground truth, columns = prediction; pixels labelled 255 are ignored."""
-    valid = label != IGNORE_INDEX
-    index = label[valid].long() * num_classes + pred[valid].long()
-    return torch.bincount(index, minlength=num_classes**2).view(num_classes, num_classes)
+    """rows = ground truth, columns = prediction; pixels labelled 255 are ignored. Every pixel is counted, the
+    ignored ones in one extra bin, so the shapes never depend on the data (and an image without labels is fine)."""
+    label = label.long()
+    index = torch.where(label != IGNORE_INDEX, label * num_classes + pred.long(), num_classes**2)
+    return torch.bincount(index.flatten(), minlength=num_classes**2 + 1)[: num_classes**2].view(num_classes, num_classes)
 
 
 def metrics(confusion):
@@ -168,9 +169,16 @@ def evaluate(segment, dataset, runtime, out_dir=None, fmt="color", workers=2, pr
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
     segment: images -> class map (torch_segmenter, or a deployed model of deploy.py). The classes are the
     dataset's (dataset.info), which must be the model's."""
-    loader = torch.utils.data.DataLoader(shard(dataset, runtime), batch_size=1, num_workers=workers, pin_memory=runtime.pin_memory, generator=torch.Generator())
+    loader = torch.utils.data.DataLoader(
+        shard(dataset, runtime),
+        batch_size=1,
+        num_workers=workers,
+        pin_memory=runtime.pin_memory,
+        pin_memory_device=runtime.pin_memory_device,
+        generator=torch.Generator(),
+    )
     num_classes = dataset.info.num_classes
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.metric_device)
     has_labels, data_s, model_s = True, 0.0, 0.0
     started = tick = time.perf_counter()
     for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):
@@ -178,7 +186,7 @@ def evaluate(segment, dataset, runtime, out_dir=None, fmt="color", workers=2, pr
         tick = time.perf_counter()
         pred = segment(sample["image"].to(runtime.device, non_blocking=True))
         if "label" in sample:
-            confusion += confusion_matrix(pred, sample["label"].to(runtime.device, non_blocking=True), num_classes)
+            confusion += confusion_matrix(pred.to(runtime.metric_device), sample["label"].to(runtime.metric_device, non_blocking=True), num_classes)
         else:
             has_labels = False
         runtime.synchronize()
@@ -374,6 +382,7 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
 def run(args):
     runtime = devices.setup("cpu" if args.model else args.device, args.device_id, args.amp_dtype)
     if runtime.is_main and not args.model:
+        print(runtime.device_note, flush=True)
         print(runtime.precision_note(args.amp), flush=True)
     if args.benchmark and args.model:
         deployed = open_deployed(args.model, runtime.openvino_precision(args.amp))

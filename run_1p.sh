@@ -10,12 +10,15 @@
 #         split into data and model time; BENCH_SMALL=1 for small sizes; ends with one JSON line
 # DEPTH=18 switches full/perf to the R18 real-time recipe (mmseg: 16 images, lr 0.025, 160k iterations).
 # DATA_ROOT (default data/cityscapes) and WORK_DIR override the paths. Re-running resumes from WORK_DIR.
+# DEVICE (npu, cuda or cpu) overrides the device; by default an Ascend NPU, else a CUDA GPU, else the CPU.
+# DRY_RUN=1 prints the full/perf training command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
 shift || true
 DEPTH=${DEPTH:-50}
 DATA_ROOT=${DATA_ROOT:-data/cityscapes}
+DEVICE=${DEVICE:-$(python -c 'import device; print(device.choose_device("auto")[0])' | tail -n 1)}
 
 if [ "$MODE" = demo ]; then
   DATA_ROOT=${DATA_ROOT_DEMO:-data/synthetic}
@@ -26,11 +29,11 @@ if [ "$MODE" = demo ]; then
     python convert_labels.py "$DATA_ROOT" --nproc 2
   fi
   # sized for a 2-core AVX2 CPU, which trains in fp32 (README: which precision runs where)
-  python train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --depth 18 --batch-size 8 --crop 128x256 \
+  python train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --depth 18 --batch-size 8 --crop 128x256 \
     --scale-range 0.75,1.5 --iters 240 --lr 0.05 --warmup-iters 20 --val-interval 80 --ckpt-interval 80 \
     --log-interval 10 --workers 2 --resume "$@" | tee "$WORK_DIR/train.out"
-  python evaluate.py --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir demo_out --format color | tee "$WORK_DIR/eval.out"
-  python evaluate.py --benchmark --ckpt "$WORK_DIR/latest.pth" --size 128x256 --runs 10 | tee "$WORK_DIR/bench.out"
+  python evaluate.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir demo_out --format color | tee "$WORK_DIR/eval.out"
+  python evaluate.py --device "$DEVICE" --benchmark --ckpt "$WORK_DIR/latest.pth" --size 128x256 --runs 10 | tee "$WORK_DIR/bench.out"
   python - "$WORK_DIR" <<'PY'
 import json, sys
 last = lambda name: json.loads(open(f"{sys.argv[1]}/{name}.out").read().strip().splitlines()[-1])
@@ -60,4 +63,9 @@ case "$MODE" in
   *) echo "usage: bash run_1p.sh [full|perf|demo|bench|bench-infer] [extra train.py or benchmark.py args]" >&2; exit 2 ;;
 esac
 WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_1p}
-python train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@"
+COMMAND=(python train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@")
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "${COMMAND[*]}"
+  exit 0
+fi
+"${COMMAND[@]}"

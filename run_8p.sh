@@ -9,6 +9,9 @@
 # A lost process (crash, kill -9, OOM) restarts the whole group from the newest checkpoint, up to MAX_RESTARTS
 # (default 3) times. RDZV_BACKEND/RDZV_ENDPOINT (default c10d on MASTER_ADDR:MASTER_PORT; etcd-v2 on an etcd
 # server survives the loss of the MASTER_ADDR machine). Re-running the command resumes from WORK_DIR too.
+# DEVICE (npu, cuda or cpu) overrides the device; by default an Ascend NPU, else a CUDA GPU, else the CPU.
+# HCCL_CONNECT_TIMEOUT (Ascend's link setup wait) follows DIST_TIMEOUT unless set, within HCCL's 120-7200 s.
+# DRY_RUN=1 prints the torchrun command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
@@ -18,9 +21,18 @@ NPROC=${NPROC:-8}
 NNODES=${NNODES:-1}
 DATA_ROOT=${DATA_ROOT:-data/cityscapes}
 DEVICES=$((NPROC * NNODES))
+DEVICE=${DEVICE:-$(python -c 'import device; print(device.choose_device("auto")[0])' | tail -n 1)}
+TIMEOUT=${DIST_TIMEOUT:-1800}
+TIMEOUT=${TIMEOUT%%.*}
+export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-$((TIMEOUT < 120 ? 120 : TIMEOUT > 7200 ? 7200 : TIMEOUT))}
 
 if [ "$DEPTH" = 18 ]; then
-  RECIPE=(--depth 18 --batch-size $((16 / DEVICES > 2 ? 16 / DEVICES : 2)) --lr 0.025 --iters 160000 --val-interval 16000 --ckpt-interval 16000)
+  # mmseg's R18 recipe: 16 images in all, at least 2 per device (BatchNorm on the pooled attention maps)
+  if [ $((16 % DEVICES)) != 0 ] || [ "$DEVICES" -gt 8 ]; then
+    echo "error: DEPTH=18 trains 16 images in all; $DEVICES devices do not split them into batches of 2 or more: use 1, 2, 4 or 8 devices" >&2
+    exit 2
+  fi
+  RECIPE=(--depth 18 --batch-size $((16 / DEVICES)) --lr 0.025 --iters 160000 --val-interval 16000 --ckpt-interval 16000)
 else
   RECIPE=(--depth "$DEPTH" --batch-size 8 --lr "$(python -c "print(0.025 * $DEVICES)")" --iters 40000)
 fi
@@ -33,7 +45,12 @@ WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_${DEVICES}p}
 # A fresh store for each restart: with the shared one, restarted gloo ranks can read the dead ranks' addresses and
 # wait forever (seen with torch 2.13 in tests/test_safety.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}" \
-  --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}" \
-  --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}" \
-  train.py --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@"
+COMMAND=(python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}"
+  --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
+  --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}"
+  train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@")
+if [ "${DRY_RUN:-0}" = 1 ]; then
+  echo "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT ${COMMAND[*]}"
+  exit 0
+fi
+"${COMMAND[@]}"

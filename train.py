@@ -84,7 +84,12 @@ def parse_args(argv=None):
         help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did); on a CPU bfloat16 where it has "
         "AMX-BF16 or AVX512-BF16, else fp32 (printed at start); bfloat16 needs no loss scaling",
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    p.add_argument(
+        "--loss-scale",
+        type=cli.real(0, low_open=True),
+        help="fp16 only: a static loss scale, e.g. 128 as Ascend's port (apex loss_scale=128.0); default: dynamic (from 2^16, halved on overflow)",
+    )
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"), help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
     p.add_argument("--device-id", "--gpu-id", dest="device_id", type=cli.integer(0), default=0, help="single-device runs")
     p.add_argument("--load-from", help="initial weights: any checkpoint bisenet.load_model reads")
     p.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL")
@@ -206,7 +211,8 @@ def training_loader(dataset, batch_size, workers, seed, start, iters, runtime):
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=runtime.pin_memory,
-        persistent_workers=False,
+        pin_memory_device=runtime.pin_memory_device,
+        persistent_workers=False,  # one pass over all iterations: the workers live for the whole run anyway
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator(),  # keeps the loader off the global RNG that dropout draws from
     )
@@ -273,12 +279,14 @@ def create_model(runtime, depth, num_classes, dropout, channels_last, load_from=
     return model
 
 
-def create_optimizer(model, lr, momentum, weight_decay, fused=False):
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused or None)
+def create_optimizer(model, lr, momentum, weight_decay, kernel="default"):
+    return devices.sgd(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, kernel=kernel)
 
 
 def data_parallel(model, runtime):
-    return nn.parallel.DistributedDataParallel(model, device_ids=runtime.ddp_device_ids)
+    """Buffers stay per rank, as in Ascend's port and mmengine (no BatchNorm broadcast every step); validation
+    first shares rank 0's (Runtime.share_buffers)."""
+    return nn.parallel.DistributedDataParallel(model, device_ids=runtime.ddp_device_ids, broadcast_buffers=False)
 
 
 def train_step(model, optimizer, scaler, images, labels, loss_fn, autocast):
@@ -286,7 +294,7 @@ def train_step(model, optimizer, scaler, images, labels, loss_fn, autocast):
     with autocast():
         outputs = model(images)
     loss = loss_fn(outputs, labels)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()  # each optimizer's default: torch's frees the gradients, NpuFusedSGD zeroes its combined buffer
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
@@ -334,20 +342,27 @@ class RunLog:
             self.writer.close()
 
 
-def restore(checkpoint, path, model, optimizer, scaler):
+def restore(checkpoint, path, model, optimizer, scaler, runtime):
     """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler."""
     if checkpoint["model_config"] != model.config:
         raise CheckpointError(f"{path}: a run of another model configuration; pass a new --work-dir or the same flags")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
-        scaler.load_state_dict(checkpoint["scaler"])
+        runtime.load_scaler_state(scaler, checkpoint["scaler"])
     return checkpoint["iteration"], checkpoint["best_miou"]
 
 
 def train(args):
     runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
+    if runtime.is_main:
+        tqdm.write(runtime.device_note)
+    runtime.check_options(compile=args.compile, channels_last=args.channels_last)
     channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
+    if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
+        raise cli.UsageError(
+            f"--loss-scale {args.loss_scale:g}: this run computes in {runtime.precision(args.amp)}, which has no loss scaling; leave --loss-scale out"
+        )
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
         raise cli.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
@@ -366,11 +381,11 @@ def train(args):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     model = create_model(runtime, args.depth, info.num_classes, args.dropout, channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message)
-    optimizer = create_optimizer(model, args.lr, args.momentum, args.weight_decay, fused=runtime.fused_optimizer)
-    scaler = runtime.grad_scaler(args.amp)
+    optimizer = create_optimizer(model, args.lr, args.momentum, args.weight_decay, kernel=runtime.sgd_kernel)
+    scaler = runtime.grad_scaler(args.amp, args.loss_scale)
     start, best = 0, None
     if checkpoint is not None:
-        start, best = restore(checkpoint, resumed_from, model, optimizer, scaler)
+        start, best = restore(checkpoint, resumed_from, model, optimizer, scaler, runtime)
         for group in optimizer.param_groups:  # this command's flags, not the optimizer state's (see the warning below)
             group.update(momentum=args.momentum, weight_decay=args.weight_decay)
         run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}")
@@ -412,6 +427,8 @@ def train(args):
                 scale_before = scaler.get_scale()
                 loss = train_step(ddp_model, optimizer, scaler, images, labels, loss_fn, autocast).item()
                 if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                    if args.loss_scale:
+                        scaler.update(float(args.loss_scale))  # static: the step is skipped, the scale stays
                     scale = scaler.get_scale()
                     run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
                     run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
@@ -433,6 +450,7 @@ def train(args):
                     entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time}
                     run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
                 if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
+                    runtime.share_buffers(model)
                     model.eval()
                     result = evaluate(torch_segmenter(model, runtime, args.amp), val_set, runtime, workers=min(args.workers, 2))
                     model.train()

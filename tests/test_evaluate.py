@@ -89,6 +89,20 @@ def test_mode_names_say_exactly_what_was_run():
     assert Inference((1.0,), False, "slide", (512, 1024), (256, 512)).name == "ss slide 512x1024/256x512"
 
 
+def test_confusion_matrix_counts_like_a_masked_histogram_with_fixed_shapes():
+    """The metric counts every pixel into C*C+1 bins (the last one: ignored), so its shapes never depend on the data
+    (Ascend recompiles on every new shape); numpy's 2-D histogram over the labelled pixels is the reference."""
+    generator = torch.Generator().manual_seed(3)
+    label = torch.randint(0, 7, (1, 33, 65), generator=generator)
+    label[torch.rand(label.shape, generator=generator) < 0.3] = 255
+    pred = torch.randint(0, 7, (1, 33, 65), generator=generator)
+    valid = (label != 255).numpy()
+    expected, _, _ = np.histogram2d(label.numpy()[valid], pred.numpy()[valid], bins=7, range=[[0, 7], [0, 7]])
+    assert torch.equal(confusion_matrix(pred, label, 7), torch.from_numpy(expected).long())
+    unlabelled = torch.full((1, 8, 8), 255)
+    assert torch.equal(confusion_matrix(torch.zeros(1, 8, 8, dtype=torch.long), unlabelled, 7), torch.zeros(7, 7, dtype=torch.long))
+
+
 def test_metrics_follow_the_official_definition():
     label = torch.tensor([0, 0, 1, 1, 2, 255, 255])
     pred = torch.tensor([0, 1, 1, 1, 0, 2, 3])

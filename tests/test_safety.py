@@ -297,6 +297,8 @@ def in_process_error(main, argv, capsys):
         (["--min-lr", "0.5", "--lr", "0.1"], "argument --min-lr: 0.5 is above --lr 0.1"),
         (["--keep-checkpoints", "-1"], "argument --keep-checkpoints: '-1': must be >= 0"),
         (["--iters", "x"], "argument --iters: 'x' is not an integer"),
+        (["--loss-scale", "0"], "argument --loss-scale: '0': must be a finite number > 0"),
+        (["--loss-scale", "128", "--amp", "O0"], "--loss-scale 128: this run computes in fp32, which has no loss scaling; leave --loss-scale out"),
     ],
 )
 def test_bad_training_flags_give_one_line(capsys, flags, message):

@@ -1,6 +1,7 @@
 import functools
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -9,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 import device as devices
+from benchmark import free_port
 from bisenet import build_model, model_config
 from cityscapes import IGNORE_INDEX, CityscapesDataset, TrainTransform
 from train import IterationSampler, learning_rate, ohem_cross_entropy, parse_args, segmentation_loss, train_step
@@ -219,6 +223,31 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synt
     torch.set_num_threads(threads)
     for name, value in model.named_parameters():
         torch.testing.assert_close(ddp["model"][name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def share_buffers_in_rank(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    norm = nn.BatchNorm2d(3)
+    norm.running_mean.fill_(rank + 1.0)
+    norm.num_batches_tracked.fill_(10 + rank)
+    devices.Runtime(torch.device("cpu"), rank=rank, world_size=2, backend="gloo").share_buffers(norm)
+    torch.save(norm.state_dict(), out / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_validation_first_gives_every_rank_the_statistics_of_rank_0(tmp_path):
+    """DDP keeps buffers per rank (broadcast_buffers=False, as Ascend's port); before validation each rank takes rank
+    0's BatchNorm statistics, so the sharded val mIoU is that of the checkpoint rank 0 saves."""
+    context, port = multiprocessing.get_context("fork"), free_port()
+    ranks = [context.Process(target=share_buffers_in_rank, args=(rank, port, tmp_path)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(60)
+    assert [process.exitcode for process in ranks] == [0, 0]
+    states = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    assert torch.equal(states[1]["running_mean"], torch.ones(3)) and states[1]["num_batches_tracked"] == 10
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
 @pytest.mark.parametrize(
