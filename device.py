@@ -233,7 +233,8 @@ class Runtime:
     @property
     def device_note(self):
         """The first line every script prints, e.g. `device: npu:0, Ascend910B3 (--device auto: torch_npu sees 8 NPUs)`."""
-        where = f"cpu, {torch.get_num_threads()} threads" if self.device.type == "cpu" else f"{self.device}, {self.name}"
+        threads = torch.get_num_threads()
+        where = f"cpu, {threads} thread{'s' if threads != 1 else ''}" if self.device.type == "cpu" else f"{self.device}, {self.name}"
         return f"device: {where} ({self.device_reason})" if self.device_reason else f"device: {where}"
 
     @property

@@ -110,11 +110,15 @@ def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_ro
 
     evaluated = run_avx2(["evaluate.py", "--ckpt", summary["checkpoint"], "--data-root", str(synthetic_root), "--workers", "0"])
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert evaluated.stdout.startswith("precision: fp32 (") and json.loads(evaluated.stdout.strip().splitlines()[-1])["precision"] == "fp32"
+    assert (
+        evaluated.stdout.startswith("device: cpu")
+        and evaluated.stdout.splitlines()[1].startswith("precision: fp32 (")
+        and json.loads(evaluated.stdout.strip().splitlines()[-1])["precision"] == "fp32"
+    )
 
     forced = run_avx2(["evaluate.py", "--benchmark", "--depth", "18", "--size", "64x128", "--runs", "1", "--warmup", "0", "--amp-dtype", "bfloat16"])
     assert forced.returncode == 0, forced.stderr[-2000:]
-    assert forced.stdout.startswith("precision: bf16 autocast (--amp-dtype bfloat16; this CPU has no bf16 instructions")
+    assert forced.stdout.splitlines()[1].startswith("precision: bf16 autocast (--amp-dtype bfloat16; this CPU has no bf16 instructions")
     assert json.loads(forced.stdout.strip().splitlines()[-1])["precision"] == "bf16 autocast"
 
 
