@@ -9,11 +9,13 @@ Protocol: evaluate.py --benchmark's (uint8 input on the device, class map at inp
 of the timed runs after warm-up, interleaved with eager fp32). The last line printed is JSON.
 """
 
+import copy
 import dataclasses
 import functools
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -26,9 +28,9 @@ from PIL import Image
 import cli
 import device as devices
 from benchmark import describe, environment, run_json, synthetic_data
-from bisenet import build_model, model_config
+from bisenet import build_model, load_model, model_config
 from cityscapes import NUM_CLASSES
-from evaluate import benchmark
+from evaluate import classes, inference_model, torch_segmenter
 
 # Sizes timed, batches tried for throughput, the val split that is timed and the training that precedes it.
 INFER_SIZES = {"full": [(1024, 2048), (512, 1024)], "small": [(128, 256), (64, 128)]}
@@ -45,6 +47,95 @@ INFER_VARIANTS = {
     "compile-cuda-graphs": {"compile_mode": "reduce-overhead"},
     "compile-max-autotune": {"compile_mode": "max-autotune"},
 }
+
+
+# -- evaluate.py --benchmark: a path against eager fp32 ------------------------------------------------------
+def baseline_model(deployed, ckpt):
+    """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
+    hand, else the same architecture with random weights (the same speed)."""
+    config, source = deployed.metadata["model_config"], ckpt or deployed.metadata["source"]
+    if source and Path(source).is_file():
+        model = load_model(source)
+        if (model.config["depth"], model.config["num_classes"]) != (config["depth"], config["num_classes"]):
+            raise cli.UsageError(
+                f"--ckpt {source}: R{model.config['depth']}, {model.config['num_classes']} classes; the exported model is R{config['depth']}, {config['num_classes']} classes"
+            )
+        return model, f"eager fp32 of {source}"
+    return build_model(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
+
+
+def time_runs(segment, images, runtime, runs):
+    times = []
+    for _ in range(runs):
+        runtime.synchronize()
+        start = time.perf_counter()
+        segment(images)
+        runtime.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def eager_fp32(model, runtime):
+    """The baseline every speed-up is measured against: eager fp32, BatchNorm unfused, contiguous tensors, the
+    full-size logits, then the class map."""
+    plain = copy.deepcopy(model).eval().to(runtime.device)
+
+    def segment(images):
+        with torch.no_grad():
+            return classes(plain(images))
+
+    return segment
+
+
+def compare_with_eager(segment, model, runtime, size, runs, warmup, batch, path):
+    """segment (uint8 images on the device -> class map at input size, synchronised) timed interleaved with
+    eager_fp32(model), so that machine drift hits both alike; FPS = images per second."""
+    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
+    baseline = eager_fp32(model, runtime)
+    warmup_s = sum(time_runs(segment, images, runtime, warmup))
+    fast_times, plain_times = [], []
+    for _ in range(runs):
+        fast_times += time_runs(segment, images, runtime, 1)
+        plain_times += time_runs(baseline, images, runtime, 1)
+    fast_ms, plain_ms = 1000 * statistics.median(fast_times), 1000 * statistics.median(plain_times)
+    result = {
+        "latency_ms_median": round(fast_ms, 2),
+        "latency_ms_min": round(1000 * min(fast_times), 2),
+        "latency_ms_max": round(1000 * max(fast_times), 2),
+        "fps": round(1000 * batch / fast_ms, 2),
+        "device": runtime.name,
+        "size": f"{size[0]}x{size[1]}",
+        "batch": batch,
+        "warmup_runs": warmup,
+        "warmup_s": round(warmup_s, 2),
+        "timed_runs": runs,
+        "baseline_ms_median": round(plain_ms, 2),
+        "speedup": round(plain_ms / fast_ms, 2),
+    }
+    print(f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs")
+    print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
+    print(f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x")
+    if fast_ms > plain_ms:
+        print(f"warning: this path ({path}) is slower than eager fp32 here; the faster variant is --amp O0 (fp32)")
+    return result
+
+
+def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=None):
+    """evaluate.py's PyTorch path against eager fp32. compile_mode: torch.compile the inference path in that mode
+    ("default", "reduce-overhead" = CUDA graphs, ...); compiling happens in the warm-up runs, whose time is reported."""
+    fast = inference_model(model, runtime)
+    fast = torch.compile(fast, mode=compile_mode) if compile_mode else fast
+    precision = runtime.precision(amp)
+    path = f"{precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}"
+    warmup = max(warmup, 1 if compile_mode else 0)
+    result = compare_with_eager(torch_segmenter(fast, runtime, amp), model, runtime, size, runs, warmup, batch, path)
+    return {**result, "precision": precision, "compile_mode": compile_mode}
+
+
+def benchmark_deployed(deployed, path, model, source, runtime, size, runs, warmup, batch=1):
+    """An exported model against eager fp32 of `model` (its source checkpoint, or the same architecture)."""
+    result = compare_with_eager(deployed, model, runtime, size, runs, warmup, batch, f"{deployed.precision} ({path})")
+    return {**result, "precision": deployed.precision, "model": str(path), "baseline": source}
 
 
 def inference_variants(runtime, size, variants, runs, warmup, log):
@@ -97,7 +188,7 @@ def inference_speeds(runtime, sizes, batches, runs, warmup, log):
 
 
 def class_maps(folder):
-    return np.stack([np.array(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))])
+    return np.stack([np.array(Image.open(p)) for p in sorted(Path(folder).rglob("*.png"))])
 
 
 def validation_pass(data_root, work_dir, device, train_recipe, workers, log):

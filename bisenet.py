@@ -362,10 +362,18 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix in (".xml", ".bin", ".onnx"):
+        raise CheckpointError(f"{path}: an exported model, not a PyTorch checkpoint; evaluate.py takes it as --model {path}, training needs a .pth")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        # torch's message advises weights_only=False, which would run the file's code: it is never taken here
+        unsafe, detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)), re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: holds a Python object ({unsafe[1]}) besides weights, which is never unpickled here; re-save its state_dict"
+            ) from None
+        reason = detail[1][:200] if detail else (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason else ''})") from None
 
 
@@ -402,7 +410,20 @@ def load_model_and_dataset(path, num_classes=None):
     bad = non_finite(state)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
-    return model.eval(), checkpoint.get("dataset")
+    return model.eval(), checkpoint.get("dataset") or mmseg_dataset(checkpoint.get("meta"))
+
+
+def mmseg_dataset(meta):
+    """The classes and palette an mmseg checkpoint records (0.x: meta CLASSES/PALETTE; 1.x: meta dataset_meta), as
+    a dataset description, or None."""
+    if not isinstance(meta, dict):
+        return None
+    names, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    if names is None and isinstance(meta.get("dataset_meta"), dict):
+        names, palette = meta["dataset_meta"].get("classes"), meta["dataset_meta"].get("palette")
+    if not names:
+        return None
+    return {"name": "from the checkpoint's mmseg meta", "class_names": list(names), "palette": [list(c) for c in palette] if palette else None}
 
 
 def load_backbone(model, source, log=print):

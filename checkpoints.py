@@ -1,6 +1,8 @@
 """A training run's work dir, so that no run is ever lost: one training process per work dir (a lock), checkpoints
 written atomically, only when there is room, with nothing left behind; the point to resume from found even when
-latest.pth is lost or damaged, and never a silent fresh start on top of an earlier run.
+latest.pth is lost or damaged, and never a silent fresh start on top of an earlier run. What a checkpoint holds
+(save_checkpoint) and how a run continues from one (restore). atomic_write: how checkpoints, predictions, exported
+models, label PNGs and split lists are written (a temporary file, then one rename or link).
 
     work_dir/iter_N.pth    a complete training checkpoint after N iterations (model, optimizer, scaler, ...)
     work_dir/latest.pth    a link to the newest iter_N.pth
@@ -8,6 +10,7 @@ latest.pth is lost or damaged, and never a silent fresh start on top of an earli
     work_dir/.lock         held by the training process that uses the work dir
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bisenet import CheckpointError, read_checkpoint
+from bisenet import CheckpointError, non_finite, read_checkpoint
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
 ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -105,15 +108,12 @@ def atomic_save(obj, path):
     needed = tensor_bytes(obj) + MB
     if shutil.disk_usage(directory).free < needed:
         raise _no_space(directory, needed)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as temp, open(temp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
         if caused_by(e, lambda error: isinstance(error, KeyboardInterrupt)):
             raise KeyboardInterrupt from None
         if caused_by(e, out_of_space):
@@ -122,6 +122,48 @@ def atomic_save(obj, path):
             raise WorkDirError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are kept") from None
         raise
     sync_directory(directory)
+
+
+def temporary_file(path, suffix=".tmp"):
+    """A new unique file beside `path`, to be renamed onto it, with the permissions a plain open() would give
+    (mkstemp's are owner-only; outputs are meant to be read by others)."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)
+    os.close(handle)
+    return Path(temp)
+
+
+def publish_new(temp, path, keep_both=False):
+    """temp becomes `path` only if no file is there (atomically: a link fails on an existing name), and the path
+    written is returned. A file that appeared there meanwhile is never replaced: FileExistsError, or with
+    keep_both the result goes to the first free NAME_2, NAME_3, ... instead."""
+    path = Path(path)
+    candidates = [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))] if keep_both else [path]
+    for candidate in candidates:
+        try:
+            os.link(temp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path))
+
+
+@contextlib.contextmanager
+def atomic_write(path, *, replace=True, suffix=".tmp"):
+    """Yields a temporary path beside `path` to write; once the block ends it becomes `path` in one step (replacing
+    the old file, or with replace=False never: publish_new). On any failure the temporary file is removed."""
+    temp = temporary_file(path, suffix)
+    try:
+        yield temp
+        if replace:
+            os.replace(temp, path)
+        else:
+            publish_new(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def sync_directory(directory):
@@ -233,11 +275,57 @@ def setting_text(value):
 def changed_settings(saved, current):
     """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
     changes = []
-    for name in RECIPE_FLAGS + ("world_size",):
+    for name in RECIPE_FLAGS + ("world_size", "data_root"):
         if name in saved and setting_text(saved[name]) != setting_text(current[name]):
             flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
             changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
     return ", ".join(changes)
+
+
+# -- Training checkpoints: what a run saves and how it continues --------------------------------------------
+def save_checkpoint(path, model, optimizer, scaler, *, iteration, best, settings, dataset):
+    """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
+    state = model.state_dict()
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(
+            f"the weights hold NaN or inf after iteration {iteration} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
+            f"so {path.name} was not written: lower --lr, or check the data. {kept_checkpoint(path.parent)}"
+        )
+    checkpoint = {
+        "model_config": model.config,
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iteration": iteration,
+        "best_miou": best,
+        "args": settings,
+        "dataset": dataset.to_dict(),
+    }
+    atomic_save(checkpoint, path)
+
+
+def restore(checkpoint, path, model, optimizer, scaler, *, runtime, info):
+    """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler. A run goes on
+    only with its own model and its own classes: its best mIoU would otherwise compare other data."""
+    saved_config = checkpoint["model_config"]
+    if saved_config != model.config:
+        keys = sorted({*saved_config, *model.config}, key=lambda k: (k not in ("depth", "num_classes"), k))  # what the flags set first
+        changed = [f"{k} {saved_config.get(k)} -> {model.config.get(k)}" for k in keys if saved_config.get(k) != model.config.get(k)]
+        changes = ", ".join(changed[:2]) + (f" and {len(changed) - 2} settings that follow from them" if len(changed) > 2 else "")
+        raise CheckpointError(f"{path}: a run of another model configuration ({changes}); pass a new --work-dir, or the flags of that run")
+    saved_classes = tuple((checkpoint.get("dataset") or {}).get("class_names") or ())
+    if saved_classes and saved_classes != info.class_names:
+        first = next(k for k, (a, b) in enumerate(zip(saved_classes, info.class_names)) if a != b)
+        raise CheckpointError(
+            f"{path}: a run on other classes (class {first} was {saved_classes[first]!r}, the data's is {info.class_names[first]!r}); "
+            f"pass a new --work-dir, or --load-from {path} to fine-tune on this data"
+        )
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
+        runtime.load_scaler_state(scaler, checkpoint["scaler"])
+    return checkpoint["iteration"], checkpoint["best_miou"]
 
 
 def open_work_dir(work_dir, resume, runtime, log=print):

@@ -8,6 +8,7 @@ Normalisation happens inside the model, on the device, so host-to-device copies 
 
 import argparse
 import json
+import sys
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from PIL import Image, ImageDraw
 
-from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, folder_info, folder_layout, folder_samples
+from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, folder_info, folder_layout, folder_samples, new_dataset_folder, read_classes
 
 TRAIN_LABELS = sorted((lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
 CLASS_NAMES = [lb.name for lb in TRAIN_LABELS]
@@ -48,14 +49,19 @@ def find_samples(root, split, with_labels=True):
         raise DataError(f"{root}: data root not found; pass --data-root or run: python cityscapes.py synthesize {root}")
     image_dir = root / "leftImg8bit" / split
     list_file = root / f"{split}.txt"
+    listed_labels = None
     if list_file.is_file():
-        stems = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-        images = [image_dir / (stem + IMAGE_SUFFIX) for stem in stems]
+        lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
+        if lines and all("," in line for line in lines):  # CoinCheung's lists: `image,label` relative to the root
+            pairs = [[root / part.strip() for part in line.split(",", 1)] for line in lines]
+            images, listed_labels = [image for image, _ in pairs], dict((str(image), label) for image, label in pairs)
+        else:  # mmseg's: city/city_seq_frame
+            images = [image_dir / (stem + IMAGE_SUFFIX) for stem in lines]
         for image in images:
             if not image.is_file():
                 raise DataError(f"{image}: listed in {list_file} but missing; fix the list or the files")
     elif image_dir.is_dir():
-        images = sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        images = sorted(p for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}") if p.is_file())
     else:
         raise DataError(f"{image_dir}: split '{split}' not found; expected leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}")
     if not images:
@@ -64,8 +70,11 @@ def find_samples(root, split, with_labels=True):
         return [(image, None) for image in images]
     samples = []
     for image in images:
-        rel = image.relative_to(image_dir)
-        label = root / "gtFine" / split / rel.parent / rel.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
+        if listed_labels is not None:
+            label = listed_labels[str(image)]
+        else:
+            rel = image.relative_to(image_dir)
+            label = root / "gtFine" / split / rel.parent / rel.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
         if not label.is_file():
             raise DataError(f"{label}: missing label for {image}; run: python convert_labels.py {root}")
         samples.append((image, label))
@@ -100,9 +109,16 @@ def detect_dataset(root, kind="auto"):
 
 def open_dataset(root, split, kind="auto", transform=None, with_labels=True):
     """Cityscapes (the default) or your own data in a layout of datasets.py; dataset.info describes its classes."""
+    if Path(root).is_file():
+        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
     if not Path(root).is_dir():
         raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python cityscapes.py synthesize {root}")
     if detect_dataset(root, kind) == "cityscapes":
+        if (Path(root) / "classes.txt").is_file() and read_classes(Path(root) / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
+            raise DataError(
+                f"{Path(root) / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; remove classes.txt, "
+                "or put your data in one of your own layouts (README: Your own data)"
+            )
         return CityscapesDataset(root, split, transform, with_labels)
     return SegmentationDataset(folder_samples(root, split, with_labels), folder_info(root), transform)
 
@@ -340,7 +356,7 @@ def synthesize_one(job):
 
 def synthesize(out_dir, train=20, val=6, test=0, height=512, width=1024, seed=0, nproc=1):
     """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)."""
-    out = Path(out_dir)
+    out = new_dataset_folder(out_dir)
     jobs = [(out, k, split, i, height, width, seed) for k, (split, count) in enumerate((("train", train), ("val", val), ("test", test))) for i in range(count)]
     if nproc > 1 and len(jobs) > 1:
         with Pool(nproc) as pool:
@@ -364,7 +380,11 @@ def main():
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--nproc", type=int, default=1, help="parallel processes")
     args = parser.parse_args()
-    synthesize(args.out_dir, args.train, args.val, args.test, args.height, args.width, args.seed, args.nproc)
+    try:
+        synthesize(args.out_dir, args.train, args.val, args.test, args.height, args.width, args.seed, args.nproc)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.train} train, {args.val} val, {args.test} test images to {args.out_dir}")
 
 

@@ -7,10 +7,19 @@ cannot work.
 
 import argparse
 import math
+import re
 
 
 class UsageError(Exception):
     """A flag or environment that cannot work. The message names the flag and the fix."""
+
+
+def first_line(error, limit=300):
+    """An exception in one line: the first line of its message that says something (OpenVINO's messages start with
+    `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines), or its type's name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    telling = [line for line in lines if not re.fullmatch(r"(Exception from|Check '.*' failed at) \S+:\d+:?", line)]
+    return (telling or lines or [type(error).__name__])[0][:limit]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -9,7 +9,6 @@ Already converted files are skipped unless --force. A broken input is reported b
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from checkpoints import atomic_write
 from cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, LABELID_TO_TRAINID
+from datasets import DataError
 
 SOURCE_SUFFIX = {"polygons": "_gtFine_polygons.json", "labelIds": "_gtFine_labelIds.png"}
 
@@ -29,21 +30,21 @@ SOURCE_SUFFIX = {"polygons": "_gtFine_polygons.json", "labelIds": "_gtFine_label
 def convert_one(job):
     """Returns None on success, else 'path: reason'."""
     source_path, target_path, source = job
-    tmp = target_path.with_name(target_path.name + ".tmp.png")
     try:
-        if source == "polygons":
-            from cityscapesscripts.preparation.json2labelImg import json2labelImg
+        with atomic_write(target_path, suffix=".tmp.png") as tmp:
+            if source == "polygons":
+                from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
-            json2labelImg(str(source_path), str(tmp), "trainIds")
-        else:
-            label_ids = cv2.imread(str(source_path), cv2.IMREAD_UNCHANGED)
-            if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
-                return f"{source_path}: not a single-channel 8-bit labelIds PNG"
-            Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(tmp)  # PIL, as json2labelImg: same bytes
-        os.replace(tmp, target_path)
+                json2labelImg(str(source_path), str(tmp), "trainIds")
+            else:
+                label_ids = cv2.imread(str(source_path), cv2.IMREAD_UNCHANGED)
+                if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
+                    raise DataError("not a single-channel 8-bit labelIds PNG")
+                Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(tmp, format="PNG")  # PIL, as json2labelImg: same bytes
         return None
+    except DataError as e:
+        return f"{source_path}: {e}"
     except (SystemExit, Exception) as e:  # cityscapesscripts calls sys.exit on unknown labels
-        tmp.unlink(missing_ok=True)
         return f"{source_path}: {type(e).__name__}: {e}"
 
 
@@ -58,12 +59,19 @@ def conversion_jobs(root, source, force):
     return jobs
 
 
-def write_split_lists(root):
-    """mmseg's list format: one 'city/city_seq_frame' per line, for every split that has images."""
+def write_split_lists(root, log=print):
+    """mmseg's list format, one 'city/city_seq_frame' per line, for every split that has images and no list yet. A
+    list that is there already (yours, or CoinCheung's `image,label` lines) is never replaced."""
     root = Path(root)
-    for split_dir in sorted((root / "leftImg8bit").iterdir()):
+    for split_dir in sorted(p for p in (root / "leftImg8bit").iterdir() if p.is_dir()):
         stems = sorted(p.relative_to(split_dir).as_posix()[: -len(IMAGE_SUFFIX)] for p in split_dir.glob(f"*/*{IMAGE_SUFFIX}"))
-        (root / f"{split_dir.name}.txt").write_text("".join(s + "\n" for s in stems))
+        text, list_file = "".join(s + "\n" for s in stems), root / f"{split_dir.name}.txt"
+        if list_file.exists():
+            if list_file.read_text() != text:
+                log(f"kept {list_file}: it is not the list of the {len(stems)} images found; remove it to have it written")
+            continue
+        with atomic_write(list_file) as temp:
+            temp.write_text(text)
 
 
 def convert_dataset(root, source="polygons", nproc=1, force=False, progress=True):

@@ -1,18 +1,21 @@
 """Your own data: the dataset description that travels with every checkpoint, the reading code all datasets share,
 and the layouts users already keep segmentation data in. Cityscapes' layout and class table are in cityscapes.py.
 
-    ROOT/classes.txt          one class per line, in index order: `name R G B` (the colour is optional)
+    ROOT/classes.txt          one class per line, in index order: `name`, `name R G B`, `name,R,G,B` or `name #rrggbb`
     mmseg's custom layout     ROOT/img_dir/{train,val,test}/**/*.{jpg,png} and ROOT/ann_dir/{train,val}/**/*.png
     CoinCheung's list files   ROOT/train.txt, ROOT/val.txt: `image_path,label_path` per line (relative to ROOT or absolute)
     CamVid, as SegNet ships   ROOT/{train,val,test}/*.png and ROOT/{train,val,test}annot/*.png; 11 classes, 11 = void
 
-Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey or palette ("P") PNGs, as VOC-style tools write them.
+Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as VOC-style and mask
+tools write them; images and labels are turned by their own EXIF orientation alike.
 
     python datasets.py synthesize OUT --classes 7 [--layout mmseg|list|camvid]    # synthetic data of any class count
 """
 
 import dataclasses
+import os
 import re
+import sys
 from pathlib import Path
 
 import cv2
@@ -115,45 +118,116 @@ CAMVID = DatasetInfo(  # SegNet's CamVid: 11 classes in this order, colours from
 )
 
 
+def unnamed_classes(count):
+    """The classes of a model that does not say what they are: numbered names and a palette of their number."""
+    return DatasetInfo("unnamed classes", tuple(f"class{k}" for k in range(count)), tuple(voc_palette(count)))
+
+
+def classes_text(path):
+    """classes.txt as text: UTF-8 (a BOM allowed) or UTF-16 with its BOM; anything else is named, not guessed."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-16") if data.startswith((b"\xff\xfe", b"\xfe\xff")) else data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (Latin-1?); save it as UTF-8") from None
+
+
 def read_classes(path, name):
-    """ROOT/classes.txt -> DatasetInfo. A line is `name` or `name R G B`; a name may contain spaces."""
-    names, colors = [], []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        words = line.split()
-        if not words or words[0].startswith("#"):
+    """ROOT/classes.txt -> DatasetInfo. Every line but empty ones and `# comments` is a class, in index order:
+    `name`, `name R G B` or `name,R,G,B` (CSV), the colour 0..255 each or `#rrggbb`; a name may contain spaces and
+    end in one number."""
+    names, colors, lines = [], [], {}
+    for number, line in enumerate(classes_text(path).splitlines(), 1):
+        if not line.strip():
             continue
-        if len(words) >= 4 and all(re.fullmatch(r"\d+", w) for w in words[-3:]):
-            color = tuple(int(w) for w in words[-3:])
-            if max(color) > 255:
-                raise DataError(f"{path} line {number}: colour {color} out of 0..255; expected `name R G B`")
-            names.append(" ".join(words[:-3]))
-            colors.append(color)
-        else:
-            names.append(" ".join(words))
-            colors.append(None)
+        where = f"{path} line {number}"
+        if re.match(r"#(\s|$)", line.lstrip()):  # `# ...` is a comment
+            continue
+        if line.lstrip().startswith("#"):  # `#unlabelled`: a class or a comment? Skipping it would shift every index after it
+            raise DataError(f"{where}: {line.strip()!r}: a comment is `# text` (with a space); rename the class if it is one")
+        words = [w.strip() for w in line.split(",")] if "," in line else line.split()
+        numbers = next((k for k in range(len(words), 0, -1) if all(re.fullmatch(r"[-+]?\d+(\.\d*)?", w) for w in words[-k:])), 0)
+        color = None
+        if re.fullmatch(r"#[0-9a-fA-F]{6}", words[-1]):
+            words, color = words[:-1], tuple(int(words[-1][i : i + 2], 16) for i in (1, 3, 5))
+        elif numbers >= 3 or (numbers == 2 and len(words) > 2) or ("," in line and len(words) > 1):  # a CSV header is refused here
+            tail = words[-3:]
+            if not (len(words) > 3 and numbers >= 3 and all(re.fullmatch(r"\d+", w) and int(w) <= 255 for w in tail)):
+                raise DataError(f"{where}: {line.strip()!r}: expected `name R G B` with three whole numbers 0..255 (or `#rrggbb`)")
+            words, color = words[:-3], tuple(int(w) for w in tail)
+        elif "#" in line:
+            raise DataError(f"{where}: {line.strip()!r}: a colour is `#rrggbb` or `R G B`")
+        label = " ".join(words)
+        if not label:
+            raise DataError(f"{where}: {line.strip()!r}: the class has no name")
+        if label in lines:
+            raise DataError(f"{where}: the class name {label!r} is on line {lines[label]} already; class names must differ")
+        lines[label] = number
+        names.append(label)
+        colors.append(color)
     if not 2 <= len(names) <= IGNORE_INDEX:
         raise DataError(f"{path}: {len(names)} classes; expected 2 to 255, one `name [R G B]` per line")
     defaults = voc_palette(len(names))
     return DatasetInfo(name, tuple(names), tuple(c or d for c, d in zip(colors, defaults)))
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(file):
+    """The EXIF orientation (1-8; 1: as stored) of an opened PIL image, from the header only (PIL's getexif would
+    decode a whole PNG to look for it)."""
+    data = file.info.get("exif")
+    if not data:
+        return 1
+    exif = Image.Exif()
+    exif.load(data)
+    return exif.get(EXIF_ORIENTATION, 1)
+
+
+def oriented(pixels, orientation):
+    """The stored pixel grid as a viewer shows it: EXIF orientations 2-8 are mirrorings and quarter turns."""
+    transpose = lambda p: p.swapaxes(0, 1)  # noqa: E731
+    turn = {
+        2: lambda p: p[:, ::-1],
+        3: lambda p: p[::-1, ::-1],
+        4: lambda p: p[::-1],
+        5: transpose,
+        6: lambda p: transpose(p)[:, ::-1],
+        7: lambda p: transpose(p)[::-1, ::-1],
+        8: lambda p: transpose(p)[::-1],
+    }.get(orientation)
+    return np.ascontiguousarray(turn(pixels)) if turn else pixels
+
+
 def read_image(path):
-    """RGB uint8 HxWx3."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise DataError(f"{path}: unreadable image; re-extract or re-download this file")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        with Image.open(path) as file:
+            orientation = exif_orientation(file)
+    except OSError:  # a file OpenCV reads and PIL does not: no EXIF either
+        orientation = 1
+    return oriented(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
 
 
 def read_label(path, info):
-    """Class indices uint8 HxW (ignore = 255), from a grey or a palette PNG; values outside the dataset's are an error."""
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    """Class indices uint8 HxW (ignore = 255), from a grey, palette or 1-bit PNG, turned by its EXIF orientation as
+    read_image turns images; values outside the dataset's are an error."""
+    try:
+        with Image.open(path) as png:
+            mode, orientation = png.mode, exif_orientation(png)
+            # PIL keeps palette indices (OpenCV expands them to colours) and 1-bit values as 0/1 (OpenCV: 0/255)
+            label = np.array(png).astype(np.uint8) if mode in ("P", "1") else None
+    except OSError:
+        label, orientation = None, 1
+    if label is None:
+        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DataError(f"{path}: unreadable label PNG; re-create or re-convert it")
-    if label.ndim == 3:  # OpenCV expands palette PNGs to colours; their indices are the labels
-        with Image.open(path) as png:
-            if png.mode == "P":
-                label = np.array(png)
+    label = oriented(label, orientation)
     if label.ndim != 2 or label.dtype != np.uint8:
         raise DataError(
             f"{path}: a label must be a single-channel 8-bit PNG of class indices (grey or palette), not colours; {info.label_hint or 'convert it'}"
@@ -168,6 +242,20 @@ def read_label(path, info):
     return index[label] if info.void_value is not None else label
 
 
+def image_files(folder):
+    """Every .png/.jpg file below folder, symlinked sub-folders followed; each real folder is read once, so a link
+    loop ends and a folder linked twice is not counted twice."""
+    found, seen = [], set()
+    for directory, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found += [Path(directory) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
 def find_images(path):
     """Images for label-free inference: one file, or every .png/.jpg below a folder."""
     path = Path(path)
@@ -175,7 +263,7 @@ def find_images(path):
         return [path]
     if not path.is_dir():
         raise DataError(f"{path}: no such image or folder")
-    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = image_files(path)
     if not images:
         raise DataError(f"{path}: no .png/.jpg images found")
     return images
@@ -233,7 +321,7 @@ def folder_info(root):
 
 def pair_by_stem(images_dir, labels_dir, label_name):
     """(image, label) for every image below images_dir, the label at the same relative path in labels_dir."""
-    images = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = image_files(images_dir)
     if not images:
         raise DataError(f"{images_dir}: no .png/.jpg images")
     samples = []
@@ -253,10 +341,13 @@ def folder_samples(root, split, with_labels=True):
         list_file = root / f"{split}.txt"
         if not list_file.is_file():
             raise DataError(f"{list_file}: split '{split}' not found; expected one `image_path,label_path` per line")
-        samples = []
+        samples, seen = [], {}
         for number, line in enumerate(list_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
+            if split != "train" and line.strip() in seen:  # training may repeat a line to sample it more often
+                raise DataError(f"{list_file} line {number} repeats line {seen[line.strip()]}: an image scored twice counts twice; remove the repeat")
+            seen.setdefault(line.strip(), number)
             parts = [p.strip() for p in line.split(",")]
             if len(parts) != 2:
                 raise DataError(f"{list_file} line {number}: expected `image_path,label_path`, got {line!r}")
@@ -274,7 +365,7 @@ def folder_samples(root, split, with_labels=True):
         if not images_dir.is_dir():
             raise DataError(f"{images_dir}: split '{split}' not found")
         if not with_labels:
-            return [(p, None) for p in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)]
+            return [(p, None) for p in image_files(images_dir)]
         return pair_by_stem(images_dir, labels_dir, lambda image: image.stem + ".png")
     raise DataError(
         f"{root}: no known layout; expected img_dir/ + ann_dir/ (mmseg), train.txt of `image,label` lines (CoinCheung), "
@@ -283,6 +374,15 @@ def folder_samples(root, split, with_labels=True):
 
 
 # -- Synthetic data in the generic layouts --------------------------------------------------------------------
+def new_dataset_folder(out):
+    """A synthesizer writes only into a new or empty folder: over a dataset it would mix its files with the user's."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def synthetic_pair(rng, info, height, width):
     """An image of textured class regions (each class its own colour) and its label, 255 along some borders."""
     label = np.full((height, width), rng.integers(info.num_classes), dtype=np.uint8)
@@ -300,9 +400,8 @@ def synthetic_pair(rng, info, height, width):
 def synthesize(out_dir, classes=7, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0):
     """A dataset of `classes` classes in a generic layout, classes.txt included; the same seed gives the same bytes.
     mmseg's layout gets palette PNG labels (as VOC-style tools write them), the others grey ones."""
-    out = Path(out_dir)
+    out = new_dataset_folder(out_dir)
     info = CAMVID if layout == "camvid" else DatasetInfo(out.name, tuple(f"class{k}" for k in range(classes)), tuple(voc_palette(classes)))
-    out.mkdir(parents=True, exist_ok=True)
     if layout != "camvid":
         (out / "classes.txt").write_text("".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in zip(info.class_names, info.palette)))
     for split_number, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
@@ -345,7 +444,11 @@ def main(argv=None):
     synth.add_argument("--width", type=cli.integer(32), default=256)
     synth.add_argument("--seed", type=cli.integer(0), default=0)
     args = parser.parse_args(argv)
-    synthesize(args.out_dir, args.classes, args.train, args.val, args.test, args.height, args.width, args.layout, args.seed)
+    try:
+        synthesize(args.out_dir, args.classes, args.train, args.val, args.test, args.height, args.width, args.layout, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"wrote {args.train} train, {args.val} val, {args.test} test images ({args.layout} layout) to {args.out_dir}")
 
 

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import cli
 from bisenet import fuse_bn
+from checkpoints import atomic_write, publish_new
 from datasets import DatasetInfo
 
 METADATA_KEY = "bisenet"
@@ -76,30 +77,22 @@ def quantize_int8(ov_model, images):
     return nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images))
 
 
-def temporary_path(out, suffix):
-    """A unique file beside `out`, to be renamed onto it; with the permissions a plain open() would give (mkstemp's
-    are owner-only, and a deployed model is meant to be read by others)."""
-    handle, temp = tempfile.mkstemp(prefix=f".{Path(out).stem}.", suffix=suffix, dir=Path(out).parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)
-    os.close(handle)
-    return Path(temp)
-
-
 def save_openvino(ov_model, out, metadata):
-    """xml + bin, each written under a temporary name and renamed, bin first: a reader never sees a half-written pair."""
+    """xml + bin written under temporary names, then published without replacing anything: the bin first and the xml,
+    what a reader opens, last, so that no reader ever sees a half-written or mismatched pair."""
     ov = optional_import("openvino")
     out = Path(out)
     ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
-    temp = temporary_path(out, ".tmp.xml")
-    try:
-        ov.save_model(ov_model, temp, compress_to_fp16=False)
-        os.replace(temp.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
-        temp.with_suffix(".bin").unlink(missing_ok=True)
+    with atomic_write(out, replace=False, suffix=".tmp.xml") as temp:
+        try:
+            try:
+                ov.save_model(ov_model, temp, compress_to_fp16=False)
+            except RuntimeError as e:  # OpenVINO's C++ stream errors ("basic_ios::clear") say nothing of the cause
+                free = shutil.disk_usage(out.parent).free // 2**20
+                raise cli.UsageError(f"{out}: OpenVINO could not write the model ({cli.first_line(e)}); {free} MB are free in {out.parent.resolve()}") from None
+            publish_new(temp.with_suffix(".bin"), out.with_suffix(".bin"))
+        finally:
+            temp.with_suffix(".bin").unlink(missing_ok=True)
 
 
 class OpenVinoModel:
@@ -181,10 +174,14 @@ def open_deployed(path, precision=None):
         raise cli.UsageError(f"--model {path}: expected an OpenVINO .xml or an .onnx file written by export.py")
     if not path.is_file():
         raise cli.UsageError(f"--model {path}: no such file")
+    if path.stat().st_size == 0:
+        raise cli.UsageError(f"--model {path}: the file is empty (an interrupted copy or export?); export it again with python export.py")
     try:
         ov_model, metadata = read_metadata(path)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise cli.UsageError(f"--model {path}: not a readable {path.suffix} model ({str(e).strip().splitlines()[0]})") from None
+    except cli.UsageError:  # the runtime is not installed: its own message says what to install
+        raise
+    except Exception as e:  # noqa: BLE001  (each parser has its own errors: protobuf's DecodeError, OpenVINO's RuntimeError, ...)
+        raise cli.UsageError(f"--model {path}: not a readable {path.suffix} model ({cli.first_line(e)}); export it again with python export.py") from None
     if metadata is None:
         raise cli.UsageError(f"--model {path}: it does not describe its classes (not written by this export.py); export it again with python export.py")
     if ov_model is not None:

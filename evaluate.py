@@ -13,10 +13,11 @@ IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, a
 a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
 """
 
+import collections
 import copy
 import dataclasses
 import json
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,9 @@ from tqdm import tqdm
 import cli
 import device as devices
 from bisenet import CheckpointError, build_model, fuse_bn, load_model, load_model_and_dataset, model_config, upsampled_classes
+from checkpoints import atomic_write
 from cityscapes import CITYSCAPES, NUM_CLASSES, detect_dataset, open_dataset, sample_name
-from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, find_images
+from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, find_images, unnamed_classes, voc_palette
 from deploy import OpenVinoModel, deployed_info, open_deployed, openvino_installed, to_openvino
 from video import CODECS, default_output, segment_video
 
@@ -148,6 +150,58 @@ def encode_prediction(pred, fmt, info, image=None):
     return Image.fromarray((0.5 * image + 0.5 * info.colors[pred]).astype(np.uint8))
 
 
+def prediction_paths(image_paths, source_root, out_dir, fmt):
+    """{image: out_dir/<its folder below source_root>/<name>_<fmt>.png}. Where two images of one folder share a
+    name (a.jpg and a.png), the extension stays in it; images outside source_root (absolute list entries) go to
+    out_dir itself. Two images that would still share a file are an error, never one prediction over another."""
+    source_root = Path(source_root).resolve()
+    keys = {}
+    for image in map(Path, image_paths):
+        try:
+            folder = image.resolve().parent.relative_to(source_root)
+        except ValueError:
+            folder = Path()
+        keys[str(image)] = (folder, sample_name(image))
+    counts = collections.Counter(keys.values())
+    paths, owners = {}, {}
+    for image, (folder, name) in keys.items():
+        path = Path(out_dir) / folder / f"{name}{Path(image).suffix if counts[(folder, name)] > 1 else ''}_{fmt}.png"
+        if path in owners:
+            raise DataError(f"{owners[path]} and {image} would both be written to {path}; give them different names")
+        paths[image], owners[path] = path, image
+    return paths
+
+
+def check_prediction_paths(paths, out_dir, input_tree=None):
+    """Predictions never go among the inputs (a folder of them: input_tree), nor over a file this run did not create;
+    the folder must be writable before the first image is segmented."""
+    out = Path(out_dir).resolve()
+    if input_tree is not None and (out == Path(input_tree).resolve() or Path(input_tree).resolve() in out.parents):
+        raise cli.UsageError(f"--out-dir {out_dir} is inside the input folder {input_tree}; pass a folder outside it (predictions never go among the inputs)")
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cli.UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); pass a writable folder") from None
+    if not os.access(out_dir, os.W_OK):
+        raise cli.UsageError(f"--out-dir {out_dir}: not writable; pass a writable folder")
+    existing = [path for path in paths.values() if path.exists()]
+    if existing:
+        raise cli.UsageError(
+            f"--out-dir {out_dir}: {existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; pass another --out-dir or remove them (they are never overwritten)"
+        )
+
+
+def save_prediction(image, path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, replace=False, suffix=".tmp.png") as temp:
+            image.save(temp, format="PNG")
+    except FileExistsError:
+        raise DataError(f"{path} appeared while this run was writing predictions; it was kept, not replaced: pass another --out-dir") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the prediction ({e.strerror or e}); pass a writable --out-dir with free space") from None
+
+
 def shard(dataset, runtime):
     """Each rank takes every world_size-th image: no padding, so no image is counted twice."""
     return torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
@@ -164,11 +218,11 @@ def torch_segmenter(model, runtime, amp="O0", options=Inference()):
 
 
 @torch.no_grad()
-def evaluate(segment, dataset, runtime, out_dir=None, fmt="color", workers=2, progress=True):
+def evaluate(segment, dataset, runtime, out_paths=None, fmt="color", workers=2, progress=True):
     """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
     segment: images -> class map (torch_segmenter, or a deployed model of deploy.py). The classes are the
-    dataset's (dataset.info), which must be the model's."""
+    dataset's (dataset.info), which must be the model's. out_paths: {image: PNG to write} (prediction_paths)."""
     loader = torch.utils.data.DataLoader(
         shard(dataset, runtime),
         batch_size=1,
@@ -191,10 +245,9 @@ def evaluate(segment, dataset, runtime, out_dir=None, fmt="color", workers=2, pr
             has_labels = False
         runtime.synchronize()
         model_s += time.perf_counter() - tick
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if out_paths is not None:
             for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
-                encode_prediction(p, fmt, dataset.info, image).save(Path(out_dir) / f"{sample_name(name)}_{fmt}.png")
+                save_prediction(encode_prediction(p, fmt, dataset.info, image), out_paths[name])
         tick = time.perf_counter()
     seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
     if not has_labels:
@@ -213,80 +266,6 @@ def print_table(result, mode, class_names):
 def inference_model(model, runtime):
     """The deployed path: BatchNorm folded into convolutions, the device's preferred memory format."""
     return fuse_bn(copy.deepcopy(model).eval()).to(runtime.device, memory_format=runtime.memory_format)
-
-
-def time_runs(segment, images, runtime, runs):
-    times = []
-    for _ in range(runs):
-        runtime.synchronize()
-        start = time.perf_counter()
-        segment(images)
-        runtime.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def eager_fp32(model, runtime):
-    """The baseline every speed-up is measured against: eager fp32, BatchNorm unfused, contiguous tensors, the
-    full-size logits, then the class map."""
-    plain = copy.deepcopy(model).eval().to(runtime.device)
-
-    def segment(images):
-        with torch.no_grad():
-            return classes(plain(images))
-
-    return segment
-
-
-def compare_with_eager(segment, model, runtime, size, runs, warmup, batch, path):
-    """segment (uint8 images on the device -> class map at input size, synchronised) timed interleaved with
-    eager_fp32(model), so that machine drift hits both alike; FPS = images per second."""
-    images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
-    baseline = eager_fp32(model, runtime)
-    warmup_s = sum(time_runs(segment, images, runtime, warmup))
-    fast_times, plain_times = [], []
-    for _ in range(runs):
-        fast_times += time_runs(segment, images, runtime, 1)
-        plain_times += time_runs(baseline, images, runtime, 1)
-    fast_ms, plain_ms = 1000 * statistics.median(fast_times), 1000 * statistics.median(plain_times)
-    result = {
-        "latency_ms_median": round(fast_ms, 2),
-        "latency_ms_min": round(1000 * min(fast_times), 2),
-        "latency_ms_max": round(1000 * max(fast_times), 2),
-        "fps": round(1000 * batch / fast_ms, 2),
-        "device": runtime.name,
-        "size": f"{size[0]}x{size[1]}",
-        "batch": batch,
-        "warmup_runs": warmup,
-        "warmup_s": round(warmup_s, 2),
-        "timed_runs": runs,
-        "baseline_ms_median": round(plain_ms, 2),
-        "speedup": round(plain_ms / fast_ms, 2),
-    }
-    print(f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs")
-    print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
-    print(f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x")
-    if fast_ms > plain_ms:
-        print(f"warning: this path ({path}) is slower than eager fp32 here; the faster variant is --amp O0 (fp32)")
-    return result
-
-
-def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=None):
-    """evaluate.py's PyTorch path against eager fp32. compile_mode: torch.compile the inference path in that mode
-    ("default", "reduce-overhead" = CUDA graphs, ...); compiling happens in the warm-up runs, whose time is reported."""
-    fast = inference_model(model, runtime)
-    fast = torch.compile(fast, mode=compile_mode) if compile_mode else fast
-    precision = runtime.precision(amp)
-    path = f"{precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}"
-    warmup = max(warmup, 1 if compile_mode else 0)
-    result = compare_with_eager(torch_segmenter(fast, runtime, amp), model, runtime, size, runs, warmup, batch, path)
-    return {**result, "precision": precision, "compile_mode": compile_mode}
-
-
-def benchmark_deployed(deployed, path, model, source, runtime, size, runs, warmup, batch=1):
-    """An exported model against eager fp32 of `model` (its source checkpoint, or the same architecture)."""
-    result = compare_with_eager(deployed, model, runtime, size, runs, warmup, batch, f"{deployed.precision} ({path})")
-    return {**result, "precision": deployed.precision, "model": str(path), "baseline": source}
 
 
 def parse_args(argv=None):
@@ -337,28 +316,38 @@ def parse_args(argv=None):
             parser.error(f"argument --out: {args.out} exists; pass another --out or remove it (it is never overwritten)")
         if not args.out.parent.is_dir():
             parser.error(f"argument --out: the folder of {args.out} does not exist")
+    if args.video and (args.images or args.out_dir):
+        parser.error(f"argument {'--images' if args.images else '--out-dir'}: not used with --video, which writes one video to --out; drop it")
+    if not all(0.125 <= scale <= 8 for scale in args.scales):
+        parser.error(f"argument --scales: {','.join(f'{v:g}' for v in args.scales)}: each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)")
+    if args.mode == "slide" and (args.stride[0] > args.crop[0] or args.stride[1] > args.crop[1]):
+        parser.error(
+            f"argument --stride: {args.stride[0]}x{args.stride[1]} is larger than --crop {args.crop[0]}x{args.crop[1]}, so windows would leave pixels unscored; "
+            "use a stride no larger than the crop"
+        )
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         parser.error(f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)")
     return args
 
 
-def checkpoint_dataset(description):
-    """The dataset description saved with a checkpoint; checkpoints of before it was saved are Cityscapes ones."""
-    return DatasetInfo.from_dict(description) if description else CITYSCAPES
-
-
-def baseline_model(deployed, ckpt):
-    """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
-    hand, else the same architecture with random weights (the same speed)."""
-    config, source = deployed.metadata["model_config"], ckpt or deployed.metadata["source"]
-    if source and Path(source).is_file():
-        model = load_model(source)
-        if (model.config["depth"], model.config["num_classes"]) != (config["depth"], config["num_classes"]):
-            raise cli.UsageError(
-                f"--ckpt {source}: R{model.config['depth']}, {model.config['num_classes']} classes; the exported model is R{config['depth']}, {config['num_classes']} classes"
-            )
-        return model, f"eager fp32 of {source}"
-    return build_model(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
+def checkpoint_dataset(description, num_classes, source):
+    """What the classes of a checkpoint are: the dataset description saved with it (or mmseg's meta). Without one,
+    a 19-class model is a Cityscapes one (released weights, older checkpoints); others get numbered class names and
+    a palette of their size."""
+    if not description:
+        return CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
+    try:
+        palette = description.get("palette") or voc_palette(len(description["class_names"]))
+        info = DatasetInfo.from_dict({**description, "palette": palette})
+        if len(info.palette) != info.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in info.palette):
+            raise ValueError("palette does not fit the classes")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{source}: its dataset description is malformed ({cli.first_line(e)}); re-save it, or load it with --load-from in train.py"
+        ) from None
+    if info.num_classes != num_classes:
+        raise CheckpointError(f"{source}: its dataset description names {info.num_classes} classes, the model has {num_classes}")
+    return info
 
 
 def open_model(ckpt, model_file, runtime, amp, options, for_video):
@@ -374,9 +363,14 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
     model, description = load_model_and_dataset(ckpt)
     if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
         deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, runtime.openvino_precision(amp))
-        return deployed, checkpoint_dataset(description), model.config["num_classes"], f"{deployed.precision} (converted in memory)"
+        return (
+            deployed,
+            checkpoint_dataset(description, model.config["num_classes"], ckpt),
+            model.config["num_classes"],
+            f"{deployed.precision} (converted in memory)",
+        )
     segment = torch_segmenter(inference_model(model, runtime), runtime, amp, options)
-    return segment, checkpoint_dataset(description), model.config["num_classes"], runtime.precision(amp)
+    return segment, checkpoint_dataset(description, model.config["num_classes"], ckpt), model.config["num_classes"], runtime.precision(amp)
 
 
 def run(args):
@@ -384,6 +378,8 @@ def run(args):
     if runtime.is_main and not args.model:
         print(runtime.device_note, flush=True)
         print(runtime.precision_note(args.amp), flush=True)
+    if args.benchmark:
+        from benchmark_inference import baseline_model, benchmark, benchmark_deployed  # only for --benchmark
     if args.benchmark and args.model:
         deployed = open_deployed(args.model, runtime.openvino_precision(args.amp))
         model, source = baseline_model(deployed, args.ckpt)
@@ -407,10 +403,23 @@ def run(args):
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
         dataset = open_dataset(args.data_root, args.split, args.dataset, with_labels=args.split != "test")
+        if len(dataset) == 0:
+            raise DataError(f"{args.data_root}: the {args.split} split has no images; pass another --split or --data-root")
+        if args.split == "test" and not args.out_dir:
+            raise cli.UsageError(
+                f"--split test: {args.data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)"
+            )
         if dataset.info.num_classes != num_classes:
             raise CheckpointError(
                 f"{args.ckpt or args.model}: a model of {num_classes} classes, but {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
                 "evaluate it on the data it was trained for"
+            )
+        if runtime.is_main and info.name != unnamed_classes(num_classes).name and info.class_names != dataset.info.class_names:
+            first = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
+            print(
+                f"warning: the model's classes are not the data's (class {first}: {info.class_names[first]!r} in the model, {dataset.info.class_names[first]!r} "
+                f"in {args.data_root}); scores are reported under the data's names",
+                file=sys.stderr,
             )
         if runtime.is_main:
             print(
@@ -418,7 +427,14 @@ def run(args):
             )
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
-    result = evaluate(segment, dataset, runtime, out_dir=args.out_dir, fmt=args.format, workers=args.workers)
+    out_paths = None
+    if args.out_dir:
+        one_image = bool(args.images) and Path(args.images).is_file()
+        source_root = Path(args.images).parent if one_image else args.images or args.data_root
+        out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, args.out_dir, args.format)
+        mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])  # this rank's shard: the others may be writing theirs
+        check_prediction_paths(mine, args.out_dir, input_tree=None if one_image else source_root)
+    result = evaluate(segment, dataset, runtime, out_paths=out_paths, fmt=args.format, workers=args.workers)
     if runtime.is_main:
         seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
         summary = {"mode": options.name, "dataset": dataset.info.name, "images": len(dataset), "amp": args.amp, "precision": precision, **seconds}
@@ -427,7 +443,8 @@ def run(args):
         if "mIoU" in result:
             print_table(result, options.name, dataset.info.class_names)
             per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
-            summary = {"mIoU": round(result["mIoU"], 2), "mAcc": round(result["mAcc"], 2), "aAcc": round(result["aAcc"], 2), **summary, "per_class": per_class}
+            scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mAcc", "aAcc")}  # JSON has no NaN
+            summary = {**scores, **summary, "per_class": per_class}
         if args.out_dir:
             summary["out_dir"] = args.out_dir
         print(json.dumps(summary))

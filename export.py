@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 import cli
 from bisenet import CheckpointError, fuse_bn, load_model_and_dataset
+from checkpoints import atomic_write
 from cityscapes import open_dataset
 from datasets import DataError
-from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, describe, optional_import, quantize_int8, save_openvino, temporary_path, to_openvino
+from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, describe, optional_import, quantize_int8, save_openvino, to_openvino
 from evaluate import checkpoint_dataset
 
 
@@ -48,19 +49,27 @@ def export(model, out, size, dynamic=False, argmax=False, opset=18, metadata=Non
     graph = ArgmaxHead(model).eval() if argmax else model
     sample = torch.randint(0, 256, (1, 3, *size)).float()
     shapes = {"images": {2: torch.export.Dim("height", min=32, max=8192), 3: torch.export.Dim("width", min=32, max=8192)}} if dynamic else None
-    temp = temporary_path(out, ".tmp")
-    try:
-        torch.onnx.export(
-            graph, (sample,), temp, input_names=["images"], output_names=["output"], dynamic_shapes=shapes, opset_version=opset, dynamo=True, verbose=False
-        )
-        if metadata is not None:
-            onnx = optional_import("onnx")
-            proto = onnx.load(temp)
-            onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
-            onnx.save(proto, temp)
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_write(out, replace=False, suffix=".tmp.onnx") as temp:
+        try:
+            torch.onnx.export(
+                graph,
+                (sample,),
+                temp,
+                input_names=["images"],
+                output_names=["output"],
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                dynamo=True,
+                verbose=False,
+                external_data=False,  # one self-contained file, no NAME.data beside it
+            )
+            if metadata is not None:
+                onnx = optional_import("onnx")
+                proto = onnx.load(temp)
+                onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+                onnx.save(proto, temp)
+        finally:
+            Path(f"{temp}.data").unlink(missing_ok=True)
     return graph
 
 
@@ -105,6 +114,8 @@ def export_onnx(model, out, size, dynamic, argmax, opset, metadata):
 def calibration_images(root, kind, count, size, num_classes):
     """`count` training images spread evenly over the split, resized to `size` (bilinear): float32 1x3xHxW arrays."""
     dataset = open_dataset(root, "train", kind, with_labels=False)
+    if len(dataset) == 0:
+        raise DataError(f"--calib-data {root}: its train split has no images to calibrate int8 on; pass the data root the model was trained on")
     if dataset.info.num_classes != num_classes:
         raise cli.UsageError(
             f"--calib-data {root}: {dataset.info.name} has {dataset.info.num_classes} classes, the model {num_classes}; calibrate on its own data"
@@ -141,6 +152,8 @@ def export_openvino(model, out, size, metadata, calibration):
     float_model = to_openvino(model)
     converted_s = time.perf_counter() - started
     written = quantize_int8(float_model.clone(), calibration) if calibration else float_model
+    if calibration and not any(op.get_type_name() == "FakeQuantize" for op in written.get_ops()):
+        raise cli.UsageError("--int8: NNCF quantised no layer of the model, so the IR would be fp32; nothing was written")
     quantized_s = time.perf_counter() - started - converted_s
     save_openvino(written, out, metadata)
     image = torch.from_numpy(calibration[0]) if calibration else torch.randint(0, 256, (1, 3, *size)).float()
@@ -173,6 +186,11 @@ def parse_args(argv=None):
         parser.error(f"argument --out: {out} does not end in {suffix}, which --format {args.format} writes")
     if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         parser.error(f"argument --out: cannot write {out} ({'a folder' if out.is_dir() else 'its folder is missing or read-only'}); pass a writable file path")
+    for path in (out, out.with_suffix(".bin")) if args.format == "openvino" else (out,):
+        if path.exists():
+            parser.error(f"argument --out: {path} exists; pass another --out or remove it (an exported model is never overwritten)")
+    if not all(32 <= side <= 8192 for side in args.size):
+        parser.error(f"argument --size: {args.size[0]}x{args.size[1]}: each side must be 32 to 8192 pixels")
     if args.int8 and args.format != "openvino":
         parser.error("argument --int8: int8 export is OpenVINO's; add --format openvino")
     if args.int8 != bool(args.calib_data):
@@ -184,7 +202,7 @@ def parse_args(argv=None):
 
 def run(args):
     model, description = load_model_and_dataset(args.ckpt)
-    info = checkpoint_dataset(description)
+    info = checkpoint_dataset(description, model.config["num_classes"], args.ckpt)
     metadata = describe(model, info, args.size, "int8" if args.int8 else "fp32", args.ckpt)
     if args.format == "onnx":
         result = export_onnx(model, args.out, args.size, args.dynamic, args.argmax, args.opset, metadata)
@@ -202,8 +220,11 @@ def main(argv=None):
     except (CheckpointError, cli.UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FileExistsError:
+        print(f"error: {args.out} appeared while the model was exported; it was kept, not replaced: pass another --out", file=sys.stderr)
+        sys.exit(2)
     except OSError as e:
-        print(f"error: {args.out}: could not write the exported model ({e.strerror or e})", file=sys.stderr)
+        print(f"error: {args.out}: could not write the exported model ({e.strerror or e}); nothing was left behind", file=sys.stderr)
         sys.exit(2)
 
 

@@ -32,14 +32,15 @@ if [ "$MODE" = demo ]; then
   python train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --depth 18 --batch-size 8 --crop 128x256 \
     --scale-range 0.75,1.5 --iters 240 --lr 0.05 --warmup-iters 20 --val-interval 80 --ckpt-interval 80 \
     --log-interval 10 --workers 2 --resume "$@" | tee "$WORK_DIR/train.out"
-  python evaluate.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir demo_out --format color | tee "$WORK_DIR/eval.out"
+  rm -rf "$WORK_DIR/predictions"  # the demo's own previous predictions: evaluate.py never overwrites a file
+  python evaluate.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir "$WORK_DIR/predictions" --format color | tee "$WORK_DIR/eval.out"
   python evaluate.py --device "$DEVICE" --benchmark --ckpt "$WORK_DIR/latest.pth" --size 128x256 --runs 10 | tee "$WORK_DIR/bench.out"
   python - "$WORK_DIR" <<'PY'
 import json, sys
 last = lambda name: json.loads(open(f"{sys.argv[1]}/{name}.out").read().strip().splitlines()[-1])
 train, val, bench = last("train"), last("eval"), last("bench")
 print(f"demo: val mIoU {val['mIoU']:.2f} ({val['mode']}), training {train['train_fps']} img/s ({train['precision']}), inference {bench['fps']} FPS "
-      f"at {bench['size']} ({bench['precision']}, {bench['device']}); colorized predictions in demo_out/")
+      f"at {bench['size']} ({bench['precision']}, {bench['device']}); colorized predictions in {sys.argv[1]}/predictions/")
 print(json.dumps({"mIoU": val["mIoU"], "train_fps": train["train_fps"], "inference_fps": bench["fps"], "precision": train["precision"], "checkpoint": train["checkpoint"]}))
 PY
   exit 0

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import cli
 import device as devices
-from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config, non_finite
-from checkpoints import WorkDirError, atomic_save, changed_settings, kept_checkpoint, open_work_dir, point_latest, prune
+from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config
+from checkpoints import WorkDirError, changed_settings, kept_checkpoint, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import TrainTransform, detect_dataset, open_dataset
 from datasets import IGNORE_INDEX, DataError
 from evaluate import evaluate, torch_segmenter
@@ -219,28 +219,6 @@ def training_loader(dataset, batch_size, workers, seed, start, iters, runtime):
 
 
 # -- Checkpoints ----------------------------------------------------------------------------------------------
-def save_checkpoint(path, model, optimizer, scaler, iteration, best, settings, dataset):
-    """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
-    state = model.state_dict()
-    bad = non_finite(state)
-    if bad:
-        raise TrainingError(
-            f"the weights hold NaN or inf after iteration {iteration} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
-            f"so {path.name} was not written: lower --lr, or check the data. {kept_checkpoint(path.parent)}"
-        )
-    checkpoint = {
-        "model_config": model.config,
-        "model": state,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "iteration": iteration,
-        "best_miou": best,
-        "args": settings,
-        "dataset": dataset.to_dict(),
-    }
-    atomic_save(checkpoint, path)
-
-
 def seed_for(seed, diff_seed, rank, iteration):
     """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
     so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
@@ -342,17 +320,6 @@ class RunLog:
             self.writer.close()
 
 
-def restore(checkpoint, path, model, optimizer, scaler, runtime):
-    """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler."""
-    if checkpoint["model_config"] != model.config:
-        raise CheckpointError(f"{path}: a run of another model configuration; pass a new --work-dir or the same flags")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
-        runtime.load_scaler_state(scaler, checkpoint["scaler"])
-    return checkpoint["iteration"], checkpoint["best_miou"]
-
-
 def train(args):
     runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
     if runtime.is_main:
@@ -385,7 +352,7 @@ def train(args):
     scaler = runtime.grad_scaler(args.amp, args.loss_scale)
     start, best = 0, None
     if checkpoint is not None:
-        start, best = restore(checkpoint, resumed_from, model, optimizer, scaler, runtime)
+        start, best = restore(checkpoint, resumed_from, model, optimizer, scaler, runtime=runtime, info=info)
         for group in optimizer.param_groups:  # this command's flags, not the optimizer state's (see the warning below)
             group.update(momentum=args.momentum, weight_decay=args.weight_decay)
         run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}")
@@ -461,11 +428,11 @@ def train(args):
                         {"iter": it + 1, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]}, **{"val/mIoU": result["mIoU"]}
                     )
                     if improved and runtime.is_main:
-                        save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, it + 1, best, settings, info)
+                        save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, iteration=it + 1, best=best, settings=settings, dataset=info)
                 if (it + 1) % args.ckpt_interval == 0 or done:
                     path = work_dir / f"iter_{it + 1}.pth"
                     if runtime.is_main:
-                        save_checkpoint(path, model, optimizer, scaler, it + 1, best, settings, info)
+                        save_checkpoint(path, model, optimizer, scaler, iteration=it + 1, best=best, settings=settings, dataset=info)
                         point_latest(work_dir, path)
                         for old in prune(work_dir, args.keep_checkpoints):
                             run_log.message(f"removed {old.name} (--keep-checkpoints {args.keep_checkpoints})")

@@ -8,8 +8,8 @@ size and frame rate. The bar shows each frame's model latency and the effective 
 decoding and encoding included).
 """
 
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoints import publish_new, temporary_file
 from datasets import DataError
-from deploy import temporary_path
 
 CODECS = {".mp4": "mp4v", ".avi": "MJPG"}  # what OpenCV's pip wheels can write
 
@@ -42,13 +42,14 @@ def overlay(frame, pred, colors):
 
 
 def segment_video(segment, source, out, info, device="cpu", progress=True):
-    """Reads `source` frame by frame, writes the overlay video to `out` (under a temporary name, renamed at the end;
-    Ctrl-C ends a camera stream and keeps what was written) and returns the summary."""
+    """Reads `source` frame by frame, writes the overlay video to `out` and returns the summary. The video is written
+    under a temporary name and published at the end without replacing anything (a file that appeared at `out`
+    meanwhile is kept, and the video goes to OUT_2); Ctrl-C ends a camera stream and keeps what was written."""
     capture = open_source(source)
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may not say
     width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    temp = temporary_path(out, f".tmp{out.suffix}")
+    temp = temporary_file(out, f".tmp{out.suffix}")
     writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*CODECS[out.suffix]), fps, (width, height))
     colors = np.ascontiguousarray(info.colors[:, ::-1])
     latencies, interrupted = [], False
@@ -75,17 +76,29 @@ def segment_video(segment, source, out, info, device="cpu", progress=True):
         bar.close()
         capture.release()
         writer.release()
-        if latencies:
-            os.replace(temp, out)
+        written = publish_new(temp, out, keep_both=True) if latencies else None
         temp.unlink(missing_ok=True)
     if not latencies:
         raise DataError(f"--video {source}: no frame could be read")
+    probe = cv2.VideoCapture(str(written))
+    out_size = f"{int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}"  # codecs may round odd sizes down
+    probe.release()
+    truncated = total > 0 and len(latencies) < total and not interrupted
+    if written != out:
+        print(f"warning: {out} appeared while the video was written; it was kept, and the video is {written}", file=sys.stderr)
+    if out_size != f"{height}x{width}":
+        print(f"warning: {written} is {out_size}, the input {height}x{width} (its codec rounds odd sizes down)", file=sys.stderr)
+    if truncated:
+        print(f"warning: {source} ended after {len(latencies)} of its {total} frames (a truncated file?)", file=sys.stderr)
     latency_ms = 1000 * statistics.median(latencies)
     return {
         "video": str(source),
-        "out": str(out),
+        "out": str(written),
         "frames": len(latencies),
+        "frames_expected": total if total > 0 else None,
+        "truncated": truncated,
         "size": f"{height}x{width}",
+        "out_size": out_size,
         "input_fps": round(fps, 2),
         "effective_fps": round(len(latencies) / elapsed, 2),
         "latency_ms_median": round(latency_ms, 2),

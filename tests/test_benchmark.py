@@ -73,6 +73,6 @@ def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_pat
     # the agreement is recomputed here from the predictions evaluate.py wrote
     from PIL import Image
 
-    maps = {amp: [np.array(Image.open(p)) for p in sorted((tmp_path / f"pred_{amp}").glob("*.png"))] for amp in ("O0", "O1")}
+    maps = {amp: [np.array(Image.open(p)) for p in sorted((tmp_path / f"pred_{amp}").rglob("*.png"))] for amp in ("O0", "O1")}
     assert len(maps["O0"]) == 4 and 0.9 <= val["class_map_agreement"] <= 1
     assert val["class_map_agreement"] == round(float(np.mean([(a == b).mean() for a, b in zip(maps["O0"], maps["O1"])])), 6)

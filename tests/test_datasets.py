@@ -149,5 +149,5 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
             env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
         )
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-    assert len(list((project / "work_dirs" / "mydata" / "predictions").glob("*_overlay.png"))) == 4
+    assert len(list((project / "work_dirs" / "mydata" / "predictions").rglob("*_overlay.png"))) == 4
     assert summary_line(result.stdout)["out_dir"] == "work_dirs/mydata/predictions"

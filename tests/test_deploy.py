@@ -57,7 +57,7 @@ def scored(capsys, synthetic_root, out_dir, *model):
 
 
 def class_maps(folder):
-    return np.stack([np.array(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+    return np.stack([np.array(Image.open(p)) for p in sorted(folder.rglob("*.png"))])
 
 
 def test_openvino_ir_equals_pytorch_and_describes_itself(exported, trained):
@@ -68,6 +68,8 @@ def test_openvino_ir_equals_pytorch_and_describes_itself(exported, trained):
     assert metadata["size"] == [128, 256] and metadata["source"] == str(trained) and metadata["precision"] == "int8"
     assert metadata["dataset"]["palette"] == PALETTE.tolist() and metadata["model_config"] == json.loads(json.dumps(load_model(trained).config))
     assert ov_model.inputs[0].partial_shape.to_string() == "[?,3,?,?]"  # any batch and size: reshaped when compiled
+    fake_quantize = {name: sum(op.get_type_name() == "FakeQuantize" for op in read_metadata(folder / name)[0].get_ops()) for name in ("fp32.xml", "int8.xml")}
+    assert fake_quantize["fp32.xml"] == 0 and fake_quantize["int8.xml"] > 50  # the precision read back from the file
     assert sorted(p.name for p in folder.iterdir()) == ["fp32.bin", "fp32.xml", "int8.bin", "int8.xml"]  # no temp files
     assert stat.S_IMODE(os.stat(folder / "int8.xml").st_mode) & 0o044 == 0o044  # readable by others, unlike mkstemp's
 

@@ -121,7 +121,8 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root
     )
     assert ours["mode"] == "ss whole"
     gts = sorted(str(p) for p in synthetic_root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
-    preds = [str(tmp_path / Path(g).name.replace("_gtFine_labelIds.png", "_labelIds.png")) for g in gts]
+    # predictions keep their image's folder below the data root (leftImg8bit/val/CITY), as the test server accepts
+    preds = [str(tmp_path / "leftImg8bit" / "val" / Path(g).parent.name / Path(g).name.replace("_gtFine_labelIds.png", "_labelIds.png")) for g in gts]
     args = official.args
     args.evalInstLevelScore, args.JSONOutput, args.quiet = False, False, True
     result = official.evaluateImgLists(preds, gts, args)
@@ -168,12 +169,14 @@ def test_images_folder_gets_palette_colours_and_test_split_label_ids(synthetic_r
         "--workers",
         "0",
     )
-    for path in sorted((tmp_path / "trainIds").glob("*.png")):
+    written = sorted((tmp_path / "trainIds").rglob("*.png"))
+    assert len(written) == 2
+    for path in written:
         train_ids = np.array(Image.open(path))
-        stem = path.name.replace("_trainIds.png", "")
-        color = np.array(Image.open(tmp_path / "color" / f"{stem}_color.png"))
+        city, stem = path.parent.name, path.name.replace("_trainIds.png", "")
+        color = np.array(Image.open(tmp_path / "color" / city / f"{stem}_color.png"))
         assert np.array_equal(color, PALETTE[train_ids])
-        label_ids = np.array(Image.open(tmp_path / "labelIds" / f"{stem}_labelIds.png"))
+        label_ids = np.array(Image.open(tmp_path / "labelIds" / "leftImg8bit" / "test" / city / f"{stem}_labelIds.png"))
         assert np.array_equal(label_ids, TRAINID_TO_LABELID[train_ids])
         assert label_ids.ndim == 2 and stem.count("_") == 2  # {city}_{seq}_{frame}*.png, as the test server expects
 

@@ -299,7 +299,7 @@ def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
             "trainIds",
         ]
         results[amp] = summary_line(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
-        predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.glob("*.png"))])
+        predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.rglob("*.png"))])
     agreement = (predictions["O0"] == predictions["O1"]).mean()
     print(f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
     assert agreement >= 0.995

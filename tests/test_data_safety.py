@@ -1,0 +1,469 @@
+"""Round 2 of never losing or silently corrupting a user's data: predictions, own datasets, exports and video.
+Each test first sets up what a user would have, then checks exit codes, one-line errors, the sha256 of every user
+file before and after, that no temporary file is left, and the numbers where a result used to be wrong."""
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference_models import MmsegBiSeNetV1
+
+import cityscapes
+import convert_labels
+import datasets
+import evaluate
+import export
+from bisenet import build_model, model_config
+from video import segment_video
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digest(*paths):
+    """{file: sha256} of every file at or below the paths."""
+    files = [p for path in map(Path, paths) for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def hidden_files(folder):
+    return sorted(p.name for p in Path(folder).rglob(".*"))
+
+
+def one_line_error(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def summary(main, argv, capsys):
+    main([str(a) for a in argv])
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def my7(tmp_path_factory):
+    """The issue's setup: a 7-class dataset in mmseg's layout (val in two scene folders) and a 7-class checkpoint
+    that describes its classes."""
+    root = datasets.synthesize(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
+    torch.manual_seed(0)
+    model = build_model(model_config(18, 7))
+    info = datasets.folder_info(root)
+    ckpt = root.parent / "m7.pth"
+    torch.save({"model_config": model.config, "model": model.state_dict(), "dataset": info.to_dict()}, ckpt)
+    return root, ckpt
+
+
+def copy_of(root, tmp_path, name="data"):
+    return Path(shutil.copytree(root, tmp_path / name))
+
+
+# -- 1. prediction files --------------------------------------------------------------------------------------
+def test_predictions_keep_their_folders_and_extensions_and_never_collide(my7, tmp_path, capsys):
+    root, ckpt = my7
+    photos = tmp_path / "photos"
+    image = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0]
+    for rel in ("cam1/0001.jpg", "cam2/0001.jpg", "cam1/0001.png"):
+        (photos / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(image).save(photos / rel)
+    Image.open(image).rotate(90).save(photos / "cam1" / "0001_color.png")  # the user's own file, named as a prediction would be
+    before = digest(photos)
+    out = tmp_path / "out"
+    summary(evaluate.main, ["--ckpt", ckpt, "--images", photos, "--out-dir", out, "--workers", "0"], capsys)
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert written == ["cam1/0001.jpg_color.png", "cam1/0001.png_color.png", "cam1/0001_color_color.png", "cam2/0001_color.png"]
+    assert digest(photos) == before and not hidden_files(out)
+
+    previous = digest(out)
+    for target in (photos, photos / "cam1", out):  # among the inputs, or over an earlier run's files
+        error = one_line_error(evaluate.main, ["--ckpt", ckpt, "--images", photos, "--out-dir", target, "--workers", "0"], capsys)
+        assert "inside the input folder" in error or "exists" in error, error
+    assert digest(photos) == before and digest(out) == previous
+
+
+def test_nested_dataset_images_of_one_name_get_one_prediction_each(my7, tmp_path, capsys):
+    root, ckpt = my7
+    data = copy_of(root, tmp_path)
+    first, second = sorted((data / "img_dir" / "val").rglob("*.jpg"))[:2]
+    assert first.parent != second.parent
+    for path, folder in ((first, "ann_dir"), (second, "ann_dir")):  # the same file name in both scene folders
+        label = data / folder / "val" / path.parent.name / f"{path.stem}.png"
+        label.rename(label.with_name("same.png"))
+        path.rename(path.with_name("same.jpg"))
+    out = tmp_path / "preds"
+    result = summary(evaluate.main, ["--ckpt", ckpt, "--data-root", data, "--out-dir", out, "--format", "trainIds", "--workers", "0"], capsys)
+    assert result["images"] == 2
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == [
+        f"img_dir/val/{first.parent.name}/same_trainIds.png",
+        f"img_dir/val/{second.parent.name}/same_trainIds.png",
+    ]
+
+
+# -- 2, 3. datasets written over ------------------------------------------------------------------------------
+def test_synthesize_never_writes_into_an_existing_dataset(my7, tmp_path, capsys):
+    data = copy_of(my7[0], tmp_path, "mydata")
+    before = digest(data)
+    error = one_line_error(datasets.main, ["synthesize", data, "--classes", "5"], capsys)
+    assert error == f"error: {data} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)"
+    with pytest.raises(datasets.DataError, match="already exists and is not empty"):
+        cityscapes.synthesize(data, train=1, val=0, height=64, width=128)
+    assert digest(data) == before
+
+
+def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_path):
+    root = cityscapes.synthesize(tmp_path / "cs", train=2, val=2, height=64, width=128, seed=1)
+    lists = {}
+    for split in ("train", "val"):
+        images = sorted((root / "leftImg8bit" / split).rglob(f"*{cityscapes.IMAGE_SUFFIX}"))
+        lines = [
+            f"{p.relative_to(root)},{(root / 'gtFine' / split / p.parent.name / p.name.replace(cityscapes.IMAGE_SUFFIX, cityscapes.LABEL_SUFFIX)).relative_to(root)}"
+            for p in images
+        ]
+        (root / f"{split}.txt").write_text("\n".join(reversed(lines)) + "\n")  # CoinCheung's `image,label` lines, their own order
+        lists[split] = lines
+    before = digest(root / "train.txt", root / "val.txt")
+    assert not convert_labels.convert_dataset(root, source="labelIds", progress=False)
+    assert digest(root / "train.txt", root / "val.txt") == before
+    dataset = cityscapes.open_dataset(root, "val")
+    assert [f"{image.relative_to(root)},{label.relative_to(root)}" for image, label in dataset.samples] == list(reversed(lists["val"]))
+    assert dataset[0]["label"].shape == (64, 128) and not hidden_files(root)
+
+
+# -- 4. video -------------------------------------------------------------------------------------------------
+def write_video(path, frames, size=(64, 128), codec="MJPG"):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 10.0, (size[1], size[0]))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    writer.release()
+    return path
+
+
+def test_video_keeps_a_file_that_appeared_at_out_during_the_run(tmp_path, capsys):
+    source, out = write_video(tmp_path / "drive.avi", 4), tmp_path / "drive_seg.avi"
+    info = datasets.unnamed_classes(7)
+
+    def segment(images):  # another program writes `out` while the video is being segmented
+        if not out.exists():
+            out.write_bytes(b"someone else's video")
+        return torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
+
+    result = segment_video(segment, source, out, info, progress=False)
+    assert out.read_bytes() == b"someone else's video"
+    assert result["out"] == str(tmp_path / "drive_seg_2.avi") and result["frames"] == 4 and not result["truncated"]
+    assert "it was kept, and the video is" in capsys.readouterr().err
+    assert not hidden_files(tmp_path)
+
+
+def test_a_truncated_or_odd_sized_video_says_so(tmp_path):
+    source = write_video(tmp_path / "cut.avi", 10)
+    data = source.read_bytes()
+    source.write_bytes(data[: int(len(data) * 0.6)])
+    result = segment_video(
+        lambda x: torch.zeros(1, *x.shape[2:], dtype=torch.long), source, tmp_path / "cut_seg.avi", datasets.unnamed_classes(3), progress=False
+    )
+    assert result["frames"] < 10 and result["frames_expected"] == 10 and result["truncated"]
+
+    for i in range(3):  # OpenCV's video writers round odd sizes down; an image sequence is a 67x129 source
+        cv2.imwrite(str(tmp_path / f"frame_{i:03d}.png"), np.zeros((67, 129, 3), np.uint8))
+    odd = tmp_path / "frame_%03d.png"
+    result = segment_video(lambda x: torch.zeros(1, *x.shape[2:], dtype=torch.long), odd, tmp_path / "odd_seg.mp4", datasets.unnamed_classes(3), progress=False)
+    written = cv2.VideoCapture(result["out"])
+    assert result["out_size"] == f"{int(written.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(written.get(cv2.CAP_PROP_FRAME_WIDTH))}"
+    assert result["size"] == "67x129" and result["out_size"] == "66x128"  # mp4v rounds odd sizes down, and the JSON says so
+
+
+def test_video_refuses_images_and_out_dir_it_would_ignore(my7, tmp_path, capsys):
+    video = write_video(tmp_path / "v.avi", 2)
+    for extra in (["--images", tmp_path], ["--out-dir", tmp_path / "o"]):
+        error = one_line_error(evaluate.main, ["--ckpt", my7[1], "--video", video, *extra], capsys)
+        assert "not used with --video" in error
+
+
+# -- 5, 6. exports --------------------------------------------------------------------------------------------
+def test_export_never_replaces_a_model_and_leaves_nothing_hidden(my7, tmp_path, capsys):
+    ckpt = my7[1]
+    folder = tmp_path / "models"
+    folder.mkdir()
+    result = summary(export.main, ["--ckpt", ckpt, "--out", folder / "m7.onnx", "--size", "64x128"], capsys)
+    assert result["onnx"] == str(folder / "m7.onnx")
+    assert sorted(p.name for p in folder.iterdir()) == ["m7.onnx"]  # no .data beside it, no temp file
+    before = digest(folder)
+    assert "m7.onnx exists" in one_line_error(export.main, ["--ckpt", ckpt, "--out", folder / "m7.onnx", "--size", "64x128"], capsys)
+    (folder / "ov.bin").write_bytes(b"a user's weights")
+    before = digest(folder)
+    assert "ov.bin exists" in one_line_error(export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", folder / "ov.xml", "--size", "64x128"], capsys)
+    for size in ("1x1", "100000x100000"):
+        assert "each side must be 32 to 8192" in one_line_error(export.main, ["--ckpt", ckpt, "--out", folder / "x.onnx", "--dynamic", "--size", size], capsys)
+    assert digest(folder) == before
+
+
+def test_openvino_export_writes_the_pair_and_refuses_int8_without_images(my7, tmp_path, capsys):
+    root, ckpt = my7
+    out = tmp_path / "m7.xml"
+    summary(export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", out, "--size", "64x128"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m7.bin", "m7.xml"]
+    before = digest(tmp_path)
+    assert "m7.xml exists" in one_line_error(export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", out, "--size", "64x128"], capsys)
+    empty = copy_of(root, tmp_path / "calib")
+    shutil.rmtree(empty / "img_dir" / "train")
+    (empty / "img_dir" / "train").mkdir()
+    args = ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "int8.xml", "--int8", "--calib-data", empty]
+    assert "has no images to calibrate int8 on" in one_line_error(export.main, args, capsys)
+    assert not (tmp_path / "int8.xml").exists() and not (tmp_path / "int8.bin").exists()
+    assert {k: v for k, v in digest(tmp_path).items() if "/calib/" not in k} == before and not hidden_files(tmp_path)
+    lone = tmp_path / "lone.xml"
+    shutil.copy(out, lone)  # an .xml whose .bin was not copied with it
+    error = one_line_error(evaluate.main, ["--model", lone, "--images", tmp_path / "calib" / "data" / "img_dir" / "val", "--out-dir", tmp_path / "p"], capsys)
+    assert "not a readable .xml model" in error and "Exception from" not in error and "bin" in error.split("(", 1)[1], error
+
+
+# -- 7, 8. labels read wrong ----------------------------------------------------------------------------------
+def scored(ckpt, data, capsys):
+    return summary(evaluate.main, ["--ckpt", ckpt, "--data-root", data, "--workers", "0", "--amp", "O0"], capsys)
+
+
+def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
+    data = datasets.synthesize(tmp_path / "masks", classes=2, train=2, val=3, height=64, width=128, seed=5)
+    for label in (data / "ann_dir").rglob("*.png"):  # plain masks: 0 background, 1 object, nothing ignored
+        mask = np.array(Image.open(label))
+        Image.fromarray(np.where(mask == 255, 0, mask).astype(np.uint8)).save(label)
+    torch.manual_seed(1)
+    model = build_model(model_config(18, 2))
+    ckpt = tmp_path / "m2.pth"
+    torch.save({"model_config": model.config, "model": model.state_dict(), "dataset": datasets.folder_info(data).to_dict()}, ckpt)
+    plain = scored(ckpt, data, capsys)
+    for label in (data / "ann_dir").rglob("*.png"):
+        indices = np.array(Image.open(label))
+        Image.fromarray(indices.astype(bool)).convert("1").save(label)  # what many mask tools write
+        assert Image.open(label).mode == "1" and np.array_equal(datasets.read_label(label, datasets.folder_info(data)), indices)
+    assert scored(ckpt, data, capsys)["mIoU"] == plain["mIoU"]
+
+
+def test_exif_orientation_turns_images_and_labels_alike(my7, tmp_path, capsys):
+    """Images and labels stored turned, each with the EXIF orientation that shows it upright: the same mIoU as the
+    upright files (PNG images, so that no re-encoding differs)."""
+    root, ckpt = my7
+    data = copy_of(root, tmp_path)
+    info = datasets.folder_info(data)
+    for image in sorted((data / "img_dir" / "val").rglob("*.jpg")):
+        Image.open(image).save(image.with_suffix(".png"))
+        image.unlink()
+    plain = scored(ckpt, data, capsys)
+    for image in sorted((data / "img_dir" / "val").rglob("*.png")):
+        label = data / "ann_dir" / "val" / image.parent.name / image.name
+        pixels, indices = datasets.read_image(image), datasets.read_label(label, info)
+        exif = Image.Exif()
+        exif[datasets.EXIF_ORIENTATION] = 6  # stored a quarter turn anticlockwise, shown upright
+        Image.fromarray(np.ascontiguousarray(np.rot90(pixels))).save(image, exif=exif)
+        palette_png = Image.fromarray(np.ascontiguousarray(np.rot90(indices))).convert("P")
+        palette_png.putpalette([c for color in datasets.voc_palette(256) for c in color])
+        palette_png.save(label, exif=exif)
+        assert np.array_equal(datasets.read_image(image), pixels) and np.array_equal(datasets.read_label(label, info), indices)
+    turned = scored(ckpt, data, capsys)
+    assert turned["mIoU"] == plain["mIoU"] and turned["per_class"] == plain["per_class"]
+
+
+def test_exif_orientations_match_pil(tmp_path):
+    """The reader's mirrorings and turns against PIL's own exif_transpose, for every orientation."""
+    from PIL import ImageOps
+
+    pixels = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[datasets.EXIF_ORIENTATION] = orientation
+        path = tmp_path / f"o{orientation}.png"
+        Image.fromarray(pixels).save(path, exif=exif)
+        assert np.array_equal(datasets.read_image(path), np.array(ImageOps.exif_transpose(Image.open(path)))), orientation
+
+
+# -- 10. checkpoints that do not describe their classes --------------------------------------------------------
+def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own_palette(my7, tmp_path, capsys):
+    root, _ = my7
+    palette = [[10 * k, 255 - 10 * k, 7 * k] for k in range(7)]
+    torch.manual_seed(2)
+    reference = MmsegBiSeNetV1(18, 7).eval()
+    mmseg = tmp_path / "mmseg7.pth"
+    torch.save({"state_dict": reference.state_dict(), "meta": {"CLASSES": [f"thing{k}" for k in range(7)], "PALETTE": palette}}, mmseg)
+    images = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0].parent
+    for fmt in ("color", "trainIds"):
+        summary(evaluate.main, ["--ckpt", mmseg, "--images", images, "--out-dir", tmp_path / "pred", "--format", fmt, "--workers", "0"], capsys)
+    for color in (tmp_path / "pred").rglob("*_color.png"):
+        indices = np.array(Image.open(str(color).replace("_color", "_trainIds")))
+        assert np.array_equal(np.array(Image.open(color)), np.array(palette, dtype=np.uint8)[indices])
+    exported = summary(export.main, ["--ckpt", mmseg, "--out", tmp_path / "mmseg7.onnx", "--size", "64x128"], capsys)
+    assert exported["classes"] == [f"thing{k}" for k in range(7)]
+
+    torch.manual_seed(3)
+    coco = build_model(model_config(18, 171))  # e.g. COCO-Stuff, saved without a description
+    bare = tmp_path / "coco.pth"
+    torch.save({"model_config": coco.config, "model": coco.state_dict()}, bare)
+    result = summary(evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "coco", "--workers", "0"], capsys)
+    assert result["images"] == 1 and result["dataset"] == "unnamed classes"
+    assert "no submission ids" in one_line_error(
+        evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "x", "--format", "labelIds"], capsys
+    )
+    broken = tmp_path / "broken.pth"
+    torch.save({"model_config": coco.config, "model": coco.state_dict(), "dataset": {"class_names": 5}}, broken)
+    assert "its dataset description is malformed" in one_line_error(evaluate.main, ["--ckpt", broken, "--images", images, "--out-dir", tmp_path / "y"], capsys)
+
+
+# -- 11. classes.txt ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name,r,g,b\nroad,128,64,128\nsky,0,0,255\n", "'name,r,g,b': expected `name R G B`"),
+        ("#unlabelled\nroad\nsky\n", "'#unlabelled': a comment is `# text` (with a space)"),
+        ("road -1 0 0\nsky\n", "'road -1 0 0': expected `name R G B` with three whole numbers 0..255"),
+        ("road 128 64\nsky\n", "'road 128 64': expected `name R G B`"),
+        ("road #ff00\nsky\n", "a colour is `#rrggbb` or `R G B`"),
+        ("road\nsky\nroad\n", "the class name 'road' is on line 1 already"),
+    ],
+)
+def test_malformed_classes_txt_is_named_by_line(my7, tmp_path, capsys, text, message):
+    data = copy_of(my7[0], tmp_path)
+    (data / "classes.txt").write_text(text)
+    error = one_line_error(evaluate.main, ["--ckpt", my7[1], "--data-root", data, "--workers", "0"], capsys)
+    assert f"{data / 'classes.txt'} line" in error and message in error, error
+
+
+def test_classes_txt_in_csv_hex_utf16_is_read_and_latin1_is_named(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text("road,128,64,128\nsky,0,0,255\n")
+    assert datasets.read_classes(path, "x").palette == ((128, 64, 128), (0, 0, 255))
+    path.write_text("road #ff0000\nlane 2\n")
+    info = datasets.read_classes(path, "x")
+    assert info.class_names == ("road", "lane 2") and info.palette[0] == (255, 0, 0)
+    path.write_bytes("café 1 2 3\nroad\n".encode("utf-16"))
+    assert datasets.read_classes(path, "x").class_names == ("café", "road")
+    path.write_bytes("café\nroad\n".encode("latin-1"))
+    with pytest.raises(datasets.DataError, match="not UTF-8 text"):
+        datasets.read_classes(path, "x")
+
+
+# -- 12. symlinked folders ------------------------------------------------------------------------------------
+def test_symlinked_sub_folders_are_followed_once(my7, tmp_path, capsys):
+    root, ckpt = my7
+    data = copy_of(root, tmp_path)
+    for kind in ("img_dir", "ann_dir"):  # one scene of val moved away and linked back, plus a loop
+        scene = data / kind / "val" / "scene1"
+        shutil.move(scene, tmp_path / f"{kind}_scene1")
+        scene.symlink_to(tmp_path / f"{kind}_scene1", target_is_directory=True)
+        (tmp_path / f"{kind}_scene1" / "loop").symlink_to(tmp_path / f"{kind}_scene1", target_is_directory=True)
+    assert scored(ckpt, data, capsys)["images"] == 2 == scored(ckpt, root, capsys)["images"]
+    assert len(datasets.find_images(data / "img_dir" / "val")) == 2
+
+
+# -- 13, 15. wrong numbers ------------------------------------------------------------------------------------
+def test_slide_stride_beyond_the_crop_and_tiny_scales_are_refused(my7, capsys):
+    args = ["--ckpt", my7[1], "--data-root", my7[0]]
+    assert "--stride: 96x96 is larger than --crop 64x64" in one_line_error(
+        evaluate.main, [*args, "--mode", "slide", "--crop", "64x64", "--stride", "96x96"], capsys
+    )
+    assert "each scale must be 0.125 to 8" in one_line_error(evaluate.main, [*args, "--scales", "0.001"], capsys)
+
+
+def test_unlabelled_splits_repeats_and_nan_scores(my7, tmp_path, capsys):
+    root, ckpt = my7
+    assert "--split test: " in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--split", "test"], capsys)
+    listed = datasets.synthesize(tmp_path / "listed", classes=7, train=2, val=2, layout="list", seed=2)
+    (listed / "val.txt").write_text((listed / "val.txt").read_text() * 2)
+    assert "val.txt line 3 repeats line 1" in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", listed], capsys)
+    ignored = copy_of(root, tmp_path)
+    for label in (ignored / "ann_dir" / "val").rglob("*.png"):
+        png = Image.open(label)
+        Image.fromarray(np.full(np.array(png).shape, 255, np.uint8)).convert("P").save(label)
+    out = capsys.readouterr()
+    evaluate.main([str(a) for a in ["--ckpt", ckpt, "--data-root", ignored, "--workers", "0"]])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "NaN" not in last and json.loads(last)["mIoU"] is None
+    del out
+
+
+# -- 14. another dataset of the same class count --------------------------------------------------------------
+def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, capsys):
+    import train
+
+    root, ckpt = my7
+    small = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--iters", "1", "--no-validate", "--amp", "O0"]
+    summary(train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small], capsys)
+    other = copy_of(root, tmp_path, "other")
+    (other / "classes.txt").write_text("".join(f"animal{k}\n" for k in range(7)))
+    before = digest(tmp_path / "wd")
+    error = one_line_error(train.main, ["--data-root", other, "--work-dir", tmp_path / "wd", *small, "--iters", "2", "--resume"], capsys)
+    assert "a run on other classes (class 0 was 'class0', the data's is 'animal0')" in error
+    checkpoints = lambda state: {k: v for k, v in state.items() if k.endswith(".pth")}  # noqa: E731  (the lock and log are the run's own)
+    assert checkpoints(digest(tmp_path / "wd")) == checkpoints(before) and len(checkpoints(before)) == 2  # iter_1.pth and latest.pth
+    error = one_line_error(train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small, "--depth", "50", "--iters", "2", "--resume"], capsys)
+    assert "another model configuration (depth 18 -> 50" in error
+    evaluate.main([str(a) for a in ["--ckpt", ckpt, "--data-root", other, "--workers", "0"]])
+    assert "warning: the model's classes are not the data's (class 0: 'class0' in the model, 'animal0'" in capsys.readouterr().err
+    cs = cityscapes.synthesize(tmp_path / "cs", train=1, val=1, height=64, width=128)
+    (cs / "classes.txt").write_text("a\nb\n")
+    assert "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes" in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", cs], capsys)
+
+
+# -- 16, 17. tracebacks and unclear messages ------------------------------------------------------------------
+def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
+    root, ckpt = my7
+    onnx = tmp_path / "m.onnx"
+    summary(export.main, ["--ckpt", ckpt, "--out", onnx, "--size", "64x128"], capsys)
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(onnx.read_bytes()[:5000])
+    assert "not a readable .onnx model" in one_line_error(evaluate.main, ["--model", truncated, "--data-root", root], capsys)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert "the file is empty" in one_line_error(evaluate.main, ["--model", tmp_path / "empty.onnx", "--data-root", root], capsys)
+    for flag, script in (("--ckpt", evaluate.main), ("--load-from", None)):
+        if script is None:
+            import train
+
+            error = one_line_error(
+                train.main,
+                ["--data-root", root, "--work-dir", tmp_path / "wd", "--load-from", onnx, "--iters", "1", "--crop", "64x128", "--workers", "0"],
+                capsys,
+            )
+        else:
+            error = one_line_error(script, [flag, onnx, "--data-root", root], capsys)
+        assert "an exported model, not a PyTorch checkpoint" in error and "--model" in error and "weights_only" not in error
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert "--out-dir" in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--out-dir", blocker / "sub"], capsys)
+    assert "is a file; pass the data root" in one_line_error(
+        export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "q.xml", "--int8", "--calib-data", root / "classes.txt"], capsys
+    )
+    folder_named_png = copy_of(root, tmp_path, "odd")
+    (folder_named_png / "img_dir" / "val" / "scene0" / "x.jpg").mkdir()
+    assert scored(ckpt, folder_named_png, capsys)["images"] == 2  # a folder is not an image
+
+
+def test_a_full_disk_under_predictions_or_an_export_is_one_line_and_leaves_nothing(my7, tmp_path):
+    from test_safety import in_small_filesystem
+
+    root, ckpt = my7
+    mount = tmp_path / "small"
+    export_cmd = [sys.executable, "export.py", "--ckpt", str(ckpt), "--format", "openvino", "--out", str(mount / "m7.xml"), "--size", "64x128"]
+    result = in_small_filesystem(mount, 8, ["bash", "-c", " ".join(export_cmd) + f'; code=$?; ls -A "{mount}"; exit $code'])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"error: {mount / 'm7.xml'}: OpenVINO could not write the model (" in result.stderr and " MB are free in " in result.stderr
+    assert result.stdout.split()[-1:] != ["m7.xml"] and not [name for name in result.stdout.split() if name.startswith((".m7", "m7"))]
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(80):  # random pixels: about 25 kB per overlay PNG, 2 MB in all
+        Image.fromarray(np.random.default_rng(k).integers(0, 255, (64, 128, 3), dtype=np.uint8)).save(photos / f"{k:02d}.png")
+    evaluate_cmd = [sys.executable, "evaluate.py", "--ckpt", str(ckpt), "--images", str(photos), "--out-dir", str(mount / "preds"), "--format", "overlay"]
+    result = in_small_filesystem(mount, 1, ["bash", "-c", " ".join(evaluate_cmd) + f'; code=$?; ls -A "{mount}/preds"; exit $code'])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "cannot write the prediction (No space left on device)" in result.stderr.strip().splitlines()[-1]
+    assert not [name for name in result.stdout.split() if name.startswith(".")]  # no temp file of the failed write
