@@ -123,9 +123,6 @@ def npu_fused_sgd_available():
     return True
 
 
-SGD_KERNELS = ("default", "fused", "npu-fused")
-
-
 def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
     """torch's SGD (kernel "default": its own choice; "fused": one kernel for all parameters) or torch_npu's
     NpuFusedSGD ("npu-fused": parameters and gradients in one combined buffer each). Every optimizer is then cleared
@@ -324,15 +321,23 @@ class Runtime:
                 dist.broadcast(buffer, 0)
 
 
+def torch_npu_error():
+    """None once torch_npu is imported (it registers the 'npu' device and the 'hccl' backend), else why it is not."""
+    try:
+        import torch_npu  # noqa: F401
+    except (ImportError, SystemExit, RuntimeError) as e:  # without CANN, torch_npu may call sys.exit
+        return f"{type(e).__name__}: {str(e).strip()[:160]}"
+    return None
+
+
 def npu_present():
     """(whether torch_npu is installed and sees an NPU, why). importlib looks the package up without importing it;
     torch >= 2.5 may already have loaded it at `import torch` (TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns that off)."""
     if importlib.util.find_spec("torch_npu") is None:
         return False, "torch_npu is not installed"
-    try:
-        import torch_npu  # noqa: F401  (registers the 'npu' device and the 'hccl' backend)
-    except (ImportError, SystemExit, RuntimeError) as e:  # without CANN, torch_npu may call sys.exit
-        return False, f"torch_npu is installed but does not load ({type(e).__name__}: {str(e).strip()[:160]}); source CANN's set_env.sh"
+    error = torch_npu_error()
+    if error:
+        return False, f"torch_npu is installed but does not load ({error}); source CANN's set_env.sh"
     count = torch.npu.device_count() if torch.npu.is_available() else 0
     return count > 0, f"torch_npu sees {count} NPU{'s' if count != 1 else ''}"
 
@@ -346,11 +351,8 @@ def choose_device(name):
         if torch.cuda.is_available():
             return "cuda", "--device auto: CUDA is available"
         return "cpu", f"--device auto: no CUDA device, {why}"
-    if name == "npu":
-        try:
-            import torch_npu  # noqa: F401
-        except (ImportError, SystemExit, RuntimeError) as e:
-            raise UsageError(f"--device npu needs torch_npu and Ascend CANN ({type(e).__name__}: {e}); install them or use --device cpu") from None
+    if name == "npu" and (error := torch_npu_error()):
+        raise UsageError(f"--device npu needs torch_npu and Ascend CANN ({error}); install them or use --device cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available to this PyTorch build; use --device cpu (or auto)")
     return name, f"--device {name}"

@@ -50,26 +50,23 @@ def export(model, out, size, dynamic=False, argmax=False, opset=18, metadata=Non
     sample = torch.randint(0, 256, (1, 3, *size)).float()
     shapes = {"images": {2: torch.export.Dim("height", min=32, max=8192), 3: torch.export.Dim("width", min=32, max=8192)}} if dynamic else None
     with atomic_write(out, replace=False, suffix=".tmp.onnx") as temp:
-        try:
-            torch.onnx.export(
-                graph,
-                (sample,),
-                temp,
-                input_names=["images"],
-                output_names=["output"],
-                dynamic_shapes=shapes,
-                opset_version=opset,
-                dynamo=True,
-                verbose=False,
-                external_data=False,  # one self-contained file, no NAME.data beside it
-            )
-            if metadata is not None:
-                onnx = optional_import("onnx")
-                proto = onnx.load(temp)
-                onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
-                onnx.save(proto, temp)
-        finally:
-            Path(f"{temp}.data").unlink(missing_ok=True)
+        torch.onnx.export(
+            graph,
+            (sample,),
+            temp,
+            input_names=["images"],
+            output_names=["output"],
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+            external_data=False,  # one self-contained file, no NAME.data beside it
+        )
+        if metadata is not None:
+            onnx = optional_import("onnx")
+            proto = onnx.load(temp)
+            onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(metadata)})
+            onnx.save(proto, temp)
     return graph
 
 
