@@ -19,7 +19,7 @@ DEFAULT_BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 BACKENDS = ("nccl", "hccl", "gloo", "mpi", "ucc")
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-EMULATED_BF16 = "about 10x slower here"  # bf16 without AMX/AVX512-BF16 (README: Performance)
+EMULATED_BF16 = "many times slower than fp32"  # bf16 without AMX/AVX512-BF16 (PERFORMANCE.md)
 
 # oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; the AVX10 names and their aliases).
 ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX")
@@ -174,7 +174,7 @@ class Runtime:
         elif not self.amp_reason:
             self.amp_reason = f"--amp-dtype {next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)}"
             if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16 and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16:
-                self.amp_reason += f"; this CPU has no bf16 instructions, so {EMULATED_BF16}"
+                self.amp_reason += f"; this CPU has no bf16 instructions, so it emulates bf16 {EMULATED_BF16}"
 
     @property
     def is_main(self):
@@ -276,7 +276,11 @@ class Runtime:
         """The line every script prints once at start, e.g. `precision: fp32 (this CPU has no bf16 instructions: AVX2; ...)`."""
         if amp == "O0":
             return "precision: fp32 (--amp O0)"
-        hint = f"; --amp-dtype bfloat16 forces bf16, {EMULATED_BF16}" if self.device.type == "cpu" and self.amp_dtype == torch.float32 else ""
+        hint = (
+            f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}"
+            if self.device.type == "cpu" and self.amp_dtype == torch.float32
+            else ""
+        )
         return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
 
     def openvino_precision(self, amp):
