@@ -30,8 +30,11 @@ import torch.distributed as dist
 
 import cli
 import device as devices
-from cityscapes import NUM_CLASSES, CityscapesDataset, TrainTransform, synthesize
+from bisenet import RESNET_LAYOUTS
+from cityscapes import NUM_CLASSES
 from convert_labels import convert_dataset
+from datasets import TrainTransform, open_dataset
+from synthetic import synthesize_cityscapes
 from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
 
 ROOT = Path(__file__).resolve().parent
@@ -74,8 +77,8 @@ def build_setup(runtime, depth, images, labels, options):
     dtype = devices.AMP_DTYPES.get(options["amp_dtype"])
     runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
     torch.manual_seed(0)
-    model = create_model(runtime, depth, NUM_CLASSES, 0.1, options["channels_last"], log=lambda _: None).train()
-    optimizer = create_optimizer(model, 0.01, 0.9, 5e-4, kernel=options["sgd_kernel"])
+    model = create_model(runtime, depth=depth, num_classes=NUM_CLASSES, dropout=0.1, channels_last=options["channels_last"], log=lambda _: None).train()
+    optimizer = create_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=options["sgd_kernel"])
     stepped = data_parallel(model, runtime) if options["ddp"] else model
     stepped = torch.compile(stepped) if options["compile"] else stepped
     scaler = runtime.grad_scaler(options["amp"])
@@ -83,7 +86,7 @@ def build_setup(runtime, depth, images, labels, options):
     x = images.contiguous(memory_format=torch.channels_last) if options["channels_last"] else images
 
     def step():
-        return train_step(stepped, optimizer, scaler, x, labels, segmentation_loss, autocast).item()
+        return train_step(stepped, optimizer, scaler=scaler, images=x, labels=labels, loss_fn=segmentation_loss, autocast=autocast).item()
 
     def state_bytes():
         tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
@@ -223,7 +226,7 @@ def synthetic_data(data_root, sizes, seed, log):
     """A synthetic Cityscapes with train lists, made on every CPU (so it costs little device time), kept if present."""
     if not (data_root / "val.txt").is_file():
         start = time.perf_counter()
-        synthesize(data_root, **sizes, seed=seed, nproc=max(1, os.cpu_count() or 1))
+        synthesize_cityscapes(data_root, **sizes, seed=seed, nproc=max(1, os.cpu_count() or 1))
         convert_dataset(data_root, source="labelIds", nproc=max(1, os.cpu_count() or 1), progress=False)
         log(
             f"synthetic Cityscapes, {sizes['train']} train + {sizes['val']} val images of {sizes['width']}x{sizes['height']}: {time.perf_counter() - start:.1f} s"
@@ -300,9 +303,9 @@ def environment(runtime):
 def transform_speed(samples, crop, log):
     """`python benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
     with tempfile.TemporaryDirectory() as tmp:
-        synthesize(tmp, train=4, val=0, height=1024, width=2048)
+        synthesize_cityscapes(tmp, train=4, val=0, height=1024, width=2048)
         convert_dataset(tmp, source="labelIds", progress=False)
-        dataset = CityscapesDataset(tmp, "train", TrainTransform(crop=crop))
+        dataset = open_dataset(tmp, "train", "cityscapes", TrainTransform(crop=crop))
         dataset[(0, 0)]
         start = time.perf_counter()
         for i in range(samples):
@@ -316,7 +319,9 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
     p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
-    p.add_argument("--depth", type=int, choices=(18, 34, 50, 101), help="time this one recipe instead of the two published ones (with --batch-size, --crop)")
+    p.add_argument(
+        "--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="time this one recipe instead of the two published ones (with --batch-size, --crop)"
+    )
     p.add_argument("--batch-size", type=cli.integer(2), default=8, help="with --depth: images per device (BatchNorm on the pooled attention maps needs 2)")
     p.add_argument("--crop", type=cli.size, default="1024x1024", help="with --depth: HxW, both sides >= 32")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
@@ -386,16 +391,16 @@ def run(args, recipes, variants, skip):
     return result
 
 
+def run_command(argv):
+    args, recipes, variants, skip = parse_args(argv)
+    if args.transform:
+        transform_speed(args.steps, args.crop, functools.partial(print, flush=True))
+    else:
+        run(args, recipes, variants, skip)
+
+
 def main(argv=None):
-    try:
-        args, recipes, variants, skip = parse_args(argv)
-        if args.transform:
-            transform_speed(args.steps, args.crop, functools.partial(print, flush=True))
-        else:
-            run(args, recipes, variants, skip)
-    except cli.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main(run_command, argv)
 
 
 if __name__ == "__main__":

@@ -279,11 +279,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except cli.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import cli
 from benchmark import run_json
-from cityscapes import synthesize
 from convert_labels import convert_dataset
+from synthetic import synthesize_cityscapes
 
 # mmseg 1.2.2's BiSeNetV1 R18 config at a CPU's scale: batch 4, crop 128x256, lr 0.025, warmup 25, 300 iterations
 RECIPE = ["--depth", "18", "--batch-size", "4", "--crop", "128x256", "--lr", "0.025", "--warmup-iters", "25", "--amp", "O0"]
@@ -58,7 +58,7 @@ def run(args, extra):
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bisenet_learning_"))
     data_root = work / "data"
     if not (data_root / "val.txt").is_file():
-        synthesize(data_root, **DATA, seed=3)
+        synthesize_cityscapes(data_root, **DATA, seed=3)
         convert_dataset(data_root, source="labelIds", progress=False)
     curves = {}
     for seed in args.seeds:
@@ -71,11 +71,7 @@ def run(args, extra):
 
 
 def main(argv=None):
-    try:
-        run(*parse_args(argv))
-    except cli.UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main(lambda: run(*parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ eval mode returns the main logits.
     python bisenet.py --depth 18 --size 1024x2048      # parameters and GFLOPs
 """
 
-import argparse
 import functools
 import re
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import cli
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 # CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, so they are scaled by 255 here
@@ -28,7 +29,7 @@ PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(cli.Error):
     """A weights file that cannot be used. The message names the file and what was wrong."""
 
 
@@ -479,13 +480,13 @@ def count_flops(model, size):
     return counter.get_total_flops()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS))
-    parser.add_argument("--num-classes", type=int, default=19)
-    parser.add_argument("--size", default="1024x2048", help="HxW")
-    args = parser.parse_args()
-    size = tuple(int(v) for v in args.size.split("x"))
+    parser.add_argument("--num-classes", type=cli.integer(2), default=19)
+    parser.add_argument("--size", type=cli.size, default="1024x2048", help="HxW")
+    args = parser.parse_args(argv)
+    size = args.size
     model = build_model(model_config(args.depth, args.num_classes)).eval()
     inference, total = count_parameters(model, with_aux=False), count_parameters(model)
     gflops = count_flops(model, size) / 1e9

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 from bisenet import CheckpointError, non_finite, read_checkpoint
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
@@ -30,7 +31,7 @@ ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
 MB = 2**20
 
 
-class WorkDirError(Exception):
+class WorkDirError(cli.Error):
     """The work dir cannot be used as asked (in use, not writable, full, holds another run). Nothing was changed."""
 
 
@@ -177,10 +178,9 @@ def sync_directory(directory):
 
 def point_latest(work_dir, target):
     """latest.pth -> target, replaced atomically (a relative link, so the work dir can be moved)."""
-    tmp = work_dir / f".latest.pth.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target.name)
-    os.replace(tmp, work_dir / "latest.pth")
+    with atomic_write(work_dir / "latest.pth") as temp:
+        temp.unlink()  # the unique name stays ours: only this process writes the work dir (lock)
+        temp.symlink_to(target.name)
 
 
 def prune(work_dir, keep):
@@ -261,7 +261,7 @@ RECIPE_FLAGS = (
 )  # fmt: skip
 
 
-def kept_checkpoint(work_dir):
+def last_checkpoint_note(work_dir):
     saved = iteration_checkpoints(work_dir)
     return f"The last good checkpoint is kept: {saved[-1][1]}" if saved else "No checkpoint had been written yet."
 
@@ -290,7 +290,7 @@ def save_checkpoint(path, model, optimizer, scaler, *, iteration, best, settings
     if bad:
         raise CheckpointError(
             f"the weights hold NaN or inf after iteration {iteration} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
-            f"so {path.name} was not written: lower --lr, or check the data. {kept_checkpoint(path.parent)}"
+            f"so {path.name} was not written: lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
         )
     checkpoint = {
         "model_config": model.config,
@@ -303,6 +303,36 @@ def save_checkpoint(path, model, optimizer, scaler, *, iteration, best, settings
         "dataset": dataset.to_dict(),
     }
     atomic_save(checkpoint, path)
+
+
+class Checkpointer:
+    """The training loop's checkpoints: iter_N.pth every `interval` iterations and at the end, latest.pth pointed at
+    it, old ones pruned to `keep`, best.pth on a new best; only rank 0 writes. After each periodic save every rank
+    calls reseed(iteration), so the RNG state follows from the checkpoint's iteration (exact resume)."""
+
+    def __init__(self, work_dir, model, optimizer, scaler, *, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None):
+        self.work_dir, self.model, self.optimizer, self.scaler = work_dir, model, optimizer, scaler
+        self.settings, self.dataset, self.interval, self.iters, self.keep = settings, dataset, interval, iters, keep
+        self.is_main, self.reseed, self.log = is_main, reseed, log
+        self.path = path  # the newest iteration checkpoint: the resumed one until this run writes its own
+
+    def save(self, path, iteration, best):
+        if self.is_main:
+            save_checkpoint(path, self.model, self.optimizer, self.scaler, iteration=iteration, best=best, settings=self.settings, dataset=self.dataset)
+
+    def save_best(self, it, best):
+        self.save(self.work_dir / "best.pth", it + 1, best)
+
+    def step(self, it, best):
+        if (it + 1) % self.interval and it + 1 != self.iters:
+            return
+        self.path = self.work_dir / f"iter_{it + 1}.pth"
+        self.save(self.path, it + 1, best)
+        if self.is_main:
+            point_latest(self.work_dir, self.path)
+            for old in prune(self.work_dir, self.keep):
+                self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
+        self.reseed(it + 1)
 
 
 def restore(checkpoint, path, model, optimizer, scaler, *, runtime, info):

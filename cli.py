@@ -1,17 +1,43 @@
 """What the command-line scripts share: one-line errors, and flag values checked for their range, not only their type.
 
 Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
-(ArgumentParser below) and the UsageError that the code raises for a combination of flags or an environment that
-cannot work.
+(ArgumentParser below) and every Error the code raises (main below). Each concern's errors are an Error of their own
+kind: UsageError and DataError here, CheckpointError (bisenet.py), WorkDirError (checkpoints.py),
+TrainingError (train.py).
 """
 
 import argparse
 import math
 import re
+import sys
 
 
-class UsageError(Exception):
+class Error(Exception):
+    """What a user can fix: the message names the file or flag and what to do; the script exits with exit_code."""
+
+    exit_code = 2
+
+
+class UsageError(Error):
     """A flag or environment that cannot work. The message names the flag and the fix."""
+
+
+class DataError(Error):
+    """Bad input data. The message names the file and the fix."""
+
+    def __str__(self):
+        # DataLoader workers re-raise with their traceback prepended; the message proper is the last line.
+        text = super().__str__().strip().splitlines()[-1]
+        return re.sub(r"^[\w.]*DataError: ", "", text)
+
+
+def main(run, *args):
+    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its exit code."""
+    try:
+        return run(*args)
+    except Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 def first_line(error, limit=300):

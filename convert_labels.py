@@ -7,7 +7,6 @@
 Already converted files are skipped unless --force. A broken input is reported by path; the rest still converts.
 """
 
-import argparse
 import json
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 from checkpoints import atomic_write
 from cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, LABELID_TO_TRAINID
 from datasets import DataError
@@ -78,7 +78,7 @@ def convert_dataset(root, source="polygons", nproc=1, force=False, progress=True
     """Converts every label file; returns the list of failures ('path: reason')."""
     root = Path(root)
     if not (root / "gtFine").is_dir() or not (root / "leftImg8bit").is_dir():
-        raise SystemExit(f"error: {root}: expected gtFine/ and leftImg8bit/ inside; is this the Cityscapes root?")
+        raise DataError(f"{root}: expected gtFine/ and leftImg8bit/ inside; is this the Cityscapes root?")
     jobs = conversion_jobs(root, source, force)
     bar = tqdm(total=len(jobs), desc=f"labelTrainIds from {source}", disable=not progress)
     failures = []
@@ -104,7 +104,7 @@ def benchmark(root, nproc):
         with tempfile.TemporaryDirectory() as tmp:
             jobs = [(src, Path(tmp) / f"{i}.png", source) for i, (src, _, _) in enumerate(conversion_jobs(root, source, True))]
             if not jobs:
-                raise SystemExit(f"error: {root}: no *{SOURCE_SUFFIX[source]} files to time")
+                raise DataError(f"{root}: no *{SOURCE_SUFFIX[source]} files to time")
             start = time.perf_counter()
             with Pool(nproc) as pool:
                 list(pool.imap_unordered(convert_one, jobs, chunksize=4))
@@ -115,14 +115,14 @@ def benchmark(root, nproc):
     print(json.dumps({"polygons_files_per_s": round(rates["polygons"], 1), "labelIds_files_per_s": round(rates["labelIds"], 1), "ratio": round(ratio, 2)}))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(argv):
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("data_root")
-    parser.add_argument("--nproc", type=int, default=1, help="parallel processes")
+    parser.add_argument("--nproc", type=cli.integer(1), default=1, help="parallel processes")
     parser.add_argument("--source", choices=("polygons", "labelIds"), default="polygons")
     parser.add_argument("--force", action="store_true", help="re-convert files that already exist")
     parser.add_argument("--benchmark", action="store_true", help="time both sources, write nothing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.benchmark:
         benchmark(args.data_root, args.nproc)
         return
@@ -131,6 +131,10 @@ def main():
         print(f"error: {failure}", file=sys.stderr)
     print(json.dumps({"converted_ok": not failures, "failures": len(failures)}))
     sys.exit(1 if failures else 0)
+
+
+def main(argv=None):
+    cli.main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Your own data: the dataset description that travels with every checkpoint, the reading code all datasets share,
-and the layouts users already keep segmentation data in. Cityscapes' layout and class table are in cityscapes.py.
+"""Data from PNG files to samples: the dataset description that travels with every checkpoint, the reading code and
+the dataset class every dataset shares, the layouts users keep their own data in, the dispatcher that opens
+Cityscapes or one of those, and the training augmentation. Cityscapes' class table and layout are in cityscapes.py.
 
     ROOT/classes.txt          one class per line, in index order: `name`, `name R G B`, `name,R,G,B` or `name #rrggbb`
     mmseg's custom layout     ROOT/img_dir/{train,val,test}/**/*.{jpg,png} and ROOT/ann_dir/{train,val}/**/*.png
@@ -9,13 +10,12 @@ and the layouts users already keep segmentation data in. Cityscapes' layout and 
 Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as VOC-style and mask
 tools write them; images and labels are turned by their own EXIF orientation alike.
 
-    python datasets.py synthesize OUT --classes 7 [--layout mmseg|list|camvid]    # synthetic data of any class count
+synthetic.py writes data in each of these layouts and Cityscapes'.
 """
 
 import dataclasses
 import os
 import re
-import sys
 from pathlib import Path
 
 import cv2
@@ -23,22 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cli
+import cityscapes
+from cityscapes import IGNORE_INDEX
+from cli import DataError
 
-IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LAYOUTS = ("mmseg", "list", "camvid")
 
 cv2.setNumThreads(0)  # parallelism comes from DataLoader workers, as in mmseg
-
-
-class DataError(Exception):
-    """Bad input data. The message names the file and the fix."""
-
-    def __str__(self):
-        # DataLoader workers re-raise with their traceback prepended; the message proper is the last line.
-        text = super().__str__().strip().splitlines()[-1]
-        return re.sub(r"^[\w.]*DataError: ", "", text)
 
 
 def voc_palette(count):
@@ -97,6 +89,14 @@ class DatasetInfo:
             values["submission_ids"] = tuple(values["submission_ids"])
         return cls(**values)
 
+
+CITYSCAPES = DatasetInfo(
+    "cityscapes",
+    tuple(cityscapes.CLASS_NAMES),
+    tuple(tuple(int(v) for v in c) for c in cityscapes.PALETTE),
+    submission_ids=tuple(int(i) for i in cityscapes.TRAINID_TO_LABELID),
+    label_hint=cityscapes.LABEL_HINT,
+)
 
 CAMVID = DatasetInfo(  # SegNet's CamVid: 11 classes in this order, colours from its tutorial, 11 = void
     "camvid",
@@ -316,7 +316,7 @@ def folder_info(root):
         return read_classes(root / "classes.txt", root.name)
     if folder_layout(root) == "camvid":
         return CAMVID
-    raise DataError(f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (see python datasets.py -h)")
+    raise DataError(f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)")
 
 
 def pair_by_stem(images_dir, labels_dir, label_name):
@@ -373,84 +373,129 @@ def folder_samples(root, split, with_labels=True):
     )
 
 
-# -- Synthetic data in the generic layouts --------------------------------------------------------------------
-def new_dataset_folder(out):
-    """A synthesizer writes only into a new or empty folder: over a dataset it would mix its files with the user's."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+# -- Choosing the dataset -------------------------------------------------------------------------------------
+def detect_dataset(root, kind="auto"):
+    """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else a generic layout)."""
+    root = Path(root)
+    if kind != "auto":
+        return kind
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    if (root / "classes.txt").is_file() or folder_layout(root):
+        return "folder"
+    raise DataError(
+        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor your own data (classes.txt with img_dir/, train.txt or trainannot/); see README: Your own data"
+    )
 
 
-def synthetic_pair(rng, info, height, width):
-    """An image of textured class regions (each class its own colour) and its label, 255 along some borders."""
-    label = np.full((height, width), rng.integers(info.num_classes), dtype=np.uint8)
-    for _ in range(int(rng.integers(4, 10))):
-        cls = int(rng.integers(info.num_classes))
-        center = (int(rng.integers(width)), int(rng.integers(height)))
-        axes = (int(rng.integers(width // 10, width // 3)), int(rng.integers(height // 10, height // 3)))
-        cv2.ellipse(label, center, axes, float(rng.uniform(0, 180)), 0, 360, cls, -1)
-    edges = cv2.morphologyEx(label, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-    image = info.colors[label].astype(np.int16) + rng.integers(-25, 26, (height, width, 3))
-    label[edges & (rng.random((height, width)) < 0.5)] = IGNORE_INDEX
-    return np.clip(image, 0, 255).astype(np.uint8), label
+def open_dataset(root, split, kind="auto", transform=None, with_labels=True):
+    """Cityscapes (the default) or your own data in one of the layouts above; dataset.info describes its classes."""
+    if Path(root).is_file():
+        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python synthetic.py cityscapes {root}")
+    if detect_dataset(root, kind) == "cityscapes":
+        if (Path(root) / "classes.txt").is_file() and read_classes(Path(root) / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
+            raise DataError(
+                f"{Path(root) / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; remove classes.txt, "
+                "or put your data in one of your own layouts (README: Your own data)"
+            )
+        return SegmentationDataset(cityscapes.find_samples(root, split, with_labels), CITYSCAPES, transform)
+    return SegmentationDataset(folder_samples(root, split, with_labels), folder_info(root), transform)
 
 
-def synthesize(out_dir, classes=7, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0):
-    """A dataset of `classes` classes in a generic layout, classes.txt included; the same seed gives the same bytes.
-    mmseg's layout gets palette PNG labels (as VOC-style tools write them), the others grey ones."""
-    out = new_dataset_folder(out_dir)
-    info = CAMVID if layout == "camvid" else DatasetInfo(out.name, tuple(f"class{k}" for k in range(classes)), tuple(voc_palette(classes)))
-    if layout != "camvid":
-        (out / "classes.txt").write_text("".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in zip(info.class_names, info.palette)))
-    for split_number, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
-        lines = []
-        for i in range(count):
-            rng = np.random.default_rng((seed, split_number, i))
-            image, label = synthetic_pair(rng, info, height, width)
-            if layout == "camvid":
-                label[label == IGNORE_INDEX] = info.void_value
-            image_rel, label_rel = {
-                "mmseg": (f"img_dir/{split}/scene{i % 2}/{split}_{i:04d}.jpg", f"ann_dir/{split}/scene{i % 2}/{split}_{i:04d}.png"),
-                "list": (f"images/{split}_{i:04d}.png", f"labels/{split}_{i:04d}.png"),
-                "camvid": (f"{split}/{split}_{i:04d}.png", f"{split}annot/{split}_{i:04d}.png"),
-            }[layout]
-            for rel in (image_rel, label_rel):
-                (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(out / image_rel, quality=95) if image_rel.endswith(".jpg") else Image.fromarray(image).save(out / image_rel)
-            png = Image.fromarray(label)
-            if layout == "mmseg":
-                png = png.convert("P")
-                png.putpalette([c for color in voc_palette(256) for c in color])
-            png.save(out / label_rel)
-            lines.append(f"{image_rel},{label_rel}\n")
-        if layout == "list" and count:
-            (out / f"{split}.txt").write_text("".join(lines))
-    return out
+# -- Training augmentation ------------------------------------------------------------------------------------
+def nearest_indices(out_size, in_size, start, count):
+    """Source indices of nearest-neighbour resizing in_size -> out_size, for output positions start..start+count."""
+    positions = np.arange(start, start + count)
+    return np.minimum(((positions + 0.5) * in_size / out_size).astype(np.int64), in_size - 1)
 
 
-def main(argv=None):
-    parser = cli.ArgumentParser(__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synthesize", help="write a synthetic dataset in a generic layout")
-    synth.add_argument("out_dir")
-    synth.add_argument("--classes", type=cli.integer(2, 255), default=7, help="class count (CamVid: always its 11)")
-    synth.add_argument("--layout", default="mmseg", choices=LAYOUTS)
-    synth.add_argument("--train", type=cli.integer(1), default=12)
-    synth.add_argument("--val", type=cli.integer(0), default=4)
-    synth.add_argument("--test", type=cli.integer(0), default=0)
-    synth.add_argument("--height", type=cli.integer(32), default=128)
-    synth.add_argument("--width", type=cli.integer(32), default=256)
-    synth.add_argument("--seed", type=cli.integer(0), default=0)
-    args = parser.parse_args(argv)
-    try:
-        synthesize(args.out_dir, args.classes, args.train, args.val, args.test, args.height, args.width, args.layout, args.seed)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {args.train} train, {args.val} val, {args.test} test images ({args.layout} layout) to {args.out_dir}")
+def levels(image, alpha=1.0, beta=0.0):
+    """uint8 clip(image * alpha + beta) truncated, as mmseg computes it in float32, through a 256-entry table."""
+    return cv2.LUT(image, np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8))
 
 
-if __name__ == "__main__":
-    main()
+class TrainTransform:
+    """mmseg's Cityscapes recipe: random rescale, random crop with cat_max_ratio, pad, flip, photometric distortion.
+
+    Only the crop is ever resampled: the label crop is read through nearest-neighbour indices and the image crop
+    through an affine warp with the rescale's own pixel mapping, which equal the crops of fully resized images
+    (to within 1 grey level of cv2.resize, which mmseg uses). Interpolation as in mmseg: bilinear, no antialias.
+    """
+
+    def __init__(
+        self,
+        crop=(1024, 1024),
+        scale_range=(0.5, 2.0),
+        cat_max_ratio=0.75,
+        flip_prob=0.5,
+        brightness=32,
+        contrast=(0.5, 1.5),
+        saturation=(0.5, 1.5),
+        hue=18,
+        photometric=True,
+    ):
+        self.crop = crop
+        self.scale_range = scale_range
+        self.cat_max_ratio = cat_max_ratio
+        self.flip_prob = flip_prob
+        self.photometric = photometric
+        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+
+    def __call__(self, image, label, rng):
+        height, width = label.shape
+        ratio = rng.uniform(*self.scale_range)
+        scaled_h, scaled_w = int(height * ratio + 0.5), int(width * ratio + 0.5)
+        crop_h, crop_w = min(self.crop[0], scaled_h), min(self.crop[1], scaled_w)
+
+        def crop_label(top, left):
+            rows = nearest_indices(scaled_h, height, top, crop_h)
+            cols = nearest_indices(scaled_w, width, left, crop_w)
+            return label[rows[:, None], cols[None, :]]
+
+        top, left = rng.integers(scaled_h - crop_h + 1), rng.integers(scaled_w - crop_w + 1)
+        label_crop = crop_label(top, left)
+        if self.cat_max_ratio < 1:
+            for _ in range(10):
+                counts = np.bincount(label_crop.ravel(), minlength=256)[:IGNORE_INDEX]
+                counts = counts[counts > 0]
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                top, left = rng.integers(scaled_h - crop_h + 1), rng.integers(scaled_w - crop_w + 1)
+                label_crop = crop_label(top, left)
+
+        sy, sx = height / scaled_h, width / scaled_w
+        to_source = np.array([[sx, 0, (left + 0.5) * sx - 0.5], [0, sy, (top + 0.5) * sy - 0.5]])
+        image_crop = cv2.warpAffine(image, to_source, (crop_w, crop_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+
+        if rng.random() < self.flip_prob:
+            image_crop, label_crop = image_crop[:, ::-1], label_crop[:, ::-1]
+        if self.photometric:
+            image_crop = self.distort(np.ascontiguousarray(image_crop), rng)
+
+        out_image = np.zeros((*self.crop, 3), dtype=np.uint8)
+        out_label = np.full(self.crop, IGNORE_INDEX, dtype=np.uint8)
+        out_image[:crop_h, :crop_w] = image_crop
+        out_label[:crop_h, :crop_w] = label_crop
+        return out_image, out_label
+
+    def distort(self, image, rng):
+        """mmseg's PhotoMetricDistortion: every step rounds to uint8, hue in OpenCV's 0..180 circle, as there."""
+
+        if rng.random() < 0.5:
+            image = levels(image, beta=rng.uniform(-self.brightness, self.brightness))
+        contrast_first = rng.random() < 0.5
+        if contrast_first and rng.random() < 0.5:
+            image = levels(image, alpha=rng.uniform(*self.contrast))
+        change_saturation, change_hue = rng.random() < 0.5, rng.random() < 0.5
+        if change_saturation or change_hue:
+            hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+            if change_saturation:
+                hsv[..., 1] = levels(np.ascontiguousarray(hsv[..., 1]), alpha=rng.uniform(*self.saturation))
+            if change_hue:
+                hsv[..., 0] = ((np.arange(256) + rng.integers(-self.hue, self.hue)) % 180).astype(np.uint8)[hsv[..., 0]]
+            image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if not contrast_first and rng.random() < 0.5:
+            image = levels(image, alpha=rng.uniform(*self.contrast))
+        return image

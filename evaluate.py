@@ -30,12 +30,10 @@ from tqdm import tqdm
 
 import cli
 import device as devices
-from bisenet import CheckpointError, build_model, fuse_bn, load_model, load_model_and_dataset, model_config, upsampled_classes
+from bisenet import RESNET_LAYOUTS, CheckpointError, build_model, fuse_bn, load_model, load_model_and_dataset, model_config, upsampled_classes
 from checkpoints import atomic_write
-from cityscapes import CITYSCAPES, NUM_CLASSES, detect_dataset, open_dataset, sample_name
-from datasets import IGNORE_INDEX, DataError, DatasetInfo, SegmentationDataset, find_images, unnamed_classes, voc_palette
-from deploy import OpenVinoModel, deployed_info, open_deployed, openvino_installed, to_openvino
-from video import CODECS, default_output, segment_video
+from cityscapes import IGNORE_INDEX, NUM_CLASSES, sample_name
+from datasets import CITYSCAPES, DataError, DatasetInfo, SegmentationDataset, detect_dataset, find_images, open_dataset, unnamed_classes, voc_palette
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +294,7 @@ def parse_args(argv=None):
     parser.add_argument("--video", help="a video file or a camera index (0, 1, ...) to segment frame by frame")
     parser.add_argument("--out", help="with --video: the overlay video to write, .mp4 or .avi (default: NAME_bisenet.mp4 here)")
     parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
-    parser.add_argument("--depth", type=int, default=18, choices=(18, 34, 50, 101), help="with --benchmark and no --ckpt: random weights of this depth")
+    parser.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS), help="with --benchmark and no --ckpt: random weights of this depth")
     parser.add_argument("--size", type=cli.size, default="1024x2048", help="with --benchmark: input HxW")
     parser.add_argument("--batch", type=cli.integer(1), default=1, help="with --benchmark: images per run")
     parser.add_argument("--runs", type=cli.integer(1), default=10, help="with --benchmark: timed runs")
@@ -309,6 +307,8 @@ def parse_args(argv=None):
     if args.out and not args.video:
         parser.error("argument --out: it names the overlay video of --video; for images use --out-dir")
     if args.video:
+        from video import CODECS, default_output  # video and deployed models load only when asked for
+
         args.out = Path(args.out) if args.out else default_output(args.video)
         if args.out.suffix not in CODECS:
             parser.error(f"argument --out: {args.out} must end in {' or '.join(CODECS)}")
@@ -354,6 +354,8 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
     """(segment, dataset description, classes, precision) of --ckpt (PyTorch) or --model (deploy.py). Video from a
     checkpoint on a CPU takes the fastest path there is: OpenVINO, converted in memory, when it is installed."""
     if model_file:
+        from deploy import deployed_info, open_deployed  # exported models and video load only when asked for
+
         if not options.single_pass:
             raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
         deployed = open_deployed(model_file, runtime.openvino_precision(amp))
@@ -361,6 +363,8 @@ def open_model(ckpt, model_file, runtime, amp, options, for_video):
     if not ckpt:
         raise cli.UsageError("--ckpt or --model is required (or pass --benchmark)")
     model, description = load_model_and_dataset(ckpt)
+    if for_video:
+        from deploy import OpenVinoModel, openvino_installed, to_openvino
     if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
         deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, runtime.openvino_precision(amp))
         return (
@@ -381,6 +385,8 @@ def run(args):
     if args.benchmark:
         from benchmark_inference import baseline_model, benchmark, benchmark_deployed  # only for --benchmark
     if args.benchmark and args.model:
+        from deploy import open_deployed
+
         deployed = open_deployed(args.model, runtime.openvino_precision(args.amp))
         model, source = baseline_model(deployed, args.ckpt)
         print(json.dumps(benchmark_deployed(deployed, args.model, model, source, runtime, args.size, args.runs, args.warmup, args.batch)))
@@ -394,6 +400,8 @@ def run(args):
     if runtime.is_main and args.model:
         print(f"precision: {precision}", flush=True)
     if args.video:
+        from video import segment_video
+
         print(f"segmenting {args.video} with {precision} into {args.out}")
         print(json.dumps({**segment_video(segment, args.video, args.out, info, runtime.device), "precision": precision}))
         return
@@ -452,11 +460,7 @@ def run(args):
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except (cli.UsageError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ onnxruntime (ONNX), pip install openvino nncf (OpenVINO).
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import cli
-from bisenet import CheckpointError, fuse_bn, load_model_and_dataset
+from bisenet import fuse_bn, load_model_and_dataset
 from checkpoints import atomic_write
-from cityscapes import open_dataset
-from datasets import DataError
+from datasets import DataError, open_dataset
 from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, describe, optional_import, quantize_int8, save_openvino, to_openvino
 from evaluate import checkpoint_dataset
 
@@ -201,28 +199,22 @@ def run(args):
     model, description = load_model_and_dataset(args.ckpt)
     info = checkpoint_dataset(description, model.config["num_classes"], args.ckpt)
     metadata = describe(model, info, args.size, "int8" if args.int8 else "fp32", args.ckpt)
-    if args.format == "onnx":
-        result = export_onnx(model, args.out, args.size, args.dynamic, args.argmax, args.opset, metadata)
-    else:
-        calibration = calibration_images(args.calib_data, args.dataset, args.calib_images, args.size, info.num_classes) if args.int8 else None
-        result = export_openvino(model, args.out, args.size, metadata, calibration)
+    try:
+        if args.format == "onnx":
+            result = export_onnx(model, args.out, args.size, args.dynamic, args.argmax, args.opset, metadata)
+        else:
+            calibration = calibration_images(args.calib_data, args.dataset, args.calib_images, args.size, info.num_classes) if args.int8 else None
+            result = export_openvino(model, args.out, args.size, metadata, calibration)
+    except FileExistsError:
+        raise cli.UsageError(f"{args.out} appeared while the model was exported; it was kept, not replaced: pass another --out") from None
+    except OSError as e:
+        raise cli.UsageError(f"{args.out}: could not write the exported model ({e.strerror or e}); nothing was left behind") from None
     print(f"{args.out}: {info.num_classes} classes of {info.name}: {', '.join(info.class_names)}")
     print(json.dumps({**result, "size": f"{args.size[0]}x{args.size[1]}", "dataset": info.name, "classes": list(info.class_names)}))
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (CheckpointError, cli.UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FileExistsError:
-        print(f"error: {args.out} appeared while the model was exported; it was kept, not replaced: pass another --out", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: {args.out}: could not write the exported model ({e.strerror or e}); nothing was left behind", file=sys.stderr)
-        sys.exit(2)
+    cli.main(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

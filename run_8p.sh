@@ -26,15 +26,19 @@ TIMEOUT=${DIST_TIMEOUT:-1800}
 TIMEOUT=${TIMEOUT%%.*}
 export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-$((TIMEOUT < 120 ? 120 : TIMEOUT > 7200 ? 7200 : TIMEOUT))}
 
+# train.py's defaults are the R50 recipe on one device (8 images, lr 0.025, 40k iterations, O1); a recipe passes
+# only what differs from them.
 if [ "$DEPTH" = 18 ]; then
-  # mmseg's R18 recipe: 16 images in all, at least 2 per device (BatchNorm on the pooled attention maps)
+  # mmseg's R18 recipe: 16 images in all at lr 0.025 (the default), so 16 / DEVICES per device, at least 2 each
+  # (BatchNorm on the pooled attention maps): 1, 2, 4 or 8 devices
   if [ $((16 % DEVICES)) != 0 ] || [ "$DEVICES" -gt 8 ]; then
     echo "error: DEPTH=18 trains 16 images in all; $DEVICES devices do not split them into batches of 2 or more: use 1, 2, 4 or 8 devices" >&2
     exit 2
   fi
-  RECIPE=(--depth 18 --batch-size $((16 / DEVICES)) --lr 0.025 --iters 160000 --val-interval 16000 --ckpt-interval 16000)
+  RECIPE=(--depth 18 --batch-size $((16 / DEVICES)) --iters 160000 --val-interval 16000 --ckpt-interval 16000)
 else
-  RECIPE=(--depth "$DEPTH" --batch-size 8 --lr "$(python -c "print(0.025 * $DEVICES)")" --iters 40000)
+  # 8 images per device (the default) and lr 0.025 per 8 images, scaled linearly: 8 devices x 8 = 64 images at 0.2
+  RECIPE=(--depth "$DEPTH" --lr "$(python -c "print(round(0.025 * $DEVICES, 6))")")
 fi
 case "$MODE" in
   full) ;;
@@ -48,7 +52,7 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 COMMAND=(python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}"
   --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
   --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}"
-  train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --amp O1 --resume "$@")
+  train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --resume "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT ${COMMAND[*]}"
   exit 0

@@ -24,19 +24,22 @@ from tqdm import tqdm
 
 import cli
 import device as devices
-from bisenet import CheckpointError, build_model, load_backbone, load_model, model_config
-from checkpoints import WorkDirError, changed_settings, kept_checkpoint, open_work_dir, point_latest, prune, restore, save_checkpoint
-from cityscapes import TrainTransform, detect_dataset, open_dataset
-from datasets import IGNORE_INDEX, DataError
+from bisenet import RESNET_LAYOUTS, CheckpointError, build_model, load_backbone, load_model, model_config
+from checkpoints import Checkpointer, changed_settings, last_checkpoint_note, open_work_dir, restore
+from cityscapes import IGNORE_INDEX
+from datasets import DataError, TrainTransform, detect_dataset, open_dataset
 from evaluate import evaluate, torch_segmenter
+from runlog import Progress, RunLog, Speed
 
 
-class TrainingError(Exception):
+class TrainingError(cli.Error):
     """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
 
 
 class Interrupted(TrainingError):
     """Ctrl-C: the run stops cleanly and resumes from its last checkpoint."""
+
+    exit_code = 130
 
 
 def parse_args(argv=None):
@@ -44,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default="data/cityscapes")
     p.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
     p.add_argument("--work-dir", default="work_dirs/bisenetv1")
-    p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet context path")
+    p.add_argument("--depth", type=int, default=50, choices=sorted(RESNET_LAYOUTS), help="ResNet context path")
     p.add_argument("--num-classes", type=cli.integer(2, 255), help="a check: the class count comes from the dataset (Cityscapes 19, classes.txt)")
     p.add_argument("--dropout", type=cli.real(0, 1, high_open=True), default=0.1, help="before each head's classifier (mmseg)")
     p.add_argument("--batch-size", type=cli.integer(1), default=8, help="images per device")
@@ -118,7 +121,7 @@ def parse_args(argv=None):
 
 
 # -- Schedule and loss ----------------------------------------------------------------------------------------
-def learning_rate(it, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0, warmup="linear", warmup_ratio=0.1):
+def learning_rate(it, *, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0, warmup="linear", warmup_ratio=0.1):
     """mmcv's poly schedule with warmup, at 0-based iteration `it`; bind the numbers with functools.partial."""
     lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
     if it < warmup_iters:
@@ -129,7 +132,7 @@ def learning_rate(it, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0, wa
     return lr
 
 
-def ohem_cross_entropy(logits, labels, thresh):
+def ohem_cross_entropy(logits, labels, *, thresh):
     """CoinCheung's OHEM: mean loss of pixels harder than -log(thresh), at least valid/16 of them."""
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").flatten()
     n_min = int((labels != IGNORE_INDEX).sum()) // 16
@@ -139,7 +142,7 @@ def ohem_cross_entropy(logits, labels, thresh):
     return hard.mean()
 
 
-def cross_entropy(logits, labels, normalise="valid"):
+def cross_entropy(logits, labels, *, normalise="valid"):
     """Mean CE over the labelled pixels (valid), or the sum over them divided by all pixels, ignored ones included
     (all: mmseg's CrossEntropyLoss with avg_non_ignore=False, which scales the loss by the labelled fraction)."""
     if normalise == "valid":
@@ -147,14 +150,14 @@ def cross_entropy(logits, labels, normalise="valid"):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
 
 
-def segmentation_loss(outputs, labels, kind="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
-    """Main head + aux_weight x each aux head; bind the options with functools.partial to get the loss callable."""
+def segmentation_loss(outputs, labels, *, kind="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
+    """Main head + aux_weight x each aux head, on the fp32 logits the heads return (O1's loss in fp32); bind the
+    options with functools.partial to get the loss callable."""
 
     def head_loss(logits):
-        logits = logits.float()  # O1: the loss runs in fp32
         if kind == "ohem":
-            return ohem_cross_entropy(logits, labels, ohem_thresh)
-        return cross_entropy(logits, labels, normalise)
+            return ohem_cross_entropy(logits, labels, thresh=ohem_thresh)
+        return cross_entropy(logits, labels, normalise=normalise)
 
     main, *aux = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in aux)
@@ -168,7 +171,7 @@ class IterationSampler(torch.utils.data.Sampler):
     ranks, drop_last). Augmentation seeds are (seed, iteration, rank, slot): nothing depends on worker processes,
     so a resumed run sees exactly the samples an uninterrupted one would."""
 
-    def __init__(self, size, batch_size, rank, world_size, seed, start, iters):
+    def __init__(self, size, *, batch_size, rank, world_size, seed, start, iters):
         self.per_epoch = size // (batch_size * world_size)
         if self.per_epoch == 0:
             raise cli.UsageError(f"{size} training images cannot fill one batch of {batch_size} x {world_size} devices; lower --batch-size")
@@ -188,7 +191,7 @@ class IterationSampler(torch.utils.data.Sampler):
             yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
 
 
-def training_set(data_root, kind, crop, scale_range, cat_max_ratio):
+def training_set(data_root, kind, *, crop, scale_range, cat_max_ratio):
     dataset = open_dataset(data_root, "train", kind, TrainTransform(crop, scale_range, cat_max_ratio))
     first = dataset.samples[0][0]
     try:
@@ -204,8 +207,8 @@ def training_set(data_root, kind, crop, scale_range, cat_max_ratio):
     return dataset
 
 
-def training_loader(dataset, batch_size, workers, seed, start, iters, runtime):
-    sampler = IterationSampler(len(dataset), batch_size, runtime.rank, runtime.world_size, seed, start, iters)
+def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
+    sampler = IterationSampler(len(dataset), batch_size=batch_size, rank=runtime.rank, world_size=runtime.world_size, seed=seed, start=start, iters=iters)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -229,7 +232,7 @@ def seed_for(seed, diff_seed, rank, iteration):
 CLASSIFIERS = ("head.classifier.", "aux_head16.classifier.", "aux_head32.classifier.")
 
 
-def create_model(runtime, depth, num_classes, dropout, channels_last, load_from=None, pretrained=None, sync_bn=False, log=print):
+def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_from=None, pretrained=None, sync_bn=False, log=print):
     config = model_config(depth, num_classes, dropout=dropout)
     source = None
     if load_from:
@@ -257,7 +260,7 @@ def create_model(runtime, depth, num_classes, dropout, channels_last, load_from=
     return model
 
 
-def create_optimizer(model, lr, momentum, weight_decay, kernel="default"):
+def create_optimizer(model, *, lr, momentum, weight_decay, kernel="default"):
     return devices.sgd(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, kernel=kernel)
 
 
@@ -267,7 +270,7 @@ def data_parallel(model, runtime):
     return nn.parallel.DistributedDataParallel(model, device_ids=runtime.ddp_device_ids, broadcast_buffers=False)
 
 
-def train_step(model, optimizer, scaler, images, labels, loss_fn, autocast):
+def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
     """One SGD step. loss_fn(outputs, labels) -> loss; autocast() -> the precision context (Runtime.autocast)."""
     with autocast():
         outputs = model(images)
@@ -287,45 +290,50 @@ def to_device(batch, runtime, channels_last):
 
 
 # -- The run --------------------------------------------------------------------------------------------------
-class RunLog:
-    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
+class Validation:
+    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics; step() says whether
+    it is a new best. Without a val set (--no-validate) it never runs."""
 
-    def __init__(self, work_dir, enabled):
-        self.enabled, self.file, self.writer = enabled, None, None
-        if enabled:
-            self.file = open(work_dir / "log.jsonl", "a")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, val_set, model, runtime, *, amp, workers, interval, iters, best, run_log):
+        self.val_set, self.model, self.runtime, self.amp, self.workers = val_set, model, runtime, amp, workers
+        self.interval, self.iters, self.best, self.run_log, self.result = interval, iters, best, run_log, None
 
-                self.writer = SummaryWriter(str(work_dir / "tb"))
-            except ImportError:
-                pass
-
-    def message(self, text):
-        if self.enabled:
-            tqdm.write(text)
-
-    def record(self, entry, **scalars):
-        if self.file:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
-        if self.writer:
-            for name, value in scalars.items():
-                self.writer.add_scalar(name, value, entry["iter"])
-
-    def close(self):
-        if self.file:
-            self.file.close()
-        if self.writer:
-            self.writer.close()
+    def step(self, it):
+        if self.val_set is None or ((it + 1) % self.interval and it + 1 != self.iters):
+            return False
+        self.runtime.share_buffers(self.model)
+        self.model.eval()
+        self.result = evaluate(torch_segmenter(self.model, self.runtime, self.amp), self.val_set, self.runtime, workers=self.workers)
+        self.model.train()
+        miou = self.result["mIoU"]
+        improved = self.best is None or miou > self.best
+        self.best = miou if improved else self.best
+        self.run_log.message(f"iter {it + 1}: val mIoU {miou:.2f} (ss whole), best {self.best:.2f}")
+        self.run_log.record({"iter": it + 1, "val_mIoU": miou, "val_mAcc": self.result["mAcc"], "val_aAcc": self.result["aAcc"]}, **{"val/mIoU": miou})
+        return improved
 
 
-def train(args):
-    runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
-    if runtime.is_main:
-        tqdm.write(runtime.device_note)
+def check_step(it, loss, scaler, scale_before, *, static_scale, run_log, work_dir):
+    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a non-finite loss
+    anywhere else, or a scale below 1, ends the run with the last good checkpoint kept."""
+    if scaler.is_enabled() and scaler.get_scale() < scale_before:
+        if static_scale:
+            scaler.update(float(static_scale))
+        scale = scaler.get_scale()
+        run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
+        run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
+        if scale < 1:
+            raise TrainingError(
+                f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
+                f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {last_checkpoint_note(work_dir)}"
+            )
+    elif not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {last_checkpoint_note(work_dir)}")
+
+
+def check_flags(args, runtime):
+    """The flag combinations this runtime cannot train, as one-line errors before anything is loaded."""
     runtime.check_options(compile=args.compile, channels_last=args.channels_last)
-    channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
     if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
         raise cli.UsageError(
             f"--loss-scale {args.loss_scale:g}: this run computes in {runtime.precision(args.amp)}, which has no loss scaling; leave --loss-scale out"
@@ -334,7 +342,30 @@ def train(args):
         raise cli.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
         )
-    dataset = training_set(args.data_root, args.dataset, args.crop, args.scale_range, args.cat_max_ratio)
+
+
+def resume(checkpoint, path, model, optimizer, scaler, *, runtime, info, args, settings, run_log):
+    """(start iteration, best mIoU): 0 and None for a fresh run; a resumed run keeps this command's momentum and
+    weight decay and says which recipe flags differ from its own."""
+    if checkpoint is None:
+        return 0, None
+    start, best = restore(checkpoint, path, model, optimizer, scaler, runtime=runtime, info=info)
+    for group in optimizer.param_groups:
+        group.update(momentum=args.momentum, weight_decay=args.weight_decay)
+    run_log.message(f"resumed from {path.resolve()} at iteration {start}")
+    changes = changed_settings(checkpoint.get("args", {}), settings)
+    if changes:
+        run_log.message(f"warning: resuming with settings that differ from the run's: {changes}")
+    return start, best
+
+
+def train(args):
+    runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
+    if runtime.is_main:
+        tqdm.write(runtime.device_note)
+    check_flags(args, runtime)
+    channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
+    dataset = training_set(args.data_root, args.dataset, crop=args.crop, scale_range=args.scale_range, cat_max_ratio=args.cat_max_ratio)
     info = dataset.info
     if args.num_classes is not None and args.num_classes != info.num_classes:
         raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
@@ -347,20 +378,26 @@ def train(args):
     settings = {**vars(args), "world_size": runtime.world_size}
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(runtime, args.depth, info.num_classes, args.dropout, channels_last, args.load_from, args.pretrained, args.sync_bn, run_log.message)
-    optimizer = create_optimizer(model, args.lr, args.momentum, args.weight_decay, kernel=runtime.sgd_kernel)
+    model = create_model(
+        runtime,
+        depth=args.depth,
+        num_classes=info.num_classes,
+        dropout=args.dropout,
+        channels_last=channels_last,
+        load_from=args.load_from,
+        pretrained=args.pretrained,
+        sync_bn=args.sync_bn,
+        log=run_log.message,
+    )
+    optimizer = create_optimizer(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, kernel=runtime.sgd_kernel)
     scaler = runtime.grad_scaler(args.amp, args.loss_scale)
-    start, best = 0, None
-    if checkpoint is not None:
-        start, best = restore(checkpoint, resumed_from, model, optimizer, scaler, runtime=runtime, info=info)
-        for group in optimizer.param_groups:  # this command's flags, not the optimizer state's (see the warning below)
-            group.update(momentum=args.momentum, weight_decay=args.weight_decay)
-        run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}")
-        changes = changed_settings(checkpoint.get("args", {}), settings)
-        if changes:
-            run_log.message(f"warning: resuming with settings that differ from the run's: {changes}")
-        del checkpoint
-    torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, start))
+    start, best = resume(checkpoint, resumed_from, model, optimizer, scaler, runtime=runtime, info=info, args=args, settings=settings, run_log=run_log)
+    del checkpoint
+
+    def reseed(iteration):
+        torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, iteration))
+
+    reseed(start)
     ddp_model = data_parallel(model, runtime) if runtime.distributed else model
     ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
     loss_fn = functools.partial(segmentation_loss, kind=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
@@ -375,15 +412,31 @@ def train(args):
         warmup_ratio=args.warmup_ratio,
     )
     autocast = functools.partial(runtime.autocast, args.amp)
-    loader = training_loader(dataset, args.batch_size, args.workers, args.seed, start, args.iters, runtime)
-
-    images_per_iter = args.batch_size * runtime.world_size
-    warmup_steps = min(10, max((args.iters - start) // 10, 1))  # not timed: allocator and kernel warm-up
-    timed_images, timed_seconds, data_seconds = 0, 0.0, 0.0
-    result, path, it = None, resumed_from, start
+    loader = training_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed, start=start, iters=args.iters, runtime=runtime)
+    checkpointer = Checkpointer(
+        work_dir,
+        model,
+        optimizer,
+        scaler,
+        settings=settings,
+        dataset=info,
+        interval=args.ckpt_interval,
+        iters=args.iters,
+        keep=args.keep_checkpoints,
+        is_main=runtime.is_main,
+        reseed=reseed,
+        log=run_log.message,
+        path=resumed_from,
+    )
+    validation = Validation(
+        val_set, model, runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters, best=best, run_log=run_log
+    )
+    speed = Speed(images_per_iter=args.batch_size * runtime.world_size, start=start, iters=args.iters)
+    it = start
     ddp_model.train()
     try:
         with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
+            progress = Progress(bar, run_log, interval=args.log_interval, iters=args.iters)
             tick = time.perf_counter()
             for it, batch in enumerate(loader, start):
                 data_time = time.perf_counter() - tick
@@ -392,58 +445,21 @@ def train(args):
                     group["lr"] = lr
                 images, labels = to_device(batch, runtime, channels_last)
                 scale_before = scaler.get_scale()
-                loss = train_step(ddp_model, optimizer, scaler, images, labels, loss_fn, autocast).item()
-                if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                    if args.loss_scale:
-                        scaler.update(float(args.loss_scale))  # static: the step is skipped, the scale stays
-                    scale = scaler.get_scale()
-                    run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
-                    run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
-                    if scale < 1:
-                        raise TrainingError(
-                            f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
-                            f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {kept_checkpoint(work_dir)}"
-                        )
-                elif not math.isfinite(loss):
-                    raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {kept_checkpoint(work_dir)}")
+                loss = train_step(ddp_model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast).item()
+                check_step(it, loss, scaler, scale_before, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
                 step_time = time.perf_counter() - tick
-                if it - start >= warmup_steps:
-                    timed_images, timed_seconds, data_seconds = timed_images + images_per_iter, timed_seconds + step_time, data_seconds + data_time
-                bar.update()
-                done = it + 1 == args.iters
-                if (it + 1) % args.log_interval == 0 or done:
-                    fps = timed_images / timed_seconds if timed_seconds else images_per_iter / step_time
-                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{fps:.1f}")
-                    entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": fps, "data_wait_s": data_time, "step_s": step_time}
-                    run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
-                if val_set is not None and ((it + 1) % args.val_interval == 0 or done):
-                    runtime.share_buffers(model)
-                    model.eval()
-                    result = evaluate(torch_segmenter(model, runtime, args.amp), val_set, runtime, workers=min(args.workers, 2))
-                    model.train()
-                    improved = best is None or result["mIoU"] > best
-                    best = result["mIoU"] if improved else best
-                    run_log.message(f"iter {it + 1}: val mIoU {result['mIoU']:.2f} (ss whole), best {best:.2f}")
-                    run_log.record(
-                        {"iter": it + 1, "val_mIoU": result["mIoU"], "val_mAcc": result["mAcc"], "val_aAcc": result["aAcc"]}, **{"val/mIoU": result["mIoU"]}
-                    )
-                    if improved and runtime.is_main:
-                        save_checkpoint(work_dir / "best.pth", model, optimizer, scaler, iteration=it + 1, best=best, settings=settings, dataset=info)
-                if (it + 1) % args.ckpt_interval == 0 or done:
-                    path = work_dir / f"iter_{it + 1}.pth"
-                    if runtime.is_main:
-                        save_checkpoint(path, model, optimizer, scaler, iteration=it + 1, best=best, settings=settings, dataset=info)
-                        point_latest(work_dir, path)
-                        for old in prune(work_dir, args.keep_checkpoints):
-                            run_log.message(f"removed {old.name} (--keep-checkpoints {args.keep_checkpoints})")
-                    torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, it + 1))
+                speed.step(it, data_time=data_time, step_time=step_time)
+                progress.step(it, loss=loss, lr=lr, speed=speed, data_time=data_time, step_time=step_time)
+                if validation.step(it):
+                    checkpointer.save_best(it, validation.best)
+                checkpointer.step(it, validation.best)
                 tick = time.perf_counter()
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at iteration {it}; {kept_checkpoint(work_dir)} Run the same command with --resume to continue.") from None
+        raise Interrupted(f"interrupted at iteration {it}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.") from None
+    result, best, path = validation.result, validation.best, checkpointer.path
     summary = {
         "iters": args.iters,
-        "train_fps": round(timed_images / timed_seconds, 2) if timed_seconds else None,
-        "data_wait_frac": round(data_seconds / timed_seconds, 3) if timed_seconds else None,
+        **speed.summary(),
         "mIoU": round(result["mIoU"], 2) if result else None,
         "best_mIoU": round(best, 2) if best is not None else None,
         "checkpoint": str(path.resolve()) if path else None,
@@ -466,16 +482,10 @@ def train(args):
 
 def main(argv=None):
     try:
-        train(parse_args(argv))
-    except Interrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(130)
+        cli.main(lambda: train(parse_args(argv)))
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         sys.exit(130)
-    except (cli.UsageError, DataError, CheckpointError, TrainingError, WorkDirError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,89 @@
-import os
+"""What the tests share: the repository root, the synthetic datasets, the model that learned, and the checks of a
+script's last line (its JSON summary, or its one-line error)."""
+
+import contextlib
+import importlib
+import io
+import json
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
-from cityscapes import synthesize
 from convert_labels import convert_dataset
+from synthetic import synthesize_cityscapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def in_process(script, *args):
+    """`python script args` run in this interpreter through the script's main(argv), as a finished process: exit code,
+    stdout, stderr (an uncaught exception is exit code 1 with its traceback, as in a real run). A fresh interpreter
+    costs seconds of `import torch` each; tests that need one (signals, environment, torchrun) start one."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    main = importlib.import_module(Path(script).stem).main
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # noqa: BLE001  (what the interpreter would print before exiting with 1)
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def last_json(stdout):
+    """The JSON line every script ends with."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def one_line_error(result, code=2):
+    """The error line of a finished process that must have failed with `code`, one line and no traceback."""
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    return last
+
+
+def in_process_error(main, argv, capsys, *, allow_warnings=False):
+    """The error line of a script's main(argv) run in this process: exit 2 and exactly one line on stderr (besides
+    `warning:` lines where allowed), without a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = [line for line in err.strip().splitlines() if not (allow_warnings and line.startswith("warning:"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small synthetic Cityscapes with labelTrainIds and split lists. Tests must not modify it."""
     root = tmp_path_factory.mktemp("cityscapes")
-    synthesize(root, train=9, val=4, test=2, height=128, width=256, seed=5)
+    synthesize_cityscapes(root, train=9, val=4, test=2, height=128, width=256, seed=5)
     assert not convert_dataset(root, source="labelIds", progress=False)
     return root
 
 
 @pytest.fixture(scope="session")
 def learned(tmp_path_factory):
-    """R18 trained from scratch for 150 iterations on a synthetic Cityscapes of its own (about a CPU minute):
+    """R18 trained from scratch for 150 iterations on a synthetic Cityscapes of its own (minutes of CPU time):
     (data root, work dir, the finished train.py process). test_train checks the learning, test_deploy exports it."""
     root = tmp_path_factory.mktemp("learned")
-    synthesize(root / "data", train=24, val=6, height=128, width=256, seed=11)
+    synthesize_cityscapes(root / "data", train=24, val=6, height=128, width=256, seed=11)
     convert_dataset(root / "data", source="labelIds", progress=False)
     args = ["--data-root", root / "data", "--work-dir", root / "wd", "--depth", "18", "--batch-size", "8", "--crop", "128x256", "--scale-range", "0.75,1.5"]
     args += ["--iters", "150", "--lr", "0.05", "--warmup-iters", "20", "--val-interval", "50", "--log-interval", "10", "--workers", "1"]
     result = subprocess.run(
         [sys.executable, "train.py", *map(str, args)],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "data", root / "wd", result

@@ -2,14 +2,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import ROOT
 
 import device as devices
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU_O1 = devices.Runtime(torch.device("cpu")).precision("O1")  # what O1 runs on this CPU (tests/test_precision.py)
 
 
@@ -24,7 +23,7 @@ def test_device_defaults_for_o1():
 
 def test_bench_small_measures_every_part_and_ends_with_json():
     """`BENCH_SMALL=1 bash run_1p.sh bench`: steps, end-to-end train.py, torchrun train + resume + evaluate."""
-    env = {**os.environ, "BENCH_SMALL": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "BENCH_SMALL": "1"}
     args = ["--steps", "2", "--warmup", "1", "--e2e-iters", "4", "--workers", "1", "--variants", "default,fp32,foreach-sgd"]
     result = subprocess.run(["bash", "run_1p.sh", "bench", *args], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,7 +52,7 @@ def test_bench_rejects_bad_flags_in_one_line():
 
 def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_path):
     """`BENCH_SMALL=1 bash run_1p.sh bench-infer`: what the GPU issue's one script measures, at CPU sizes."""
-    env = {**os.environ, "BENCH_SMALL": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "BENCH_SMALL": "1"}
     args = ["--steps", "2", "--warmup", "1", "--workers", "1", "--work-dir", str(tmp_path)]
     result = subprocess.run(["bash", "run_1p.sh", "bench-infer", *args], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

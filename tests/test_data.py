@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
+from conftest import ROOT
 from PIL import Image
 
-from cityscapes import IGNORE_INDEX, LABEL_SUFFIX, NUM_CLASSES, PALETTE, CityscapesDataset, DataError, TrainTransform, find_samples, synthesize
+from cityscapes import IGNORE_INDEX, LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples
 from convert_labels import convert_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
+from datasets import DataError, TrainTransform, levels, open_dataset
+from synthetic import synthesize_cityscapes
 
 
 def all_files(root):
@@ -22,12 +23,12 @@ def all_files(root):
 
 
 def test_synthesis_is_byte_identical_for_the_same_seed_in_any_number_of_processes(tmp_path):
-    synthesize(tmp_path / "a", train=3, val=1, height=64, width=128, seed=9)
-    synthesize(tmp_path / "b", train=3, val=1, height=64, width=128, seed=9, nproc=2)
+    synthesize_cityscapes(tmp_path / "a", train=3, val=1, height=64, width=128, seed=9)
+    synthesize_cityscapes(tmp_path / "b", train=3, val=1, height=64, width=128, seed=9, nproc=2)
     files = all_files(tmp_path / "a")
     assert files == all_files(tmp_path / "b") and len(files) == 12
     assert all(filecmp.cmp(tmp_path / "a" / f, tmp_path / "b" / f, shallow=False) for f in files)
-    synthesize(tmp_path / "c", train=3, val=1, height=64, width=128, seed=10)
+    synthesize_cityscapes(tmp_path / "c", train=3, val=1, height=64, width=128, seed=10)
     assert not filecmp.cmp(tmp_path / "a" / files[-1], tmp_path / "c" / files[-1], shallow=False)
 
 
@@ -44,7 +45,7 @@ def test_synthetic_layout_and_json_are_cityscapes(synthetic_root):
 
 
 def test_both_conversion_sources_equal_cityscapesscripts_byte_for_byte(tmp_path):
-    synthesize(tmp_path / "poly", train=4, val=2, test=1, height=96, width=192, seed=1)
+    synthesize_cityscapes(tmp_path / "poly", train=4, val=2, test=1, height=96, width=192, seed=1)
     shutil.copytree(tmp_path / "poly", tmp_path / "lut")
     assert not convert_dataset(tmp_path / "poly", source="polygons", nproc=2, progress=False)
     assert not convert_dataset(tmp_path / "lut", source="labelIds", progress=False)
@@ -60,7 +61,7 @@ def test_both_conversion_sources_equal_cityscapesscripts_byte_for_byte(tmp_path)
 
 
 def test_conversion_skips_done_files_and_reports_broken_ones(tmp_path):
-    synthesize(tmp_path, train=3, val=0, height=64, width=128, seed=2)
+    synthesize_cityscapes(tmp_path, train=3, val=0, height=64, width=128, seed=2)
     broken = sorted(tmp_path.glob("gtFine/train/*/*_gtFine_labelIds.png"))[0]
     broken.write_bytes(b"garbage")
     result = subprocess.run([sys.executable, "convert_labels.py", str(tmp_path), "--source", "labelIds"], cwd=ROOT, capture_output=True, text=True)
@@ -87,7 +88,7 @@ def test_dataset_finds_the_pairs_and_list_file_agrees_with_scan(synthetic_root, 
     assert len(listed) == 4
     for image, label in listed:
         assert label.name == image.name.replace("_leftImg8bit.png", LABEL_SUFFIX)
-    dataset = CityscapesDataset(synthetic_root, "train")
+    dataset = open_dataset(synthetic_root, "train", "cityscapes")
     seen = set()
     for i in range(len(dataset)):
         sample = dataset[i]
@@ -214,7 +215,7 @@ def make_broken(root, tmp_path, what):
 def test_bad_files_raise_one_line_errors_naming_the_file(synthetic_root, tmp_path, what, message):
     broken, path = make_broken(synthetic_root, tmp_path, what)
     with pytest.raises(DataError) as error:
-        dataset = CityscapesDataset(broken, "train")
+        dataset = open_dataset(broken, "train", "cityscapes")
         for i in range(len(dataset)):
             dataset[i]
     assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
@@ -237,11 +238,10 @@ def test_worker_errors_reach_the_user_as_one_line(synthetic_root, tmp_path):
     assert last.startswith("error: ") and str(label) in last and "Traceback" not in result.stderr
 
 
-def test_photometric_affine_equals_mmseg_float_formula():
-    from cityscapes import affine
+def test_photometric_levels_equal_mmseg_float_formula():
 
     image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     for alpha, beta in ((1.0, -31.7), (1.0, 20.2), (1.43, 0.0), (0.51, 0.0)):
         expected = np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-        assert np.array_equal(affine(image, alpha, beta), expected)
-        assert np.array_equal(affine(np.ascontiguousarray(image[..., 1]), alpha, beta), expected[..., 1])
+        assert np.array_equal(levels(image, alpha, beta), expected)
+        assert np.array_equal(levels(np.ascontiguousarray(image[..., 1]), alpha, beta), expected[..., 1])

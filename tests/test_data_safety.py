@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import in_process_error
 from PIL import Image
 from reference_models import MmsegBiSeNetV1
 
@@ -20,10 +21,9 @@ import convert_labels
 import datasets
 import evaluate
 import export
+import synthetic
 from bisenet import build_model, model_config
 from video import segment_video
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def digest(*paths):
@@ -36,16 +36,6 @@ def hidden_files(folder):
     return sorted(p.name for p in Path(folder).rglob(".*"))
 
 
-def one_line_error(main, argv, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 def summary(main, argv, capsys):
     main([str(a) for a in argv])
     out = capsys.readouterr().out
@@ -56,7 +46,7 @@ def summary(main, argv, capsys):
 def my7(tmp_path_factory):
     """The issue's setup: a 7-class dataset in mmseg's layout (val in two scene folders) and a 7-class checkpoint
     that describes its classes."""
-    root = datasets.synthesize(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
+    root = synthetic.synthesize_folder(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
     torch.manual_seed(0)
     model = build_model(model_config(18, 7))
     info = datasets.folder_info(root)
@@ -87,7 +77,7 @@ def test_predictions_keep_their_folders_and_extensions_and_never_collide(my7, tm
 
     previous = digest(out)
     for target in (photos, photos / "cam1", out):  # among the inputs, or over an earlier run's files
-        error = one_line_error(evaluate.main, ["--ckpt", ckpt, "--images", photos, "--out-dir", target, "--workers", "0"], capsys)
+        error = in_process_error(evaluate.main, ["--ckpt", ckpt, "--images", photos, "--out-dir", target, "--workers", "0"], capsys, allow_warnings=True)
         assert "inside the input folder" in error or "exists" in error, error
     assert digest(photos) == before and digest(out) == previous
 
@@ -114,15 +104,15 @@ def test_nested_dataset_images_of_one_name_get_one_prediction_each(my7, tmp_path
 def test_synthesize_never_writes_into_an_existing_dataset(my7, tmp_path, capsys):
     data = copy_of(my7[0], tmp_path, "mydata")
     before = digest(data)
-    error = one_line_error(datasets.main, ["synthesize", data, "--classes", "5"], capsys)
+    error = in_process_error(synthetic.main, ["folder", data, "--classes", "5"], capsys, allow_warnings=True)
     assert error == f"error: {data} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)"
     with pytest.raises(datasets.DataError, match="already exists and is not empty"):
-        cityscapes.synthesize(data, train=1, val=0, height=64, width=128)
+        synthetic.synthesize_cityscapes(data, train=1, val=0, height=64, width=128)
     assert digest(data) == before
 
 
 def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_path):
-    root = cityscapes.synthesize(tmp_path / "cs", train=2, val=2, height=64, width=128, seed=1)
+    root = synthetic.synthesize_cityscapes(tmp_path / "cs", train=2, val=2, height=64, width=128, seed=1)
     lists = {}
     for split in ("train", "val"):
         images = sorted((root / "leftImg8bit" / split).rglob(f"*{cityscapes.IMAGE_SUFFIX}"))
@@ -135,7 +125,7 @@ def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_pat
     before = digest(root / "train.txt", root / "val.txt")
     assert not convert_labels.convert_dataset(root, source="labelIds", progress=False)
     assert digest(root / "train.txt", root / "val.txt") == before
-    dataset = cityscapes.open_dataset(root, "val")
+    dataset = datasets.open_dataset(root, "val")
     assert [f"{image.relative_to(root)},{label.relative_to(root)}" for image, label in dataset.samples] == list(reversed(lists["val"]))
     assert dataset[0]["label"].shape == (64, 128) and not hidden_files(root)
 
@@ -187,7 +177,7 @@ def test_a_truncated_or_odd_sized_video_says_so(tmp_path):
 def test_video_refuses_images_and_out_dir_it_would_ignore(my7, tmp_path, capsys):
     video = write_video(tmp_path / "v.avi", 2)
     for extra in (["--images", tmp_path], ["--out-dir", tmp_path / "o"]):
-        error = one_line_error(evaluate.main, ["--ckpt", my7[1], "--video", video, *extra], capsys)
+        error = in_process_error(evaluate.main, ["--ckpt", my7[1], "--video", video, *extra], capsys, allow_warnings=True)
         assert "not used with --video" in error
 
 
@@ -200,12 +190,16 @@ def test_export_never_replaces_a_model_and_leaves_nothing_hidden(my7, tmp_path, 
     assert result["onnx"] == str(folder / "m7.onnx")
     assert sorted(p.name for p in folder.iterdir()) == ["m7.onnx"]  # no .data beside it, no temp file
     before = digest(folder)
-    assert "m7.onnx exists" in one_line_error(export.main, ["--ckpt", ckpt, "--out", folder / "m7.onnx", "--size", "64x128"], capsys)
+    assert "m7.onnx exists" in in_process_error(export.main, ["--ckpt", ckpt, "--out", folder / "m7.onnx", "--size", "64x128"], capsys, allow_warnings=True)
     (folder / "ov.bin").write_bytes(b"a user's weights")
     before = digest(folder)
-    assert "ov.bin exists" in one_line_error(export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", folder / "ov.xml", "--size", "64x128"], capsys)
+    assert "ov.bin exists" in in_process_error(
+        export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", folder / "ov.xml", "--size", "64x128"], capsys, allow_warnings=True
+    )
     for size in ("1x1", "100000x100000"):
-        assert "each side must be 32 to 8192" in one_line_error(export.main, ["--ckpt", ckpt, "--out", folder / "x.onnx", "--dynamic", "--size", size], capsys)
+        assert "each side must be 32 to 8192" in in_process_error(
+            export.main, ["--ckpt", ckpt, "--out", folder / "x.onnx", "--dynamic", "--size", size], capsys, allow_warnings=True
+        )
     assert digest(folder) == before
 
 
@@ -215,17 +209,21 @@ def test_openvino_export_writes_the_pair_and_refuses_int8_without_images(my7, tm
     summary(export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", out, "--size", "64x128"], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m7.bin", "m7.xml"]
     before = digest(tmp_path)
-    assert "m7.xml exists" in one_line_error(export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", out, "--size", "64x128"], capsys)
+    assert "m7.xml exists" in in_process_error(
+        export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", out, "--size", "64x128"], capsys, allow_warnings=True
+    )
     empty = copy_of(root, tmp_path / "calib")
     shutil.rmtree(empty / "img_dir" / "train")
     (empty / "img_dir" / "train").mkdir()
     args = ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "int8.xml", "--int8", "--calib-data", empty]
-    assert "has no images to calibrate int8 on" in one_line_error(export.main, args, capsys)
+    assert "has no images to calibrate int8 on" in in_process_error(export.main, args, capsys, allow_warnings=True)
     assert not (tmp_path / "int8.xml").exists() and not (tmp_path / "int8.bin").exists()
     assert {k: v for k, v in digest(tmp_path).items() if "/calib/" not in k} == before and not hidden_files(tmp_path)
     lone = tmp_path / "lone.xml"
     shutil.copy(out, lone)  # an .xml whose .bin was not copied with it
-    error = one_line_error(evaluate.main, ["--model", lone, "--images", tmp_path / "calib" / "data" / "img_dir" / "val", "--out-dir", tmp_path / "p"], capsys)
+    error = in_process_error(
+        evaluate.main, ["--model", lone, "--images", tmp_path / "calib" / "data" / "img_dir" / "val", "--out-dir", tmp_path / "p"], capsys, allow_warnings=True
+    )
     assert "not a readable .xml model" in error and "Exception from" not in error and "bin" in error.split("(", 1)[1], error
 
 
@@ -235,7 +233,7 @@ def scored(ckpt, data, capsys):
 
 
 def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
-    data = datasets.synthesize(tmp_path / "masks", classes=2, train=2, val=3, height=64, width=128, seed=5)
+    data = synthetic.synthesize_folder(tmp_path / "masks", classes=2, train=2, val=3, height=64, width=128, seed=5)
     for label in (data / "ann_dir").rglob("*.png"):  # plain masks: 0 background, 1 object, nothing ignored
         mask = np.array(Image.open(label))
         Image.fromarray(np.where(mask == 255, 0, mask).astype(np.uint8)).save(label)
@@ -311,12 +309,14 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
     torch.save({"model_config": coco.config, "model": coco.state_dict()}, bare)
     result = summary(evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "coco", "--workers", "0"], capsys)
     assert result["images"] == 1 and result["dataset"] == "unnamed classes"
-    assert "no submission ids" in one_line_error(
-        evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "x", "--format", "labelIds"], capsys
+    assert "no submission ids" in in_process_error(
+        evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "x", "--format", "labelIds"], capsys, allow_warnings=True
     )
     broken = tmp_path / "broken.pth"
     torch.save({"model_config": coco.config, "model": coco.state_dict(), "dataset": {"class_names": 5}}, broken)
-    assert "its dataset description is malformed" in one_line_error(evaluate.main, ["--ckpt", broken, "--images", images, "--out-dir", tmp_path / "y"], capsys)
+    assert "its dataset description is malformed" in in_process_error(
+        evaluate.main, ["--ckpt", broken, "--images", images, "--out-dir", tmp_path / "y"], capsys, allow_warnings=True
+    )
 
 
 # -- 11. classes.txt ------------------------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
 def test_malformed_classes_txt_is_named_by_line(my7, tmp_path, capsys, text, message):
     data = copy_of(my7[0], tmp_path)
     (data / "classes.txt").write_text(text)
-    error = one_line_error(evaluate.main, ["--ckpt", my7[1], "--data-root", data, "--workers", "0"], capsys)
+    error = in_process_error(evaluate.main, ["--ckpt", my7[1], "--data-root", data, "--workers", "0"], capsys, allow_warnings=True)
     assert f"{data / 'classes.txt'} line" in error and message in error, error
 
 
@@ -368,18 +368,18 @@ def test_symlinked_sub_folders_are_followed_once(my7, tmp_path, capsys):
 # -- 13, 15. wrong numbers ------------------------------------------------------------------------------------
 def test_slide_stride_beyond_the_crop_and_tiny_scales_are_refused(my7, capsys):
     args = ["--ckpt", my7[1], "--data-root", my7[0]]
-    assert "--stride: 96x96 is larger than --crop 64x64" in one_line_error(
-        evaluate.main, [*args, "--mode", "slide", "--crop", "64x64", "--stride", "96x96"], capsys
+    assert "--stride: 96x96 is larger than --crop 64x64" in in_process_error(
+        evaluate.main, [*args, "--mode", "slide", "--crop", "64x64", "--stride", "96x96"], capsys, allow_warnings=True
     )
-    assert "each scale must be 0.125 to 8" in one_line_error(evaluate.main, [*args, "--scales", "0.001"], capsys)
+    assert "each scale must be 0.125 to 8" in in_process_error(evaluate.main, [*args, "--scales", "0.001"], capsys, allow_warnings=True)
 
 
 def test_unlabelled_splits_repeats_and_nan_scores(my7, tmp_path, capsys):
     root, ckpt = my7
-    assert "--split test: " in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--split", "test"], capsys)
-    listed = datasets.synthesize(tmp_path / "listed", classes=7, train=2, val=2, layout="list", seed=2)
+    assert "--split test: " in in_process_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--split", "test"], capsys, allow_warnings=True)
+    listed = synthetic.synthesize_folder(tmp_path / "listed", classes=7, train=2, val=2, layout="list", seed=2)
     (listed / "val.txt").write_text((listed / "val.txt").read_text() * 2)
-    assert "val.txt line 3 repeats line 1" in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", listed], capsys)
+    assert "val.txt line 3 repeats line 1" in in_process_error(evaluate.main, ["--ckpt", ckpt, "--data-root", listed], capsys, allow_warnings=True)
     ignored = copy_of(root, tmp_path)
     for label in (ignored / "ann_dir" / "val").rglob("*.png"):
         png = Image.open(label)
@@ -401,17 +401,21 @@ def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, 
     other = copy_of(root, tmp_path, "other")
     (other / "classes.txt").write_text("".join(f"animal{k}\n" for k in range(7)))
     before = digest(tmp_path / "wd")
-    error = one_line_error(train.main, ["--data-root", other, "--work-dir", tmp_path / "wd", *small, "--iters", "2", "--resume"], capsys)
+    error = in_process_error(train.main, ["--data-root", other, "--work-dir", tmp_path / "wd", *small, "--iters", "2", "--resume"], capsys, allow_warnings=True)
     assert "a run on other classes (class 0 was 'class0', the data's is 'animal0')" in error
     checkpoints = lambda state: {k: v for k, v in state.items() if k.endswith(".pth")}  # noqa: E731  (the lock and log are the run's own)
     assert checkpoints(digest(tmp_path / "wd")) == checkpoints(before) and len(checkpoints(before)) == 2  # iter_1.pth and latest.pth
-    error = one_line_error(train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small, "--depth", "50", "--iters", "2", "--resume"], capsys)
+    error = in_process_error(
+        train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small, "--depth", "50", "--iters", "2", "--resume"], capsys, allow_warnings=True
+    )
     assert "another model configuration (depth 18 -> 50" in error
     evaluate.main([str(a) for a in ["--ckpt", ckpt, "--data-root", other, "--workers", "0"]])
     assert "warning: the model's classes are not the data's (class 0: 'class0' in the model, 'animal0'" in capsys.readouterr().err
-    cs = cityscapes.synthesize(tmp_path / "cs", train=1, val=1, height=64, width=128)
+    cs = synthetic.synthesize_cityscapes(tmp_path / "cs", train=1, val=1, height=64, width=128)
     (cs / "classes.txt").write_text("a\nb\n")
-    assert "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes" in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", cs], capsys)
+    assert "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes" in in_process_error(
+        evaluate.main, ["--ckpt", ckpt, "--data-root", cs], capsys, allow_warnings=True
+    )
 
 
 # -- 16, 17. tracebacks and unclear messages ------------------------------------------------------------------
@@ -421,26 +425,30 @@ def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
     summary(export.main, ["--ckpt", ckpt, "--out", onnx, "--size", "64x128"], capsys)
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(onnx.read_bytes()[:5000])
-    assert "not a readable .onnx model" in one_line_error(evaluate.main, ["--model", truncated, "--data-root", root], capsys)
+    assert "not a readable .onnx model" in in_process_error(evaluate.main, ["--model", truncated, "--data-root", root], capsys, allow_warnings=True)
     (tmp_path / "empty.onnx").write_bytes(b"")
-    assert "the file is empty" in one_line_error(evaluate.main, ["--model", tmp_path / "empty.onnx", "--data-root", root], capsys)
+    assert "the file is empty" in in_process_error(evaluate.main, ["--model", tmp_path / "empty.onnx", "--data-root", root], capsys, allow_warnings=True)
     for flag, script in (("--ckpt", evaluate.main), ("--load-from", None)):
         if script is None:
             import train
 
-            error = one_line_error(
+            error = in_process_error(
                 train.main,
                 ["--data-root", root, "--work-dir", tmp_path / "wd", "--load-from", onnx, "--iters", "1", "--crop", "64x128", "--workers", "0"],
                 capsys,
+                allow_warnings=True,
             )
         else:
-            error = one_line_error(script, [flag, onnx, "--data-root", root], capsys)
+            error = in_process_error(script, [flag, onnx, "--data-root", root], capsys, allow_warnings=True)
         assert "an exported model, not a PyTorch checkpoint" in error and "--model" in error and "weights_only" not in error
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert "--out-dir" in one_line_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--out-dir", blocker / "sub"], capsys)
-    assert "is a file; pass the data root" in one_line_error(
-        export.main, ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "q.xml", "--int8", "--calib-data", root / "classes.txt"], capsys
+    assert "--out-dir" in in_process_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--out-dir", blocker / "sub"], capsys, allow_warnings=True)
+    assert "is a file; pass the data root" in in_process_error(
+        export.main,
+        ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "q.xml", "--int8", "--calib-data", root / "classes.txt"],
+        capsys,
+        allow_warnings=True,
     )
     folder_named_png = copy_of(root, tmp_path, "odd")
     (folder_named_png / "img_dir" / "val" / "scene0" / "x.jpg").mkdir()

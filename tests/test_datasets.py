@@ -11,25 +11,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, in_process, last_json, one_line_error
 from PIL import Image
-from test_train import ROOT, summary_line
 
 import datasets
+import synthetic
 from bisenet import build_model, model_config
-from cityscapes import CITYSCAPES, open_dataset
-from datasets import CAMVID, DataError, read_classes, read_label
+from datasets import CAMVID, CITYSCAPES, DataError, open_dataset, read_classes, read_label
 
 TINY = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1", "--warmup-iters", "0", "--lr", "0.02"]
 
 
 def run(script, *args):
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def last_error(result):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    return result.stderr.strip().splitlines()[-1]
+    return in_process(script, *args)
 
 
 def test_classes_file_names_colours_and_default_palette(tmp_path):
@@ -66,7 +60,7 @@ def test_palette_png_labels_are_read_as_indices_and_camvid_void_is_ignored(tmp_p
 
 @pytest.mark.parametrize("layout, classes", [("mmseg", 7), ("list", 40), ("camvid", 11)])
 def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(tmp_path, layout, classes):
-    root = datasets.synthesize(tmp_path / "data", classes=classes, train=6, val=2, layout=layout, seed=3)
+    root = synthetic.synthesize_folder(tmp_path / "data", classes=classes, train=6, val=2, layout=layout, seed=3)
     dataset = open_dataset(root, "val")
     assert dataset.info.num_classes == classes and len(dataset) == 2
     trained = run("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "3", "--val-interval", "3", "--ckpt-interval", "3")
@@ -77,7 +71,7 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(tmp_p
 
     evaluated = run("evaluate.py", "--ckpt", tmp_path / "wd" / "latest.pth", "--data-root", root)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    summary = summary_line(evaluated.stdout)
+    summary = last_json(evaluated.stdout)
     assert list(summary["per_class"]) == list(dataset.info.class_names) and summary["dataset"] == dataset.info.name
     assert f"{dataset.info.class_names[-1]:>15} | " in evaluated.stdout  # the table names this dataset's classes
 
@@ -97,15 +91,15 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(tmp_p
 
 
 def test_bad_labels_and_class_mismatches_are_one_line_errors(tmp_path, synthetic_root):
-    root = datasets.synthesize(tmp_path / "data", classes=7, train=4, val=2, layout="list", seed=4)
+    root = synthetic.synthesize_folder(tmp_path / "data", classes=7, train=4, val=2, layout="list", seed=4)
     bad = root / "labels" / "train_0001.png"
     Image.fromarray(np.full((128, 256), 9, np.uint8)).save(bad)
-    last = last_error(run("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "4", "--no-validate"))
+    last = one_line_error(run("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "4", "--no-validate"))
     assert str(bad) in last and "label values [9] are not classes of data (0..6 or 255 = ignore)" in last
 
     cityscapes_model = build_model(model_config(18))  # 19 classes, saved as a checkpoint of before datasets were saved
     torch.save({"model_config": cityscapes_model.config, "model": cityscapes_model.state_dict()}, tmp_path / "city.pth")
-    last = last_error(run("evaluate.py", "--ckpt", tmp_path / "city.pth", "--data-root", root))
+    last = one_line_error(run("evaluate.py", "--ckpt", tmp_path / "city.pth", "--data-root", root))
     assert "a model of 19 classes, but" in last and "has 7" in last
 
     # ... but it is a good start for fine-tuning: the backbone is kept, the classifiers start anew
@@ -124,7 +118,7 @@ def test_an_old_checkpoint_is_a_cityscapes_one(tmp_path, synthetic_root):
     torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "old.pth")
     result = run("evaluate.py", "--ckpt", tmp_path / "old.pth", "--data-root", synthetic_root, "--amp", "O0")
     assert result.returncode == 0, result.stderr[-3000:]
-    summary = summary_line(result.stdout)
+    summary = last_json(result.stdout)
     assert summary["dataset"] == "cityscapes" and list(summary["per_class"]) == list(CITYSCAPES.class_names)
 
 
@@ -146,8 +140,8 @@ def test_readme_walkthrough_runs_as_written(tmp_path):
             cwd=project,
             capture_output=True,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
+            env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"},
         )
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
     assert len(list((project / "work_dirs" / "mydata" / "predictions").rglob("*_overlay.png"))) == 4
-    assert summary_line(result.stdout)["out_dir"] == "work_dirs/mydata/predictions"
+    assert last_json(result.stdout)["out_dir"] == "work_dirs/mydata/predictions"

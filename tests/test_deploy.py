@@ -5,16 +5,15 @@ runtimes' one-line errors."""
 import json
 import os
 import stat
-import subprocess
 import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import in_process, last_json, one_line_error
 from PIL import Image
-from test_evaluate import last_json, run
-from test_train import ROOT
+from test_evaluate import run
 
 import evaluate
 import export
@@ -25,7 +24,7 @@ from deploy import read_metadata, to_openvino
 openvino = pytest.importorskip("openvino", reason="OpenVINO is optional here; CI installs it (pip install openvino nncf)")
 
 
-def in_process(main, argv, capsys):
+def summary_of(main, argv, capsys):
     main([str(a) for a in argv])
     return last_json(capsys.readouterr().out)
 
@@ -53,7 +52,7 @@ def exported(trained, synthetic_root, tmp_path_factory):
 
 
 def scored(capsys, synthetic_root, out_dir, *model):
-    return in_process(evaluate.main, [*model, "--data-root", synthetic_root, "--workers", "0", "--out-dir", out_dir, "--format", "trainIds"], capsys)
+    return summary_of(evaluate.main, [*model, "--data-root", synthetic_root, "--workers", "0", "--out-dir", out_dir, "--format", "trainIds"], capsys)
 
 
 def class_maps(folder):
@@ -92,7 +91,7 @@ def test_exported_models_score_like_their_checkpoint(exported, trained, syntheti
 
 def test_onnx_model_is_evaluated_like_its_checkpoint(trained, synthetic_root, tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (pip install -r requirements-dev.txt)")
-    in_process(export.main, ["--ckpt", trained, "--out", tmp_path / "m.onnx", "--size", "128x256", "--dynamic"], capsys)
+    summary_of(export.main, ["--ckpt", trained, "--out", tmp_path / "m.onnx", "--size", "128x256", "--dynamic"], capsys)
     reference = scored(capsys, synthetic_root, tmp_path / "ckpt", "--ckpt", trained, "--amp", "O0")
     onnx = scored(capsys, synthetic_root, tmp_path / "onnx", "--model", tmp_path / "m.onnx")
     assert onnx["precision"] == "ONNX Runtime fp32" and abs(onnx["mIoU"] - reference["mIoU"]) < 0.05
@@ -101,11 +100,11 @@ def test_onnx_model_is_evaluated_like_its_checkpoint(trained, synthetic_root, tm
 
 def test_deployed_benchmark_and_images(exported, trained, synthetic_root, tmp_path, capsys):
     folder, _, _ = exported
-    result = in_process(evaluate.main, ["--model", folder / "int8.xml", "--benchmark", "--size", "64x128", "--runs", "2", "--warmup", "1"], capsys)
+    result = summary_of(evaluate.main, ["--model", folder / "int8.xml", "--benchmark", "--size", "64x128", "--runs", "2", "--warmup", "1"], capsys)
     assert result["baseline"] == f"eager fp32 of {trained}" and result["speedup"] > 0 and result["size"] == "64x128"
     assert result["precision"].startswith("OpenVINO int8")
     images = sorted((synthetic_root / "leftImg8bit" / "val").rglob("*.png"))[:2]
-    in_process(evaluate.main, ["--model", folder / "fp32.xml", "--images", images[0].parent, "--out-dir", tmp_path / "color"], capsys)
+    summary_of(evaluate.main, ["--model", folder / "fp32.xml", "--images", images[0].parent, "--out-dir", tmp_path / "color"], capsys)
     written = sorted((tmp_path / "color").glob("*_color.png"))
     assert len(written) == len(list(images[0].parent.glob("*.png")))
     colours = np.concatenate([np.array(Image.open(p)).reshape(-1, 3) for p in written])
@@ -132,7 +131,7 @@ def test_video_overlay_keeps_frames_size_and_rate_and_carries_the_palette(export
     images = sorted((synthetic_root / "leftImg8bit" / "val").rglob("*.png"))
     write_video(tmp_path / "in.mp4", [cv2.imread(str(p)) for p in images], fps=12)
     model = ["--ckpt", trained] if source == "ckpt" else ["--model", exported[0] / "int8.xml"]
-    summary = in_process(evaluate.main, [*model, "--video", tmp_path / "in.mp4", "--out", tmp_path / "out.mp4"], capsys)
+    summary = summary_of(evaluate.main, [*model, "--video", tmp_path / "in.mp4", "--out", tmp_path / "out.mp4"], capsys)
     assert summary["frames"] == 6 and summary["size"] == "128x256" and summary["input_fps"] == 12 and summary["effective_fps"] > 0
     frames_in, _ = read_video(tmp_path / "in.mp4")  # what the tool decoded
     frames_out, fps = read_video(tmp_path / "out.mp4")
@@ -151,19 +150,15 @@ def test_video_overlay_keeps_frames_size_and_rate_and_carries_the_palette(export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]  # no temp file left
 
 
-def one_line_error(argv_code):
-    result = subprocess.run([sys.executable, "-c", argv_code], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return result.stderr.strip().splitlines()[-1]
-
-
-def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, synthetic_root, tmp_path):
+def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, synthetic_root, tmp_path, monkeypatch):
     folder, _, _ = exported
-    hide = "import sys; sys.modules['openvino'] = sys.modules['nncf'] = None; "  # as if not installed
-    line = one_line_error(hide + f"import evaluate; evaluate.main(['--model', '{folder / 'int8.xml'}', '--data-root', '{synthetic_root}'])")
-    assert line.startswith("error: ") and line.endswith("pip install openvino nncf")
-    line = one_line_error(hide + f"import export; export.main(['--ckpt', '{trained}', '--format', 'openvino', '--out', '{tmp_path / 'm.xml'}'])")
-    assert line.endswith("pip install openvino nncf") and not (tmp_path / "m.xml").exists()
+    with monkeypatch.context() as hidden:
+        hidden.setitem(sys.modules, "openvino", None)  # as if not installed: importing it raises ImportError
+        hidden.setitem(sys.modules, "nncf", None)
+        line = one_line_error(in_process("evaluate.py", "--model", folder / "int8.xml", "--data-root", synthetic_root))
+        assert line.startswith("error: ") and line.endswith("pip install openvino nncf")
+        line = one_line_error(in_process("export.py", "--ckpt", trained, "--format", "openvino", "--out", tmp_path / "m.xml"))
+        assert line.endswith("pip install openvino nncf") and not (tmp_path / "m.xml").exists()
     (tmp_path / "taken.mp4").write_bytes(b"the user's")
     (tmp_path / "ir").mkdir()
     openvino.save_model(to_openvino(load_model(trained)), tmp_path / "ir" / "anonymous.xml")  # an IR without our description
@@ -179,6 +174,6 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, s
         "cannot open it": ["evaluate.py", "--model", folder / "int8.xml", "--video", tmp_path / "missing.mp4", "--out", tmp_path / "o.mp4"],
     }
     for expected, argv in calls.items():
-        line = one_line_error(f"import sys, runpy; sys.argv = {[str(a) for a in argv]}; runpy.run_path(sys.argv[0], run_name='__main__')")
+        line = one_line_error(in_process(*argv))
         assert expected in line, (expected, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ir", "taken.mp4"] and (tmp_path / "taken.mp4").read_bytes() == b"the user's"

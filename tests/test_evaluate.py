@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import subprocess
@@ -8,16 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, in_process, last_json
 from PIL import Image
 from reference_models import randomize_batchnorm
 
 import device as devices
+from benchmark import free_port
 from bisenet import build_model, model_config
-from cityscapes import PALETTE, TRAINID_TO_LABELID, synthesize
+from cityscapes import PALETTE, TRAINID_TO_LABELID
 from convert_labels import convert_dataset
 from evaluate import Inference, confusion_matrix, metrics, predict
-
-ROOT = Path(__file__).resolve().parents[1]
+from synthetic import synthesize_cityscapes
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,10 @@ def checkpoint(tmp_path_factory, model):
     return path
 
 
-def run(script, *args, env=None):
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env)
+def run(script, *args):
+    result = in_process(script, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
-
-
-def last_json(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @torch.no_grad()
@@ -136,11 +132,11 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root
 
 def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
     root = tmp_path / "data"
-    synthesize(root, train=0, val=3, height=64, width=128, seed=3)  # 3 images on 2 ranks: uneven shards
+    synthesize_cityscapes(root, train=0, val=3, height=64, width=128, seed=3)  # 3 images on 2 ranks: uneven shards
     convert_dataset(root, source="labelIds", progress=False)
     single = last_json(run("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", "O0", "--workers", "0"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", "evaluate.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "evaluate.py"]
     cmd += ["--ckpt", str(checkpoint), "--data-root", str(root), "--amp", "O0", "--workers", "0"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ROOT
 from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
 
 from bisenet import (
@@ -19,8 +20,6 @@ from bisenet import (
     load_model,
     model_config,
 )
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def r18(**kw):

@@ -7,16 +7,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 import device as devices
 from bisenet import build_model, model_config
 from train import segmentation_loss, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 STAND_IN = ROOT / "tests" / "npu_stand_in"
 
 
@@ -86,25 +85,36 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
         kernel = device.Runtime(torch.device("npu", 0)).sgd_kernel
         torch.manual_seed(0)
         model = build_model(model_config(18, 4, dropout=0.0)).train()
-        optimizer = create_optimizer(model, 0.01, 0.9, 5e-4, kernel=kernel)
+        optimizer = create_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel)
         images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for _ in range(2):
-            train_step(model, optimizer, scaler, images, labels, segmentation_loss, lambda: torch.autocast("cpu", enabled=False))
+            train_step(model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss, autocast=lambda: torch.autocast("cpu", enabled=False))
         torch.save(model.state_dict(), {saved!r})
         print(json.dumps([kernel, type(optimizer).__name__]))
         """
     )
     assert result == ["npu-fused", "NpuFusedSGD"]
     fused = torch.load(tmp_path / "fused.pt", weights_only=True)
-    torch.manual_seed(0)
-    model = build_model(model_config(18, 4, dropout=0.0)).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
-    for _ in range(2):
-        train_step(
-            model, optimizer, torch.amp.GradScaler("cpu", enabled=False), images, labels, segmentation_loss, lambda: torch.autocast("cpu", enabled=False)
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the child: another thread count sums the convolutions in another order
+    try:
+        torch.manual_seed(0)
+        model = build_model(model_config(18, 4, dropout=0.0)).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
+        for _ in range(2):
+            train_step(
+                model,
+                optimizer,
+                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                images=images,
+                labels=labels,
+                loss_fn=segmentation_loss,
+                autocast=lambda: torch.autocast("cpu", enabled=False),
+            )
+    finally:
+        torch.set_num_threads(threads)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(fused[name], value, msg=name)
     without = on_ascend_host(

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import ROOT, SMALL, run_train, summary_line
+from conftest import ROOT, in_process_error, last_json, one_line_error
+from test_train import SMALL, run_train
 
 import evaluate
 import export
 import train
+from benchmark import free_port
 from bisenet import build_model, model_config
 
 QUICK = [*SMALL, "--no-validate", "--warmup-iters", "0", "--lr", "0.01"]
@@ -29,14 +31,6 @@ def hashes(work_dir):
 
 def temp_files(work_dir):
     return sorted(p.name for p in Path(work_dir).glob(".*.tmp"))
-
-
-def one_line_error(result, code=2):
-    assert result.returncode == code, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-3000:]
-    return last
 
 
 def in_small_filesystem(mount_point, size_mb, command, read_only=False):
@@ -266,16 +260,6 @@ def test_keep_checkpoints_prunes_the_oldest(synthetic_root, tmp_path):
 
 
 # 5. one line for every bad input -----------------------------------------------------------------------------
-def in_process_error(main, argv, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -366,7 +350,7 @@ def test_bad_runs_give_one_line(capsys, synthetic_root, tmp_path, monkeypatch):
     last = in_process_error(train.main, ["--data-root", str(broken), *QUICK, "--work-dir", str(tmp_path / "wd2")], capsys)
     assert f"{first}: unreadable image" in last
 
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29581", "DIST_BACKEND": "bogus"}.items():
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "DIST_BACKEND": "bogus"}.items():
         monkeypatch.setenv(name, value)
     last = in_process_error(train.main, [*base, "--work-dir", str(tmp_path / "wd3")], capsys)
     assert "DIST_BACKEND='bogus': expected one of nccl, hccl, gloo, mpi, ucc" in last
@@ -399,7 +383,7 @@ def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_ROOT": str(synthetic_root), "NPROC": "2", "DIST_BACKEND": "gloo"}
     args = ["perf", *QUICK, "--iters", "10", "--ckpt-interval", "1"]
     straight = subprocess.run(
-        ["bash", "run_8p.sh", *args], cwd=ROOT, capture_output=True, text=True, env={**env, "WORK_DIR": str(tmp_path / "a"), "MASTER_PORT": "29561"}
+        ["bash", "run_8p.sh", *args], cwd=ROOT, capture_output=True, text=True, env={**env, "WORK_DIR": str(tmp_path / "a"), "MASTER_PORT": str(free_port())}
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -410,7 +394,7 @@ def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**env, "WORK_DIR": str(work_dir), "MASTER_PORT": "29562"},
+        env={**env, "WORK_DIR": str(work_dir), "MASTER_PORT": str(free_port())},
         start_new_session=True,
     )
     try:
@@ -426,7 +410,7 @@ def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == 0, stderr[-3000:]
     assert f"(exitcode: -9) local_rank: 1 (pid: {victim})" in stderr
-    assert "resumed from" in stdout and summary_line(stdout)["iters"] == 10
+    assert "resumed from" in stdout and last_json(stdout)["iters"] == 10
     a = torch.load(tmp_path / "a" / "iter_10.pth", weights_only=True)
     b = torch.load(work_dir / "iter_10.pth", weights_only=True)
     for key in a["model"]:
@@ -436,7 +420,7 @@ def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp
 
 
 def test_a_rank_that_never_starts_ends_in_a_bounded_time(synthetic_root, tmp_path):
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"}
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     env.update(DIST_BACKEND="gloo", DIST_TIMEOUT="5")
     start = time.time()
     result = subprocess.run(

@@ -5,33 +5,28 @@ import multiprocessing
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import ROOT, in_process, last_json
 from PIL import Image
 from torch import nn
 
 import device as devices
 from benchmark import free_port
 from bisenet import build_model, model_config
-from cityscapes import IGNORE_INDEX, CityscapesDataset, TrainTransform
+from cityscapes import IGNORE_INDEX
+from datasets import TrainTransform, open_dataset
 from train import IterationSampler, learning_rate, ohem_cross_entropy, parse_args, segmentation_loss, train_step
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1"]
 
 
-def run_train(args, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, **kw)
-
-
-def summary_line(stdout):
-    return json.loads(stdout.strip().splitlines()[-1])
+def run_train(args):
+    return in_process("train.py", *args)
 
 
 @pytest.mark.parametrize("warmup", ["linear", "exp"])
@@ -76,7 +71,7 @@ def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
     for thresh in (0.7, 0.999999, 1e-9):
         hard = values[values > -math.log(thresh)]
         expected = hard.mean() if len(hard) >= n_min else values[:n_min].mean()
-        assert math.isclose(ohem_cross_entropy(logits, labels, thresh).item(), expected, rel_tol=1e-5)
+        assert math.isclose(ohem_cross_entropy(logits, labels, thresh=thresh).item(), expected, rel_tol=1e-5)
 
 
 def test_loss_sums_main_and_weighted_aux_heads():
@@ -88,13 +83,13 @@ def test_loss_sums_main_and_weighted_aux_heads():
 
 
 def test_sampler_shards_are_disjoint_and_resumable():
-    full = [list(IterationSampler(20, 2, r, 2, 7, 0, 10)) for r in range(2)]
+    full = [list(IterationSampler(20, batch_size=2, rank=r, world_size=2, seed=7, start=0, iters=10)) for r in range(2)]
     for it in range(5):  # one epoch = 5 iterations of 2 x 2 images
         indices = [i for r in range(2) for i, _ in full[r][it]]
         assert len(set(indices)) == 4
     epoch = {i for r in range(2) for batch in full[r][:5] for i, _ in batch}
     assert len(epoch) == 20
-    assert list(IterationSampler(20, 2, 1, 2, 7, 6, 10)) == full[1][6:]
+    assert list(IterationSampler(20, batch_size=2, rank=1, world_size=2, seed=7, start=6, iters=10)) == full[1][6:]
 
 
 def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
@@ -107,7 +102,15 @@ def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
     autocast = functools.partial(runtime.autocast, "O1")
-    loss = train_step(model, optimizer, runtime.grad_scaler("O1"), images, torch.randint(0, 19, (2, 64, 96)), segmentation_loss, autocast)
+    loss = train_step(
+        model,
+        optimizer,
+        scaler=runtime.grad_scaler("O1"),
+        images=images,
+        labels=torch.randint(0, 19, (2, 64, 96)),
+        loss_fn=segmentation_loss,
+        autocast=autocast,
+    )
     assert dtypes == [torch.bfloat16] and loss.dtype == torch.float32
     assert model.head.conv.conv.weight.dtype == torch.float32
     assert not torch.equal(model.head.conv.conv.weight, before)
@@ -127,13 +130,13 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
     before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     images, labels = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8), torch.randint(0, 19, (2, 64, 96))
     autocast = functools.partial(runtime.autocast, "O1")
-    train_step(model, optimizer, scaler, images, labels, segmentation_loss, autocast)
+    train_step(model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss, autocast=autocast)
     assert dtypes == [torch.float16]
     assert scaler.get_scale() == 2.0**59 and not optimizer.state  # skipped: no momentum buffers were created
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
     scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**8})
-    train_step(model, optimizer, scaler, images, labels, segmentation_loss, autocast)
+    train_step(model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss, autocast=autocast)
     assert scaler.get_scale() == 2.0**8 and scaler.state_dict()["_growth_tracker"] == 1
     assert not torch.equal(model.head.conv.conv.weight, before["head.conv.conv.weight"])
 
@@ -196,12 +199,12 @@ def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
 
 
 def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synthetic_root, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "train.py"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "train.py"]
     cmd += ["--data-root", str(synthetic_root), *SMALL, "--iters", "1", "--no-validate", "--dropout", "0", "--amp", "O0", "--lr", "0.05", "--channels-last"]
     cmd += ["--work-dir", str(tmp_path / "ddp"), "--warmup-iters", "0"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert summary_line(result.stdout)["world_size"] == 2
+    assert last_json(result.stdout)["world_size"] == 2
     ddp = torch.load(tmp_path / "ddp" / "iter_1.pth", weights_only=True)
 
     # Second path: one process, the same two per-rank micro-batches, gradients averaged, one SGD step. Same thread
@@ -211,10 +214,10 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synt
     seed = parse_args([]).seed
     torch.manual_seed(seed)
     model = build_model(model_config(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
-    dataset = CityscapesDataset(synthetic_root, "train", TrainTransform((64, 128), (0.5, 2.0), 0.75))
+    dataset = open_dataset(synthetic_root, "train", "cityscapes", TrainTransform((64, 128), (0.5, 2.0), 0.75))
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(0, base_lr=0.05, iters=1), momentum=0.9, weight_decay=5e-4)
     for rank in range(2):
-        batch = next(iter(IterationSampler(len(dataset), 2, rank, 2, seed, 0, 1)))
+        batch = next(iter(IterationSampler(len(dataset), batch_size=2, rank=rank, world_size=2, seed=seed, start=0, iters=1)))
         samples = [dataset[item] for item in batch]
         images = torch.stack([s["image"] for s in samples]).contiguous(memory_format=torch.channels_last)
         labels = torch.stack([s["label"] for s in samples]).long()
@@ -273,7 +276,7 @@ def test_bad_input_gives_one_line_errors(synthetic_root, tmp_path, extra, messag
 def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
     """R18 from scratch on a small synthetic set: val mIoU well above chance within about a CPU minute."""
     root, work_dir, result = learned
-    summary = summary_line(result.stdout)
+    summary = last_json(result.stdout)
     curve = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
     vals = [(e["iter"], round(e["val_mIoU"], 1)) for e in curve if "val_mIoU" in e]
     print("val mIoU curve (iter, mIoU):", vals, "train img/s:", summary["train_fps"])
@@ -298,7 +301,7 @@ def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
             "--format",
             "trainIds",
         ]
-        results[amp] = summary_line(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+        results[amp] = last_json(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
         predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.rglob("*.png"))])
     agreement = (predictions["O0"] == predictions["O1"]).mean()
     print(f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
@@ -323,16 +326,17 @@ def test_launch_scripts_run_and_resume(synthetic_root, tmp_path, script):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
+        "DEVICE": "cpu",  # the scripts' own device lookup costs an interpreter start; tests/test_npu.py covers it
         "DATA_ROOT": str(synthetic_root),
         "WORK_DIR": str(tmp_path / "wd"),
         "NPROC": "2",
         "DIST_BACKEND": "gloo",
-        "MASTER_PORT": "29543",
+        "MASTER_PORT": str(free_port()),
     }
     overrides = ["perf", *SMALL, "--iters", "2", "--ckpt-interval", "1"]
     first = subprocess.run(["bash", script, *overrides], cwd=ROOT, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert summary_line(first.stdout)["world_size"] == (2 if script == "run_8p.sh" else 1)
+    assert last_json(first.stdout)["world_size"] == (2 if script == "run_8p.sh" else 1)
     again = subprocess.run(["bash", script, *overrides[:-2], "--iters", "3"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from" in again.stderr + again.stdout and summary_line(again.stdout)["iters"] == 3
+    assert "resumed from" in again.stderr + again.stdout and last_json(again.stdout)["iters"] == 3
