@@ -223,28 +223,27 @@ def synthesize_folder(out_dir, classes=7, train=12, val=4, test=0, height=128, w
     return out
 
 
+def add_dataset_flags(parser, *, min_train, train, val, height, width):
+    """What both generators take: the folder, each split's image count, the image size and the seed."""
+    parser.add_argument("out_dir")
+    parser.add_argument("--train", type=cli.integer(min_train), default=train)
+    parser.add_argument("--val", type=cli.integer(0), default=val)
+    parser.add_argument("--test", type=cli.integer(0), default=0)
+    parser.add_argument("--height", type=cli.integer(32), default=height)
+    parser.add_argument("--width", type=cli.integer(32), default=width)
+    parser.add_argument("--seed", type=cli.integer(0), default=0)
+
+
 def run(argv):
     parser = cli.ArgumentParser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     street = commands.add_parser("cityscapes", help="street scenes in the exact Cityscapes layout")
-    street.add_argument("out_dir")
-    street.add_argument("--train", type=cli.integer(0), default=20)
-    street.add_argument("--val", type=cli.integer(0), default=6)
-    street.add_argument("--test", type=cli.integer(0), default=0)
-    street.add_argument("--height", type=cli.integer(32), default=1024)
-    street.add_argument("--width", type=cli.integer(32), default=2048)
-    street.add_argument("--seed", type=cli.integer(0), default=0)
+    add_dataset_flags(street, min_train=0, train=20, val=6, height=1024, width=2048)
     street.add_argument("--nproc", type=cli.integer(1), default=1, help="parallel processes")
     folder = commands.add_parser("folder", help="class regions in one of your own data's layouts")
-    folder.add_argument("out_dir")
+    add_dataset_flags(folder, min_train=1, train=12, val=4, height=128, width=256)
     folder.add_argument("--classes", type=cli.integer(2, 255), default=7, help="class count (CamVid: always its 11)")
     folder.add_argument("--layout", default="mmseg", choices=LAYOUTS)
-    folder.add_argument("--train", type=cli.integer(1), default=12)
-    folder.add_argument("--val", type=cli.integer(0), default=4)
-    folder.add_argument("--test", type=cli.integer(0), default=0)
-    folder.add_argument("--height", type=cli.integer(32), default=128)
-    folder.add_argument("--width", type=cli.integer(32), default=256)
-    folder.add_argument("--seed", type=cli.integer(0), default=0)
     args = parser.parse_args(argv)
     sizes = dict(train=args.train, val=args.val, test=args.test, height=args.height, width=args.width, seed=args.seed)
     if args.command == "cityscapes":
