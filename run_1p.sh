@@ -30,8 +30,8 @@ if [ "$MODE" = demo ]; then
   fi
   # sized for a 2-core AVX2 CPU, which trains in fp32 (README: which precision runs where)
   python train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --depth 18 --batch-size 8 --crop 128x256 \
-    --scale-range 0.75,1.5 --iters 240 --lr 0.05 --warmup-iters 20 --val-interval 80 --ckpt-interval 80 \
-    --log-interval 10 --workers 2 --resume "$@" | tee "$WORK_DIR/train.out"
+    --scale-range 0.75,1.5 --iters 200 --lr 0.05 --warmup-iters 20 --val-interval 100 --ckpt-interval 100 \
+    --log-interval 10 --workers 1 --resume "$@" | tee "$WORK_DIR/train.out"
   rm -rf "$WORK_DIR/predictions"  # the demo's own previous predictions: evaluate.py never overwrites a file
   python evaluate.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir "$WORK_DIR/predictions" --format color | tee "$WORK_DIR/eval.out"
   python evaluate.py --device "$DEVICE" --benchmark --ckpt "$WORK_DIR/latest.pth" --size 128x256 --runs 10 | tee "$WORK_DIR/bench.out"
