@@ -296,7 +296,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return sample
 
 
-# -- Layouts --------------------------------------------------------------------------------------------------
+# -- Layouts, and choosing the dataset ------------------------------------------------------------------------
 def folder_layout(root):
     """Which of the generic layouts ROOT holds: 'list', 'mmseg' or 'camvid' (None: none of them)."""
     root = Path(root)
@@ -373,7 +373,6 @@ def folder_samples(root, split, with_labels=True):
     )
 
 
-# -- Choosing the dataset -------------------------------------------------------------------------------------
 def detect_dataset(root, kind="auto"):
     """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else a generic layout)."""
     root = Path(root)
