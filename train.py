@@ -331,27 +331,21 @@ def check_step(it, loss, scaler, scale_before, *, static_scale, run_log, work_di
         raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {last_checkpoint_note(work_dir)}")
 
 
-def check_flags(args, runtime):
+def check_flags(runtime, *, loss_scale, amp, batch_size, sync_bn):
     """The flag combinations this runtime cannot train, as one-line errors before anything is loaded."""
-    runtime.check_options(compile=args.compile, channels_last=args.channels_last)
-    if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
-        raise cli.UsageError(
-            f"--loss-scale {args.loss_scale:g}: this run computes in {runtime.precision(args.amp)}, which has no loss scaling; leave --loss-scale out"
-        )
-    if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
+    if loss_scale and not runtime.grad_scaler(amp).is_enabled():
+        raise cli.UsageError(f"--loss-scale {loss_scale:g}: this run computes in {runtime.precision(amp)}, which has no loss scaling; leave --loss-scale out")
+    if batch_size < 2 and not (sync_bn and runtime.distributed):
         raise cli.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
         )
 
 
-def resume(checkpoint, path, model, optimizer, scaler, *, runtime, info, args, settings, run_log):
-    """(start iteration, best mIoU): 0 and None for a fresh run; a resumed run keeps this command's momentum and
-    weight decay and says which recipe flags differ from its own."""
+def resume(checkpoint, path, model, optimizer, scaler, *, runtime, info, settings, run_log):
+    """(start iteration, best mIoU): 0 and None for a fresh run; a resumed run says which recipe flags differ."""
     if checkpoint is None:
         return 0, None
     start, best = restore(checkpoint, path, model, optimizer, scaler, runtime=runtime, info=info)
-    for group in optimizer.param_groups:
-        group.update(momentum=args.momentum, weight_decay=args.weight_decay)
     run_log.message(f"resumed from {path.resolve()} at iteration {start}")
     changes = changed_settings(checkpoint.get("args", {}), settings)
     if changes:
@@ -363,7 +357,8 @@ def train(args):
     runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
     if runtime.is_main:
         tqdm.write(runtime.device_note)
-    check_flags(args, runtime)
+    runtime.check_options(compile=args.compile, channels_last=args.channels_last)
+    check_flags(runtime, loss_scale=args.loss_scale, amp=args.amp, batch_size=args.batch_size, sync_bn=args.sync_bn)
     channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
     dataset = training_set(args.data_root, args.dataset, crop=args.crop, scale_range=args.scale_range, cat_max_ratio=args.cat_max_ratio)
     info = dataset.info
@@ -391,7 +386,9 @@ def train(args):
     )
     optimizer = create_optimizer(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, kernel=runtime.sgd_kernel)
     scaler = runtime.grad_scaler(args.amp, args.loss_scale)
-    start, best = resume(checkpoint, resumed_from, model, optimizer, scaler, runtime=runtime, info=info, args=args, settings=settings, run_log=run_log)
+    start, best = resume(checkpoint, resumed_from, model, optimizer, scaler, runtime=runtime, info=info, settings=settings, run_log=run_log)
+    for group in optimizer.param_groups:  # a resumed run takes this command's values, not its optimizer state's
+        group.update(momentum=args.momentum, weight_decay=args.weight_decay)
     del checkpoint
 
     def reseed(iteration):
