@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 
 import cli
-import device as devices
 from bisenet import RESNET_LAYOUTS
 from cityscapes import NUM_CLASSES
 from convert_labels import convert_dataset
 from datasets import TrainTransform, open_dataset
+from device import AMP_DTYPES, DEFAULT_BACKEND, setup_runtime
 from synthetic import synthesize_cityscapes
 from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
 
@@ -73,8 +73,8 @@ def variant_options(runtime, changes):
     return {**options, **changes}
 
 
-def build_setup(runtime, depth, images, labels, options):
-    dtype = devices.AMP_DTYPES.get(options["amp_dtype"])
+def build_setup(runtime, depth, *, images, labels, options):
+    dtype = AMP_DTYPES.get(options["amp_dtype"])
     runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
     torch.manual_seed(0)
     model = create_model(runtime, depth=depth, num_classes=NUM_CLASSES, dropout=0.1, channels_last=options["channels_last"], log=lambda _: None).train()
@@ -96,7 +96,7 @@ def build_setup(runtime, depth, images, labels, options):
     return Setup(step, state_bytes)
 
 
-def describe(error):
+def error_text(error):
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
@@ -110,10 +110,10 @@ def free_port():
 def join_single_process_group(runtime):
     """DDP needs a process group; outside torchrun this process forms a group of one."""
     if not dist.is_initialized():
-        dist.init_process_group(devices.DEFAULT_BACKEND[runtime.device.type], init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(DEFAULT_BACKEND[runtime.device.type], init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
-def time_variants(setups, runtime, warmup, steps):
+def time_variants(setups, runtime, *, warmup, steps):
     """{name: {step_ms, first_step_s, peak_gb} or {error}}; every variant takes one step per round."""
     cuda = runtime.device.type == "cuda"
     times, first, peak = {n: [] for n in setups}, {}, {}
@@ -131,7 +131,7 @@ def time_variants(setups, runtime, warmup, steps):
                 setup.step()
                 runtime.synchronize()
             except Exception as e:  # one failing variant (out of memory, a compiler error) must not lose the others
-                errors[name] = describe(e)
+                errors[name] = error_text(e)
                 continue
             elapsed = time.perf_counter() - start
             first.setdefault(name, elapsed)
@@ -149,24 +149,24 @@ def time_variants(setups, runtime, warmup, steps):
     return results
 
 
-def random_batch(runtime, batch, crop):
+def random_batch(runtime, batch, *, crop):
     """uint8 images and labels already on the device, the same for every variant."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (batch, 3, *crop), dtype=torch.uint8, device=runtime.device)
     return images, torch.randint(0, NUM_CLASSES, (batch, *crop), device=runtime.device)
 
 
-def step_benchmarks(runtime, recipes, variants, warmup, steps, log):
+def step_benchmarks(runtime, recipes, *, variants, warmup, steps, log):
     out = {}
     for name, depth, batch, crop in recipes:
-        images, labels = random_batch(runtime, batch, crop)
+        images, labels = random_batch(runtime, batch, crop=crop)
         setups, failed = {}, {}
         for variant in variants:
             try:
-                setups[variant] = build_setup(runtime, depth, images, labels, variant_options(runtime, VARIANTS[variant]))
+                setups[variant] = build_setup(runtime, depth, images=images, labels=labels, options=variant_options(runtime, VARIANTS[variant]))
             except Exception as e:
-                failed[variant] = {"error": describe(e)}
-        results = {**time_variants(setups, runtime, warmup, steps), **failed}
+                failed[variant] = {"error": error_text(e)}
+        results = {**time_variants(setups, runtime, warmup=warmup, steps=steps), **failed}
         for result in results.values():
             if "step_ms" in result:
                 result["img_s"] = round(batch / result["step_ms"] * 1000, 2)
@@ -174,18 +174,19 @@ def step_benchmarks(runtime, recipes, variants, warmup, steps, log):
         del setups
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
-        log_recipe(name, out[name], log)
+        log_recipe(name, out[name], log=log)
     return out
 
 
-def profile_default_step(runtime, recipes, log, steps=3):
+def profile_default_step(runtime, recipes, *, log, steps=3):
     """The kernels that bound the default step: top operators by device time (CPU time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
     sort_by = "device_time_total" if runtime.device.type == "cuda" else "cpu_time_total"
     for name, depth, batch, crop in recipes:
-        setup = build_setup(runtime, depth, *random_batch(runtime, batch, crop), variant_options(runtime, {}))
+        images, labels = random_batch(runtime, batch, crop=crop)
+        setup = build_setup(runtime, depth, images=images, labels=labels, options=variant_options(runtime, {}))
         setup.step()
         runtime.synchronize()
         with profile(activities=activities) as prof:
@@ -197,7 +198,7 @@ def profile_default_step(runtime, recipes, log, steps=3):
         del setup
 
 
-def log_recipe(name, result, log):
+def log_recipe(name, result, *, log):
     variants = result["variants"]
     base = variants.get("default", {}).get("step_ms")
     log(f"{name.upper()} training step, {result['batch']} x {result['crop']}, 3 CE heads, SGD:")
@@ -222,7 +223,7 @@ def slower_than_fp32(variants):
     return f"the default step ({timed['default']:.0f} ms) is slower than eager fp32 ({timed['fp32']:.0f} ms) on this device; fastest measured: {fastest} ({timed[fastest]:.0f} ms)"
 
 
-def synthetic_data(data_root, sizes, seed, log):
+def synthetic_data(data_root, sizes, *, seed, log):
     """A synthetic Cityscapes with train lists, made on every CPU (so it costs little device time), kept if present."""
     if not (data_root / "val.txt").is_file():
         start = time.perf_counter()
@@ -249,7 +250,7 @@ def run_json(cmd, timeout=None):
         return None, f"no JSON summary from {' '.join(map(str, cmd))}\n{output[-1500:]}"
 
 
-def end_to_end(data_root, work_dir, device, depth, batch, crop, iters, workers):
+def end_to_end(data_root, work_dir, *, device, depth, batch, crop, iters, workers):
     """train.py as a user runs it (data loading, augmentation, copies, logging), throughput after its warm-up."""
     cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", str(depth)]
     cmd += ["--batch-size", str(batch), "--crop", f"{crop[0]}x{crop[1]}", "--iters", str(iters), "--no-validate", "--ckpt-interval", str(iters)]
@@ -266,7 +267,7 @@ def end_to_end(data_root, work_dir, device, depth, batch, crop, iters, workers):
     }
 
 
-def torchrun_check(data_root, work_dir, device, recipe):
+def torchrun_check(data_root, work_dir, *, device, recipe):
     """One process under torchrun with the device's default backend: train, resume, evaluate (distributed)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port())]
     train = [*launch, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", "18", *recipe]
@@ -300,12 +301,12 @@ def environment(runtime):
     return info
 
 
-def transform_speed(samples, crop, log):
+def transform_speed(samples, crop, *, log):
     """`python benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
     with tempfile.TemporaryDirectory() as tmp:
         synthesize_cityscapes(tmp, train=4, val=0, height=1024, width=2048)
         convert_dataset(tmp, source="labelIds", progress=False)
-        dataset = open_dataset(tmp, "train", "cityscapes", TrainTransform(crop=crop))
+        dataset = open_dataset(tmp, "train", dataset_type="cityscapes", transform=TrainTransform(crop=crop))
         dataset[(0, 0)]
         start = time.perf_counter()
         for i in range(samples):
@@ -348,10 +349,10 @@ def parse_args(argv=None):
     return args, recipes, variants, skip
 
 
-def run(args, recipes, variants, skip):
+def run_training_benchmark(args, recipes, *, variants, skip):
     started = time.perf_counter()
     size = "small" if args.small else "full"
-    runtime = devices.setup(args.device)
+    runtime = setup_runtime(args.device)
     device = runtime.device.type
     log = functools.partial(print, flush=True)
     result = {**environment(runtime), "size": size, "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved"}
@@ -361,25 +362,27 @@ def run(args, recipes, variants, skip):
     if "ddp" in variants:
         join_single_process_group(runtime)
     if "steps" not in skip:
-        result["steps"] = step_benchmarks(runtime, recipes, variants, args.warmup, args.steps, log)
+        result["steps"] = step_benchmarks(runtime, recipes, variants=variants, warmup=args.warmup, steps=args.steps, log=log)
     if args.profile:
         try:
-            profile_default_step(runtime, recipes, log)
+            profile_default_step(runtime, recipes, log=log)
         except Exception as e:  # the profile is for reading; it must not cost the measurements
-            log(f"profile failed: {describe(e)}")
+            log(f"profile failed: {error_text(e)}")
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     iters = args.e2e_iters or (12 if args.small else 60)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_"))
     try:
         if not {"e2e", "torchrun"} <= skip:
-            data_root = synthetic_data(work / "data", DATA[size], 1, log)
+            data_root = synthetic_data(work / "data", DATA[size], seed=1, log=log)
         if "e2e" not in skip:
             result["e2e"] = {}
             for name, depth, batch, crop in recipes:
-                r = result["e2e"][name] = end_to_end(data_root, work / f"e2e_{name}", device, depth, batch, crop, iters, workers)
+                r = result["e2e"][name] = end_to_end(
+                    data_root, work / f"e2e_{name}", device=device, depth=depth, batch=batch, crop=crop, iters=iters, workers=workers
+                )
                 log(f"end-to-end train.py {name.upper()} {batch} x {crop[0]}x{crop[1]}, {workers} workers: {r}")
         if "torchrun" not in skip:
-            result["torchrun"] = torchrun_check(data_root, work / "torchrun", device, TORCHRUN_RECIPE[size])
+            result["torchrun"] = torchrun_check(data_root, work / "torchrun", device=device, recipe=TORCHRUN_RECIPE[size])
             log(f"torchrun, 1 process: {result['torchrun']}")
     finally:
         if not args.work_dir:
@@ -394,9 +397,9 @@ def run(args, recipes, variants, skip):
 def run_command(argv):
     args, recipes, variants, skip = parse_args(argv)
     if args.transform:
-        transform_speed(args.steps, args.crop, functools.partial(print, flush=True))
+        transform_speed(args.steps, args.crop, log=functools.partial(print, flush=True))
     else:
-        run(args, recipes, variants, skip)
+        run_training_benchmark(args, recipes, variants=variants, skip=skip)
 
 
 def main(argv=None):

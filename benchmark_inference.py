@@ -26,10 +26,11 @@ import torch
 from PIL import Image
 
 import cli
-import device as devices
-from benchmark import describe, environment, run_json, synthetic_data
-from bisenet import build_model, load_model, model_config
+from benchmark import environment, error_text, run_json, synthetic_data
+from bisenet import ModelConfig, build_model
+from checkpoints import load_model
 from cityscapes import NUM_CLASSES
+from device import CpuFeatures, cpu_amp_dtype, setup_runtime
 from evaluate import classes, inference_model, torch_segmenter
 
 # Sizes timed, batches tried for throughput, the val split that is timed and the training that precedes it.
@@ -53,18 +54,18 @@ INFER_VARIANTS = {
 def baseline_model(deployed, ckpt):
     """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
     hand, else the same architecture with random weights (the same speed)."""
-    config, source = deployed.metadata["model_config"], ckpt or deployed.metadata["source"]
+    config, source = ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model"), ckpt or deployed.metadata["source"]
     if source and Path(source).is_file():
         model = load_model(source)
-        if (model.config["depth"], model.config["num_classes"]) != (config["depth"], config["num_classes"]):
+        if (model.config.depth, model.config.num_classes) != (config.depth, config.num_classes):
             raise cli.UsageError(
-                f"--ckpt {source}: R{model.config['depth']}, {model.config['num_classes']} classes; the exported model is R{config['depth']}, {config['num_classes']} classes"
+                f"--ckpt {source}: R{model.config.depth}, {model.config.num_classes} classes; the exported model is R{config.depth}, {config.num_classes} classes"
             )
         return model, f"eager fp32 of {source}"
     return build_model(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
 
 
-def time_runs(segment, images, runtime, runs):
+def time_runs(segment, images, *, runtime, runs):
     times = []
     for _ in range(runs):
         runtime.synchronize()
@@ -87,16 +88,16 @@ def eager_fp32(model, runtime):
     return segment
 
 
-def compare_with_eager(segment, model, runtime, size, runs, warmup, batch, path):
+def compare_with_eager(segment, model, *, runtime, size, runs, warmup, batch, path):
     """segment (uint8 images on the device -> class map at input size, synchronised) timed interleaved with
     eager_fp32(model), so that machine drift hits both alike; FPS = images per second."""
     images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
     baseline = eager_fp32(model, runtime)
-    warmup_s = sum(time_runs(segment, images, runtime, warmup))
+    warmup_s = sum(time_runs(segment, images, runtime=runtime, runs=warmup))
     fast_times, plain_times = [], []
     for _ in range(runs):
-        fast_times += time_runs(segment, images, runtime, 1)
-        plain_times += time_runs(baseline, images, runtime, 1)
+        fast_times += time_runs(segment, images, runtime=runtime, runs=1)
+        plain_times += time_runs(baseline, images, runtime=runtime, runs=1)
     fast_ms, plain_ms = 1000 * statistics.median(fast_times), 1000 * statistics.median(plain_times)
     result = {
         "latency_ms_median": round(fast_ms, 2),
@@ -120,7 +121,7 @@ def compare_with_eager(segment, model, runtime, size, runs, warmup, batch, path)
     return result
 
 
-def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=None):
+def benchmark(model, runtime, *, size, amp, runs, warmup, batch=1, compile_mode=None):
     """evaluate.py's PyTorch path against eager fp32. compile_mode: torch.compile the inference path in that mode
     ("default", "reduce-overhead" = CUDA graphs, ...); compiling happens in the warm-up runs, whose time is reported."""
     fast = inference_model(model, runtime)
@@ -128,28 +129,28 @@ def benchmark(model, runtime, size, amp, runs, warmup, batch=1, compile_mode=Non
     precision = runtime.precision(amp)
     path = f"{precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}"
     warmup = max(warmup, 1 if compile_mode else 0)
-    result = compare_with_eager(torch_segmenter(fast, runtime, amp), model, runtime, size, runs, warmup, batch, path)
+    result = compare_with_eager(torch_segmenter(fast, runtime, amp=amp), model, runtime=runtime, size=size, runs=runs, warmup=warmup, batch=batch, path=path)
     return {**result, "precision": precision, "compile_mode": compile_mode}
 
 
-def benchmark_deployed(deployed, path, model, source, runtime, size, runs, warmup, batch=1):
+def benchmark_deployed(deployed, path, *, model, source, runtime, size, runs, warmup, batch=1):
     """An exported model against eager fp32 of `model` (its source checkpoint, or the same architecture)."""
-    result = compare_with_eager(deployed, model, runtime, size, runs, warmup, batch, f"{deployed.precision} ({path})")
+    result = compare_with_eager(deployed, model, runtime=runtime, size=size, runs=runs, warmup=warmup, batch=batch, path=f"{deployed.precision} ({path})")
     return {**result, "precision": deployed.precision, "model": str(path), "baseline": source}
 
 
-def inference_variants(runtime, size, variants, runs, warmup, log):
+def inference_variants(runtime, size, *, variants, runs, warmup, log):
     """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time includes compiling)."""
-    model = build_model(model_config(18, NUM_CLASSES)).eval()
+    model = build_model(ModelConfig(18, NUM_CLASSES)).eval()
     out = {}
     for name in variants:
         options = dict(INFER_VARIANTS[name])
         dtype = options.pop("amp_dtype", None)
         variant_runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
         try:
-            result = benchmark(model, variant_runtime, size, "O1", runs, warmup, compile_mode=options.get("compile_mode"))
+            result = benchmark(model, variant_runtime, size=size, amp="O1", runs=runs, warmup=warmup, compile_mode=options.get("compile_mode"))
         except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements
-            out[name] = {"error": describe(e)}
+            out[name] = {"error": error_text(e)}
             continue
         out[name] = {key: result[key] for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")}
         log(f"R18 {size[0]}x{size[1]} {name}: {out[name]}")
@@ -161,19 +162,19 @@ def default_infer_variants(runtime):
     computes it natively (device.cpu_amp_dtype), none on other CPUs, where bf16 is many times slower than fp32."""
     if runtime.device.type == "cuda":
         return list(INFER_VARIANTS)
-    return ["default", "bf16"] if devices.cpu_amp_dtype(devices.CpuFeatures.detect())[0] == torch.bfloat16 else ["default"]
+    return ["default", "bf16"] if cpu_amp_dtype(CpuFeatures.detect())[0] == torch.bfloat16 else ["default"]
 
 
-def inference_speeds(runtime, sizes, batches, runs, warmup, log):
+def inference_speeds(runtime, sizes, *, batches, runs, warmup, log):
     """evaluate.py --benchmark for R18 and R50 at each size: batch 1, and the batch with the most images per second."""
     out = {}
     for depth in (18, 50):
-        model = build_model(model_config(depth, NUM_CLASSES)).eval()
+        model = build_model(ModelConfig(depth, NUM_CLASSES)).eval()
         for size in sizes:
-            single = benchmark(model, runtime, size, "O1", runs, warmup)
+            single = benchmark(model, runtime, size=size, amp="O1", runs=runs, warmup=warmup)
             best = single
             for batch in batches:
-                result = benchmark(model, runtime, size, "O1", runs, warmup, batch=batch)
+                result = benchmark(model, runtime, size=size, amp="O1", runs=runs, warmup=warmup, batch=batch)
                 best = result if result["fps"] > best["fps"] else best
             out[f"r{depth}_{size[0]}x{size[1]}"] = {
                 "fps": single["fps"],
@@ -191,7 +192,7 @@ def class_maps(folder):
     return np.stack([np.array(Image.open(p)) for p in sorted(Path(folder).rglob("*.png"))])
 
 
-def validation_pass(data_root, work_dir, device, train_recipe, workers, log):
+def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
     """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps, mIoU), and the wall
     time of a whole val pass, split into data loading and model time."""
     train_cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir / "r18", "--device", device, "--depth", "18"]
@@ -230,11 +231,11 @@ def validation_pass(data_root, work_dir, device, train_recipe, workers, log):
     return result
 
 
-def run(args):
+def run_inference_benchmark(args):
     """Inference speeds, variants, fast-path agreement and a timed val pass; one JSON line."""
     started = time.perf_counter()
     size = "small" if args.small else "full"
-    runtime = devices.setup(args.device)
+    runtime = setup_runtime(args.device)
     log = functools.partial(print, flush=True)
     result = {
         **environment(runtime),
@@ -244,14 +245,14 @@ def run(args):
     log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
     log(runtime.device_note)
     log(runtime.precision_note("O1"))
-    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], INFER_BATCHES[size], args.steps, args.warmup, log)
+    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], batches=INFER_BATCHES[size], runs=args.steps, warmup=args.warmup, log=log)
     variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
-    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants, args.steps, args.warmup, log)
+    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants=variants, runs=args.steps, warmup=args.warmup, log=log)
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
     try:
-        data_root = synthetic_data(work / "data", INFER_DATA[size], 2, log)
-        result["val"] = validation_pass(data_root, work, runtime.device.type, INFER_TRAIN[size], workers, log)
+        data_root = synthetic_data(work / "data", INFER_DATA[size], seed=2, log=log)
+        result["val"] = validation_pass(data_root, work, device=runtime.device.type, train_recipe=INFER_TRAIN[size], workers=workers, log=log)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -279,7 +280,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    cli.main(lambda: run(parse_args(argv)))
+    cli.main(lambda: run_inference_benchmark(parse_args(argv)))
 
 
 if __name__ == "__main__":

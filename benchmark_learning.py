@@ -25,7 +25,7 @@ RECIPE = ["--depth", "18", "--batch-size", "4", "--crop", "128x256", "--lr", "0.
 DATA = dict(train=48, val=12, height=256, width=512)
 
 
-def learning_curve(data_root, work_dir, seed, iters, val_interval, workers, extra):
+def learning_curve(data_root, work_dir, *, seed, iters, val_interval, workers, extra):
     """{iteration: val mIoU} of one from-scratch run."""
     cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir, *RECIPE, "--iters", str(iters), "--seed", str(seed)]
     cmd += ["--val-interval", str(val_interval), "--ckpt-interval", str(iters), "--workers", str(workers), "--log-interval", "50", *extra]
@@ -53,7 +53,7 @@ def parse_args(argv=None):
     return args, extra
 
 
-def run(args, extra):
+def run_learning_benchmark(args, extra):
     started = time.perf_counter()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bisenet_learning_"))
     data_root = work / "data"
@@ -62,7 +62,9 @@ def run(args, extra):
         convert_dataset(data_root, source="labelIds", progress=False)
     curves = {}
     for seed in args.seeds:
-        curves[seed] = learning_curve(data_root, work / f"seed{seed}_{time.time_ns()}", seed, args.iters, args.val_interval, args.workers, extra)
+        curves[seed] = learning_curve(
+            data_root, work / f"seed{seed}_{time.time_ns()}", seed=seed, iters=args.iters, val_interval=args.val_interval, workers=args.workers, extra=extra
+        )
         print(f"seed {seed}: " + ", ".join(f"@{it} {miou:.2f}" for it, miou in curves[seed].items()), flush=True)
     points = sorted(set.intersection(*(set(c) for c in curves.values())))
     mean = {it: round(statistics.mean(c[it] for c in curves.values()), 2) for it in points}
@@ -71,7 +73,7 @@ def run(args, extra):
 
 
 def main(argv=None):
-    cli.main(lambda: run(*parse_args(argv)))
+    cli.main(lambda: run_learning_benchmark(*parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -7,15 +7,16 @@ eval mode returns the main logits.
     python bisenet.py --depth 18 --size 1024x2048      # parameters and GFLOPs
 """
 
+import dataclasses
 import functools
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
+from cli import CheckpointError
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 # CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, so they are scaled by 255 here
@@ -29,16 +30,42 @@ PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4
 }
 
 
-class CheckpointError(cli.Error):
-    """A weights file that cannot be used. The message names the file and what was wrong."""
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model. Checkpoints and exported models store it as to_dict()'s plain dict;
+    from_dict reads those of every earlier checkpoint. The channel widths default to mmseg's for the depth."""
 
+    depth: int = 18
+    num_classes: int = 19
+    ffm_attention_relu: bool = True  # mmseg's fusion attention has a ReLU before its sigmoid; CoinCheung's has none
+    dropout: float = 0.1
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    spatial_channels: tuple = None
+    context_channels: tuple = None
+    fusion_channels: int = None
+    head_channels: int = None
+    aux_channels: int = None
 
-def model_config(depth=18, num_classes=19, ffm_attention_relu=True, dropout=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """Everything needed to rebuild a model; stored in our checkpoints."""
-    if depth not in RESNET_LAYOUTS:
-        raise CheckpointError(f"depth {depth} is not one of {sorted(RESNET_LAYOUTS)}")
-    block, _ = RESNET_LAYOUTS[depth]
-    return dict(depth=depth, num_classes=num_classes, ffm_attention_relu=ffm_attention_relu, dropout=dropout, mean=list(mean), std=list(std), **PRESETS[block])
+    def __post_init__(self):
+        if self.depth not in RESNET_LAYOUTS:
+            raise CheckpointError(f"depth {self.depth} is not one of {sorted(RESNET_LAYOUTS)}")
+        preset = PRESETS[RESNET_LAYOUTS[self.depth][0]]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            value = preset[field.name] if value is None else value
+            object.__setattr__(self, field.name, tuple(value) if isinstance(value, (list, tuple)) else value)
+
+    def to_dict(self):
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, config, source):
+        names = {field.name for field in dataclasses.fields(cls)}
+        if not isinstance(config, dict) or not set(config) <= names:
+            unknown = sorted(set(config) - names) if isinstance(config, dict) else type(config).__name__
+            raise CheckpointError(f"{source}: its model_config is not one this code knows ({unknown}); it comes from another program or a newer version")
+        return cls(**config)
 
 
 class ConvBNReLU(nn.Module):
@@ -208,7 +235,7 @@ def bilinear_resize(x, size):
 
 
 @torch.no_grad()
-def upsampled_classes(logits, size, rows=64):
+def upsampled_classes(logits, size, *, rows=64):
     """argmax over classes of bilinear_resize(logits, size), a band of output rows at a time, so the full-size
     logits (19 x H x W floats) never leave the cache: the class map of a 1024x2048 image in half the time."""
     height, width = logits.shape[2:]
@@ -226,25 +253,25 @@ def upsampled_classes(logits, size, rows=64):
 
 class BiSeNetV1(nn.Module):
     def __init__(self, config):
-        """config: model_config()'s dict, which the model keeps (self.config) and checkpoints store."""
+        """config: a ModelConfig, which the model keeps (self.config) and checkpoints store."""
         super().__init__()
         self.config = config
-        context_channels, s = config["context_channels"], config["spatial_channels"]
-        fusion_channels, num_classes, dropout = config["fusion_channels"], config["num_classes"], config["dropout"]
+        context_channels, s = config.context_channels, config.spatial_channels
+        fusion_channels, num_classes, dropout = config.fusion_channels, config.num_classes, config.dropout
         c = context_channels[0]
-        self.register_buffer("mean", torch.tensor(config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["std"]).view(1, 3, 1, 1), persistent=False)
-        self.backbone = ResNet(config["depth"])
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = ResNet(config.depth)
         self.spatial_path = nn.Sequential(ConvBNReLU(3, s[0], 7, 2), ConvBNReLU(s[0], s[1], 3, 2), ConvBNReLU(s[1], s[2], 3, 2), ConvBNReLU(s[2], s[3], 1))
         self.arm16 = AttentionRefinement(context_channels[1], c)
         self.arm32 = AttentionRefinement(context_channels[2], c)
         self.global_context = ConvBNReLU(context_channels[2], c, 1)
         self.refine32 = ConvBNReLU(c, c, 3)
         self.refine16 = ConvBNReLU(c, c, 3)
-        self.ffm = FeatureFusion(s[3] + c, fusion_channels, config["ffm_attention_relu"])
-        self.head = SegHead(fusion_channels, config["head_channels"], num_classes, dropout)
-        self.aux_head16 = SegHead(c, config["aux_channels"], num_classes, dropout)  # on the 1/16 branch, upsampled to 1/8
-        self.aux_head32 = SegHead(c, config["aux_channels"], num_classes, dropout)  # on the 1/32 branch, upsampled to 1/16
+        self.ffm = FeatureFusion(s[3] + c, fusion_channels, config.ffm_attention_relu)
+        self.head = SegHead(fusion_channels, config.head_channels, num_classes, dropout)
+        self.aux_head16 = SegHead(c, config.aux_channels, num_classes, dropout)  # on the 1/16 branch, upsampled to 1/8
+        self.aux_head32 = SegHead(c, config.aux_channels, num_classes, dropout)  # on the 1/32 branch, upsampled to 1/16
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -281,7 +308,7 @@ class BiSeNetV1(nn.Module):
 
 
 def build_model(config):
-    return BiSeNetV1(dict(config))
+    return BiSeNetV1(config)
 
 
 def count_parameters(model, with_aux=True):
@@ -345,107 +372,33 @@ def rename_keys(state, rules, source):
 
 
 def infer_depth(state, source):
-    """ResNet depth from backbone keys: block kind from conv3, block counts from layer indices."""
+    """ResNet depth from backbone keys: block block type from conv3, block counts from layer indices."""
     blocks = tuple(1 + max((int(m[1]) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))), default=-1) for i in range(1, 5))
-    kind = "bottleneck" if any(".conv3." in k for k in state) else "basic"
+    block = "bottleneck" if any(".conv3." in k for k in state) else "basic"
     for depth, layout in RESNET_LAYOUTS.items():
-        if layout == (kind, blocks):
+        if layout == (block, blocks):
             return depth
-    raise CheckpointError(f"{source}: backbone with {kind} blocks {blocks} is not a ResNet-18/34/50/101")
+    raise CheckpointError(f"{source}: backbone with {block} blocks {blocks} is not a ResNet-18/34/50/101")
 
 
-def non_finite(state):
-    """Names of the floating-point tensors of a state dict that hold NaN or inf (one reduction per tensor)."""
-    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
-
-
-def read_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix in (".xml", ".bin", ".onnx"):
-        raise CheckpointError(f"{path}: an exported model, not a PyTorch checkpoint; evaluate.py takes it as --model {path}, training needs a .pth")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
-        # torch's message advises weights_only=False, which would run the file's code: it is never taken here
-        unsafe, detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)), re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: holds a Python object ({unsafe[1]}) besides weights, which is never unpickled here; re-save its state_dict"
-            ) from None
-        reason = detail[1][:200] if detail else (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason else ''})") from None
-
-
-def load_model(path, num_classes=None):
-    """Our checkpoints, CoinCheung's released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly, in eval mode."""
-    return load_model_and_dataset(path, num_classes)[0]
-
-
-def load_model_and_dataset(path, num_classes=None):
-    """(model, the dataset description saved with it as a dict, or None: released weights and older checkpoints)."""
-    checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")
-    if "model_config" in checkpoint:
-        config, state = dict(checkpoint["model_config"]), checkpoint["model"]
+def foreign_state(checkpoint, source):
+    """(ModelConfig, our state dict) of CoinCheung's released state dict or an mmseg {'state_dict', 'meta'}."""
+    if "state_dict" in checkpoint:
+        state, rules, extra = checkpoint["state_dict"], MMSEG_RULES, dict(ffm_attention_relu=True)
+    elif any(k.startswith("cp.resnet.") for k in checkpoint):
+        state, rules, extra = checkpoint, COINCHEUNG_RULES, dict(ffm_attention_relu=False, dropout=0.0, mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD)
     else:
-        if "state_dict" in checkpoint:
-            state, rules, extra = checkpoint["state_dict"], MMSEG_RULES, dict(ffm_attention_relu=True)
-        elif any(k.startswith("cp.resnet.") for k in checkpoint):
-            state, rules, extra = checkpoint, COINCHEUNG_RULES, dict(ffm_attention_relu=False, dropout=0.0, mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD)
-        else:
-            raise CheckpointError(f"{path}: unknown layout (first keys {list(checkpoint)[:5]}); expected ours, CoinCheung's or mmseg's")
-        state = rename_keys({k.removeprefix("module."): v for k, v in state.items()}, rules, path)
-        if "head.classifier.weight" not in state:
-            raise CheckpointError(f"{path}: no segmentation head weights found")
-        config = model_config(infer_depth(state, path), state["head.classifier.weight"].shape[0], **extra)
-    if num_classes is not None and config["num_classes"] != num_classes:
-        raise CheckpointError(f"{path}: has {config['num_classes']} classes, expected {num_classes}; pass a matching --num-classes")
-    model = build_model(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1].strip()[:300]}") from None
-    bad = non_finite(state)
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
-    return model.eval(), checkpoint.get("dataset") or mmseg_dataset(checkpoint.get("meta"))
+        raise CheckpointError(f"{source}: unknown layout (first keys {list(checkpoint)[:5]}); expected ours, CoinCheung's or mmseg's")
+    state = rename_keys({k.removeprefix("module."): v for k, v in state.items()}, rules, source)
+    if "head.classifier.weight" not in state:
+        raise CheckpointError(f"{source}: no segmentation head weights found")
+    return ModelConfig(infer_depth(state, source), state["head.classifier.weight"].shape[0], **extra), state
 
 
-def mmseg_dataset(meta):
-    """The classes and palette an mmseg checkpoint records (0.x: meta CLASSES/PALETTE; 1.x: meta dataset_meta), as
-    a dataset description, or None."""
-    if not isinstance(meta, dict):
-        return None
-    names, palette = meta.get("CLASSES"), meta.get("PALETTE")
-    if names is None and isinstance(meta.get("dataset_meta"), dict):
-        names, palette = meta["dataset_meta"].get("classes"), meta["dataset_meta"].get("palette")
-    if not names:
-        return None
-    return {"name": "from the checkpoint's mmseg meta", "class_names": list(names), "palette": [list(c) for c in palette] if palette else None}
-
-
-def load_backbone(model, source, log=print):
-    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
-    if re.match(r"^https?://", str(source)):
-        try:
-            state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
-        except (OSError, RuntimeError) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
-            reason = getattr(e, "reason", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(
-                f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
-            ) from None
-    else:
-        state = read_checkpoint(source)
+def backbone_state(state, source):
+    """An ImageNet ResNet state dict in torchvision's format (or under 'state_dict'), fc.* dropped, for model.backbone."""
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    state = rename_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, TORCHVISION_RULES, source)
-    try:
-        model.backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: backbone does not fit: {str(e).splitlines()[1].strip()[:300]}") from None
-    log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")
+    return rename_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, TORCHVISION_RULES, source)
 
 
 # -- Inference helpers ----------------------------------------------------------------------------------------
@@ -487,7 +440,7 @@ def main(argv=None):
     parser.add_argument("--size", type=cli.size, default="1024x2048", help="HxW")
     args = parser.parse_args(argv)
     size = args.size
-    model = build_model(model_config(args.depth, args.num_classes)).eval()
+    model = build_model(ModelConfig(args.depth, args.num_classes)).eval()
     inference, total = count_parameters(model, with_aux=False), count_parameters(model)
     gflops = count_flops(model, size) / 1e9
     print(f"BiSeNetV1 R{args.depth}: {inference:,} parameters for inference, {total:,} with aux heads; {gflops:.1f} GFLOPs at 1x3x{size[0]}x{size[1]}")

@@ -10,7 +10,7 @@ models, label PNGs and split lists are written (a temporary file, then one renam
     work_dir/.lock         held by the training process that uses the work dir
 """
 
-import contextlib
+import dataclasses
 import errno
 import fcntl
 import os
@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 
 import cli
-from bisenet import CheckpointError, non_finite, read_checkpoint
+from bisenet import ModelConfig, backbone_state, build_model, foreign_state
+from cityscapes import NUM_CLASSES
+from cli import CheckpointError
+from datasets import CITYSCAPES, DatasetInfo, unnamed_classes, voc_palette
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
 ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -137,7 +140,7 @@ def temporary_file(path, suffix=".tmp"):
     return Path(temp)
 
 
-def publish_new(temp, path, keep_both=False):
+def publish_new(temp, path, *, keep_both=False):
     """temp becomes `path` only if no file is there (atomically: a link fails on an existing name), and the path
     written is returned. A file that appeared there meanwhile is never replaced: FileExistsError, or with
     keep_both the result goes to the first free NAME_2, NAME_3, ... instead."""
@@ -152,19 +155,26 @@ def publish_new(temp, path, keep_both=False):
     raise FileExistsError(errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path))
 
 
-@contextlib.contextmanager
-def atomic_write(path, *, replace=True, suffix=".tmp"):
-    """Yields a temporary path beside `path` to write; once the block ends it becomes `path` in one step (replacing
-    the old file, or with replace=False never: publish_new). On any failure the temporary file is removed."""
-    temp = temporary_file(path, suffix)
-    try:
-        yield temp
-        if replace:
-            os.replace(temp, path)
-        else:
-            publish_new(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+class atomic_write:
+    """`with atomic_write(path) as temp:` yields a temporary path beside `path` to write; once the block ends it
+    becomes `path` in one step, replacing the old file, or with replace=False never (publish_new; keep_both: the
+    first free NAME_2, ...). .path is where it went. On any failure the temporary file is removed."""
+
+    def __init__(self, path, *, replace=True, keep_both=False, suffix=".tmp"):
+        self.path, self.replace, self.keep_both, self.suffix = Path(path), replace, keep_both, suffix
+
+    def __enter__(self):
+        self.temp = temporary_file(self.path, self.suffix)
+        return self.temp
+
+    def __exit__(self, error_type, error, traceback):
+        try:
+            if error_type is None and self.replace:
+                os.replace(self.temp, self.path)
+            elif error_type is None:
+                self.path = publish_new(self.temp, self.path, keep_both=self.keep_both)
+        finally:
+            self.temp.unlink(missing_ok=True)
 
 
 def sync_directory(directory):
@@ -203,7 +213,7 @@ def read_training_checkpoint(path):
     return checkpoint
 
 
-def describe(work_dir):
+def work_dir_contents(work_dir):
     """What of an earlier run a work dir holds, e.g. 'iter_4.pth, iter_8.pth, best.pth, latest.pth -> iter_8.pth'."""
     names = [path.name for _, path in iteration_checkpoints(work_dir)]
     names += ["best.pth"] if (work_dir / "best.pth").exists() else []
@@ -230,7 +240,7 @@ def resume_point(work_dir):
     if not saved:
         if latest.is_symlink() or (work_dir / "best.pth").exists():
             raise WorkDirError(
-                f"{work_dir} holds a run ({describe(work_dir)}) but no iter_N.pth to resume from; pass a new --work-dir, or move those files away to start over"
+                f"{work_dir} holds a run ({work_dir_contents(work_dir)}) but no iter_N.pth to resume from; pass a new --work-dir, or move those files away to start over"
             )
         return None, None, None
     _, newest = saved[-1]
@@ -251,7 +261,111 @@ def refuse_fresh_start(work_dir):
     """A run without --resume must not write over the checkpoints of an earlier one."""
     latest = work_dir / "latest.pth"
     if iteration_checkpoints(work_dir) or (work_dir / "best.pth").exists() or latest.exists() or latest.is_symlink():
-        raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({describe(work_dir)}); pass --resume to continue it, or a new --work-dir")
+        raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({work_dir_contents(work_dir)}); pass --resume to continue it, or a new --work-dir")
+
+
+# -- Reading weights: ours, released and ImageNet ones -------------------------------------------------------
+def non_finite(state):
+    """Names of the floating-point tensors of a state dict that hold NaN or inf (one reduction per tensor)."""
+    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def read_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix in (".xml", ".bin", ".onnx"):
+        raise CheckpointError(f"{path}: an exported model, not a PyTorch checkpoint; evaluate.py takes it as --model {path}, training needs a .pth")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
+        # torch's message advises weights_only=False, which would run the file's code: it is never taken here
+        unsafe, detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)), re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: holds a Python object ({unsafe[1]}) besides weights, which is never unpickled here; re-save its state_dict"
+            ) from None
+        reason = detail[1][:200] if detail else (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason else ''})") from None
+
+
+def load_model(path):
+    """Our checkpoints, CoinCheung's released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly, in eval mode."""
+    return load_model_and_dataset(path)[0]
+
+
+def load_model_and_dataset(path):
+    """(model, the DatasetInfo of its classes): the description saved with it, mmseg's meta, or for released
+    weights and older checkpoints without one, Cityscapes for 19 classes and numbered classes otherwise."""
+    checkpoint = read_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")
+    if "model_config" in checkpoint:
+        config, state = ModelConfig.from_dict(checkpoint["model_config"], path), checkpoint["model"]
+    else:
+        config, state = foreign_state(checkpoint, path)
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1].strip()[:300]}") from None
+    bad = non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
+    description = checkpoint.get("dataset") or mmseg_dataset(checkpoint.get("meta"))
+    return model.eval(), checkpoint_dataset(description, config.num_classes, source=path)
+
+
+def mmseg_dataset(meta):
+    """The classes and palette an mmseg checkpoint records (0.x: meta CLASSES/PALETTE; 1.x: meta dataset_meta), as
+    a dataset description, or None."""
+    if not isinstance(meta, dict):
+        return None
+    names, palette = meta.get("CLASSES"), meta.get("PALETTE")
+    if names is None and isinstance(meta.get("dataset_meta"), dict):
+        names, palette = meta["dataset_meta"].get("classes"), meta["dataset_meta"].get("palette")
+    if not names:
+        return None
+    return {"name": "from the checkpoint's mmseg meta", "class_names": list(names), "palette": [list(c) for c in palette] if palette else None}
+
+
+def checkpoint_dataset(description, num_classes, *, source):
+    """The DatasetInfo of a dataset description saved with a checkpoint; without one, a 19-class model is a
+    Cityscapes one and others get numbered class names and a palette of their size."""
+    if not description:
+        return CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
+    try:
+        palette = description.get("palette") or voc_palette(len(description["class_names"]))
+        info = DatasetInfo.from_dict({**description, "palette": palette})
+        if len(info.palette) != info.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in info.palette):
+            raise ValueError("palette does not fit the classes")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{source}: its dataset description is malformed ({cli.first_line(e)}); re-save it, or load it with --load-from in train.py"
+        ) from None
+    if info.num_classes != num_classes:
+        raise CheckpointError(f"{source}: its dataset description names {info.num_classes} classes, the model has {num_classes}")
+    return info
+
+
+def load_backbone(model, source, *, log=print):
+    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
+    if re.match(r"^https?://", str(source)):
+        try:
+            state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
+        except (OSError, RuntimeError) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+            reason = getattr(e, "reason", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(
+                f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
+            ) from None
+    else:
+        state = read_checkpoint(source)
+    state = backbone_state(state, source)
+    try:
+        model.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: backbone does not fit: {str(e).splitlines()[1].strip()[:300]}") from None
+    log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")
 
 
 # the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
@@ -283,7 +397,7 @@ def changed_settings(saved, current):
 
 
 # -- Training checkpoints: what a run saves and how it continues --------------------------------------------
-def save_checkpoint(path, model, optimizer, scaler, *, iteration, best, settings, dataset):
+def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings, dataset):
     """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
     state = model.state_dict()
     bad = non_finite(state)
@@ -293,7 +407,7 @@ def save_checkpoint(path, model, optimizer, scaler, *, iteration, best, settings
             f"so {path.name} was not written: lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
         )
     checkpoint = {
-        "model_config": model.config,
+        "model_config": model.config.to_dict(),
         "model": state,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
@@ -310,7 +424,7 @@ class Checkpointer:
     it, old ones pruned to `keep`, best.pth on a new best; only rank 0 writes. After each periodic save every rank
     calls reseed(iteration), so the RNG state follows from the checkpoint's iteration (exact resume)."""
 
-    def __init__(self, work_dir, model, optimizer, scaler, *, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None):
+    def __init__(self, work_dir, model, *, optimizer, scaler, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None):
         self.work_dir, self.model, self.optimizer, self.scaler = work_dir, model, optimizer, scaler
         self.settings, self.dataset, self.interval, self.iters, self.keep = settings, dataset, interval, iters, keep
         self.is_main, self.reseed, self.log = is_main, reseed, log
@@ -318,7 +432,9 @@ class Checkpointer:
 
     def save(self, path, iteration, best):
         if self.is_main:
-            save_checkpoint(path, self.model, self.optimizer, self.scaler, iteration=iteration, best=best, settings=self.settings, dataset=self.dataset)
+            save_checkpoint(
+                path, self.model, optimizer=self.optimizer, scaler=self.scaler, iteration=iteration, best=best, settings=self.settings, dataset=self.dataset
+            )
 
     def save_best(self, it, best):
         self.save(self.work_dir / "best.pth", it + 1, best)
@@ -335,13 +451,17 @@ class Checkpointer:
         self.reseed(it + 1)
 
 
-def restore(checkpoint, path, model, optimizer, scaler, *, runtime, info):
+def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
     """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler. A run goes on
     only with its own model and its own classes: its best mIoU would otherwise compare other data."""
-    saved_config = checkpoint["model_config"]
+    saved_config = ModelConfig.from_dict(checkpoint["model_config"], path)
     if saved_config != model.config:
-        keys = sorted({*saved_config, *model.config}, key=lambda k: (k not in ("depth", "num_classes"), k))  # what the flags set first
-        changed = [f"{k} {saved_config.get(k)} -> {model.config.get(k)}" for k in keys if saved_config.get(k) != model.config.get(k)]
+        names = sorted((f.name for f in dataclasses.fields(ModelConfig)), key=lambda name: name not in ("depth", "num_classes"))  # what the flags set first
+        changed = [
+            f"{name} {getattr(saved_config, name)} -> {getattr(model.config, name)}"
+            for name in names
+            if getattr(saved_config, name) != getattr(model.config, name)
+        ]
         changes = ", ".join(changed[:2]) + (f" and {len(changed) - 2} settings that follow from them" if len(changed) > 2 else "")
         raise CheckpointError(f"{path}: a run of another model configuration ({changes}); pass a new --work-dir, or the flags of that run")
     saved_classes = tuple((checkpoint.get("dataset") or {}).get("class_names") or ())
@@ -358,7 +478,7 @@ def restore(checkpoint, path, model, optimizer, scaler, *, runtime, info):
     return checkpoint["iteration"], checkpoint["best_miou"]
 
 
-def open_work_dir(work_dir, resume, runtime, log=print):
+def open_work_dir(work_dir, resume, *, runtime, log=print):
     """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds the same resume
     checkpoint (None for a fresh run), reading the work dir that rank 0 writes (shared storage across machines)."""
     held = None

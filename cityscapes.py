@@ -32,7 +32,7 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
-def find_samples(root, split, with_labels=True):
+def find_samples(root, split, *, with_labels=True):
     """(image_path, label_path | None) pairs of a split, from {root}/{split}.txt when present, else a scan."""
     root = Path(root)
     if not root.is_dir():

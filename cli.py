@@ -2,7 +2,7 @@
 
 Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
 (ArgumentParser below) and every Error the code raises (main below). Each concern's errors are an Error of their own
-kind: UsageError and DataError here, CheckpointError (bisenet.py), WorkDirError (checkpoints.py),
+kind: UsageError, DataError and CheckpointError here, WorkDirError (checkpoints.py),
 TrainingError (train.py).
 """
 
@@ -29,6 +29,10 @@ class DataError(Error):
         # DataLoader workers re-raise with their traceback prepended; the message proper is the last line.
         text = super().__str__().strip().splitlines()[-1]
         return re.sub(r"^[\w.]*DataError: ", "", text)
+
+
+class CheckpointError(Error):
+    """A weights file that cannot be used. The message names the file and what was wrong."""
 
 
 def main(run, *args):

@@ -48,7 +48,7 @@ def convert_one(job):
         return f"{source_path}: {type(e).__name__}: {e}"
 
 
-def conversion_jobs(root, source, force):
+def conversion_jobs(root, source, *, force):
     root = Path(root)
     suffix = SOURCE_SUFFIX[source]
     jobs = []
@@ -74,12 +74,12 @@ def write_split_lists(root, log=print):
             temp.write_text(text)
 
 
-def convert_dataset(root, source="polygons", nproc=1, force=False, progress=True):
+def convert_dataset(root, source="polygons", *, nproc=1, force=False, progress=True):
     """Converts every label file; returns the list of failures ('path: reason')."""
     root = Path(root)
     if not (root / "gtFine").is_dir() or not (root / "leftImg8bit").is_dir():
         raise DataError(f"{root}: expected gtFine/ and leftImg8bit/ inside; is this the Cityscapes root?")
-    jobs = conversion_jobs(root, source, force)
+    jobs = conversion_jobs(root, source, force=force)
     bar = tqdm(total=len(jobs), desc=f"labelTrainIds from {source}", disable=not progress)
     failures = []
     if nproc > 1 and len(jobs) > 1:
@@ -102,7 +102,7 @@ def benchmark(root, nproc):
     rates = {}
     for source in ("polygons", "labelIds"):
         with tempfile.TemporaryDirectory() as tmp:
-            jobs = [(src, Path(tmp) / f"{i}.png", source) for i, (src, _, _) in enumerate(conversion_jobs(root, source, True))]
+            jobs = [(src, Path(tmp) / f"{i}.png", source) for i, (src, _, _) in enumerate(conversion_jobs(root, source, force=True))]
             if not jobs:
                 raise DataError(f"{root}: no *{SOURCE_SUFFIX[source]} files to time")
             start = time.perf_counter()
@@ -115,7 +115,7 @@ def benchmark(root, nproc):
     print(json.dumps({"polygons_files_per_s": round(rates["polygons"], 1), "labelIds_files_per_s": round(rates["labelIds"], 1), "ratio": round(ratio, 2)}))
 
 
-def run(argv):
+def run_conversion(argv):
     parser = cli.ArgumentParser(__doc__)
     parser.add_argument("data_root")
     parser.add_argument("--nproc", type=cli.integer(1), default=1, help="parallel processes")
@@ -126,7 +126,7 @@ def run(argv):
     if args.benchmark:
         benchmark(args.data_root, args.nproc)
         return
-    failures = convert_dataset(args.data_root, args.source, args.nproc, args.force)
+    failures = convert_dataset(args.data_root, args.source, nproc=args.nproc, force=args.force)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     print(json.dumps({"converted_ok": not failures, "failures": len(failures)}))
@@ -134,7 +134,7 @@ def run(argv):
 
 
 def main(argv=None):
-    cli.main(run, argv)
+    cli.main(run_conversion, argv)
 
 
 if __name__ == "__main__":

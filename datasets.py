@@ -275,7 +275,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     An item is an index, or (index, seed) for random transforms: the seed makes augmentation a function of the
     sample's place in the run rather than of the worker process, which is what makes resume exact."""
 
-    def __init__(self, samples, info, transform=None):
+    def __init__(self, samples, info, *, transform=None):
         self.samples, self.info, self.transform = samples, info, transform
 
     def __len__(self):
@@ -319,7 +319,7 @@ def folder_info(root):
     raise DataError(f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)")
 
 
-def pair_by_stem(images_dir, labels_dir, label_name):
+def pair_by_stem(images_dir, labels_dir, *, label_name):
     """(image, label) for every image below images_dir, the label at the same relative path in labels_dir."""
     images = image_files(images_dir)
     if not images:
@@ -333,7 +333,7 @@ def pair_by_stem(images_dir, labels_dir, label_name):
     return samples
 
 
-def folder_samples(root, split, with_labels=True):
+def folder_samples(root, split, *, with_labels=True):
     """(image_path, label_path | None) of a split in one of the generic layouts."""
     root = Path(root)
     layout = folder_layout(root)
@@ -366,18 +366,18 @@ def folder_samples(root, split, with_labels=True):
             raise DataError(f"{images_dir}: split '{split}' not found")
         if not with_labels:
             return [(p, None) for p in image_files(images_dir)]
-        return pair_by_stem(images_dir, labels_dir, lambda image: image.stem + ".png")
+        return pair_by_stem(images_dir, labels_dir, label_name=lambda image: image.stem + ".png")
     raise DataError(
         f"{root}: no known layout; expected img_dir/ + ann_dir/ (mmseg), train.txt of `image,label` lines (CoinCheung), "
         "train/ + trainannot/ (CamVid), or leftImg8bit/ + gtFine/ (Cityscapes)"
     )
 
 
-def detect_dataset(root, kind="auto"):
+def detect_dataset(root, dataset_type="auto"):
     """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else a generic layout)."""
     root = Path(root)
-    if kind != "auto":
-        return kind
+    if dataset_type != "auto":
+        return dataset_type
     if (root / "leftImg8bit").is_dir():
         return "cityscapes"
     if (root / "classes.txt").is_file() or folder_layout(root):
@@ -387,20 +387,20 @@ def detect_dataset(root, kind="auto"):
     )
 
 
-def open_dataset(root, split, kind="auto", transform=None, with_labels=True):
+def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
     """Cityscapes (the default) or your own data in one of the layouts above; dataset.info describes its classes."""
     if Path(root).is_file():
         raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
     if not Path(root).is_dir():
         raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python synthetic.py cityscapes {root}")
-    if detect_dataset(root, kind) == "cityscapes":
+    if detect_dataset(root, dataset_type) == "cityscapes":
         if (Path(root) / "classes.txt").is_file() and read_classes(Path(root) / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
             raise DataError(
                 f"{Path(root) / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; remove classes.txt, "
                 "or put your data in one of your own layouts (README: Your own data)"
             )
-        return SegmentationDataset(cityscapes.find_samples(root, split, with_labels), CITYSCAPES, transform)
-    return SegmentationDataset(folder_samples(root, split, with_labels), folder_info(root), transform)
+        return SegmentationDataset(cityscapes.find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform)
+    return SegmentationDataset(folder_samples(root, split, with_labels=with_labels), folder_info(root), transform=transform)
 
 
 # -- Training augmentation ------------------------------------------------------------------------------------
@@ -427,6 +427,7 @@ class TrainTransform:
         self,
         crop=(1024, 1024),
         scale_range=(0.5, 2.0),
+        *,
         cat_max_ratio=0.75,
         flip_prob=0.5,
         brightness=32,

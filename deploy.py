@@ -11,15 +11,13 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import cli
-from bisenet import fuse_bn
-from checkpoints import atomic_write, publish_new
+from bisenet import ModelConfig, fuse_bn
 from datasets import DatasetInfo
 
 METADATA_KEY = "bisenet"
@@ -52,11 +50,6 @@ class DeployGraph(torch.nn.Module):
         return full.argmax(1).to(torch.uint8), logits
 
 
-def describe(model, info, size, precision, source):
-    """What an exported file records about itself."""
-    return {"model_config": model.config, "dataset": info.to_dict(), "size": list(size), "precision": precision, "source": str(source)}
-
-
 # -- OpenVINO ---------------------------------------------------------------------------------------------------
 def to_openvino(model):
     """An in-memory OpenVINO model of DeployGraph, any batch, height and width."""
@@ -70,39 +63,14 @@ def to_openvino(model):
     return ov_model
 
 
-def quantize_int8(ov_model, images):
-    """NNCF post-training quantisation (weights and activations int8), calibrated on `images` (float32 1x3xHxW
-    arrays of real training images)."""
-    nncf = optional_import("nncf")
-    return nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images))
-
-
-def save_openvino(ov_model, out, metadata):
-    """xml + bin written under temporary names, then published without replacing anything: the bin first and the xml,
-    what a reader opens, last, so that no reader ever sees a half-written or mismatched pair."""
-    ov = optional_import("openvino")
-    out = Path(out)
-    ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
-    with atomic_write(out, replace=False, suffix=".tmp.xml") as temp:
-        try:
-            try:
-                ov.save_model(ov_model, temp, compress_to_fp16=False)
-            except RuntimeError as e:  # OpenVINO's C++ stream errors ("basic_ios::clear") say nothing of the cause
-                free = shutil.disk_usage(out.parent).free // 2**20
-                raise cli.UsageError(f"{out}: OpenVINO could not write the model ({cli.first_line(e)}); {free} MB are free in {out.parent.resolve()}") from None
-            publish_new(temp.with_suffix(".bin"), out.with_suffix(".bin"))
-        finally:
-            temp.with_suffix(".bin").unlink(missing_ok=True)
-
-
 class OpenVinoModel:
     """An OpenVINO model compiled for the CPU, once per input shape. precision: "f32", or None for OpenVINO's
     default (bf16 where the CPU has it, else f32); int8 layers of a quantised model stay int8 either way."""
 
-    def __init__(self, ov_model, metadata, precision=None):
+    def __init__(self, ov_model, metadata, *, precision=None):
         ov = optional_import("openvino")
         self.core, self.ov_model, self.metadata = ov.Core(), ov_model, metadata
-        self.config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        self.properties = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
         self.compiled = {}
 
     def compile(self, shape):
@@ -110,7 +78,7 @@ class OpenVinoModel:
             model = self.ov_model.clone()  # the model itself keeps its dynamic shape
             model.reshape({"images": list(shape)})
             try:
-                self.compiled[shape] = self.core.compile_model(model, "CPU", self.config)
+                self.compiled[shape] = self.core.compile_model(model, "CPU", self.properties)
             except RuntimeError as e:  # OpenVINO's message is a stack of "Exception from <file>" lines; the last line says what failed
                 reason = [line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().startswith("Exception from")]
                 limit = (
@@ -123,7 +91,7 @@ class OpenVinoModel:
 
     @property
     def precision(self):
-        runtime = self.config.get("INFERENCE_PRECISION_HINT") or self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+        runtime = self.properties.get("INFERENCE_PRECISION_HINT") or self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
         return f"OpenVINO {'int8 + ' + runtime if self.metadata['precision'] == 'int8' else runtime}"
 
     def run(self, images):
@@ -185,9 +153,13 @@ def open_deployed(path, precision=None):
     if metadata is None:
         raise cli.UsageError(f"--model {path}: it does not describe its classes (not written by this export.py); export it again with python export.py")
     if ov_model is not None:
-        return OpenVinoModel(ov_model, metadata, precision)
+        return OpenVinoModel(ov_model, metadata, precision=precision)
     return OnnxModel(path, metadata)
 
 
 def deployed_info(deployed):
     return DatasetInfo.from_dict(deployed.metadata["dataset"])
+
+
+def deployed_config(deployed):
+    return ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model")

@@ -366,26 +366,26 @@ def launched_by_torchrun():
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def setup(device="auto", device_id=0, amp_dtype="auto"):
+def setup_runtime(device="auto", device_id=0, *, amp_dtype="auto"):
     """Device from --device and, under torchrun, LOCAL_RANK; joins the process group when launched by torchrun."""
-    kind, why = choose_device(device)
+    device_type, why = choose_device(device)
     launched = launched_by_torchrun()
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     rank, index = (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))) if launched else (0, device_id)
-    if kind == "cuda":
+    if device_type == "cuda":
         torch.cuda.set_device(index)
         torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest convolution algorithms once
-    elif kind == "npu":
+    elif device_type == "npu":
         torch.npu.set_device(index)
         error = npu_amp_dtype_error(AMP_DTYPES.get(amp_dtype))
         if error:
             raise UsageError(error)
         if launched and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, cpu_share(os.sched_getaffinity(0), index, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    device = torch.device(kind, index) if kind != "cpu" else torch.device("cpu")
+    device = torch.device(device_type, index) if device_type != "cpu" else torch.device("cpu")
     runtime = Runtime(device, rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype), device_reason=why)
     if launched:
-        runtime.backend = os.environ.get("DIST_BACKEND", DEFAULT_BACKEND[kind])
+        runtime.backend = os.environ.get("DIST_BACKEND", DEFAULT_BACKEND[device_type])
         join_process_group(runtime, distributed_timeout())
     return runtime
 
@@ -418,6 +418,6 @@ def join_process_group(runtime, timeout):
     return runtime
 
 
-def teardown(runtime):
+def teardown_runtime(runtime):
     if runtime.distributed and dist.is_initialized():
         dist.destroy_process_group()

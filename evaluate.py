@@ -29,11 +29,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-import device as devices
-from bisenet import RESNET_LAYOUTS, CheckpointError, build_model, fuse_bn, load_model, load_model_and_dataset, model_config, upsampled_classes
-from checkpoints import atomic_write
+from bisenet import RESNET_LAYOUTS, ModelConfig, build_model, fuse_bn, upsampled_classes
+from checkpoints import atomic_write, load_model, load_model_and_dataset
 from cityscapes import IGNORE_INDEX, NUM_CLASSES, sample_name
-from datasets import CITYSCAPES, DataError, DatasetInfo, SegmentationDataset, detect_dataset, find_images, open_dataset, unnamed_classes, voc_palette
+from cli import CheckpointError
+from datasets import DataError, SegmentationDataset, detect_dataset, find_images, open_dataset, unnamed_classes
+from device import setup_runtime, teardown_runtime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Inference:
         return f"{name} slide {ch}/{sh}" if ch == cw and sh == sw else f"{name} slide {ch}x{cw}/{sh}x{sw}"
 
 
-def slide_logits(model, images, crop, stride):
+def slide_logits(model, images, *, crop, stride):
     """mmseg's sliding window: windows clamped inside the image, overlapping logits averaged."""
     _, _, height, width = images.shape
     crop_h, crop_w = min(crop[0], height), min(crop[1], width)
@@ -79,7 +80,7 @@ def slide_logits(model, images, crop, stride):
     return total / count
 
 
-def predict(model, images, options=Inference()):
+def predict(model, images, *, options=Inference()):
     """Class scores at input size: logits for a single pass, else softmax probabilities averaged over scales/flips."""
     height, width = images.shape[2:]
     passes = [(s, f) for s in options.scales for f in ((False, True) if options.flip else (False,))]
@@ -91,7 +92,7 @@ def predict(model, images, options=Inference()):
             else F.interpolate(images.float(), size=(int(height * scale + 0.5), int(width * scale + 0.5)), mode="bilinear", align_corners=False)
         )
         x = x.flip(3) if flipped else x
-        scores = model(x).float() if options.mode == "whole" else slide_logits(model, x, options.crop, options.stride)
+        scores = model(x).float() if options.mode == "whole" else slide_logits(model, x, crop=options.crop, stride=options.stride)
         if len(passes) == 1:
             return scores
         scores = scores.softmax(1)
@@ -107,11 +108,11 @@ def classes(scores):
     return scores.max(1).indices
 
 
-def predict_classes(model, images, options=Inference()):
+def predict_classes(model, images, *, options=Inference()):
     """The class map. A single whole-image pass never materialises the full-size logits (upsampled_classes)."""
     if options.single_pass:
         return upsampled_classes(model(images, upsample=False), images.shape[2:])
-    return classes(predict(model, images, options))
+    return classes(predict(model, images, options=options))
 
 
 def confusion_matrix(pred, label, num_classes):
@@ -137,7 +138,7 @@ def metrics(confusion):
     }
 
 
-def encode_prediction(pred, fmt, info, image=None):
+def encode_prediction(pred, fmt, *, info, image=None):
     """pred: HxW class indices (uint8 numpy) -> PIL image in the requested format, coloured by the dataset's palette."""
     if fmt == "trainIds":
         return Image.fromarray(pred)
@@ -148,7 +149,7 @@ def encode_prediction(pred, fmt, info, image=None):
     return Image.fromarray((0.5 * image + 0.5 * info.colors[pred]).astype(np.uint8))
 
 
-def prediction_paths(image_paths, source_root, out_dir, fmt):
+def prediction_paths(image_paths, source_root, *, out_dir, fmt):
     """{image: out_dir/<its folder below source_root>/<name>_<fmt>.png}. Where two images of one folder share a
     name (a.jpg and a.png), the extension stays in it; images outside source_root (absolute list entries) go to
     out_dir itself. Two images that would still share a file are an error, never one prediction over another."""
@@ -170,7 +171,7 @@ def prediction_paths(image_paths, source_root, out_dir, fmt):
     return paths
 
 
-def check_prediction_paths(paths, out_dir, input_tree=None):
+def check_prediction_paths(paths, out_dir, *, input_tree=None):
     """Predictions never go among the inputs (a folder of them: input_tree), nor over a file this run did not create;
     the folder must be writable before the first image is segmented."""
     out = Path(out_dir).resolve()
@@ -205,18 +206,18 @@ def shard(dataset, runtime):
     return torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
 
 
-def torch_segmenter(model, runtime, amp="O0", options=Inference()):
+def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
     """images -> class map through a PyTorch model in eval mode: what evaluate() and video.py call."""
 
     def segment(images):
         with torch.no_grad(), runtime.autocast(amp):
-            return predict_classes(model, images, options)
+            return predict_classes(model, images, options=options)
 
     return segment
 
 
 @torch.no_grad()
-def evaluate(segment, dataset, runtime, out_paths=None, fmt="color", workers=2, progress=True):
+def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=2, progress=True):
     """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
     segment: images -> class map (torch_segmenter, or a deployed model of deploy.py). The classes are the
@@ -245,7 +246,7 @@ def evaluate(segment, dataset, runtime, out_paths=None, fmt="color", workers=2, 
         model_s += time.perf_counter() - tick
         if out_paths is not None:
             for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
-                save_prediction(encode_prediction(p, fmt, dataset.info, image), out_paths[name])
+                save_prediction(encode_prediction(p, fmt, info=dataset.info, image=image), out_paths[name])
         tick = time.perf_counter()
     seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
     if not has_labels:
@@ -253,7 +254,7 @@ def evaluate(segment, dataset, runtime, out_paths=None, fmt="color", workers=2, 
     return {**metrics(runtime.all_reduce_counts(confusion).cpu()), **seconds}
 
 
-def print_table(result, mode, class_names):
+def print_table(result, mode, *, class_names):
     print(f"{'class':>15} | IoU ({mode})")
     for name, iou in zip(class_names, result["iou"]):
         print(f"{name:>15} | {'   n/a' if np.isnan(iou) else f'{100 * iou:6.2f}'}")
@@ -330,137 +331,126 @@ def parse_args(argv=None):
     return args
 
 
-def checkpoint_dataset(description, num_classes, source):
-    """What the classes of a checkpoint are: the dataset description saved with it (or mmseg's meta). Without one,
-    a 19-class model is a Cityscapes one (released weights, older checkpoints); others get numbered class names and
-    a palette of their size."""
-    if not description:
-        return CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
-    try:
-        palette = description.get("palette") or voc_palette(len(description["class_names"]))
-        info = DatasetInfo.from_dict({**description, "palette": palette})
-        if len(info.palette) != info.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in info.palette):
-            raise ValueError("palette does not fit the classes")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{source}: its dataset description is malformed ({cli.first_line(e)}); re-save it, or load it with --load-from in train.py"
-        ) from None
-    if info.num_classes != num_classes:
-        raise CheckpointError(f"{source}: its dataset description names {info.num_classes} classes, the model has {num_classes}")
-    return info
-
-
-def open_model(ckpt, model_file, runtime, amp, options, for_video):
-    """(segment, dataset description, classes, precision) of --ckpt (PyTorch) or --model (deploy.py). Video from a
+def open_model(ckpt, model_file, *, runtime, amp, options, for_video):
+    """(segment, the DatasetInfo of its classes, precision) of --ckpt (PyTorch) or --model (deploy.py). Video from a
     checkpoint on a CPU takes the fastest path there is: OpenVINO, converted in memory, when it is installed."""
     if model_file:
-        from deploy import deployed_info, open_deployed  # exported models and video load only when asked for
+        from deploy import deployed_config, deployed_info, open_deployed  # exported models and video load only when asked for
 
         if not options.single_pass:
             raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
         deployed = open_deployed(model_file, runtime.openvino_precision(amp))
-        return deployed, deployed_info(deployed), deployed.metadata["model_config"]["num_classes"], deployed.precision
+        info = deployed_info(deployed)
+        if deployed_config(deployed).num_classes != info.num_classes:
+            raise cli.UsageError(
+                f"--model {model_file}: its metadata names {info.num_classes} classes for a model of {deployed_config(deployed).num_classes}; export it again"
+            )
+        return deployed, info, deployed.precision
     if not ckpt:
         raise cli.UsageError("--ckpt or --model is required (or pass --benchmark)")
-    model, description = load_model_and_dataset(ckpt)
+    model, info = load_model_and_dataset(ckpt)
     if for_video:
         from deploy import OpenVinoModel, openvino_installed, to_openvino
     if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
-        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, runtime.openvino_precision(amp))
-        return (
-            deployed,
-            checkpoint_dataset(description, model.config["num_classes"], ckpt),
-            model.config["num_classes"],
-            f"{deployed.precision} (converted in memory)",
-        )
-    segment = torch_segmenter(inference_model(model, runtime), runtime, amp, options)
-    return segment, checkpoint_dataset(description, model.config["num_classes"], ckpt), model.config["num_classes"], runtime.precision(amp)
+        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, precision=runtime.openvino_precision(amp))
+        return deployed, info, f"{deployed.precision} (converted in memory)"
+    segment = torch_segmenter(inference_model(model, runtime), runtime, amp=amp, options=options)
+    return segment, info, runtime.precision(amp)
 
 
-def run(args):
-    runtime = devices.setup("cpu" if args.model else args.device, args.device_id, args.amp_dtype)
-    if runtime.is_main and not args.model:
-        print(runtime.device_note, flush=True)
-        print(runtime.precision_note(args.amp), flush=True)
-    if args.benchmark:
-        from benchmark_inference import baseline_model, benchmark, benchmark_deployed  # only for --benchmark
-    if args.benchmark and args.model:
+def run_benchmark(args, runtime):
+    """evaluate.py --benchmark: a checkpoint's (or a random model's) default path, or an exported model, against eager fp32."""
+    from benchmark_inference import baseline_model, benchmark, benchmark_deployed  # only for --benchmark
+
+    timing = dict(runtime=runtime, size=args.size, runs=args.runs, warmup=args.warmup, batch=args.batch)
+    if args.model:
         from deploy import open_deployed
 
         deployed = open_deployed(args.model, runtime.openvino_precision(args.amp))
         model, source = baseline_model(deployed, args.ckpt)
-        print(json.dumps(benchmark_deployed(deployed, args.model, model, source, runtime, args.size, args.runs, args.warmup, args.batch)))
-        return
+        return benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
+    model = load_model(args.ckpt) if args.ckpt else build_model(ModelConfig(args.depth, args.num_classes)).eval()
+    return benchmark(model, amp=args.amp, **timing)
+
+
+def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_main):
+    """The split to score (or, for test, to predict), checked against the model's classes `info`."""
+    dataset = open_dataset(data_root, split, dataset_type=dataset_type, with_labels=split != "test")
+    if len(dataset) == 0:
+        raise DataError(f"{data_root}: the {split} split has no images; pass another --split or --data-root")
+    if split == "test" and not writes:
+        raise cli.UsageError(f"--split test: {data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)")
+    if dataset.info.num_classes != info.num_classes:
+        raise CheckpointError(
+            f"{model}: a model of {info.num_classes} classes, but {data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
+            "evaluate it on the data it was trained for"
+        )
+    if is_main and info.name != unnamed_classes(info.num_classes).name and info.class_names != dataset.info.class_names:
+        first = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
+        print(
+            f"warning: the model's classes are not the data's (class {first}: {info.class_names[first]!r} in the model, {dataset.info.class_names[first]!r} "
+            f"in {data_root}); scores are reported under the data's names",
+            file=sys.stderr,
+        )
+    if is_main:
+        print(f"dataset: {dataset.info.name} ({detect_dataset(data_root, dataset_type)}), {dataset.info.num_classes} classes, {len(dataset)} {split} images")
+    return dataset
+
+
+def run_evaluation(args):
+    runtime = setup_runtime("cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype)
+    if runtime.is_main and not args.model:
+        print(runtime.device_note, flush=True)
+        print(runtime.precision_note(args.amp), flush=True)
     if args.benchmark:
-        model = load_model(args.ckpt) if args.ckpt else build_model(model_config(args.depth, args.num_classes)).eval()
-        print(json.dumps(benchmark(model, runtime, args.size, args.amp, args.runs, args.warmup, args.batch)))
+        print(json.dumps(run_benchmark(args, runtime)))
         return
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
-    segment, info, num_classes, precision = open_model(args.ckpt, args.model, runtime, args.amp, options, bool(args.video))
+    segment, info, precision = open_model(args.ckpt, args.model, runtime=runtime, amp=args.amp, options=options, for_video=bool(args.video))
     if runtime.is_main and args.model:
         print(f"precision: {precision}", flush=True)
     if args.video:
         from video import segment_video
 
         print(f"segmenting {args.video} with {precision} into {args.out}")
-        print(json.dumps({**segment_video(segment, args.video, args.out, info, runtime.device), "precision": precision}))
+        print(json.dumps({**segment_video(segment, args.video, out=args.out, info=info, device=runtime.device), "precision": precision}))
         return
     if args.images:
         if not args.out_dir:
             raise cli.UsageError("--images needs --out-dir to write the predictions to")
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
-        dataset = open_dataset(args.data_root, args.split, args.dataset, with_labels=args.split != "test")
-        if len(dataset) == 0:
-            raise DataError(f"{args.data_root}: the {args.split} split has no images; pass another --split or --data-root")
-        if args.split == "test" and not args.out_dir:
-            raise cli.UsageError(
-                f"--split test: {args.data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)"
-            )
-        if dataset.info.num_classes != num_classes:
-            raise CheckpointError(
-                f"{args.ckpt or args.model}: a model of {num_classes} classes, but {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
-                "evaluate it on the data it was trained for"
-            )
-        if runtime.is_main and info.name != unnamed_classes(num_classes).name and info.class_names != dataset.info.class_names:
-            first = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
-            print(
-                f"warning: the model's classes are not the data's (class {first}: {info.class_names[first]!r} in the model, {dataset.info.class_names[first]!r} "
-                f"in {args.data_root}); scores are reported under the data's names",
-                file=sys.stderr,
-            )
-        if runtime.is_main:
-            print(
-                f"dataset: {dataset.info.name} ({detect_dataset(args.data_root, args.dataset)}), {dataset.info.num_classes} classes, {len(dataset)} {args.split} images"
-            )
+        dataset = labelled_dataset(
+            args.data_root, args.split, dataset_type=args.dataset, model=args.ckpt or args.model, info=info, writes=bool(args.out_dir), is_main=runtime.is_main
+        )
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
     out_paths = None
     if args.out_dir:
         one_image = bool(args.images) and Path(args.images).is_file()
         source_root = Path(args.images).parent if one_image else args.images or args.data_root
-        out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, args.out_dir, args.format)
+        out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format)
         mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])  # this rank's shard: the others may be writing theirs
         check_prediction_paths(mine, args.out_dir, input_tree=None if one_image else source_root)
-    result = evaluate(segment, dataset, runtime, out_paths=out_paths, fmt=args.format, workers=args.workers)
+    result = evaluate(segment, dataset, runtime=runtime, out_paths=out_paths, fmt=args.format, workers=args.workers)
     if runtime.is_main:
         seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
         summary = {"mode": options.name, "dataset": dataset.info.name, "images": len(dataset), "amp": args.amp, "precision": precision, **seconds}
         if args.model:
             summary["model"] = args.model
         if "mIoU" in result:
-            print_table(result, options.name, dataset.info.class_names)
+            print_table(result, options.name, class_names=dataset.info.class_names)
             per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
             scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mAcc", "aAcc")}  # JSON has no NaN
             summary = {**scores, **summary, "per_class": per_class}
         if args.out_dir:
             summary["out_dir"] = args.out_dir
         print(json.dumps(summary))
-    devices.teardown(runtime)
+    teardown_runtime(runtime)
 
 
 def main(argv=None):
-    cli.main(lambda: run(parse_args(argv)))
+    cli.main(lambda: run_evaluation(parse_args(argv)))
 
 
 if __name__ == "__main__":

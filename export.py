@@ -15,6 +15,7 @@ onnxruntime (ONNX), pip install openvino nncf (OpenVINO).
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -23,11 +24,10 @@ import torch
 import torch.nn.functional as F
 
 import cli
-from bisenet import fuse_bn, load_model_and_dataset
-from checkpoints import atomic_write
+from bisenet import fuse_bn
+from checkpoints import atomic_write, load_model_and_dataset, publish_new
 from datasets import DataError, open_dataset
-from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, describe, optional_import, quantize_int8, save_openvino, to_openvino
-from evaluate import checkpoint_dataset
+from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, optional_import, to_openvino
 
 
 class ArgmaxHead(torch.nn.Module):
@@ -39,8 +39,13 @@ class ArgmaxHead(torch.nn.Module):
         return self.model(images).argmax(1).to(torch.uint8)
 
 
+def export_metadata(model, info, *, size, precision, source):
+    """What an exported file records about itself (deploy.py reads it)."""
+    return {"model_config": model.config.to_dict(), "dataset": info.to_dict(), "size": list(size), "precision": precision, "source": str(source)}
+
+
 # -- ONNX -------------------------------------------------------------------------------------------------------
-def export(model, out, size, dynamic=False, argmax=False, opset=18, metadata=None):
+def export(model, out, *, size, dynamic=False, argmax=False, opset=18, metadata=None):
     """torch.export-based exporter (needs onnxscript); dynamic height/width keep BiSeNet's any-size resizing.
     Written under a temporary name and renamed once the metadata is in."""
     model = fuse_bn(model.eval())
@@ -68,7 +73,7 @@ def export(model, out, size, dynamic=False, argmax=False, opset=18, metadata=Non
     return graph
 
 
-def check_parity(graph, out, size):
+def check_parity(graph, out, *, size):
     """Max |logit difference| and argmax agreement between onnxruntime and PyTorch on one random image."""
     try:
         import onnxruntime
@@ -91,24 +96,24 @@ def written_opset(out):
     return next(entry.version for entry in onnx.load(out, load_external_data=False).opset_import if entry.domain in ("", "ai.onnx"))
 
 
-def export_onnx(model, out, size, dynamic, argmax, opset, metadata):
+def export_onnx(model, out, *, size, dynamic, argmax, opset, metadata):
     try:
-        graph = export(model, out, size, dynamic, argmax, opset, metadata)
+        graph = export(model, out, size=size, dynamic=dynamic, argmax=argmax, opset=opset, metadata=metadata)
         opset_written = written_opset(out)
     except ImportError as e:
         raise cli.UsageError(f"ONNX export needs the optional extras ({e}); pip install onnx onnxscript onnxruntime") from None
     if opset_written != opset:
         raise cli.UsageError(f"asked for opset {opset}, but the exporter wrote opset {opset_written} to {out}; pass --opset {opset_written}")
-    parity = check_parity(graph, out, size)
+    parity = check_parity(graph, out, size=size)
     if parity:
         print(f"onnxruntime vs PyTorch at {size[0]}x{size[1]}: " + ", ".join(f"{k} {v:.6g}" for k, v in parity.items()))
     return {"onnx": str(out), "opset": opset_written, "dynamic": dynamic, "argmax": argmax, **(parity or {})}
 
 
 # -- OpenVINO ---------------------------------------------------------------------------------------------------
-def calibration_images(root, kind, count, size, num_classes):
+def calibration_images(root, dataset_type, *, count, size, num_classes):
     """`count` training images spread evenly over the split, resized to `size` (bilinear): float32 1x3xHxW arrays."""
-    dataset = open_dataset(root, "train", kind, with_labels=False)
+    dataset = open_dataset(root, "train", dataset_type=dataset_type, with_labels=False)
     if len(dataset) == 0:
         raise DataError(f"--calib-data {root}: its train split has no images to calibrate int8 on; pass the data root the model was trained on")
     if dataset.info.num_classes != num_classes:
@@ -125,12 +130,37 @@ def calibration_images(root, kind, count, size, num_classes):
     return images
 
 
-def check_openvino(graph, float_model, written, metadata, image):
+def quantize_int8(ov_model, images):
+    """NNCF post-training quantisation (weights and activations int8), calibrated on `images` (float32 1x3xHxW
+    arrays of real training images)."""
+    nncf = optional_import("nncf")
+    return nncf.quantize(ov_model, nncf.Dataset(images), subset_size=len(images))
+
+
+def save_openvino(ov_model, out, *, metadata):
+    """xml + bin written under temporary names, then published without replacing anything: the bin first and the xml,
+    what a reader opens, last, so that no reader ever sees a half-written or mismatched pair."""
+    ov = optional_import("openvino")
+    out = Path(out)
+    ov_model.set_rt_info(json.dumps(metadata), [METADATA_KEY])
+    with atomic_write(out, replace=False, suffix=".tmp.xml") as temp:
+        try:
+            try:
+                ov.save_model(ov_model, temp, compress_to_fp16=False)
+            except RuntimeError as e:  # OpenVINO's C++ stream errors ("basic_ios::clear") say nothing of the cause
+                free = shutil.disk_usage(out.parent).free // 2**20
+                raise cli.UsageError(f"{out}: OpenVINO could not write the model ({cli.first_line(e)}); {free} MB are free in {out.parent.resolve()}") from None
+            publish_new(temp.with_suffix(".bin"), out.with_suffix(".bin"))
+        finally:
+            temp.with_suffix(".bin").unlink(missing_ok=True)
+
+
+def check_openvino(graph, float_model, *, written, metadata, image):
     """The float graph run in f32 against PyTorch (logits), and what was written, at OpenVINO's default precision
     (and int8 if quantised), against PyTorch fp32 (class map)."""
     with torch.no_grad():
         expected_classes, expected_logits = graph(image)
-    _, logits = OpenVinoModel(float_model, metadata, "f32").run(image)
+    _, logits = OpenVinoModel(float_model, metadata, precision="f32").run(image)
     deployed = OpenVinoModel(written, metadata)
     classes, _ = deployed.run(image)
     return {
@@ -140,7 +170,7 @@ def check_openvino(graph, float_model, written, metadata, image):
     }
 
 
-def export_openvino(model, out, size, metadata, calibration):
+def export_openvino(model, out, *, size, metadata, calibration):
     """fp32 IR, or int8 when calibration images are given. The parity image is the first calibration image (a real
     one), else random."""
     started = time.perf_counter()
@@ -150,9 +180,9 @@ def export_openvino(model, out, size, metadata, calibration):
     if calibration and not any(op.get_type_name() == "FakeQuantize" for op in written.get_ops()):
         raise cli.UsageError("--int8: NNCF quantised no layer of the model, so the IR would be fp32; nothing was written")
     quantized_s = time.perf_counter() - started - converted_s
-    save_openvino(written, out, metadata)
+    save_openvino(written, out, metadata=metadata)
     image = torch.from_numpy(calibration[0]) if calibration else torch.randint(0, 256, (1, 3, *size)).float()
-    parity = check_openvino(DeployGraph(model), float_model, written, metadata, image)
+    parity = check_openvino(DeployGraph(model), float_model, written=written, metadata=metadata, image=image)
     print(
         f"OpenVINO vs PyTorch at {size[0]}x{size[1]} ({'a training image' if calibration else 'a random image'}): f32 logits max |diff| "
         f"{parity['max_abs_logit_diff_f32']:.3g}; class map of {parity['runtime_precision']}: {100 * parity['class_agreement']:.2f}% agree with fp32"
@@ -195,16 +225,17 @@ def parse_args(argv=None):
     return args
 
 
-def run(args):
-    model, description = load_model_and_dataset(args.ckpt)
-    info = checkpoint_dataset(description, model.config["num_classes"], args.ckpt)
-    metadata = describe(model, info, args.size, "int8" if args.int8 else "fp32", args.ckpt)
+def export_checkpoint(args):
+    model, info = load_model_and_dataset(args.ckpt)
+    metadata = export_metadata(model, info, size=args.size, precision="int8" if args.int8 else "fp32", source=args.ckpt)
     try:
         if args.format == "onnx":
-            result = export_onnx(model, args.out, args.size, args.dynamic, args.argmax, args.opset, metadata)
+            result = export_onnx(model, args.out, size=args.size, dynamic=args.dynamic, argmax=args.argmax, opset=args.opset, metadata=metadata)
         else:
-            calibration = calibration_images(args.calib_data, args.dataset, args.calib_images, args.size, info.num_classes) if args.int8 else None
-            result = export_openvino(model, args.out, args.size, metadata, calibration)
+            calibration = (
+                calibration_images(args.calib_data, args.dataset, count=args.calib_images, size=args.size, num_classes=info.num_classes) if args.int8 else None
+            )
+            result = export_openvino(model, args.out, size=args.size, metadata=metadata, calibration=calibration)
     except FileExistsError:
         raise cli.UsageError(f"{args.out} appeared while the model was exported; it was kept, not replaced: pass another --out") from None
     except OSError as e:
@@ -214,7 +245,7 @@ def run(args):
 
 
 def main(argv=None):
-    cli.main(lambda: run(parse_args(argv)))
+    cli.main(lambda: export_checkpoint(parse_args(argv)))
 
 
 if __name__ == "__main__":

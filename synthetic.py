@@ -64,7 +64,7 @@ def _blob(rng, cx, cy, rx, ry, points=14):
     return [[cx + rx * r * np.cos(a), cy + ry * r * np.sin(a)] for a, r in zip(angles, radius)]
 
 
-def synthetic_scene(rng, height, width):
+def synthetic_scene(rng, height, *, width):
     """Objects in drawing order (later ones cover earlier ones, as in real Cityscapes annotations)."""
     H, W = height, width
     horizon = H * rng.uniform(0.38, 0.5)
@@ -89,19 +89,19 @@ def synthetic_scene(rng, height, width):
         base, top = H * rng.uniform(0.62, 0.85), H * rng.uniform(0.15, 0.3)
         objects.append(("pole", _box(px, top, px + W * 0.006, base)))
         if rng.random() < 0.7:
-            kind = rng.choice(["traffic sign", "traffic light"])
+            label = rng.choice(["traffic sign", "traffic light"])
             s = W * 0.02
-            objects.append((kind, _box(px - s / 2, top, px + s, top + (s if kind == "traffic sign" else 2 * s))))
+            objects.append((label, _box(px - s / 2, top, px + s, top + (s if label == "traffic sign" else 2 * s))))
     for _ in range(rng.integers(1, 5)):
         y = rng.uniform(horizon + H * 0.05, H * 0.85)
         scale = (y - horizon) / (H - horizon)
         cx = vanish_x + (rng.uniform(-0.7, 0.7) * W * 0.5) * scale
-        kind = rng.choice(["car", "car", "car", "truck", "bus"])
-        w = W * 0.25 * scale * (1.6 if kind != "car" else 1.0)
-        h = w * (0.55 if kind == "car" else 0.9)
+        label = rng.choice(["car", "car", "car", "truck", "bus"])
+        w = W * 0.25 * scale * (1.6 if label != "car" else 1.0)
+        h = w * (0.55 if label == "car" else 0.9)
         body = [[cx - w / 2, y], [cx - w / 2, y - h * 0.55], [cx - w * 0.3, y - h], [cx + w * 0.3, y - h]]
         body += [[cx + w / 2, y - h * 0.55], [cx + w / 2, y]]
-        objects.append((kind, body))
+        objects.append((label, body))
         if rng.random() < 0.3:
             objects.append(("license plate", _box(cx - w * 0.08, y - h * 0.25, cx + w * 0.08, y - h * 0.15)))
     for _ in range(rng.integers(1, 5)):
@@ -122,7 +122,7 @@ def synthetic_scene(rng, height, width):
     return [(label, [[int(round(px)), int(round(py))] for px, py in poly]) for label, poly in objects]
 
 
-def render_image(objects, rng, height, width):
+def render_image(objects, rng, *, height, width):
     """Per-object colour, then shading, lighting gradient and sensor noise, so classes are not colour-coded."""
     image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
@@ -145,11 +145,11 @@ def synthesize_one(job):
     rng = np.random.default_rng([seed, split_index, i])
     city = CITIES[i % len(CITIES)]
     stem = f"{city}_{i // len(CITIES):06d}_{19 + i:06d}"
-    objects = synthetic_scene(rng, height, width)
+    objects = synthetic_scene(rng, height, width=width)
     image_dir, label_dir = out / "leftImg8bit" / split / city, out / "gtFine" / split / city
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_image(objects, rng, height, width)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
+    Image.fromarray(render_image(objects, rng, height=height, width=width)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
     annotation = {
         "imgHeight": height,
         "imgWidth": width,
@@ -162,7 +162,7 @@ def synthesize_one(job):
     json2labelImg(str(json_path), str(label_dir / f"{stem}_gtFine_labelIds.png"), "ids")
 
 
-def synthesize_cityscapes(out_dir, train=20, val=6, test=0, height=512, width=1024, seed=0, nproc=1):
+def synthesize_cityscapes(out_dir, train=20, *, val=6, test=0, height=512, width=1024, seed=0, nproc=1):
     """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)."""
     out = new_dataset_folder(out_dir)
     jobs = [(out, k, split, i, height, width, seed) for k, (split, count) in enumerate((("train", train), ("val", val), ("test", test))) for i in range(count)]
@@ -176,7 +176,7 @@ def synthesize_cityscapes(out_dir, train=20, val=6, test=0, height=512, width=10
 
 
 # -- Your own data's layouts: textured class regions --------------------------------------------------------
-def synthetic_pair(rng, info, height, width):
+def synthetic_pair(rng, info, *, height, width):
     """An image of textured class regions (each class its own colour) and its label, 255 along some borders."""
     label = np.full((height, width), rng.integers(info.num_classes), dtype=np.uint8)
     for _ in range(int(rng.integers(4, 10))):
@@ -190,7 +190,7 @@ def synthetic_pair(rng, info, height, width):
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def synthesize_folder(out_dir, classes=7, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0):
+def synthesize_folder(out_dir, classes=7, *, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0):
     """A dataset of `classes` classes in a generic layout, classes.txt included; the same seed gives the same bytes.
     mmseg's layout gets palette PNG labels (as VOC-style tools write them), the others grey ones."""
     out = new_dataset_folder(out_dir)
@@ -201,7 +201,7 @@ def synthesize_folder(out_dir, classes=7, train=12, val=4, test=0, height=128, w
         lines = []
         for i in range(count):
             rng = np.random.default_rng((seed, split_number, i))
-            image, label = synthetic_pair(rng, info, height, width)
+            image, label = synthetic_pair(rng, info, height=height, width=width)
             if layout == "camvid":
                 label[label == IGNORE_INDEX] = info.void_value
             image_rel, label_rel = {

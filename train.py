@@ -9,6 +9,7 @@ A run ends with one JSON line: {"iters", "train_fps", "mIoU", "checkpoint", ...}
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -23,11 +24,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-import device as devices
-from bisenet import RESNET_LAYOUTS, CheckpointError, build_model, load_backbone, load_model, model_config
-from checkpoints import Checkpointer, changed_settings, last_checkpoint_note, open_work_dir, restore
+from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
+from checkpoints import Checkpointer, changed_settings, last_checkpoint_note, load_backbone, load_model, open_work_dir, restore
 from cityscapes import IGNORE_INDEX
+from cli import CheckpointError
 from datasets import DataError, TrainTransform, detect_dataset, open_dataset
+from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
 from runlog import Progress, RunLog, Speed
 
@@ -150,12 +152,12 @@ def cross_entropy(logits, labels, *, normalise="valid"):
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
 
 
-def segmentation_loss(outputs, labels, *, kind="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
+def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
     """Main head + aux_weight x each aux head, on the fp32 logits the heads return (O1's loss in fp32); bind the
     options with functools.partial to get the loss callable."""
 
     def head_loss(logits):
-        if kind == "ohem":
+        if loss_type == "ohem":
             return ohem_cross_entropy(logits, labels, thresh=ohem_thresh)
         return cross_entropy(logits, labels, normalise=normalise)
 
@@ -191,8 +193,8 @@ class IterationSampler(torch.utils.data.Sampler):
             yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
 
 
-def training_set(data_root, kind, *, crop, scale_range, cat_max_ratio):
-    dataset = open_dataset(data_root, "train", kind, TrainTransform(crop, scale_range, cat_max_ratio))
+def training_set(data_root, dataset_type, *, crop, scale_range, cat_max_ratio):
+    dataset = open_dataset(data_root, "train", dataset_type=dataset_type, transform=TrainTransform(crop, scale_range, cat_max_ratio=cat_max_ratio))
     first = dataset.samples[0][0]
     try:
         with Image.open(first) as image:
@@ -222,7 +224,7 @@ def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime
 
 
 # -- Checkpoints ----------------------------------------------------------------------------------------------
-def seed_for(seed, diff_seed, rank, iteration):
+def seed_for(seed, diff_seed, *, rank, iteration):
     """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
     so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
     return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
@@ -233,23 +235,23 @@ CLASSIFIERS = ("head.classifier.", "aux_head16.classifier.", "aux_head32.classif
 
 
 def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_from=None, pretrained=None, sync_bn=False, log=print):
-    config = model_config(depth, num_classes, dropout=dropout)
+    config = ModelConfig(depth, num_classes, dropout=dropout)
     source = None
     if load_from:
         source = load_model(load_from)
-        if source.config["depth"] != depth:
-            raise CheckpointError(f"{load_from}: a ResNet-{source.config['depth']} model; pass --depth {source.config['depth']}")
-        config = {**source.config, "dropout": dropout, "num_classes": num_classes}  # keeps its fusion variant and input normalisation
+        if source.config.depth != depth:
+            raise CheckpointError(f"{load_from}: a ResNet-{source.config.depth} model; pass --depth {source.config.depth}")
+        config = dataclasses.replace(source.config, dropout=dropout, num_classes=num_classes)  # keeps its fusion variant and input normalisation
     model = build_model(config)
     if source is not None:
         state = source.state_dict()
-        if source.config["num_classes"] != num_classes:  # fine-tuning on other classes: everything but the classifiers
+        if source.config.num_classes != num_classes:  # fine-tuning on other classes: everything but the classifiers
             state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIERS)}
-            log(f"{load_from}: {source.config['num_classes']} classes, the data has {num_classes}: the three classifier layers are re-initialised")
-        model.load_state_dict(state, strict=source.config["num_classes"] == num_classes)
+            log(f"{load_from}: {source.config.num_classes} classes, the data has {num_classes}: the three classifier layers are re-initialised")
+        model.load_state_dict(state, strict=source.config.num_classes == num_classes)
         log(f"initial weights from {load_from}")
     if pretrained:
-        load_backbone(model, pretrained, log)
+        load_backbone(model, pretrained, log=log)
     if sync_bn and runtime.distributed:
         if runtime.backend == "gloo":
             raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
@@ -261,7 +263,7 @@ def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_fr
 
 
 def create_optimizer(model, *, lr, momentum, weight_decay, kernel="default"):
-    return devices.sgd(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, kernel=kernel)
+    return sgd(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, kernel=kernel)
 
 
 def data_parallel(model, runtime):
@@ -282,7 +284,7 @@ def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
     return loss
 
 
-def to_device(batch, runtime, channels_last):
+def to_device(batch, runtime, *, channels_last):
     images = batch["image"].to(runtime.device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -294,7 +296,7 @@ class Validation:
     """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics; step() says whether
     it is a new best. Without a val set (--no-validate) it never runs."""
 
-    def __init__(self, val_set, model, runtime, *, amp, workers, interval, iters, best, run_log):
+    def __init__(self, val_set, model, *, runtime, amp, workers, interval, iters, best, run_log):
         self.val_set, self.model, self.runtime, self.amp, self.workers = val_set, model, runtime, amp, workers
         self.interval, self.iters, self.best, self.run_log, self.result = interval, iters, best, run_log, None
 
@@ -303,7 +305,7 @@ class Validation:
             return False
         self.runtime.share_buffers(self.model)
         self.model.eval()
-        self.result = evaluate(torch_segmenter(self.model, self.runtime, self.amp), self.val_set, self.runtime, workers=self.workers)
+        self.result = evaluate(torch_segmenter(self.model, self.runtime, amp=self.amp), self.val_set, runtime=self.runtime, workers=self.workers)
         self.model.train()
         miou = self.result["mIoU"]
         improved = self.best is None or miou > self.best
@@ -313,7 +315,7 @@ class Validation:
         return improved
 
 
-def check_step(it, loss, scaler, scale_before, *, static_scale, run_log, work_dir):
+def check_step(it, loss, *, scaler, scale_before, static_scale, run_log, work_dir):
     """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a non-finite loss
     anywhere else, or a scale below 1, ends the run with the last good checkpoint kept."""
     if scaler.is_enabled() and scaler.get_scale() < scale_before:
@@ -341,11 +343,11 @@ def check_flags(runtime, *, loss_scale, amp, batch_size, sync_bn):
         )
 
 
-def resume(checkpoint, path, model, optimizer, scaler, *, runtime, info, settings, run_log):
+def resume(checkpoint, path, *, model, optimizer, scaler, runtime, info, settings, run_log):
     """(start iteration, best mIoU): 0 and None for a fresh run; a resumed run says which recipe flags differ."""
     if checkpoint is None:
         return 0, None
-    start, best = restore(checkpoint, path, model, optimizer, scaler, runtime=runtime, info=info)
+    start, best = restore(checkpoint, path, model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info)
     run_log.message(f"resumed from {path.resolve()} at iteration {start}")
     changes = changed_settings(checkpoint.get("args", {}), settings)
     if changes:
@@ -353,8 +355,26 @@ def resume(checkpoint, path, model, optimizer, scaler, *, runtime, info, setting
     return start, best
 
 
+def run_summary(runtime, *, iters, amp, depth, speed, validation, checkpoint):
+    """The JSON line a run ends with."""
+    result, best = validation.result, validation.best
+    return {
+        "iters": iters,
+        **speed.summary(),
+        "mIoU": round(result["mIoU"], 2) if result else None,
+        "best_mIoU": round(best, 2) if best is not None else None,
+        "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
+        "device": str(runtime.device),
+        "world_size": runtime.world_size,
+        "backend": runtime.backend,
+        "amp": amp,
+        "precision": runtime.precision(amp),
+        "depth": depth,
+    }
+
+
 def train(args):
-    runtime = devices.setup(args.device, args.device_id, args.amp_dtype)
+    runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
     if runtime.is_main:
         tqdm.write(runtime.device_note)
     runtime.check_options(compile=args.compile, channels_last=args.channels_last)
@@ -364,9 +384,9 @@ def train(args):
     info = dataset.info
     if args.num_classes is not None and args.num_classes != info.num_classes:
         raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
-    val_set = None if args.no_validate else open_dataset(args.data_root, "val", args.dataset)
+    val_set = None if args.no_validate else open_dataset(args.data_root, "val", dataset_type=args.dataset)
     work_dir = Path(args.work_dir)
-    held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime, tqdm.write)
+    held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime=runtime, log=tqdm.write)
     run_log = RunLog(work_dir, runtime.is_main)
     run_log.message(f"dataset: {info.name} ({detect_dataset(args.data_root, args.dataset)}), {info.num_classes} classes, {len(dataset)} training images")
     run_log.message(runtime.precision_note(args.amp))
@@ -386,18 +406,20 @@ def train(args):
     )
     optimizer = create_optimizer(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, kernel=runtime.sgd_kernel)
     scaler = runtime.grad_scaler(args.amp, args.loss_scale)
-    start, best = resume(checkpoint, resumed_from, model, optimizer, scaler, runtime=runtime, info=info, settings=settings, run_log=run_log)
+    start, best = resume(
+        checkpoint, resumed_from, model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info, settings=settings, run_log=run_log
+    )
     for group in optimizer.param_groups:  # a resumed run takes this command's values, not its optimizer state's
         group.update(momentum=args.momentum, weight_decay=args.weight_decay)
     del checkpoint
 
     def reseed(iteration):
-        torch.manual_seed(seed_for(args.seed, args.diff_seed, runtime.rank, iteration))
+        torch.manual_seed(seed_for(args.seed, args.diff_seed, rank=runtime.rank, iteration=iteration))
 
     reseed(start)
     ddp_model = data_parallel(model, runtime) if runtime.distributed else model
     ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
-    loss_fn = functools.partial(segmentation_loss, kind=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
+    loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
     schedule = functools.partial(
         learning_rate,
         base_lr=args.lr,
@@ -413,8 +435,8 @@ def train(args):
     checkpointer = Checkpointer(
         work_dir,
         model,
-        optimizer,
-        scaler,
+        optimizer=optimizer,
+        scaler=scaler,
         settings=settings,
         dataset=info,
         interval=args.ckpt_interval,
@@ -426,7 +448,7 @@ def train(args):
         path=resumed_from,
     )
     validation = Validation(
-        val_set, model, runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters, best=best, run_log=run_log
+        val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters, best=best, run_log=run_log
     )
     speed = Speed(images_per_iter=args.batch_size * runtime.world_size, start=start, iters=args.iters)
     it = start
@@ -440,10 +462,10 @@ def train(args):
                 lr = schedule(it)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                images, labels = to_device(batch, runtime, channels_last)
+                images, labels = to_device(batch, runtime, channels_last=channels_last)
                 scale_before = scaler.get_scale()
                 loss = train_step(ddp_model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast).item()
-                check_step(it, loss, scaler, scale_before, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
+                check_step(it, loss, scaler=scaler, scale_before=scale_before, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
                 step_time = time.perf_counter() - tick
                 speed.step(it, data_time=data_time, step_time=step_time)
                 progress.step(it, loss=loss, lr=lr, speed=speed, data_time=data_time, step_time=step_time)
@@ -453,25 +475,12 @@ def train(args):
                 tick = time.perf_counter()
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted at iteration {it}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.") from None
-    result, best, path = validation.result, validation.best, checkpointer.path
-    summary = {
-        "iters": args.iters,
-        **speed.summary(),
-        "mIoU": round(result["mIoU"], 2) if result else None,
-        "best_mIoU": round(best, 2) if best is not None else None,
-        "checkpoint": str(path.resolve()) if path else None,
-        "device": str(runtime.device),
-        "world_size": runtime.world_size,
-        "backend": runtime.backend,
-        "amp": args.amp,
-        "precision": runtime.precision(args.amp),
-        "depth": args.depth,
-    }
+    summary = run_summary(runtime, iters=args.iters, amp=args.amp, depth=args.depth, speed=speed, validation=validation, checkpoint=checkpointer.path)
     run_log.record({"iter": args.iters, "summary": summary})
     run_log.close()
     if runtime.is_main:
         print(json.dumps(summary), flush=True)
-    devices.teardown(runtime)
+    teardown_runtime(runtime)
     if held_lock:
         held_lock.close()
     return summary

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import publish_new, temporary_file
+from checkpoints import atomic_write
 from datasets import DataError
 
 CODECS = {".mp4": "mp4v", ".avi": "MJPG"}  # what OpenCV's pip wheels can write
@@ -41,7 +41,7 @@ def overlay(frame, pred, colors):
     return cv2.addWeighted(frame, 0.5, colors[pred], 0.5, 0)
 
 
-def segment_video(segment, source, out, info, device="cpu", progress=True):
+def segment_video(segment, source, *, out, info, device="cpu", progress=True):
     """Reads `source` frame by frame, writes the overlay video to `out` and returns the summary. The video is written
     under a temporary name and published at the end without replacing anything (a file that appeared at `out`
     meanwhile is kept, and the video goes to OUT_2); Ctrl-C ends a camera stream and keeps what was written."""
@@ -49,37 +49,37 @@ def segment_video(segment, source, out, info, device="cpu", progress=True):
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may not say
     width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    temp = temporary_file(out, f".tmp{out.suffix}")
-    writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*CODECS[out.suffix]), fps, (width, height))
     colors = np.ascontiguousarray(info.colors[:, ::-1])
     latencies, interrupted = [], False
     bar = tqdm(total=total if total > 0 else None, unit="frame", desc="video", disable=not progress)
-    started = time.perf_counter()
-    try:
-        if not writer.isOpened():
-            raise DataError(f"--out {out}: OpenCV cannot write this video")
-        while True:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            tick = time.perf_counter()
-            images = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].to(device)
-            pred = segment(images)[0].to(torch.uint8).cpu().numpy()
-            latencies.append(time.perf_counter() - tick)
-            writer.write(overlay(frame, pred, colors))
-            bar.update()
-            bar.set_postfix(latency_ms=f"{1000 * latencies[-1]:.0f}", fps=f"{len(latencies) / (time.perf_counter() - started):.1f}")
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        elapsed = time.perf_counter() - started
-        bar.close()
-        capture.release()
-        writer.release()
-        written = publish_new(temp, out, keep_both=True) if latencies else None
-        temp.unlink(missing_ok=True)
-    if not latencies:
-        raise DataError(f"--video {source}: no frame could be read")
+    output = atomic_write(out, replace=False, keep_both=True, suffix=f".tmp{out.suffix}")
+    with output as temp:
+        writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*CODECS[out.suffix]), fps, (width, height))
+        started = time.perf_counter()
+        try:
+            if not writer.isOpened():
+                raise DataError(f"--out {out}: OpenCV cannot write this video")
+            while True:
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                tick = time.perf_counter()
+                images = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].to(device)
+                pred = segment(images)[0].to(torch.uint8).cpu().numpy()
+                latencies.append(time.perf_counter() - tick)
+                writer.write(overlay(frame, pred, colors))
+                bar.update()
+                bar.set_postfix(latency_ms=f"{1000 * latencies[-1]:.0f}", fps=f"{len(latencies) / (time.perf_counter() - started):.1f}")
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            elapsed = time.perf_counter() - started
+            bar.close()
+            capture.release()
+            writer.release()
+        if not latencies:
+            raise DataError(f"--video {source}: no frame could be read")
+    written = output.path
     probe = cv2.VideoCapture(str(written))
     out_size = f"{int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}"  # codecs may round odd sizes down
     probe.release()

@@ -35,6 +35,13 @@ def in_process(script, *args):
     return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
+def succeeded(script, *args):
+    """The stdout of in_process(script, *args), which must have exited with 0."""
+    result = in_process(script, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def last_json(stdout):
     """The JSON line every script ends with."""
     return json.loads(stdout.strip().splitlines()[-1])

@@ -7,17 +7,17 @@ import numpy as np
 import torch
 from conftest import ROOT
 
-import device as devices
+from device import CpuFeatures, Runtime, cpu_amp_dtype
 
-CPU_O1 = devices.Runtime(torch.device("cpu")).precision("O1")  # what O1 runs on this CPU (tests/test_precision.py)
+CPU_O1 = Runtime(torch.device("cpu")).precision("O1")  # what O1 runs on this CPU (tests/test_precision.py)
 
 
 def test_device_defaults_for_o1():
-    cpu, cuda = devices.Runtime(torch.device("cpu")), devices.Runtime(torch.device("cuda", 0))
-    assert (cpu.amp_dtype, cpu.sgd_kernel) == (devices.cpu_amp_dtype(devices.CpuFeatures.detect())[0], "default")
+    cpu, cuda = Runtime(torch.device("cpu")), Runtime(torch.device("cuda", 0))
+    assert (cpu.amp_dtype, cpu.sgd_kernel) == (cpu_amp_dtype(CpuFeatures.detect())[0], "default")
     assert (cuda.amp_dtype, cuda.precision("O1"), cuda.sgd_kernel) == (torch.float16, "fp16 autocast", "fused")
     assert not cpu.grad_scaler("O1").is_enabled() and not cpu.distributed
-    assert devices.Runtime(torch.device("cpu"), amp_dtype=torch.float16).grad_scaler("O1").is_enabled()
+    assert Runtime(torch.device("cpu"), amp_dtype=torch.float16).grad_scaler("O1").is_enabled()
     assert cuda.precision("O0") == "fp32"
 
 

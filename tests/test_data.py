@@ -88,7 +88,7 @@ def test_dataset_finds_the_pairs_and_list_file_agrees_with_scan(synthetic_root, 
     assert len(listed) == 4
     for image, label in listed:
         assert label.name == image.name.replace("_leftImg8bit.png", LABEL_SUFFIX)
-    dataset = open_dataset(synthetic_root, "train", "cityscapes")
+    dataset = open_dataset(synthetic_root, "train", dataset_type="cityscapes")
     seen = set()
     for i in range(len(dataset)):
         sample = dataset[i]
@@ -215,7 +215,7 @@ def make_broken(root, tmp_path, what):
 def test_bad_files_raise_one_line_errors_naming_the_file(synthetic_root, tmp_path, what, message):
     broken, path = make_broken(synthetic_root, tmp_path, what)
     with pytest.raises(DataError) as error:
-        dataset = open_dataset(broken, "train", "cityscapes")
+        dataset = open_dataset(broken, "train", dataset_type="cityscapes")
         for i in range(len(dataset)):
             dataset[i]
     assert str(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)

@@ -22,7 +22,7 @@ import datasets
 import evaluate
 import export
 import synthetic
-from bisenet import build_model, model_config
+from bisenet import ModelConfig, build_model
 from video import segment_video
 
 
@@ -48,10 +48,10 @@ def my7(tmp_path_factory):
     that describes its classes."""
     root = synthetic.synthesize_folder(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
     torch.manual_seed(0)
-    model = build_model(model_config(18, 7))
+    model = build_model(ModelConfig(18, 7))
     info = datasets.folder_info(root)
     ckpt = root.parent / "m7.pth"
-    torch.save({"model_config": model.config, "model": model.state_dict(), "dataset": info.to_dict()}, ckpt)
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": info.to_dict()}, ckpt)
     return root, ckpt
 
 
@@ -149,7 +149,7 @@ def test_video_keeps_a_file_that_appeared_at_out_during_the_run(tmp_path, capsys
             out.write_bytes(b"someone else's video")
         return torch.zeros(images.shape[0], *images.shape[2:], dtype=torch.long)
 
-    result = segment_video(segment, source, out, info, progress=False)
+    result = segment_video(segment, source, out=out, info=info, progress=False)
     assert out.read_bytes() == b"someone else's video"
     assert result["out"] == str(tmp_path / "drive_seg_2.avi") and result["frames"] == 4 and not result["truncated"]
     assert "it was kept, and the video is" in capsys.readouterr().err
@@ -161,14 +161,16 @@ def test_a_truncated_or_odd_sized_video_says_so(tmp_path):
     data = source.read_bytes()
     source.write_bytes(data[: int(len(data) * 0.6)])
     result = segment_video(
-        lambda x: torch.zeros(1, *x.shape[2:], dtype=torch.long), source, tmp_path / "cut_seg.avi", datasets.unnamed_classes(3), progress=False
+        lambda x: torch.zeros(1, *x.shape[2:], dtype=torch.long), source, out=tmp_path / "cut_seg.avi", info=datasets.unnamed_classes(3), progress=False
     )
     assert result["frames"] < 10 and result["frames_expected"] == 10 and result["truncated"]
 
     for i in range(3):  # OpenCV's video writers round odd sizes down; an image sequence is a 67x129 source
         cv2.imwrite(str(tmp_path / f"frame_{i:03d}.png"), np.zeros((67, 129, 3), np.uint8))
     odd = tmp_path / "frame_%03d.png"
-    result = segment_video(lambda x: torch.zeros(1, *x.shape[2:], dtype=torch.long), odd, tmp_path / "odd_seg.mp4", datasets.unnamed_classes(3), progress=False)
+    result = segment_video(
+        lambda x: torch.zeros(1, *x.shape[2:], dtype=torch.long), odd, out=tmp_path / "odd_seg.mp4", info=datasets.unnamed_classes(3), progress=False
+    )
     written = cv2.VideoCapture(result["out"])
     assert result["out_size"] == f"{int(written.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(written.get(cv2.CAP_PROP_FRAME_WIDTH))}"
     assert result["size"] == "67x129" and result["out_size"] == "66x128"  # mp4v rounds odd sizes down, and the JSON says so
@@ -238,9 +240,9 @@ def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
         mask = np.array(Image.open(label))
         Image.fromarray(np.where(mask == 255, 0, mask).astype(np.uint8)).save(label)
     torch.manual_seed(1)
-    model = build_model(model_config(18, 2))
+    model = build_model(ModelConfig(18, 2))
     ckpt = tmp_path / "m2.pth"
-    torch.save({"model_config": model.config, "model": model.state_dict(), "dataset": datasets.folder_info(data).to_dict()}, ckpt)
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": datasets.folder_info(data).to_dict()}, ckpt)
     plain = scored(ckpt, data, capsys)
     for label in (data / "ann_dir").rglob("*.png"):
         indices = np.array(Image.open(label))
@@ -304,16 +306,16 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
     assert exported["classes"] == [f"thing{k}" for k in range(7)]
 
     torch.manual_seed(3)
-    coco = build_model(model_config(18, 171))  # e.g. COCO-Stuff, saved without a description
+    coco = build_model(ModelConfig(18, 171))  # e.g. COCO-Stuff, saved without a description
     bare = tmp_path / "coco.pth"
-    torch.save({"model_config": coco.config, "model": coco.state_dict()}, bare)
+    torch.save({"model_config": coco.config.to_dict(), "model": coco.state_dict()}, bare)
     result = summary(evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "coco", "--workers", "0"], capsys)
     assert result["images"] == 1 and result["dataset"] == "unnamed classes"
     assert "no submission ids" in in_process_error(
         evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "x", "--format", "labelIds"], capsys, allow_warnings=True
     )
     broken = tmp_path / "broken.pth"
-    torch.save({"model_config": coco.config, "model": coco.state_dict(), "dataset": {"class_names": 5}}, broken)
+    torch.save({"model_config": coco.config.to_dict(), "model": coco.state_dict(), "dataset": {"class_names": 5}}, broken)
     assert "its dataset description is malformed" in in_process_error(
         evaluate.main, ["--ckpt", broken, "--images", images, "--out-dir", tmp_path / "y"], capsys, allow_warnings=True
     )

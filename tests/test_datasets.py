@@ -16,14 +16,10 @@ from PIL import Image
 
 import datasets
 import synthetic
-from bisenet import build_model, model_config
+from bisenet import ModelConfig, build_model
 from datasets import CAMVID, CITYSCAPES, DataError, open_dataset, read_classes, read_label
 
 TINY = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1", "--warmup-iters", "0", "--lr", "0.02"]
-
-
-def run(script, *args):
-    return in_process(script, *args)
 
 
 def test_classes_file_names_colours_and_default_palette(tmp_path):
@@ -63,13 +59,13 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(tmp_p
     root = synthetic.synthesize_folder(tmp_path / "data", classes=classes, train=6, val=2, layout=layout, seed=3)
     dataset = open_dataset(root, "val")
     assert dataset.info.num_classes == classes and len(dataset) == 2
-    trained = run("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "3", "--val-interval", "3", "--ckpt-interval", "3")
+    trained = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "3", "--val-interval", "3", "--ckpt-interval", "3")
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert f"dataset: {dataset.info.name} (folder), {classes} classes, 6 training images" in trained.stdout
     checkpoint = torch.load(tmp_path / "wd" / "iter_3.pth", weights_only=True)
     assert checkpoint["dataset"] == dataset.info.to_dict() and checkpoint["model_config"]["num_classes"] == classes
 
-    evaluated = run("evaluate.py", "--ckpt", tmp_path / "wd" / "latest.pth", "--data-root", root)
+    evaluated = in_process("evaluate.py", "--ckpt", tmp_path / "wd" / "latest.pth", "--data-root", root)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     summary = last_json(evaluated.stdout)
     assert list(summary["per_class"]) == list(dataset.info.class_names) and summary["dataset"] == dataset.info.name
@@ -82,7 +78,7 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(tmp_p
         shutil.copy(image, folder / image.name)
     out = tmp_path / "pred"
     for fmt in ("color", "trainIds"):
-        predicted = run("evaluate.py", "--ckpt", tmp_path / "wd" / "latest.pth", "--images", folder, "--out-dir", out, "--format", fmt)
+        predicted = in_process("evaluate.py", "--ckpt", tmp_path / "wd" / "latest.pth", "--images", folder, "--out-dir", out, "--format", fmt)
         assert predicted.returncode == 0, predicted.stderr[-3000:]
     for color_png in sorted(out.glob("*_color.png")):
         color = np.array(Image.open(color_png))
@@ -90,22 +86,33 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(tmp_p
         assert np.array_equal(color, dataset.info.colors[indices])
 
 
-def test_bad_labels_and_class_mismatches_are_one_line_errors(tmp_path, synthetic_root):
+def seven_class_data(tmp_path):
+    """A 7-class dataset in the list layout, and a 19-class Cityscapes model saved as checkpoints were before
+    datasets were saved with them."""
     root = synthetic.synthesize_folder(tmp_path / "data", classes=7, train=4, val=2, layout="list", seed=4)
+    cityscapes_model = build_model(ModelConfig(18))
+    torch.save({"model_config": cityscapes_model.config.to_dict(), "model": cityscapes_model.state_dict()}, tmp_path / "city.pth")
+    return root, cityscapes_model
+
+
+def test_a_label_value_outside_the_classes_is_a_one_line_error(tmp_path):
+    root, _ = seven_class_data(tmp_path)
     bad = root / "labels" / "train_0001.png"
     Image.fromarray(np.full((128, 256), 9, np.uint8)).save(bad)
-    last = one_line_error(run("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "4", "--no-validate"))
+    last = one_line_error(in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY, "--iters", "4", "--no-validate"))
     assert str(bad) in last and "label values [9] are not classes of data (0..6 or 255 = ignore)" in last
 
-    cityscapes_model = build_model(model_config(18))  # 19 classes, saved as a checkpoint of before datasets were saved
-    torch.save({"model_config": cityscapes_model.config, "model": cityscapes_model.state_dict()}, tmp_path / "city.pth")
-    last = one_line_error(run("evaluate.py", "--ckpt", tmp_path / "city.pth", "--data-root", root))
+
+def test_a_model_of_other_classes_is_not_evaluated_on_the_data(tmp_path):
+    root, _ = seven_class_data(tmp_path)
+    last = one_line_error(in_process("evaluate.py", "--ckpt", tmp_path / "city.pth", "--data-root", root))
     assert "a model of 19 classes, but" in last and "has 7" in last
 
-    # ... but it is a good start for fine-tuning: the backbone is kept, the classifiers start anew
-    Image.fromarray(np.full((128, 256), 1, np.uint8)).save(bad)
+
+def test_load_from_a_model_of_other_classes_keeps_the_backbone_and_starts_the_classifiers_anew(tmp_path):
+    root, cityscapes_model = seven_class_data(tmp_path)
     args = ["--data-root", root, "--work-dir", tmp_path / "ft", *TINY, "--iters", "1", "--no-validate", "--load-from", tmp_path / "city.pth", "--lr", "1e-9"]
-    tuned = run("train.py", *args, "--min-lr", "0", "--dropout", "0")
+    tuned = in_process("train.py", *args, "--min-lr", "0", "--dropout", "0")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert f"{tmp_path / 'city.pth'}: 19 classes, the data has 7: the three classifier layers are re-initialised" in tuned.stdout
     weights = torch.load(tmp_path / "ft" / "iter_1.pth", weights_only=True)["model"]
@@ -114,9 +121,9 @@ def test_bad_labels_and_class_mismatches_are_one_line_errors(tmp_path, synthetic
 
 
 def test_an_old_checkpoint_is_a_cityscapes_one(tmp_path, synthetic_root):
-    model = build_model(model_config(18))
-    torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "old.pth")
-    result = run("evaluate.py", "--ckpt", tmp_path / "old.pth", "--data-root", synthetic_root, "--amp", "O0")
+    model = build_model(ModelConfig(18))
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, tmp_path / "old.pth")
+    result = in_process("evaluate.py", "--ckpt", tmp_path / "old.pth", "--data-root", synthetic_root, "--amp", "O0")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
     assert summary["dataset"] == "cityscapes" and list(summary["per_class"]) == list(CITYSCAPES.class_names)

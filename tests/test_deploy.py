@@ -2,7 +2,6 @@
 checkpoint they came from, their self-description, the benchmark against eager fp32, live video, and the optional
 runtimes' one-line errors."""
 
-import json
 import os
 import stat
 import sys
@@ -11,13 +10,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import in_process, last_json, one_line_error
+from conftest import in_process, last_json, one_line_error, succeeded
 from PIL import Image
-from test_evaluate import run
 
 import evaluate
 import export
-from bisenet import load_model
+from checkpoints import load_model
 from cityscapes import PALETTE
 from deploy import read_metadata, to_openvino
 
@@ -46,8 +44,8 @@ def exported(trained, synthetic_root, tmp_path_factory):
     """fp32 and int8 IR of the trained model, and their export summaries."""
     folder = tmp_path_factory.mktemp("ir")
     common = ["--ckpt", trained, "--format", "openvino", "--size", "128x256"]
-    fp32 = last_json(run("export.py", *common, "--out", folder / "fp32.xml"))
-    int8 = last_json(run("export.py", *common, "--out", folder / "int8.xml", "--int8", "--calib-data", synthetic_root, "--calib-images", "8"))
+    fp32 = last_json(succeeded("export.py", *common, "--out", folder / "fp32.xml"))
+    int8 = last_json(succeeded("export.py", *common, "--out", folder / "int8.xml", "--int8", "--calib-data", synthetic_root, "--calib-images", "8"))
     return folder, fp32, int8
 
 
@@ -65,7 +63,7 @@ def test_openvino_ir_equals_pytorch_and_describes_itself(exported, trained):
     assert fp32["class_agreement"] > 0.99 and int8["precision"] == "int8" and int8["calib_images"] == 8
     ov_model, metadata = read_metadata(folder / "int8.xml")
     assert metadata["size"] == [128, 256] and metadata["source"] == str(trained) and metadata["precision"] == "int8"
-    assert metadata["dataset"]["palette"] == PALETTE.tolist() and metadata["model_config"] == json.loads(json.dumps(load_model(trained).config))
+    assert metadata["dataset"]["palette"] == PALETTE.tolist() and metadata["model_config"] == load_model(trained).config.to_dict()
     assert ov_model.inputs[0].partial_shape.to_string() == "[?,3,?,?]"  # any batch and size: reshaped when compiled
     fake_quantize = {name: sum(op.get_type_name() == "FakeQuantize" for op in read_metadata(folder / name)[0].get_ops()) for name in ("fp32.xml", "int8.xml")}
     assert fake_quantize["fp32.xml"] == 0 and fake_quantize["int8.xml"] > 50  # the precision read back from the file

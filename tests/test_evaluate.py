@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, in_process, last_json
+from conftest import ROOT, last_json, succeeded
 from PIL import Image
 from reference_models import randomize_batchnorm
 
-import device as devices
 from benchmark import free_port
-from bisenet import build_model, model_config
+from bisenet import ModelConfig, build_model
 from cityscapes import PALETTE, TRAINID_TO_LABELID
 from convert_labels import convert_dataset
+from device import Runtime
 from evaluate import Inference, confusion_matrix, metrics, predict
 from synthetic import synthesize_cityscapes
 
@@ -23,37 +23,31 @@ from synthetic import synthesize_cityscapes
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return randomize_batchnorm(build_model(model_config(18)), torch.Generator().manual_seed(0)).eval()
+    return randomize_batchnorm(build_model(ModelConfig(18)), torch.Generator().manual_seed(0)).eval()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, model):
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
-    torch.save({"model_config": model.config, "model": model.state_dict()}, path)
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, path)
     return path
-
-
-def run(script, *args):
-    result = in_process(script, *args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @torch.no_grad()
 def test_flip_averaging_happens_in_the_image_frame(model):
     images = torch.rand(1, 3, 96, 160) * 255
-    flipped = predict(model, images.flip(3), Inference(flip=True))
-    torch.testing.assert_close(flipped, predict(model, images, Inference(flip=True)).flip(3), atol=1e-6, rtol=1e-5)
+    flipped = predict(model, images.flip(3), options=Inference(flip=True))
+    torch.testing.assert_close(flipped, predict(model, images, options=Inference(flip=True)).flip(3), atol=1e-6, rtol=1e-5)
     manual = (model(images).softmax(1) + model(images.flip(3)).softmax(1).flip(3)) / 2
-    torch.testing.assert_close(predict(model, images, Inference(flip=True)), manual)
+    torch.testing.assert_close(predict(model, images, options=Inference(flip=True)), manual)
 
 
 @torch.no_grad()
 def test_sliding_window_covering_the_image_equals_whole_inference(model):
     images = torch.rand(1, 3, 96, 160) * 255
     whole = predict(model, images)
-    assert torch.equal(predict(model, images, Inference(mode="slide", crop=(96, 160), stride=(64, 64))), whole)
-    assert torch.equal(predict(model, images, Inference(mode="slide", crop=(128, 256), stride=(96, 96))), whole)
+    assert torch.equal(predict(model, images, options=Inference(mode="slide", crop=(96, 160), stride=(64, 64))), whole)
+    assert torch.equal(predict(model, images, options=Inference(mode="slide", crop=(128, 256), stride=(96, 96))), whole)
 
 
 @torch.no_grad()
@@ -64,16 +58,16 @@ def test_sliding_windows_average_every_overlap(model):
     for y, x in windows:
         total[:, :, y : y + 64, x : x + 96] += model(images[:, :, y : y + 64, x : x + 96])
         count[:, :, y : y + 64, x : x + 96] += 1
-    torch.testing.assert_close(predict(model, images, Inference(mode="slide", crop=(64, 96), stride=(32, 64))), total / count)
+    torch.testing.assert_close(predict(model, images, options=Inference(mode="slide", crop=(64, 96), stride=(32, 64))), total / count)
 
 
 @torch.no_grad()
 def test_multi_scale_with_scale_one_is_single_scale(model):
     images = torch.rand(1, 3, 96, 160) * 255
     single = predict(model, images)
-    assert torch.equal(predict(model, images, Inference(scales=(1.0,))), single)
-    torch.testing.assert_close(predict(model, images, Inference(scales=(1.0, 1.0))), single.softmax(1))
-    multi = predict(model, images, Inference(scales=(0.5, 1.0, 1.5), flip=True))
+    assert torch.equal(predict(model, images, options=Inference(scales=(1.0,))), single)
+    torch.testing.assert_close(predict(model, images, options=Inference(scales=(1.0, 1.0))), single.softmax(1))
+    multi = predict(model, images, options=Inference(scales=(0.5, 1.0, 1.5), flip=True))
     assert multi.shape == single.shape and torch.allclose(multi.sum(1), torch.ones(1, 96, 160))
 
 
@@ -113,7 +107,9 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
 
     ours = last_json(
-        run("evaluate.py", "--ckpt", checkpoint, "--data-root", synthetic_root, "--amp", "O0", "--out-dir", tmp_path, "--format", "labelIds", "--workers", "0")
+        succeeded(
+            "evaluate.py", "--ckpt", checkpoint, "--data-root", synthetic_root, "--amp", "O0", "--out-dir", tmp_path, "--format", "labelIds", "--workers", "0"
+        )
     )
     assert ours["mode"] == "ss whole"
     gts = sorted(str(p) for p in synthetic_root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
@@ -134,7 +130,7 @@ def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
     root = tmp_path / "data"
     synthesize_cityscapes(root, train=0, val=3, height=64, width=128, seed=3)  # 3 images on 2 ranks: uneven shards
     convert_dataset(root, source="labelIds", progress=False)
-    single = last_json(run("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", "O0", "--workers", "0"))
+    single = last_json(succeeded("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", "O0", "--workers", "0"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "evaluate.py"]
     cmd += ["--ckpt", str(checkpoint), "--data-root", str(root), "--amp", "O0", "--workers", "0"]
@@ -147,10 +143,12 @@ def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
 
 def test_images_folder_gets_palette_colours_and_test_split_label_ids(synthetic_root, checkpoint, tmp_path):
     images = synthetic_root / "leftImg8bit" / "test"
-    out = last_json(run("evaluate.py", "--ckpt", checkpoint, "--images", images, "--out-dir", tmp_path / "trainIds", "--format", "trainIds", "--workers", "0"))
+    out = last_json(
+        succeeded("evaluate.py", "--ckpt", checkpoint, "--images", images, "--out-dir", tmp_path / "trainIds", "--format", "trainIds", "--workers", "0")
+    )
     assert "mIoU" not in out and out["images"] == 2
-    run("evaluate.py", "--ckpt", checkpoint, "--images", images, "--out-dir", tmp_path / "color", "--format", "color", "--workers", "0")
-    run(
+    succeeded("evaluate.py", "--ckpt", checkpoint, "--images", images, "--out-dir", tmp_path / "color", "--format", "color", "--workers", "0")
+    succeeded(
         "evaluate.py",
         "--ckpt",
         checkpoint,
@@ -178,18 +176,18 @@ def test_images_folder_gets_palette_colours_and_test_split_label_ids(synthetic_r
 
 
 def test_benchmark_prints_the_protocol_and_json(checkpoint):
-    out = run("evaluate.py", "--benchmark", "--ckpt", checkpoint, "--size", "64x128", "--runs", "3", "--warmup", "1", "--device", "cpu")
+    out = succeeded("evaluate.py", "--benchmark", "--ckpt", checkpoint, "--size", "64x128", "--runs", "3", "--warmup", "1", "--device", "cpu")
     result = last_json(out)
     assert {"latency_ms_median", "fps", "device", "precision", "size", "baseline_ms_median", "speedup"} <= set(result)
-    assert result["size"] == "64x128" and result["precision"] == devices.Runtime(torch.device("cpu")).precision("O1") and result["fps"] > 0
+    assert result["size"] == "64x128" and result["precision"] == Runtime(torch.device("cpu")).precision("O1") and result["fps"] > 0
     assert "warm-up" in out
 
 
 def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (pip install -r requirements-dev.txt)")
-    result = last_json(run("export.py", "--ckpt", checkpoint, "--out", tmp_path / "m.onnx", "--size", "100x164", "--dynamic"))
+    result = last_json(succeeded("export.py", "--ckpt", checkpoint, "--out", tmp_path / "m.onnx", "--size", "100x164", "--dynamic"))
     assert result["max_abs_logit_diff"] < 1e-3 and result["argmax_agreement"] > 0.999
-    result = last_json(run("export.py", "--ckpt", checkpoint, "--out", tmp_path / "a.onnx", "--size", "64x128", "--argmax"))
+    result = last_json(succeeded("export.py", "--ckpt", checkpoint, "--out", tmp_path / "a.onnx", "--size", "64x128", "--argmax"))
     assert result["argmax_agreement"] > 0.999
 
 
@@ -200,7 +198,7 @@ def test_banded_class_map_equals_argmax_of_interpolated_logits(small, size, rows
     torch.manual_seed(1)
     logits = torch.randn(2, 19, *small)
     expected = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
-    assert (upsampled_classes(logits, size, rows) == expected).float().mean() > 0.9999
+    assert (upsampled_classes(logits, size, rows=rows) == expected).float().mean() > 0.9999
 
 
 @torch.no_grad()

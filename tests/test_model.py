@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import re
 import subprocess
@@ -9,22 +10,14 @@ import torch.nn as nn
 from conftest import ROOT
 from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
 
-from bisenet import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CheckpointError,
-    build_model,
-    count_parameters,
-    fuse_bn,
-    load_backbone,
-    load_model,
-    model_config,
-)
+from bisenet import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model, count_parameters, fuse_bn
+from checkpoints import load_backbone, load_model
+from cli import CheckpointError
 
 
 def r18(**kw):
     torch.manual_seed(0)
-    return build_model(model_config(18, **kw))
+    return build_model(ModelConfig(18, **kw))
 
 
 def normalized(images, mean, std):
@@ -33,7 +26,7 @@ def normalized(images, mean, std):
 
 @pytest.mark.parametrize("depth, inference, total", [(18, 13_275_539, 13_425_721), (50, 56_873_299, 59_243_385)])
 def test_parameter_counts_match_mmseg_configs(depth, inference, total):
-    model = build_model(model_config(depth))
+    model = build_model(ModelConfig(depth))
     assert count_parameters(model, with_aux=False) == inference
     assert count_parameters(model) == total
 
@@ -75,14 +68,31 @@ def test_fused_batchnorm_equals_unfused():
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model = randomize_batchnorm(r18(num_classes=7, ffm_attention_relu=False), torch.Generator().manual_seed(2)).eval()
-    torch.save({"model_config": model.config, "model": model.state_dict()}, tmp_path / "ours.pth")
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, tmp_path / "ours.pth")
     loaded = load_model(tmp_path / "ours.pth")
     images = torch.rand(1, 3, 96, 192) * 255
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
     assert not loaded.training and loaded.config == model.config
-    with pytest.raises(CheckpointError, match="has 7 classes, expected 19"):
-        load_model(tmp_path / "ours.pth", num_classes=19)
+
+
+def test_checkpoints_of_earlier_versions_load(tmp_path):
+    # the model_config dict train.py saved before ModelConfig existed (bisenet.model_config's keys and lists)
+    earlier = {
+        "depth": 18, "num_classes": 7, "ffm_attention_relu": True, "dropout": 0.1, "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375],
+        "spatial_channels": [64, 64, 64, 128], "context_channels": [128, 256, 512], "fusion_channels": 256, "head_channels": 256, "aux_channels": 64,
+    }  # fmt: skip
+    model = r18(num_classes=7)
+    assert model.config.to_dict() == earlier
+    torch.save({"model_config": earlier, "model": model.state_dict()}, tmp_path / "earlier.pth")
+    assert load_model(tmp_path / "earlier.pth").config == model.config
+
+
+def test_a_model_config_of_another_program_is_a_one_line_error(tmp_path):
+    model = r18()
+    torch.save({"model_config": {**model.config.to_dict(), "window_size": 7}, "model": model.state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other.pth: its model_config is not one this code knows \(\['window_size'\]\)"):
+        load_model(tmp_path / "other.pth")
 
 
 def test_torchvision_backbone_file_loads_strictly(tmp_path):
@@ -91,7 +101,7 @@ def test_torchvision_backbone_file_loads_strictly(tmp_path):
     torch.save(state, tmp_path / "resnet18.pth")
     model = r18()
     logs = []
-    load_backbone(model, tmp_path / "resnet18.pth", logs.append)
+    load_backbone(model, tmp_path / "resnet18.pth", log=logs.append)
     for key, value in reference.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value)
     assert "resnet18.pth" in logs[0]
@@ -104,14 +114,14 @@ def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
     reference = randomize_batchnorm(CoinCheungBiSeNetV1(19), torch.Generator().manual_seed(3)).eval()
     torch.save(reference.state_dict(), tmp_path / "model_final_v1_city_new.pth")
     model = load_model(tmp_path / "model_final_v1_city_new.pth")
-    assert model.config["ffm_attention_relu"] is False and model.config["depth"] == 18
+    assert model.config.ffm_attention_relu is False and model.config.depth == 18
     images = torch.rand(1, 3, 128, 256) * 255
     # CoinCheung's own preprocessing as published: ToTensor (0..1), then Normalize with these 0..1 statistics
     published_mean, published_std = (0.3257, 0.3690, 0.3223), (0.2112, 0.2148, 0.2115)
     with torch.no_grad():
         expected = reference(normalized(images / 255, published_mean, published_std))
         torch.testing.assert_close(model(images), expected, atol=1e-6, rtol=1e-6)
-        rounded = build_model({**model.config, "mean": [83.06, 94.10, 82.19], "std": [53.87, 54.77, 53.93]})  # the old constants
+        rounded = build_model(dataclasses.replace(model.config, mean=(83.06, 94.10, 82.19), std=(53.87, 54.77, 53.93)))  # the old constants
         rounded.load_state_dict(model.state_dict())
         assert not torch.allclose(rounded.eval()(images), expected, atol=1e-6, rtol=1e-6)
 
@@ -123,7 +133,7 @@ def test_mmseg_release_loads_and_gives_its_logits(tmp_path, depth):
     state = {"state_dict": reference.state_dict(), "meta": {"mmseg_version": "0.x", "CLASSES": ["road"] * 19}}
     torch.save(state, tmp_path / "mmseg.pth")
     model = load_model(tmp_path / "mmseg.pth")
-    assert model.config["depth"] == depth and model.config["ffm_attention_relu"] is True
+    assert model.config.depth == depth and model.config.ffm_attention_relu is True
     images = torch.rand(1, 3, 100, 164) * 255  # not a multiple of 32: mmseg resizes to exact sizes, as we do
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(normalized(images, IMAGENET_MEAN, IMAGENET_STD)), atol=2e-4, rtol=1e-4)
@@ -168,7 +178,7 @@ def test_backbone_url_is_served_from_the_torch_hub_cache_offline(tmp_path, monke
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(reference.state_dict(), tmp_path / "hub" / "checkpoints" / "resnet18-cached.pth")
     model = r18()
-    load_backbone(model, "https://download.pytorch.org/models/resnet18-cached.pth", lambda _: None)  # no network here
+    load_backbone(model, "https://download.pytorch.org/models/resnet18-cached.pth", log=lambda _: None)  # no network here
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
 
 
@@ -179,7 +189,7 @@ def test_initialisation_follows_mmseg_from_scratch_rules(depth, last_bn):
     norm with constant 1 / 0; ResNet's zero_init_residual sets the last norm of each block (BasicBlock norm2,
     Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0, 0.01) with bias 0."""
     torch.manual_seed(0)
-    model = build_model(model_config(depth))
+    model = build_model(ModelConfig(depth))
     residual_last = re.compile(rf"backbone\.layer\d\.\d+\.{last_bn}$")
     zeroed = 0
     for name, m in model.named_modules():

@@ -2,6 +2,7 @@
 (chip, count, bf16 support, version, NpuFusedSGD, its GradScaler's state), put on sys.path by the tests that
 need it. Only decision logic is checked here; nothing has run on Ascend hardware."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,8 +13,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-import device as devices
-from bisenet import build_model, model_config
+from bisenet import ModelConfig, build_model
+from device import Runtime, choose_device, cpu_share, npu_option_error
 from train import segmentation_loss, train_step
 
 STAND_IN = ROOT / "tests" / "npu_stand_in"
@@ -33,8 +34,8 @@ def run_script(args, **env):
 
 
 def test_auto_never_imports_torch_npu_where_it_is_not_installed():
-    assert devices.importlib.util.find_spec("torch_npu") is None  # this machine has no torch_npu
-    kind, why = devices.choose_device("auto")
+    assert importlib.util.find_spec("torch_npu") is None  # this machine has no torch_npu
+    kind, why = choose_device("auto")
     assert kind == ("cuda" if torch.cuda.is_available() else "cpu") and "torch_npu is not installed" in why
     assert "torch_npu" not in sys.modules
 
@@ -44,7 +45,7 @@ def test_auto_picks_an_npu_that_torch_npu_sees_and_says_why(count, expected):
     picked = on_ascend_host(
         """
         import json, device
-        runtime = device.setup("auto")
+        runtime = device.setup_runtime("auto")
         print(json.dumps([runtime.device.type, runtime.device_note]))
         """,
         STAND_IN_NPU_COUNT=count,
@@ -65,8 +66,8 @@ def test_train_prints_the_device_first_and_refuses_bf16_on_a_910a(tmp_path):
     chosen = on_ascend_host(
         """
         import json, device
-        runtime = device.setup("npu", amp_dtype="bfloat16")
-        default = device.setup("npu")
+        runtime = device.setup_runtime("npu", amp_dtype="bfloat16")
+        default = device.setup_runtime("npu")
         print(json.dumps([runtime.precision("O1"), default.precision("O1"), default.grad_scaler("O1").is_enabled()]))
         """
     )
@@ -80,11 +81,11 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
     result = on_ascend_host(
         f"""
         import json, torch, torch_npu, device
-        from bisenet import build_model, model_config
+        from bisenet import build_model, ModelConfig
         from train import create_optimizer, segmentation_loss, train_step
         kernel = device.Runtime(torch.device("npu", 0)).sgd_kernel
         torch.manual_seed(0)
-        model = build_model(model_config(18, 4, dropout=0.0)).train()
+        model = build_model(ModelConfig(18, 4, dropout=0.0)).train()
         optimizer = create_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel)
         images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -100,7 +101,7 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
     torch.set_num_threads(1)  # as in the child: another thread count sums the convolutions in another order
     try:
         torch.manual_seed(0)
-        model = build_model(model_config(18, 4, dropout=0.0)).train()
+        model = build_model(ModelConfig(18, 4, dropout=0.0)).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
         for _ in range(2):
@@ -139,7 +140,7 @@ def test_scaler_state_moves_between_npu_and_other_devices_with_its_scale():
     )
     assert on_npu == {**saved_on_cpu, "dynamic": True}  # without the conversion: KeyError 'dynamic'
     back = torch.amp.GradScaler("cpu", enabled=True)
-    devices.Runtime(torch.device("cpu"), amp_dtype=torch.float16).load_scaler_state(back, {**on_npu, "scale": 128.0})
+    Runtime(torch.device("cpu"), amp_dtype=torch.float16).load_scaler_state(back, {**on_npu, "scale": 128.0})
     assert back.get_scale() == 128.0 and back.state_dict() == {**saved_on_cpu, "scale": 128.0}
 
 
@@ -154,7 +155,7 @@ def test_scaler_state_moves_between_npu_and_other_devices_with_its_scale():
     ],
 )
 def test_npu_options_refused_where_torch_npu_cannot_run_them(version, triton, compile, channels_last, message):
-    error = devices.npu_option_error(compile=compile, channels_last=channels_last, torch_npu_version=version, triton_installed=triton)
+    error = npu_option_error(compile=compile, channels_last=channels_last, torch_npu_version=version, triton_installed=triton)
     assert (error is None) if message is None else error.startswith(message)
 
 
@@ -167,9 +168,9 @@ def test_train_refuses_compile_on_an_old_torch_npu_in_one_line(tmp_path):
 
 def test_each_rank_takes_its_own_share_of_the_cores():
     cpus = {7, 0, 3, 1, 2, 6, 5, 4, 8}
-    shares = [devices.cpu_share(cpus, rank, 4) for rank in range(4)]
+    shares = [cpu_share(cpus, rank, 4) for rank in range(4)]
     assert shares == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert devices.cpu_share({0, 1}, 1, 8) == [0, 1]  # fewer cores than ranks: all of them
+    assert cpu_share({0, 1}, 1, 8) == [0, 1]  # fewer cores than ranks: all of them
 
 
 def test_the_metric_is_counted_on_the_host_for_npus_and_pinned_memory_is_used():
@@ -181,7 +182,7 @@ def test_the_metric_is_counted_on_the_host_for_npus_and_pinned_memory_is_used():
         """
     )
     assert npu == ["cpu", True, "npu" if not hasattr(torch, "accelerator") else "", "torch.contiguous_format", False]
-    cuda = devices.Runtime(torch.device("cuda", 0))
+    cuda = Runtime(torch.device("cuda", 0))
     assert (str(cuda.metric_device), cuda.pin_memory) == ("cuda:0", True)
 
 

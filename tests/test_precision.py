@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import ROOT
 
-import device as devices
+from device import PRECISION_NAMES, CpuFeatures, Runtime, cpu_amp_dtype, cpu_trains_channels_last, default_amp_dtype
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # ATen's and oneDNN's own ISA limits
 
 # What lscpu and torch report on the CPU kinds this project meets (and the ISA limits a user may set).
-ZEN2 = devices.CpuFeatures(aten_capability="AVX2", avx512_bf16=False, amx_bf16=False)
-ZEN4 = devices.CpuFeatures(aten_capability="AVX512", avx512_bf16=True, amx_bf16=False)
-SAPPHIRE_RAPIDS = devices.CpuFeatures(aten_capability="AVX512", avx512_bf16=True, amx_bf16=True)
-SKYLAKE = devices.CpuFeatures(aten_capability="AVX512", avx512_bf16=False, amx_bf16=False)
+ZEN2 = CpuFeatures(aten_capability="AVX2", avx512_bf16=False, amx_bf16=False)
+ZEN4 = CpuFeatures(aten_capability="AVX512", avx512_bf16=True, amx_bf16=False)
+SAPPHIRE_RAPIDS = CpuFeatures(aten_capability="AVX512", avx512_bf16=True, amx_bf16=True)
+SKYLAKE = CpuFeatures(aten_capability="AVX512", avx512_bf16=False, amx_bf16=False)
 
 
 @pytest.mark.parametrize(
@@ -27,34 +27,34 @@ SKYLAKE = devices.CpuFeatures(aten_capability="AVX512", avx512_bf16=False, amx_b
         (SKYLAKE, torch.float32, "this CPU has no bf16 instructions: AVX512"),
         (ZEN4, torch.bfloat16, "natively: AVX512-BF16"),
         (SAPPHIRE_RAPIDS, torch.bfloat16, "natively: AMX-BF16"),
-        (devices.CpuFeatures("AVX2", True, True, "AVX2"), torch.float32, "ATEN_CPU_CAPABILITY limits PyTorch to AVX2"),
-        (devices.CpuFeatures("AVX512", True, True, "AVX2"), torch.float32, "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from"),
-        (devices.CpuFeatures("AVX512", True, True, "avx512_core_bf16"), torch.bfloat16, "natively: AVX512-BF16"),
-        (devices.CpuFeatures("AVX512", True, True, "AVX512_CORE_AMX"), torch.bfloat16, "natively: AMX-BF16"),
-        (devices.CpuFeatures("AVX512", True, True, "DEFAULT"), torch.bfloat16, "natively: AMX-BF16"),
-        (devices.CpuFeatures("AVX512", True, False, "AVX512_CORE_VNNI"), torch.float32, "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI"),
+        (CpuFeatures("AVX2", True, True, "AVX2"), torch.float32, "ATEN_CPU_CAPABILITY limits PyTorch to AVX2"),
+        (CpuFeatures("AVX512", True, True, "AVX2"), torch.float32, "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN from"),
+        (CpuFeatures("AVX512", True, True, "avx512_core_bf16"), torch.bfloat16, "natively: AVX512-BF16"),
+        (CpuFeatures("AVX512", True, True, "AVX512_CORE_AMX"), torch.bfloat16, "natively: AMX-BF16"),
+        (CpuFeatures("AVX512", True, True, "DEFAULT"), torch.bfloat16, "natively: AMX-BF16"),
+        (CpuFeatures("AVX512", True, False, "AVX512_CORE_VNNI"), torch.float32, "ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI"),
     ],
 )
 def test_cpu_o1_precision_is_decided_from_the_instructions(features, dtype, reason):
-    decided, why = devices.cpu_amp_dtype(features)
+    decided, why = cpu_amp_dtype(features)
     assert decided == dtype and reason in why
 
 
 @pytest.mark.parametrize("features, channels_last", [(ZEN2, False), (SKYLAKE, True), (ZEN4, True), (SAPPHIRE_RAPIDS, True)])
 def test_cpu_training_memory_format_follows_the_isa(features, channels_last):
-    assert devices.cpu_trains_channels_last(features) == channels_last
-    limited = devices.CpuFeatures(features.aten_capability, features.avx512_bf16, features.amx_bf16, "AVX2")
-    assert not devices.cpu_trains_channels_last(limited)
+    assert cpu_trains_channels_last(features) == channels_last
+    limited = CpuFeatures(features.aten_capability, features.avx512_bf16, features.amx_bf16, "AVX2")
+    assert not cpu_trains_channels_last(limited)
 
 
 def test_gpus_and_npus_keep_apex_o1_fp16_with_loss_scaling():
     for device_type in ("cuda", "npu"):
-        assert devices.default_amp_dtype(device_type, ZEN2)[0] == torch.float16
-    assert devices.Runtime(torch.device("cuda", 0)).precision("O1") == "fp16 autocast"
+        assert default_amp_dtype(device_type, ZEN2)[0] == torch.float16
+    assert Runtime(torch.device("cuda", 0)).precision("O1") == "fp16 autocast"
 
 
 def test_fp32_runtime_runs_o1_without_autocast_or_loss_scaling():
-    runtime = devices.Runtime(torch.device("cpu"), amp_dtype=torch.float32, amp_reason="this CPU has no bf16 instructions: AVX2")
+    runtime = Runtime(torch.device("cpu"), amp_dtype=torch.float32, amp_reason="this CPU has no bf16 instructions: AVX2")
     conv = torch.nn.Conv2d(3, 4, 3)
     with runtime.autocast("O1"):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
@@ -69,23 +69,23 @@ def test_fp32_runtime_runs_o1_without_autocast_or_loss_scaling():
 
 @pytest.mark.parametrize("forced, dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
 def test_forced_amp_dtype_runs_what_it_names(forced, dtype):
-    runtime = devices.Runtime(torch.device("cpu"), amp_dtype=forced)
+    runtime = Runtime(torch.device("cpu"), amp_dtype=forced)
     conv = torch.nn.Conv2d(3, 4, 3)
     with runtime.autocast("O1"):
         ran = conv(torch.randn(1, 3, 8, 8)).dtype
-    assert ran == dtype and runtime.precision("O1") == f"{devices.PRECISION_NAMES[dtype]} autocast"
+    assert ran == dtype and runtime.precision("O1") == f"{PRECISION_NAMES[dtype]} autocast"
     assert runtime.precision_note("O1").startswith(f"precision: {runtime.precision('O1')} (--amp-dtype ")
     assert runtime.grad_scaler("O1").is_enabled() == (dtype == torch.float16)
     assert runtime.openvino_precision("O1") is None and runtime.openvino_precision("O0") == "f32"
 
 
 def test_this_machines_default_runs_what_it_says():
-    runtime = devices.Runtime(torch.device("cpu"))
-    assert (runtime.amp_dtype, runtime.amp_reason) == devices.cpu_amp_dtype(devices.CpuFeatures.detect())
+    runtime = Runtime(torch.device("cpu"))
+    assert (runtime.amp_dtype, runtime.amp_reason) == cpu_amp_dtype(CpuFeatures.detect())
     conv = torch.nn.Conv2d(3, 4, 3)
     with runtime.autocast("O1"):
         ran = conv(torch.randn(1, 3, 8, 8)).dtype
-    assert devices.PRECISION_NAMES[ran] == runtime.precision("O1").split()[0]
+    assert PRECISION_NAMES[ran] == runtime.precision("O1").split()[0]
 
 
 def run_avx2(args):
@@ -105,7 +105,7 @@ def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_ro
     trained = run_avx2(["train.py", *args, "--no-validate", "--warmup-iters", "0", "--work-dir", str(tmp_path / "wd")])
     assert trained.returncode == 0, trained.stderr[-2000:]
     notes = [line for line in (trained.stdout + trained.stderr).splitlines() if line.startswith("precision: ")]
-    host = devices.CpuFeatures.detect()  # a bf16 CPU is held back by the limit; an AVX2 CPU has no bf16 to hold back
+    host = CpuFeatures.detect()  # a bf16 CPU is held back by the limit; an AVX2 CPU has no bf16 to hold back
     why = "ATEN_CPU_CAPABILITY limits PyTorch to AVX2" if host.avx512_bf16 or host.amx_bf16 else "this CPU has no bf16 instructions: AVX2"
     assert len(notes) == 1 and notes[0].startswith(f"precision: fp32 ({why}"), notes
     summary = json.loads(trained.stdout.strip().splitlines()[-1])

@@ -20,7 +20,7 @@ import evaluate
 import export
 import train
 from benchmark import free_port
-from bisenet import build_model, model_config
+from bisenet import ModelConfig, build_model
 
 QUICK = [*SMALL, "--no-validate", "--warmup-iters", "0", "--lr", "0.01"]
 
@@ -307,8 +307,8 @@ def test_bad_evaluation_flags_give_one_line(capsys, flags, message):
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
-    model = build_model(model_config(18))
-    torch.save({"model_config": model.config, "model": model.state_dict()}, path)
+    model = build_model(ModelConfig(18))
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, path)
     return path
 
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import ROOT, in_process, last_json
+from conftest import ROOT, in_process, last_json, succeeded
 from PIL import Image
 from torch import nn
 
-import device as devices
 from benchmark import free_port
-from bisenet import build_model, model_config
+from bisenet import ModelConfig, build_model
 from cityscapes import IGNORE_INDEX
 from datasets import TrainTransform, open_dataset
+from device import Runtime
 from train import IterationSampler, learning_rate, ohem_cross_entropy, parse_args, segmentation_loss, train_step
 
 SMALL = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1"]
@@ -93,9 +93,9 @@ def test_sampler_shards_are_disjoint_and_resumable():
 
 
 def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
-    runtime = devices.Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16)  # the default on CPUs with native bf16
+    runtime = Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16)  # the default on CPUs with native bf16
     torch.manual_seed(0)
-    model = build_model(model_config(18)).train()
+    model = build_model(ModelConfig(18)).train()
     dtypes = []
     model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = model.head.conv.conv.weight.detach().clone()
@@ -118,9 +118,9 @@ def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
     """O1 as on a GPU (fp16 autocast + dynamic loss scaling), run on the CPU: an overflowing step changes nothing."""
-    runtime = devices.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
+    runtime = Runtime(torch.device("cpu"), amp_dtype=torch.float16)
     torch.manual_seed(0)
-    model = build_model(model_config(18, dropout=0.0)).train()
+    model = build_model(ModelConfig(18, dropout=0.0)).train()
     dtypes = []
     model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -213,8 +213,8 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synt
     torch.set_num_threads(1)
     seed = parse_args([]).seed
     torch.manual_seed(seed)
-    model = build_model(model_config(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
-    dataset = open_dataset(synthetic_root, "train", "cityscapes", TrainTransform((64, 128), (0.5, 2.0), 0.75))
+    model = build_model(ModelConfig(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
+    dataset = open_dataset(synthetic_root, "train", dataset_type="cityscapes", transform=TrainTransform((64, 128), (0.5, 2.0), cat_max_ratio=0.75))
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(0, base_lr=0.05, iters=1), momentum=0.9, weight_decay=5e-4)
     for rank in range(2):
         batch = next(iter(IterationSampler(len(dataset), batch_size=2, rank=rank, world_size=2, seed=seed, start=0, iters=1)))
@@ -233,7 +233,7 @@ def share_buffers_in_rank(rank, port, out):
     norm = nn.BatchNorm2d(3)
     norm.running_mean.fill_(rank + 1.0)
     norm.num_batches_tracked.fill_(10 + rank)
-    devices.Runtime(torch.device("cpu"), rank=rank, world_size=2, backend="gloo").share_buffers(norm)
+    Runtime(torch.device("cpu"), rank=rank, world_size=2, backend="gloo").share_buffers(norm)
     torch.save(norm.state_dict(), out / f"{rank}.pt")
     dist.destroy_process_group()
 
@@ -273,9 +273,9 @@ def test_bad_input_gives_one_line_errors(synthetic_root, tmp_path, extra, messag
     assert "Traceback" not in result.stderr
 
 
-def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
+def test_learning_from_scratch_on_synthetic_data(learned):
     """R18 from scratch on a small synthetic set: val mIoU well above chance within about a CPU minute."""
-    root, work_dir, result = learned
+    _, work_dir, result = learned
     summary = last_json(result.stdout)
     curve = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
     vals = [(e["iter"], round(e["val_mIoU"], 1)) for e in curve if "val_mIoU" in e]
@@ -283,25 +283,15 @@ def test_learning_from_scratch_on_synthetic_data(learned, tmp_path):
     assert summary["mIoU"] > 25, vals
     assert vals[-1][1] > vals[0][1]
 
-    # evaluate.py's default CPU path (BN folded, channels_last, O1: bf16 where native) against plain fp32 on the trained model
+
+def test_default_inference_path_agrees_with_fp32_on_the_trained_model(learned, tmp_path):
+    """evaluate.py's default CPU path (BN folded, channels_last, O1: bf16 where native) against plain fp32."""
+    root, _, result = learned
+    checkpoint = last_json(result.stdout)["checkpoint"]
     results, predictions = {}, {}
     for amp in ("O0", "O1"):
         out = tmp_path / amp
-        cmd = [
-            sys.executable,
-            "evaluate.py",
-            "--ckpt",
-            summary["checkpoint"],
-            "--data-root",
-            str(root),
-            "--amp",
-            amp,
-            "--out-dir",
-            str(out),
-            "--format",
-            "trainIds",
-        ]
-        results[amp] = last_json(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+        results[amp] = last_json(succeeded("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", amp, "--out-dir", out, "--format", "trainIds"))
         predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.rglob("*.png"))])
     agreement = (predictions["O0"] == predictions["O1"]).mean()
     print(f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
