@@ -436,11 +436,7 @@ class TrainTransform:
         hue=18,
         photometric=True,
     ):
-        self.crop = crop
-        self.scale_range = scale_range
-        self.cat_max_ratio = cat_max_ratio
-        self.flip_prob = flip_prob
-        self.photometric = photometric
+        self.crop, self.scale_range, self.cat_max_ratio, self.flip_prob, self.photometric = crop, scale_range, cat_max_ratio, flip_prob, photometric
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
 
     def __call__(self, image, label, rng):
