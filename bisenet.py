@@ -2,11 +2,10 @@
 
 The model takes RGB images with values 0..255 (uint8 or float) and normalises them itself, so the mean/std a
 checkpoint was trained with travel with it. Train mode returns (main, aux16, aux32) logits at input resolution;
-eval mode returns the main logits.
-
-    python bisenet.py --depth 18 --size 1024x2048      # parameters and GFLOPs
+eval mode returns the main logits. Parameters and GFLOPs: python tools/model_info.py --depth 18.
 """
 
+import copy
 import dataclasses
 import functools
 import re
@@ -15,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
 from cli import CheckpointError
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -23,7 +21,7 @@ IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 CITYSCAPES_MEAN = tuple(255 * v for v in (0.3257, 0.3690, 0.3223))
 CITYSCAPES_STD = tuple(255 * v for v in (0.2112, 0.2148, 0.2115))
 
-RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}  # the depths with a recipe and released weights
 PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
     "basic": dict(spatial_channels=(64, 64, 64, 128), context_channels=(128, 256, 512), fusion_channels=256, head_channels=256, aux_channels=64),
     "bottleneck": dict(spatial_channels=(256, 256, 256, 512), context_channels=(512, 1024, 2048), fusion_channels=1024, head_channels=1024, aux_channels=256),
@@ -311,10 +309,6 @@ def build_model(config):
     return BiSeNetV1(config)
 
 
-def count_parameters(model, with_aux=True):
-    return sum(p.numel() for name, p in model.named_parameters() if with_aux or not name.startswith("aux_head"))
-
-
 # -- Foreign checkpoint layouts -------------------------------------------------------------------------------
 # Each rule maps a foreign key (regex) to ours. Unmatched keys are reported, never silently dropped.
 CONVBN = r"(conv|bn)\.(.+)"
@@ -378,7 +372,7 @@ def infer_depth(state, source):
     for depth, layout in RESNET_LAYOUTS.items():
         if layout == (block, blocks):
             return depth
-    raise CheckpointError(f"{source}: backbone with {block} blocks {blocks} is not a ResNet-18/34/50/101")
+    raise CheckpointError(f"{source}: backbone with {block} blocks {blocks} is not a ResNet-18 or ResNet-50")
 
 
 def foreign_state(checkpoint, source):
@@ -413,7 +407,8 @@ def fuse_conv_bn(conv, bn):
 
 @torch.no_grad()
 def fuse_bn(model):
-    """Folds every BatchNorm into the convolution registered just before it (in place). For eval mode only."""
+    """An eval-mode copy of the model with every BatchNorm folded into the convolution registered just before it."""
+    model = copy.deepcopy(model).eval()
     for module in model.modules():
         previous_name, previous = None, None
         for name, child in list(module.named_children()):
@@ -422,29 +417,3 @@ def fuse_bn(model):
                 setattr(module, name, nn.Identity())
             previous_name, previous = name, child
     return model
-
-
-def count_flops(model, size):
-    """FLOPs as torch.utils.flop_counter counts them (a multiply-add is 2), convolutions dominate."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, *size))
-    return counter.get_total_flops()
-
-
-def main(argv=None):
-    parser = cli.ArgumentParser(__doc__)
-    parser.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS))
-    parser.add_argument("--num-classes", type=cli.integer(2), default=19)
-    parser.add_argument("--size", type=cli.size, default="1024x2048", help="HxW")
-    args = parser.parse_args(argv)
-    size = args.size
-    model = build_model(ModelConfig(args.depth, args.num_classes)).eval()
-    inference, total = count_parameters(model, with_aux=False), count_parameters(model)
-    gflops = count_flops(model, size) / 1e9
-    print(f"BiSeNetV1 R{args.depth}: {inference:,} parameters for inference, {total:,} with aux heads; {gflops:.1f} GFLOPs at 1x3x{size[0]}x{size[1]}")
-
-
-if __name__ == "__main__":
-    main()

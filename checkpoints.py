@@ -28,6 +28,7 @@ from bisenet import ModelConfig, backbone_state, build_model, foreign_state
 from cityscapes import NUM_CLASSES
 from cli import CheckpointError
 from datasets import CITYSCAPES, DatasetInfo, unnamed_classes, voc_palette
+from runlog import due
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
 ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -275,7 +276,7 @@ def read_checkpoint(path):
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix in (".xml", ".bin", ".onnx"):
-        raise CheckpointError(f"{path}: an exported model, not a PyTorch checkpoint; evaluate.py takes it as --model {path}, training needs a .pth")
+        raise CheckpointError(f"{path}: an exported model, not a PyTorch checkpoint; python tools/deploy.py takes it as --model {path}, training needs a .pth")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
@@ -285,8 +286,8 @@ def read_checkpoint(path):
             raise CheckpointError(
                 f"{path}: holds a Python object ({unsafe[1]}) besides weights, which is never unpickled here; re-save its state_dict"
             ) from None
-        reason = detail[1][:200] if detail else (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason else ''})") from None
+        reason = detail[1][:200] if detail else cli.first_line(e, 200)
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason != type(e).__name__ else ''})") from None
 
 
 def load_model(path):
@@ -308,7 +309,7 @@ def load_model_and_dataset(path):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model: {str(e).splitlines()[1].strip()[:300]}") from None
+        raise CheckpointError(f"{path}: weights do not fit the model: {cli.first_line(e)}") from None
     bad = non_finite(state)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
@@ -354,7 +355,7 @@ def load_backbone(model, source, *, log=print):
         try:
             state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
         except (OSError, RuntimeError) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
-            reason = getattr(e, "reason", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = getattr(e, "reason", None) or cli.first_line(e, 200)
             raise CheckpointError(
                 f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
             ) from None
@@ -364,36 +365,13 @@ def load_backbone(model, source, *, log=print):
     try:
         model.backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{source}: backbone does not fit: {str(e).splitlines()[1].strip()[:300]}") from None
+        raise CheckpointError(f"{source}: backbone does not fit: {cli.first_line(e)}") from None
     log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")
-
-
-# the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
-RECIPE_FLAGS = (
-    "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
-    "warmup_ratio", "poly_power", "min_lr", "loss", "loss_normalise", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "loss_scale", "seed", "diff_seed", "sync_bn",
-)  # fmt: skip
 
 
 def last_checkpoint_note(work_dir):
     saved = iteration_checkpoints(work_dir)
     return f"The last good checkpoint is kept: {saved[-1][1]}" if saved else "No checkpoint had been written yet."
-
-
-def setting_text(value):
-    if isinstance(value, (tuple, list)):
-        return ("x" if all(isinstance(v, int) for v in value) else ",").join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def changed_settings(saved, current):
-    """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
-    changes = []
-    for name in RECIPE_FLAGS + ("world_size", "data_root"):
-        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
-            flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
-            changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
-    return ", ".join(changes)
 
 
 # -- Training checkpoints: what a run saves and how it continues --------------------------------------------
@@ -421,29 +399,33 @@ def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings
 
 class Checkpointer:
     """The training loop's checkpoints: iter_N.pth every `interval` iterations and at the end, latest.pth pointed at
-    it, old ones pruned to `keep`, best.pth on a new best; only rank 0 writes. After each periodic save every rank
-    calls reseed(iteration), so the RNG state follows from the checkpoint's iteration (exact resume)."""
+    it, old ones pruned to `keep`; only rank 0 writes. After each periodic save every rank calls reseed(iteration),
+    so the RNG state follows from the checkpoint's iteration (exact resume). `best`: the best val mIoU so far."""
 
-    def __init__(self, work_dir, model, *, optimizer, scaler, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None):
+    def __init__(self, work_dir, model, *, optimizer, scaler, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None, best=None):
         self.work_dir, self.model, self.optimizer, self.scaler = work_dir, model, optimizer, scaler
         self.settings, self.dataset, self.interval, self.iters, self.keep = settings, dataset, interval, iters, keep
-        self.is_main, self.reseed, self.log = is_main, reseed, log
+        self.is_main, self.reseed, self.log, self.best = is_main, reseed, log, best
         self.path = path  # the newest iteration checkpoint: the resumed one until this run writes its own
 
-    def save(self, path, iteration, best):
+    def save(self, path, iteration):
         if self.is_main:
             save_checkpoint(
-                path, self.model, optimizer=self.optimizer, scaler=self.scaler, iteration=iteration, best=best, settings=self.settings, dataset=self.dataset
+                path,
+                self.model,
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+                iteration=iteration,
+                best=self.best,
+                settings=self.settings,
+                dataset=self.dataset,
             )
 
-    def save_best(self, it, best):
-        self.save(self.work_dir / "best.pth", it + 1, best)
-
-    def step(self, it, best):
-        if (it + 1) % self.interval and it + 1 != self.iters:
+    def step(self, it):
+        if not due(it, self.interval, self.iters):
             return
         self.path = self.work_dir / f"iter_{it + 1}.pth"
-        self.save(self.path, it + 1, best)
+        self.save(self.path, it + 1)
         if self.is_main:
             point_latest(self.work_dir, self.path)
             for old in prune(self.work_dir, self.keep):

@@ -3,7 +3,7 @@
 Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
 (ArgumentParser below) and every Error the code raises (main below). Each concern's errors are an Error of their own
 kind: UsageError, DataError and CheckpointError here, WorkDirError (checkpoints.py),
-TrainingError (train.py).
+TrainingError (train.py). The flags several scripts share are declared once, here (add_*_flags).
 """
 
 import argparse
@@ -46,9 +46,10 @@ def main(run, *args):
 
 def first_line(error, limit=300):
     """An exception in one line: the first line of its message that says something (OpenVINO's messages start with
-    `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines), or its type's name."""
+    `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines, torch's load_state_dict with
+    `Error(s) in loading state_dict for ...:`), or its type's name."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    telling = [line for line in lines if not re.fullmatch(r"(Exception from|Check '.*' failed at) \S+:\d+:?", line)]
+    telling = [line for line in lines if not re.fullmatch(r"(Exception from|Check '.*' failed at) \S+:\d+:?|Error\(s\) in loading state_dict for \w+:", line)]
     return (telling or lines or [type(error).__name__])[0][:limit]
 
 
@@ -64,6 +65,34 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see python {self.prog} -h)\n")
+
+
+def add_data_flags(parser, *, data_root="data/cityscapes"):
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-root", default=data_root)
+    group.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
+
+
+def add_device_flags(parser):
+    """Where and in which precision a script computes (device.py decides what each choice means on each device)."""
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"), help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
+    group.add_argument("--device-id", "--gpu-id", dest="device_id", type=integer(0), default=0, help="single-device runs")
+    group.add_argument(
+        "--amp",
+        "--opt-level",
+        dest="amp",
+        default="O1",
+        choices=("O0", "O1"),
+        help="O1 = apex O1: convolutions in half precision (--amp-dtype), weights and loss in fp32; O0 = fp32",
+    )
+    group.add_argument(
+        "--amp-dtype",
+        default="auto",
+        choices=("auto", "float16", "bfloat16"),
+        help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did); on a CPU bfloat16 where it has "
+        "AMX-BF16 or AVX512-BF16, else fp32 (printed at start); bfloat16 needs no loss scaling",
+    )
 
 
 def _checked(name, convert, ok, expectation):

@@ -10,7 +10,7 @@ Cityscapes or one of those, and the training augmentation. Cityscapes' class tab
 Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as VOC-style and mask
 tools write them; images and labels are turned by their own EXIF orientation alike.
 
-synthetic.py writes data in each of these layouts and Cityscapes'.
+tools/synthetic.py writes data in each of these layouts and Cityscapes'.
 """
 
 import dataclasses
@@ -49,13 +49,13 @@ def voc_palette(count):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a model's outputs mean: class names and colours in index order, the ignore index, a label value read as
-    ignore (CamVid's void), and the ids the benchmark server wants per class (Cityscapes' labelIds)."""
+    """What a model's outputs mean: class names and colours in index order, a label value read as ignore (CamVid's
+    void), and the ids the benchmark server wants per class (Cityscapes' labelIds). Every dataset ignores the label
+    value IGNORE_INDEX (255), in the loss, the metric and the crop padding alike."""
 
     name: str
     class_names: tuple
     palette: tuple
-    ignore_index: int = IGNORE_INDEX
     void_value: int | None = None
     submission_ids: tuple | None = None
     label_hint: str = ""  # the usual cause of bad label values in this dataset, with the fix
@@ -71,10 +71,10 @@ class DatasetInfo:
     def label_table(self):
         """(valid, index): which 8-bit label values are allowed, and the class index (or ignore) each one means."""
         valid = np.zeros(256, dtype=bool)
-        valid[: self.num_classes] = valid[self.ignore_index] = True
+        valid[: self.num_classes] = valid[IGNORE_INDEX] = True
         index = np.arange(256, dtype=np.uint8)
         if self.void_value is not None:
-            valid[self.void_value], index[self.void_value] = True, self.ignore_index
+            valid[self.void_value], index[self.void_value] = True, IGNORE_INDEX
         return valid, index
 
     def to_dict(self):
@@ -83,6 +83,9 @@ class DatasetInfo:
     @classmethod
     def from_dict(cls, values):
         values = dict(values)
+        ignore = values.pop("ignore_index", IGNORE_INDEX)  # earlier checkpoints saved it, always 255
+        if ignore != IGNORE_INDEX:
+            raise ValueError(f"ignore index {ignore} is not {IGNORE_INDEX}")
         values["class_names"] = tuple(values["class_names"])
         values["palette"] = tuple(tuple(c) for c in values["palette"])
         if values.get("submission_ids") is not None:
@@ -211,6 +214,15 @@ def read_image(path):
     except OSError:  # a file OpenCV reads and PIL does not: no EXIF either
         orientation = 1
     return oriented(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
+
+
+def image_size(path):
+    """(height, width) of an image, from its header."""
+    try:
+        with Image.open(path) as image:
+            return image.size[::-1]
+    except OSError as e:
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}); re-extract or re-download this file") from None
 
 
 def read_label(path, info):
@@ -392,7 +404,7 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
     if Path(root).is_file():
         raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
     if not Path(root).is_dir():
-        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python synthetic.py cityscapes {root}")
+        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python tools/synthetic.py cityscapes {root}")
     if detect_dataset(root, dataset_type) == "cityscapes":
         if (Path(root) / "classes.txt").is_file() and read_classes(Path(root) / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
             raise DataError(

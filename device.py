@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from cli import UsageError
+from cli import UsageError, first_line
 
 DEFAULT_BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 BACKENDS = ("nccl", "hccl", "gloo", "mpi", "ucc")
@@ -81,7 +81,7 @@ def cpu_amp_dtype(features):
 
 def cpu_trains_channels_last(features):
     """oneDNN's AVX-512 convolutions train fastest on channels_last tensors; its AVX2 ones backpropagate faster on
-    contiguous ones (README: Performance, measured on both)."""
+    contiguous ones (PERFORMANCE.md, measured on both)."""
     return features.aten_avx512 and onednn_allows(features.onednn_max_isa, "AVX512_CORE")
 
 
@@ -195,7 +195,7 @@ class Runtime:
 
     @property
     def sgd_kernel(self):
-        """CUDA: one fused kernel (README: Performance). Ascend: NpuFusedSGD where torch_npu has it, because torch_npu
+        """CUDA: one fused kernel (PERFORMANCE.md). Ascend: NpuFusedSGD where torch_npu has it, because torch_npu
         turns foreach off on the 910A (and on the 910B before CANN 8.0.RC3) and has no fused SGD before torch 2.7."""
         if self.device.type == "cuda":
             return "fused"
@@ -282,10 +282,6 @@ class Runtime:
             else ""
         )
         return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
-
-    def openvino_precision(self, amp):
-        """OpenVINO's INFERENCE_PRECISION_HINT for the same O1: "f32" where PyTorch runs fp32, else None (its own choice)."""
-        return "f32" if self.precision(amp) == "fp32" else None
 
     def grad_scaler(self, amp, loss_scale=None):
         """Loss scaling for fp16 (apex O1's): dynamic, or from loss_scale on and never grown (train.py puts it back
@@ -410,9 +406,8 @@ def join_process_group(runtime, timeout):
     try:
         dist.init_process_group(runtime.backend, timeout=timeout)
     except dist.DistError as e:  # rank 0 waiting for the others, or a rank that cannot reach rank 0
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UsageError(
-            f"rank {runtime.rank}: the process group of {runtime.world_size} did not form within {timeout.total_seconds():g} s ({reason}); "
+            f"rank {runtime.rank}: the process group of {runtime.world_size} did not form within {timeout.total_seconds():g} s ({first_line(e, 200)}); "
             f"start every rank with the same MASTER_ADDR:MASTER_PORT and WORLD_SIZE (DIST_TIMEOUT sets the wait)"
         ) from None
     return runtime

@@ -4,17 +4,14 @@
     python evaluate.py --ckpt model.pth --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip            # ms+flip
     python evaluate.py --ckpt model.pth --split test --out-dir preds --format labelIds         # test-server files
     python evaluate.py --ckpt model.pth --images my_photos/ --out-dir out --format overlay     # any images
-    python evaluate.py --benchmark --depth 18 --size 1024x2048                                # inference speed
-    python evaluate.py --model r18_int8.xml --data-root data/cityscapes                       # an exported model
-    python evaluate.py --model r18_int8.xml --benchmark --ckpt model.pth                      # ... against eager fp32
-    python evaluate.py --model r18_int8.xml --video drive.mp4 --out drive_seg.mp4             # live video
+
+Exported models, video and inference speed: tools/deploy.py and tools/benchmark_inference.py.
 
 IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, as cityscapesscripts computes it;
 a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
 """
 
 import collections
-import copy
 import dataclasses
 import json
 import os
@@ -29,9 +26,9 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-from bisenet import RESNET_LAYOUTS, ModelConfig, build_model, fuse_bn, upsampled_classes
-from checkpoints import atomic_write, load_model, load_model_and_dataset
-from cityscapes import IGNORE_INDEX, NUM_CLASSES, sample_name
+from bisenet import fuse_bn, upsampled_classes
+from checkpoints import atomic_write, load_model_and_dataset
+from cityscapes import IGNORE_INDEX, sample_name
 from cli import CheckpointError
 from datasets import DataError, SegmentationDataset, detect_dataset, find_images, open_dataset, unnamed_classes
 from device import setup_runtime, teardown_runtime
@@ -103,16 +100,11 @@ def predict(model, images, *, options=Inference()):
     return total / len(passes)
 
 
-def classes(scores):
-    """argmax over classes. max().indices gives the same (first maximum) and is ~6x faster on CPU for NCHW maps."""
-    return scores.max(1).indices
-
-
 def predict_classes(model, images, *, options=Inference()):
     """The class map. A single whole-image pass never materialises the full-size logits (upsampled_classes)."""
     if options.single_pass:
         return upsampled_classes(model(images, upsample=False), images.shape[2:])
-    return classes(predict(model, images, options=options))
+    return predict(model, images, options=options).max(1).indices  # argmax's first maximum, several times faster on CPU
 
 
 def confusion_matrix(pred, label, num_classes):
@@ -207,7 +199,7 @@ def shard(dataset, runtime):
 
 
 def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
-    """images -> class map through a PyTorch model in eval mode: what evaluate() and video.py call."""
+    """images -> class map through a PyTorch model in eval mode: what evaluate() and tools/video.py call."""
 
     def segment(images):
         with torch.no_grad(), runtime.autocast(amp):
@@ -220,7 +212,7 @@ def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
 def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=2, progress=True):
     """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
-    segment: images -> class map (torch_segmenter, or a deployed model of deploy.py). The classes are the
+    segment: images -> class map (torch_segmenter, or a deployed model of tools/deploy.py). The classes are the
     dataset's (dataset.info), which must be the model's. out_paths: {image: PNG to write} (prediction_paths)."""
     loader = torch.utils.data.DataLoader(
         shard(dataset, runtime),
@@ -261,64 +253,37 @@ def print_table(result, mode, *, class_names):
     print(f"{'mIoU':>15} | {result['mIoU']:6.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
 
 
-# -- Inference speed ------------------------------------------------------------------------------------------
+# -- The script ----------------------------------------------------------------------------------------------
 def inference_model(model, runtime):
     """The deployed path: BatchNorm folded into convolutions, the device's preferred memory format."""
-    return fuse_bn(copy.deepcopy(model).eval()).to(runtime.device, memory_format=runtime.memory_format)
+    return fuse_bn(model).to(runtime.device, memory_format=runtime.memory_format)
 
 
-def parse_args(argv=None):
-    parser = cli.ArgumentParser(__doc__)
+def evaluation_parser(description):
+    """The flags of scoring a model and writing its predictions; tools/deploy.py adds its own to them."""
+    parser = cli.ArgumentParser(description)
     parser.add_argument("--ckpt", help="our checkpoint, CoinCheung's or mmseg's released weights")
-    parser.add_argument("--model", help="instead of --ckpt: an OpenVINO .xml or ONNX .onnx file of export.py (runs on the CPU)")
-    parser.add_argument("--data-root", default="data/cityscapes")
-    parser.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
-    parser.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES, help="with --benchmark and no --ckpt: classes of the random model")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
-    parser.add_argument("--device-id", type=cli.integer(0), default=0)
-    parser.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1: half precision autocast; O0: fp32")
-    parser.add_argument(
-        "--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"), help="O1's half precision; auto as train.py (CPU: bf16 only where native)"
-    )
-    parser.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
-    parser.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
-    parser.add_argument("--mode", default="whole", choices=("whole", "slide"))
-    parser.add_argument("--crop", type=cli.size, default="1024x1024", help="slide window HxW")
-    parser.add_argument("--stride", type=cli.size, default="768x768", help="slide stride HxW")
-    parser.add_argument("--out-dir", help="write one PNG per image here")
-    parser.add_argument(
+    cli.add_data_flags(parser)
+    cli.add_device_flags(parser)
+    group = parser.add_argument_group("what to score or segment")
+    group.add_argument("--split", default="val")
+    group.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
+    group.add_argument("--out-dir", help="write one PNG per image here")
+    group.add_argument(
         "--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"), help="trainIds: class indices; labelIds: Cityscapes' submission ids"
     )
-    parser.add_argument("--workers", type=cli.integer(0), default=2)
-    parser.add_argument("--video", help="a video file or a camera index (0, 1, ...) to segment frame by frame")
-    parser.add_argument("--out", help="with --video: the overlay video to write, .mp4 or .avi (default: NAME_bisenet.mp4 here)")
-    parser.add_argument("--benchmark", action="store_true", help="time inference instead of evaluating")
-    parser.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS), help="with --benchmark and no --ckpt: random weights of this depth")
-    parser.add_argument("--size", type=cli.size, default="1024x2048", help="with --benchmark: input HxW")
-    parser.add_argument("--batch", type=cli.integer(1), default=1, help="with --benchmark: images per run")
-    parser.add_argument("--runs", type=cli.integer(1), default=10, help="with --benchmark: timed runs")
-    parser.add_argument("--warmup", type=cli.integer(0), default=3, help="with --benchmark: untimed runs first")
-    args = parser.parse_args(argv)
-    if args.ckpt and args.model and not args.benchmark:
-        parser.error("pass --ckpt or --model, not both (both only with --benchmark, where the checkpoint is the baseline)")
-    if args.model and args.device not in ("auto", "cpu"):
-        parser.error(f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}")
-    if args.out and not args.video:
-        parser.error("argument --out: it names the overlay video of --video; for images use --out-dir")
-    if args.video:
-        from video import CODECS, default_output  # video and deployed models load only when asked for
+    group.add_argument("--workers", type=cli.integer(0), default=2)
+    group = parser.add_argument_group("inference")
+    group.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    group.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
+    group.add_argument("--mode", default="whole", choices=("whole", "slide"))
+    group.add_argument("--crop", type=cli.size, default="1024x1024", help="slide window HxW")
+    group.add_argument("--stride", type=cli.size, default="768x768", help="slide stride HxW")
+    return parser
 
-        args.out = Path(args.out) if args.out else default_output(args.video)
-        if args.out.suffix not in CODECS:
-            parser.error(f"argument --out: {args.out} must end in {' or '.join(CODECS)}")
-        if args.out.exists():
-            parser.error(f"argument --out: {args.out} exists; pass another --out or remove it (it is never overwritten)")
-        if not args.out.parent.is_dir():
-            parser.error(f"argument --out: the folder of {args.out} does not exist")
-    if args.video and (args.images or args.out_dir):
-        parser.error(f"argument {'--images' if args.images else '--out-dir'}: not used with --video, which writes one video to --out; drop it")
+
+def check_flags(parser, args):
+    """The flag combinations that cannot work, as argparse errors."""
     if not all(0.125 <= scale <= 8 for scale in args.scales):
         parser.error(f"argument --scales: {','.join(f'{v:g}' for v in args.scales)}: each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)")
     if args.mode == "slide" and (args.stride[0] > args.crop[0] or args.stride[1] > args.crop[1]):
@@ -329,48 +294,6 @@ def parse_args(argv=None):
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         parser.error(f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)")
     return args
-
-
-def open_model(ckpt, model_file, *, runtime, amp, options, for_video):
-    """(segment, the DatasetInfo of its classes, precision) of --ckpt (PyTorch) or --model (deploy.py). Video from a
-    checkpoint on a CPU takes the fastest path there is: OpenVINO, converted in memory, when it is installed."""
-    if model_file:
-        from deploy import deployed_config, deployed_info, open_deployed  # exported models and video load only when asked for
-
-        if not options.single_pass:
-            raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
-        deployed = open_deployed(model_file, runtime.openvino_precision(amp))
-        info = deployed_info(deployed)
-        if deployed_config(deployed).num_classes != info.num_classes:
-            raise cli.UsageError(
-                f"--model {model_file}: its metadata names {info.num_classes} classes for a model of {deployed_config(deployed).num_classes}; export it again"
-            )
-        return deployed, info, deployed.precision
-    if not ckpt:
-        raise cli.UsageError("--ckpt or --model is required (or pass --benchmark)")
-    model, info = load_model_and_dataset(ckpt)
-    if for_video:
-        from deploy import OpenVinoModel, openvino_installed, to_openvino
-    if for_video and options.single_pass and runtime.device.type == "cpu" and openvino_installed():
-        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, precision=runtime.openvino_precision(amp))
-        return deployed, info, f"{deployed.precision} (converted in memory)"
-    segment = torch_segmenter(inference_model(model, runtime), runtime, amp=amp, options=options)
-    return segment, info, runtime.precision(amp)
-
-
-def run_benchmark(args, runtime):
-    """evaluate.py --benchmark: a checkpoint's (or a random model's) default path, or an exported model, against eager fp32."""
-    from benchmark_inference import baseline_model, benchmark, benchmark_deployed  # only for --benchmark
-
-    timing = dict(runtime=runtime, size=args.size, runs=args.runs, warmup=args.warmup, batch=args.batch)
-    if args.model:
-        from deploy import open_deployed
-
-        deployed = open_deployed(args.model, runtime.openvino_precision(args.amp))
-        model, source = baseline_model(deployed, args.ckpt)
-        return benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
-    model = load_model(args.ckpt) if args.ckpt else build_model(ModelConfig(args.depth, args.num_classes)).eval()
-    return benchmark(model, amp=args.amp, **timing)
 
 
 def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_main):
@@ -397,60 +320,65 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
     return dataset
 
 
-def run_evaluation(args):
-    runtime = setup_runtime("cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype)
-    if runtime.is_main and not args.model:
-        print(runtime.device_note, flush=True)
-        print(runtime.precision_note(args.amp), flush=True)
-    if args.benchmark:
-        print(json.dumps(run_benchmark(args, runtime)))
-        return
-    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
-    segment, info, precision = open_model(args.ckpt, args.model, runtime=runtime, amp=args.amp, options=options, for_video=bool(args.video))
-    if runtime.is_main and args.model:
-        print(f"precision: {precision}", flush=True)
-    if args.video:
-        from video import segment_video
+def output_paths(dataset, args, runtime):
+    """{image: prediction PNG} with --out-dir (checked before the first image is segmented), else None."""
+    if not args.out_dir:
+        return None
+    one_image = bool(args.images) and Path(args.images).is_file()
+    source_root = Path(args.images).parent if one_image else args.images or args.data_root
+    out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format)
+    mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])  # this rank's shard: the others may be writing theirs
+    check_prediction_paths(mine, args.out_dir, input_tree=None if one_image else source_root)
+    return out_paths
 
-        print(f"segmenting {args.video} with {precision} into {args.out}")
-        print(json.dumps({**segment_video(segment, args.video, out=args.out, info=info, device=runtime.device), "precision": precision}))
-        return
+
+def score(segment, info, *, precision, model_name, args, runtime, options=Inference()):
+    """Scores `segment` (images -> class map) on the split, or writes predictions for --images; prints the table
+    and the JSON line. The part of evaluate.py that tools/deploy.py shares for exported models."""
     if args.images:
         if not args.out_dir:
             raise cli.UsageError("--images needs --out-dir to write the predictions to")
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
         dataset = labelled_dataset(
-            args.data_root, args.split, dataset_type=args.dataset, model=args.ckpt or args.model, info=info, writes=bool(args.out_dir), is_main=runtime.is_main
+            args.data_root, args.split, dataset_type=args.dataset, model=model_name, info=info, writes=bool(args.out_dir), is_main=runtime.is_main
         )
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
-    out_paths = None
-    if args.out_dir:
-        one_image = bool(args.images) and Path(args.images).is_file()
-        source_root = Path(args.images).parent if one_image else args.images or args.data_root
-        out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format)
-        mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])  # this rank's shard: the others may be writing theirs
-        check_prediction_paths(mine, args.out_dir, input_tree=None if one_image else source_root)
-    result = evaluate(segment, dataset, runtime=runtime, out_paths=out_paths, fmt=args.format, workers=args.workers)
+    result = evaluate(segment, dataset, runtime=runtime, out_paths=output_paths(dataset, args, runtime), fmt=args.format, workers=args.workers)
+    if not runtime.is_main:
+        return
+    summary = {"mode": options.name, "dataset": dataset.info.name, "images": len(dataset), "amp": args.amp, "precision": precision}
+    summary |= {key: result[key] for key in ("data_s", "model_s", "eval_s")}
+    if "mIoU" in result:
+        print_table(result, options.name, class_names=dataset.info.class_names)
+        per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
+        scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mAcc", "aAcc")}  # JSON has no NaN
+        summary = {**scores, **summary, "per_class": per_class}
+    print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
+
+
+def run_evaluation(args):
+    if not args.ckpt:
+        raise cli.UsageError("--ckpt is required (exported models: python tools/deploy.py --model)")
+    runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
     if runtime.is_main:
-        seconds = {key: result[key] for key in ("data_s", "model_s", "eval_s")}
-        summary = {"mode": options.name, "dataset": dataset.info.name, "images": len(dataset), "amp": args.amp, "precision": precision, **seconds}
-        if args.model:
-            summary["model"] = args.model
-        if "mIoU" in result:
-            print_table(result, options.name, class_names=dataset.info.class_names)
-            per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
-            scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mAcc", "aAcc")}  # JSON has no NaN
-            summary = {**scores, **summary, "per_class": per_class}
-        if args.out_dir:
-            summary["out_dir"] = args.out_dir
-        print(json.dumps(summary))
+        print(runtime.device_note, flush=True)
+        print(runtime.precision_note(args.amp), flush=True)
+    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
+    model, info = load_model_and_dataset(args.ckpt)
+    segment = torch_segmenter(inference_model(model, runtime), runtime, amp=args.amp, options=options)
+    score(segment, info, precision=runtime.precision(args.amp), model_name=args.ckpt, args=args, runtime=runtime, options=options)
     teardown_runtime(runtime)
 
 
+def parse_args(argv=None):
+    parser = evaluation_parser(__doc__)
+    return check_flags(parser, parser.parse_args(argv))
+
+
 def main(argv=None):
-    cli.main(lambda: run_evaluation(parse_args(argv)))
+    cli.main(run_evaluation, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Several devices through torchrun.  bash run_8p.sh [full|perf] [extra train.py args]
-#   full  Ascend ModelZoo's recipe: R50 from scratch, 8 devices x 8 images, lr 0.2, 40k iterations, AMP O1
-#   perf  its 400-iteration throughput run, no validation
-# DEPTH=18 switches to the R18 real-time recipe (16 images in all, lr 0.025, 160k iterations).
+#   full  train.py --recipe seed_r50: Ascend ModelZoo's recipe (R50 from scratch, 8 devices x 8 images, lr 0.2, AMP O1)
+#   perf  train.py --recipe seed_r50_perf: its 400-iteration throughput run, no validation
+# DEPTH=18 switches to the R18 real-time recipe (train.py --recipe r18: 16 images in all, split across the devices).
+# The recipes' numbers, and how each adapts to the device count, live in train.py's RECIPES.
 # NPROC (devices per machine, default 8), NNODES (machines, default 1), MASTER_ADDR:MASTER_PORT (where the
 # rendezvous runs, default 127.0.0.1:29500): run the same command on every machine, with WORK_DIR on storage they
 # share. DIST_BACKEND (nccl/hccl/gloo) and DIST_TIMEOUT (seconds) pass through to train.py.
@@ -11,7 +12,7 @@
 # server survives the loss of the MASTER_ADDR machine). Re-running the command resumes from WORK_DIR too.
 # DEVICE (npu, cuda or cpu) overrides the device; by default an Ascend NPU, else a CUDA GPU, else the CPU.
 # HCCL_CONNECT_TIMEOUT (Ascend's link setup wait) follows DIST_TIMEOUT unless set, within HCCL's 120-7200 s.
-# DRY_RUN=1 prints the torchrun command instead of running it.
+# DRY_RUN=1 prints the torchrun command and the settings each device trains with, instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
@@ -26,25 +27,18 @@ TIMEOUT=${DIST_TIMEOUT:-1800}
 TIMEOUT=${TIMEOUT%%.*}
 export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-$((TIMEOUT < 120 ? 120 : TIMEOUT > 7200 ? 7200 : TIMEOUT))}
 
-# train.py's defaults are the R50 recipe on one device (8 images, lr 0.025, 40k iterations, O1); a recipe passes
-# only what differs from them.
-if [ "$DEPTH" = 18 ]; then
-  # mmseg's R18 recipe: 16 images in all at lr 0.025 (the default), so 16 / DEVICES per device, at least 2 each
-  # (BatchNorm on the pooled attention maps): 1, 2, 4 or 8 devices
-  if [ $((16 % DEVICES)) != 0 ] || [ "$DEVICES" -gt 8 ]; then
-    echo "error: DEPTH=18 trains 16 images in all; $DEVICES devices do not split them into batches of 2 or more: use 1, 2, 4 or 8 devices" >&2
-    exit 2
-  fi
-  RECIPE=(--depth 18 --batch-size $((16 / DEVICES)) --iters 160000 --val-interval 16000 --ckpt-interval 16000)
-else
-  # 8 images per device (the default) and lr 0.025 per 8 images, scaled linearly: 8 devices x 8 = 64 images at 0.2
-  RECIPE=(--depth "$DEPTH" --lr "$(python -c "print(round(0.025 * $DEVICES, 6))")")
-fi
+case "$DEPTH" in
+  18) RECIPE=r18 ;;
+  50) RECIPE=seed_r50 ;;
+  *) echo "error: DEPTH=$DEPTH: the recipes are for DEPTH=18 and DEPTH=50" >&2; exit 2 ;;
+esac
 case "$MODE" in
   full) ;;
-  perf) RECIPE+=(--iters 400 --no-validate --ckpt-interval 400) ;;
+  perf) RECIPE+=_perf ;;
   *) echo "usage: bash run_8p.sh [full|perf] [extra train.py args]" >&2; exit 2 ;;
 esac
+# the recipe's settings on this many devices, checked before any process starts (e.g. r18 needs 1, 2, 4 or 8)
+SETTINGS=$(WORLD_SIZE=$DEVICES python train.py --recipe "$RECIPE" --print-recipe "$@")
 WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_${DEVICES}p}
 # A fresh store for each restart: with the shared one, restarted gloo ranks can read the dead ranks' addresses and
 # wait forever (seen with torch 2.13 in tests/test_safety.py).
@@ -52,9 +46,10 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 COMMAND=(python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}"
   --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
   --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}"
-  train.py --device "$DEVICE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" "${RECIPE[@]}" --resume "$@")
+  train.py --device "$DEVICE" --recipe "$RECIPE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --resume "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT ${COMMAND[*]}"
+  echo "$SETTINGS"
   exit 0
 fi
-"${COMMAND[@]}"
+exec "${COMMAND[@]}"

@@ -6,6 +6,11 @@ import json
 from tqdm import tqdm
 
 
+def due(it, interval, iters):
+    """Whether the periodic work of 0-based iteration `it` runs: every `interval` iterations and at the end."""
+    return (it + 1) % interval == 0 or it + 1 == iters
+
+
 class RunLog:
     """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
 
@@ -62,15 +67,17 @@ class Speed:
 
 
 class Progress:
-    """The progress bar, and every `interval` iterations and at the end one JSON log line and TensorBoard scalars."""
+    """The progress bar and Speed every step; every `interval` iterations and at the end one JSON log line and
+    TensorBoard scalars."""
 
-    def __init__(self, bar, run_log, *, interval, iters):
-        self.bar, self.run_log, self.interval, self.iters = bar, run_log, interval, iters
+    def __init__(self, bar, run_log, *, interval, iters, speed):
+        self.bar, self.run_log, self.interval, self.iters, self.speed = bar, run_log, interval, iters, speed
 
-    def step(self, it, *, loss, lr, speed, data_time, step_time):
+    def step(self, it, *, loss, lr, data_time, step_time):
+        self.speed.step(it, data_time=data_time, step_time=step_time)
         self.bar.update()
-        if (it + 1) % self.interval and it + 1 != self.iters:
+        if not due(it, self.interval, self.iters):
             return
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{speed.img_s:.1f}")
-        entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": speed.img_s, "data_wait_s": data_time, "step_s": step_time}
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{self.speed.img_s:.1f}")
+        entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": self.speed.img_s, "data_wait_s": data_time, "step_s": step_time}
         self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})

@@ -1,9 +1,10 @@
-"""Train BiSeNetV1 on Cityscapes. Defaults reproduce the Ascend ModelZoo / mmseg recipe for one device of the
-8 x 8 images run (R50 context path from scratch, SGD lr 0.2 for 64 images, 40k iterations, poly, AMP O1).
+"""Train BiSeNetV1. `--recipe` picks a published recipe from RECIPES (default: the seed's, Ascend ModelZoo's R50
+from scratch); any flag given on the command line overrides it.
 
-    python train.py --data-root data/cityscapes                           # one device
-    torchrun --nproc-per-node 8 train.py --lr 0.2 ...                     # DDP; backend from DIST_BACKEND
-    python benchmark.py                                                   # speed of this recipe on this device
+    python train.py --data-root data/cityscapes                           # the seed's recipe on one device
+    python train.py --recipe r18 --data-root data/cityscapes              # mmseg's real-time R18 recipe
+    torchrun --nproc-per-node 8 train.py                                  # DDP; backend from DIST_BACKEND
+    python train.py --recipe r18 --print-recipe                           # the settings a recipe gives this launch
 
 A run ends with one JSON line: {"iters", "train_fps", "mIoU", "checkpoint", ...}.
 """
@@ -13,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,18 +22,35 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import cli
 from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
-from checkpoints import Checkpointer, changed_settings, last_checkpoint_note, load_backbone, load_model, open_work_dir, restore
+from checkpoints import Checkpointer, last_checkpoint_note, load_backbone, load_model, open_work_dir, restore
 from cityscapes import IGNORE_INDEX
 from cli import CheckpointError
-from datasets import DataError, TrainTransform, detect_dataset, open_dataset
+from datasets import TrainTransform, detect_dataset, image_size, open_dataset
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
-from runlog import Progress, RunLog, Speed
+from runlog import Progress, RunLog, Speed, due
+
+# Every recipe, as what it changes from the flags' defaults, for one device. `scale` says how it runs on N devices:
+# "lr" keeps the images per device and multiplies lr by N (linear scaling: the seed's 8 x 8 images at lr 0.2);
+# "batch" keeps the images in all and splits them, lr unchanged (mmseg's R18: 16 images at lr 0.025 on any count).
+RECIPES = {
+    "seed_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
+    "r18": dict(depth=18, batch_size=16, lr=0.025, iters=160000, val_interval=16000, ckpt_interval=16000, scale="batch"),
+    "demo": dict(depth=18, batch_size=8, crop=(128, 256), scale_range=(0.75, 1.5), iters=200, lr=0.05, warmup_iters=20, val_interval=100, ckpt_interval=100),
+    "learning": dict(depth=18, batch_size=4, crop=(128, 256), lr=0.025, warmup_iters=25, amp="O0", scale="lr"),  # tools/benchmark_learning.py
+}
+PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZoo's throughput run of a recipe
+RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("seed_r50", "r18")}
+
+# the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
+RECIPE_FLAGS = (
+    "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
+    "warmup_ratio", "poly_power", "min_lr", "loss", "loss_normalise", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "loss_scale", "seed", "diff_seed", "sync_bn",
+)  # fmt: skip
 
 
 class TrainingError(cli.Error):
@@ -44,74 +63,92 @@ class Interrupted(TrainingError):
     exit_code = 130
 
 
-def parse_args(argv=None):
-    p = cli.ArgumentParser(__doc__)
-    p.add_argument("--data-root", default="data/cityscapes")
-    p.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
-    p.add_argument("--work-dir", default="work_dirs/bisenetv1")
-    p.add_argument("--depth", type=int, default=50, choices=sorted(RESNET_LAYOUTS), help="ResNet context path")
-    p.add_argument("--num-classes", type=cli.integer(2, 255), help="a check: the class count comes from the dataset (Cityscapes 19, classes.txt)")
-    p.add_argument("--dropout", type=cli.real(0, 1, high_open=True), default=0.1, help="before each head's classifier (mmseg)")
-    p.add_argument("--batch-size", type=cli.integer(1), default=8, help="images per device")
-    p.add_argument("--crop", type=cli.size, default="1024x1024", help="HxW")
-    p.add_argument("--scale-range", type=cli.ratios(2), default="0.5,2.0", help="random rescale ratio range")
-    p.add_argument("--cat-max-ratio", type=cli.real(0, 1, low_open=True), default=0.75)
-    p.add_argument("--iters", type=cli.integer(1), default=40000)
-    p.add_argument("--lr", type=cli.real(0, 1e38, low_open=True), default=0.025, help="0.2 for 8 devices x 8 images (Ascend ModelZoo); scale linearly")
-    p.add_argument("--momentum", type=cli.real(0, 1), default=0.9)
-    p.add_argument("--weight-decay", type=cli.real(0), default=5e-4)
-    p.add_argument("--warmup-iters", type=cli.integer(0), default=1000)
-    p.add_argument("--warmup", default="linear", choices=("linear", "exp"))
-    p.add_argument("--warmup-ratio", type=cli.real(0, 1, low_open=True), default=0.1)
-    p.add_argument("--poly-power", type=cli.real(0), default=0.9)
-    p.add_argument("--min-lr", type=cli.real(0), default=1e-4)
-    p.add_argument("--loss", default="ce", choices=("ce", "ohem"))
-    p.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
-    p.add_argument("--aux-weight", type=cli.real(0), default=1.0)
-    p.add_argument(
+def recipe_settings(name, devices):
+    """The per-device flag values of recipe `name` on `devices` devices (see RECIPES)."""
+    recipe = dict(RECIPES[name])
+    scale = recipe.pop("scale", "lr")
+    if scale == "lr":
+        return {**recipe, "lr": round(recipe["lr"] * devices, 8)}
+    images, per_device = recipe["batch_size"], recipe["batch_size"] // devices
+    if images % devices or per_device < 2:
+        raise cli.UsageError(
+            f"--recipe {name} trains {images} images in all; {devices} devices do not split them into batches of 2 or more: "
+            f"use {', '.join(str(n) for n in range(1, images // 2 + 1) if images % n == 0)} devices, or pass --batch-size"
+        )
+    return {**recipe, "batch_size": per_device}
+
+
+def add_training_flags(p):
+    model = p.add_argument_group("model")
+    model.add_argument("--depth", type=int, default=50, choices=sorted(RESNET_LAYOUTS), help="ResNet context path")
+    model.add_argument("--num-classes", type=cli.integer(2, 255), help="a check: the class count comes from the dataset (Cityscapes 19, classes.txt)")
+    model.add_argument("--dropout", type=cli.real(0, 1, high_open=True), default=0.1, help="before each head's classifier (mmseg)")
+    model.add_argument("--load-from", help="initial weights: any checkpoint evaluate.py reads")
+    model.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL")
+    model.add_argument("--sync-bn", action="store_true")
+    data = p.add_argument_group("data")
+    data.add_argument("--batch-size", type=cli.integer(1), default=8, help="images per device")
+    data.add_argument("--crop", type=cli.size, default="1024x1024", help="HxW")
+    data.add_argument("--scale-range", type=cli.ratios(2), default="0.5,2.0", help="random rescale ratio range")
+    data.add_argument("--cat-max-ratio", type=cli.real(0, 1, low_open=True), default=0.75)
+    data.add_argument("--workers", type=cli.integer(0), default=4, help="data loading processes per device")
+    schedule = p.add_argument_group("schedule and loss")
+    schedule.add_argument("--iters", type=cli.integer(1), default=40000)
+    schedule.add_argument("--lr", type=cli.real(0, 1e38, low_open=True), default=0.025, help="for this run's devices (the recipe scales it)")
+    schedule.add_argument("--momentum", type=cli.real(0, 1), default=0.9)
+    schedule.add_argument("--weight-decay", type=cli.real(0), default=5e-4)
+    schedule.add_argument("--warmup-iters", type=cli.integer(0), default=1000)
+    schedule.add_argument("--warmup", default="linear", choices=("linear", "exp"))
+    schedule.add_argument("--warmup-ratio", type=cli.real(0, 1, low_open=True), default=0.1)
+    schedule.add_argument("--poly-power", type=cli.real(0), default=0.9)
+    schedule.add_argument("--min-lr", type=cli.real(0), default=1e-4)
+    schedule.add_argument("--loss", default="ce", choices=("ce", "ohem"))
+    schedule.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
+    schedule.add_argument("--aux-weight", type=cli.real(0), default=1.0)
+    schedule.add_argument(
         "--loss-normalise",
         default="valid",
         choices=("valid", "all"),
         help="CE divides by the labelled pixels (valid: PyTorch's, CoinCheung's) or by all pixels (all: mmseg's avg_non_ignore=False, the seed's)",
     )
-    p.add_argument(
-        "--amp",
-        "--opt-level",
-        dest="amp",
-        default="O1",
-        choices=("O0", "O1"),
-        help="O1 = apex O1: convolutions in half precision (--amp-dtype), weights and loss in fp32; O0 = fp32",
-    )
-    p.add_argument(
-        "--amp-dtype",
-        default="auto",
-        choices=("auto", "float16", "bfloat16"),
-        help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did); on a CPU bfloat16 where it has "
-        "AMX-BF16 or AVX512-BF16, else fp32 (printed at start); bfloat16 needs no loss scaling",
-    )
-    p.add_argument(
+    schedule.add_argument("--seed", type=cli.integer(0), default=36436756)
+    schedule.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
+
+
+def add_run_flags(p):
+    run = p.add_argument_group("run")
+    run.add_argument("--work-dir", default="work_dirs/bisenetv1")
+    run.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its newest checkpoint, if it has one")
+    run.add_argument("--keep-checkpoints", type=cli.integer(0), default=0, help="keep only the newest N iter_N.pth (0: all); best.pth is always kept")
+    run.add_argument("--no-validate", action="store_true")
+    run.add_argument("--val-interval", type=cli.integer(1), default=4000)
+    run.add_argument("--ckpt-interval", type=cli.integer(1), default=4000)
+    run.add_argument("--log-interval", type=cli.integer(1), default=50)
+    run.add_argument(
         "--loss-scale",
         type=cli.real(0, low_open=True),
         help="fp16 only: a static loss scale, e.g. 128 as Ascend's port (apex loss_scale=128.0); default: dynamic (from 2^16, halved on overflow)",
     )
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"), help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
-    p.add_argument("--device-id", "--gpu-id", dest="device_id", type=cli.integer(0), default=0, help="single-device runs")
-    p.add_argument("--load-from", help="initial weights: any checkpoint bisenet.load_model reads")
-    p.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL")
-    p.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its newest checkpoint, if it has one")
-    p.add_argument("--keep-checkpoints", type=cli.integer(0), default=0, help="keep only the newest N iter_N.pth (0: all); best.pth is always kept")
-    p.add_argument("--seed", type=cli.integer(0), default=36436756)
-    p.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
-    p.add_argument("--no-validate", action="store_true")
-    p.add_argument("--val-interval", type=cli.integer(1), default=4000)
-    p.add_argument("--ckpt-interval", type=cli.integer(1), default=4000)
-    p.add_argument("--log-interval", type=cli.integer(1), default=50)
-    p.add_argument("--workers", type=cli.integer(0), default=4, help="data loading processes per device")
-    p.add_argument("--sync-bn", action="store_true")
-    p.add_argument(
+    run.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA and AVX-512 CPUs, off for AVX2 CPUs and Ascend"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the training model (compiling takes minutes; see the README's measurements)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the training model (compiling takes minutes; see PERFORMANCE.md)")
+
+
+def parse_args(argv=None):
+    """The recipe's values become the defaults (scaled to this launch's WORLD_SIZE), then the command line is read."""
+    p = cli.ArgumentParser(__doc__)
+    p.add_argument("--recipe", default="seed_r50", choices=sorted(RECIPES), help="the published recipe; flags override it")
+    p.add_argument("--print-recipe", action="store_true", help="print the recipe's settings for this launch as JSON and exit")
+    cli.add_data_flags(p)
+    cli.add_device_flags(p)
+    add_training_flags(p)
+    add_run_flags(p)
+    recipe = p.parse_known_args(argv)[0].recipe
+    try:
+        p.set_defaults(**recipe_settings(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
+    except cli.UsageError as e:
+        p.error(str(e))
     args = p.parse_args(argv)
     if args.scale_range[0] > args.scale_range[1]:
         p.error(f"argument --scale-range: {args.scale_range[0]:g},{args.scale_range[1]:g}: the smaller ratio comes first, e.g. 0.5,2.0")
@@ -195,12 +232,7 @@ class IterationSampler(torch.utils.data.Sampler):
 
 def training_set(data_root, dataset_type, *, crop, scale_range, cat_max_ratio):
     dataset = open_dataset(data_root, "train", dataset_type=dataset_type, transform=TrainTransform(crop, scale_range, cat_max_ratio=cat_max_ratio))
-    first = dataset.samples[0][0]
-    try:
-        with Image.open(first) as image:
-            width, height = image.size
-    except OSError as e:
-        raise DataError(f"{first}: unreadable image ({type(e).__name__}); re-extract or re-download this file") from None
+    height, width = image_size(dataset.samples[0][0])
     largest = scale_range[1]
     if crop[0] > height * largest or crop[1] > width * largest:
         raise cli.UsageError(
@@ -221,13 +253,6 @@ def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator(),  # keeps the loader off the global RNG that dropout draws from
     )
-
-
-# -- Checkpoints ----------------------------------------------------------------------------------------------
-def seed_for(seed, diff_seed, *, rank, iteration):
-    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
-    so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
-    return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
 # -- Model ----------------------------------------------------------------------------------------------------
@@ -257,13 +282,7 @@ def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_fr
             raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def create_optimizer(model, *, lr, momentum, weight_decay, kernel="default"):
-    return sgd(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, kernel=kernel)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def data_parallel(model, runtime):
@@ -284,25 +303,18 @@ def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
     return loss
 
 
-def to_device(batch, runtime, *, channels_last):
-    images = batch["image"].to(runtime.device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch["label"].to(runtime.device, non_blocking=True).long()
-
-
-# -- The run --------------------------------------------------------------------------------------------------
+# -- The loop's periodic work, each a .step(it) ------------------------------------------------------------------
 class Validation:
-    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics; step() says whether
-    it is a new best. Without a val set (--no-validate) it never runs."""
+    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics; a new best is saved
+    as best.pth. Without a val set (--no-validate) it never runs."""
 
-    def __init__(self, val_set, model, *, runtime, amp, workers, interval, iters, best, run_log):
+    def __init__(self, val_set, model, *, runtime, amp, workers, interval, iters, best, run_log, checkpointer):
         self.val_set, self.model, self.runtime, self.amp, self.workers = val_set, model, runtime, amp, workers
-        self.interval, self.iters, self.best, self.run_log, self.result = interval, iters, best, run_log, None
+        self.interval, self.iters, self.best, self.run_log, self.checkpointer, self.result = interval, iters, best, run_log, checkpointer, None
 
     def step(self, it):
-        if self.val_set is None or ((it + 1) % self.interval and it + 1 != self.iters):
-            return False
+        if self.val_set is None or not due(it, self.interval, self.iters):
+            return
         self.runtime.share_buffers(self.model)
         self.model.eval()
         self.result = evaluate(torch_segmenter(self.model, self.runtime, amp=self.amp), self.val_set, runtime=self.runtime, workers=self.workers)
@@ -310,56 +322,111 @@ class Validation:
         miou = self.result["mIoU"]
         improved = self.best is None or miou > self.best
         self.best = miou if improved else self.best
+        self.checkpointer.best = self.best
         self.run_log.message(f"iter {it + 1}: val mIoU {miou:.2f} (ss whole), best {self.best:.2f}")
         self.run_log.record({"iter": it + 1, "val_mIoU": miou, "val_mAcc": self.result["mAcc"], "val_aAcc": self.result["aAcc"]}, **{"val/mIoU": miou})
-        return improved
+        if improved:
+            self.checkpointer.save(self.checkpointer.work_dir / "best.pth", it + 1)
 
 
-def check_step(it, loss, *, scaler, scale_before, static_scale, run_log, work_dir):
+class StepCheck:
     """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a non-finite loss
     anywhere else, or a scale below 1, ends the run with the last good checkpoint kept."""
-    if scaler.is_enabled() and scaler.get_scale() < scale_before:
-        if static_scale:
-            scaler.update(float(static_scale))
-        scale = scaler.get_scale()
-        run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
-        run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
-        if scale < 1:
-            raise TrainingError(
-                f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
-                f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {last_checkpoint_note(work_dir)}"
-            )
-    elif not math.isfinite(loss):
-        raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {last_checkpoint_note(work_dir)}")
+
+    def __init__(self, scaler, *, static_scale, run_log, work_dir):
+        self.scaler, self.static_scale, self.run_log, self.work_dir, self.scale_before = scaler, static_scale, run_log, work_dir, scaler.get_scale()
+
+    def step(self, it, loss):
+        scale_before, self.scale_before = self.scale_before, self.scaler.get_scale()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
+            if self.static_scale:
+                self.scaler.update(float(self.static_scale))
+            scale = self.scale_before = self.scaler.get_scale()
+            self.run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
+            self.run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
+            if scale < 1:
+                raise TrainingError(
+                    f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
+                    f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {last_checkpoint_note(self.work_dir)}"
+                )
+        elif not math.isfinite(loss):
+            raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {last_checkpoint_note(self.work_dir)}")
 
 
-def check_flags(runtime, *, loss_scale, amp, batch_size, sync_bn):
-    """The flag combinations this runtime cannot train, as one-line errors before anything is loaded."""
-    if loss_scale and not runtime.grad_scaler(amp).is_enabled():
-        raise cli.UsageError(f"--loss-scale {loss_scale:g}: this run computes in {runtime.precision(amp)}, which has no loss scaling; leave --loss-scale out")
-    if batch_size < 2 and not (sync_bn and runtime.distributed):
+# -- Building a run, then running it --------------------------------------------------------------------------
+def setting_text(value):
+    if isinstance(value, (tuple, list)):
+        return ("x" if all(isinstance(v, int) for v in value) else ",").join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def changed_settings(saved, current):
+    """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
+    changes = []
+    for name in RECIPE_FLAGS + ("world_size", "data_root"):
+        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
+            flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
+            changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
+    return ", ".join(changes)
+
+
+def build_runtime(args):
+    """The device, checked against the flags before anything is loaded."""
+    runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
+    if runtime.is_main:
+        tqdm.write(runtime.device_note)
+    runtime.check_options(compile=args.compile, channels_last=args.channels_last)
+    if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
+        raise cli.UsageError(
+            f"--loss-scale {args.loss_scale:g}: this run computes in {runtime.precision(args.amp)}, which has no loss scaling; leave --loss-scale out"
+        )
+    if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
         raise cli.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
         )
+    return runtime
 
 
-def resume(checkpoint, path, *, model, optimizer, scaler, runtime, info, settings, run_log):
-    """(start iteration, best mIoU): 0 and None for a fresh run; a resumed run says which recipe flags differ."""
-    if checkpoint is None:
-        return 0, None
-    start, best = restore(checkpoint, path, model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info)
-    run_log.message(f"resumed from {path.resolve()} at iteration {start}")
-    changes = changed_settings(checkpoint.get("args", {}), settings)
-    if changes:
-        run_log.message(f"warning: resuming with settings that differ from the run's: {changes}")
-    return start, best
+def build_data(args):
+    """(training set, val set or None); the data's classes are the model's."""
+    dataset = training_set(args.data_root, args.dataset, crop=args.crop, scale_range=args.scale_range, cat_max_ratio=args.cat_max_ratio)
+    if args.num_classes is not None and args.num_classes != dataset.info.num_classes:
+        raise cli.UsageError(
+            f"--num-classes {args.num_classes}: {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes} classes; leave --num-classes out"
+        )
+    return dataset, None if args.no_validate else open_dataset(args.data_root, "val", dataset_type=args.dataset)
 
 
-def run_summary(runtime, *, iters, amp, depth, speed, validation, checkpoint):
+def build_model_and_state(args, runtime, *, info, channels_last, checkpoint, resumed_from, run_log):
+    """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as the resumed checkpoint left them."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
+    model = create_model(runtime, depth=args.depth, num_classes=info.num_classes, dropout=args.dropout, channels_last=channels_last,
+                         load_from=args.load_from, pretrained=args.pretrained, sync_bn=args.sync_bn, log=run_log.message)  # fmt: skip
+    optimizer = sgd(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, kernel=runtime.sgd_kernel)
+    scaler = runtime.grad_scaler(args.amp, args.loss_scale)
+    start, best = 0, None
+    if checkpoint is not None:
+        start, best = restore(checkpoint, resumed_from, model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info)
+        run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}")
+        changes = changed_settings(checkpoint.get("args", {}), {**vars(args), "world_size": runtime.world_size})
+        if changes:
+            run_log.message(f"warning: resuming with settings that differ from the run's: {changes}")
+    for group in optimizer.param_groups:  # a resumed run takes this command's values, not its optimizer state's
+        group.update(momentum=args.momentum, weight_decay=args.weight_decay)
+    return model, optimizer, scaler, start, best
+
+
+def seed_for(seed, diff_seed, *, rank, iteration):
+    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
+    so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
+    return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
+
+
+def run_summary(runtime, *, args, speed, validation, checkpoint):
     """The JSON line a run ends with."""
     result, best = validation.result, validation.best
     return {
-        "iters": iters,
+        "iters": args.iters,
         **speed.summary(),
         "mIoU": round(result["mIoU"], 2) if result else None,
         "best_mIoU": round(best, 2) if best is not None else None,
@@ -367,115 +434,62 @@ def run_summary(runtime, *, iters, amp, depth, speed, validation, checkpoint):
         "device": str(runtime.device),
         "world_size": runtime.world_size,
         "backend": runtime.backend,
-        "amp": amp,
-        "precision": runtime.precision(amp),
-        "depth": depth,
+        "amp": args.amp,
+        "precision": runtime.precision(args.amp),
+        "depth": args.depth,
     }
 
 
 def train(args):
-    runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
-    if runtime.is_main:
-        tqdm.write(runtime.device_note)
-    runtime.check_options(compile=args.compile, channels_last=args.channels_last)
-    check_flags(runtime, loss_scale=args.loss_scale, amp=args.amp, batch_size=args.batch_size, sync_bn=args.sync_bn)
-    channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
-    dataset = training_set(args.data_root, args.dataset, crop=args.crop, scale_range=args.scale_range, cat_max_ratio=args.cat_max_ratio)
-    info = dataset.info
-    if args.num_classes is not None and args.num_classes != info.num_classes:
-        raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
-    val_set = None if args.no_validate else open_dataset(args.data_root, "val", dataset_type=args.dataset)
-    work_dir = Path(args.work_dir)
+    """Builds everything (runtime, data, work dir, model, the loop's periodic work), then runs the loop."""
+    runtime = build_runtime(args)
+    dataset, val_set = build_data(args)
+    work_dir, info = Path(args.work_dir), dataset.info
     held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime=runtime, log=tqdm.write)
     run_log = RunLog(work_dir, runtime.is_main)
     run_log.message(f"dataset: {info.name} ({detect_dataset(args.data_root, args.dataset)}), {info.num_classes} classes, {len(dataset)} training images")
     run_log.message(runtime.precision_note(args.amp))
-    settings = {**vars(args), "world_size": runtime.world_size}
-
-    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(
-        runtime,
-        depth=args.depth,
-        num_classes=info.num_classes,
-        dropout=args.dropout,
-        channels_last=channels_last,
-        load_from=args.load_from,
-        pretrained=args.pretrained,
-        sync_bn=args.sync_bn,
-        log=run_log.message,
+    channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
+    model, optimizer, scaler, start, best = build_model_and_state(
+        args, runtime, info=info, channels_last=channels_last, checkpoint=checkpoint, resumed_from=resumed_from, run_log=run_log
     )
-    optimizer = create_optimizer(model, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, kernel=runtime.sgd_kernel)
-    scaler = runtime.grad_scaler(args.amp, args.loss_scale)
-    start, best = resume(
-        checkpoint, resumed_from, model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info, settings=settings, run_log=run_log
-    )
-    for group in optimizer.param_groups:  # a resumed run takes this command's values, not its optimizer state's
-        group.update(momentum=args.momentum, weight_decay=args.weight_decay)
     del checkpoint
-
-    def reseed(iteration):
-        torch.manual_seed(seed_for(args.seed, args.diff_seed, rank=runtime.rank, iteration=iteration))
-
+    reseed = lambda iteration: torch.manual_seed(seed_for(args.seed, args.diff_seed, rank=runtime.rank, iteration=iteration))  # noqa: E731
     reseed(start)
-    ddp_model = data_parallel(model, runtime) if runtime.distributed else model
-    ddp_model = torch.compile(ddp_model) if args.compile else ddp_model
+    stepped = data_parallel(model, runtime) if runtime.distributed else model
+    stepped = torch.compile(stepped) if args.compile else stepped
     loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
-    schedule = functools.partial(
-        learning_rate,
-        base_lr=args.lr,
-        iters=args.iters,
-        min_lr=args.min_lr,
-        power=args.poly_power,
-        warmup_iters=args.warmup_iters,
-        warmup=args.warmup,
-        warmup_ratio=args.warmup_ratio,
-    )
-    autocast = functools.partial(runtime.autocast, args.amp)
+    schedule = functools.partial(learning_rate, base_lr=args.lr, iters=args.iters, min_lr=args.min_lr, power=args.poly_power,
+                                 warmup_iters=args.warmup_iters, warmup=args.warmup, warmup_ratio=args.warmup_ratio)  # fmt: skip
     loader = training_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed, start=start, iters=args.iters, runtime=runtime)
-    checkpointer = Checkpointer(
-        work_dir,
-        model,
-        optimizer=optimizer,
-        scaler=scaler,
-        settings=settings,
-        dataset=info,
-        interval=args.ckpt_interval,
-        iters=args.iters,
-        keep=args.keep_checkpoints,
-        is_main=runtime.is_main,
-        reseed=reseed,
-        log=run_log.message,
-        path=resumed_from,
-    )
-    validation = Validation(
-        val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters, best=best, run_log=run_log
-    )
+    checkpointer = Checkpointer(work_dir, model, optimizer=optimizer, scaler=scaler, settings={**vars(args), "world_size": runtime.world_size}, dataset=info,
+                                interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints, is_main=runtime.is_main, reseed=reseed,
+                                log=run_log.message, path=resumed_from, best=best)  # fmt: skip
+    validation = Validation(val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters,
+                            best=best, run_log=run_log, checkpointer=checkpointer)  # fmt: skip
     speed = Speed(images_per_iter=args.batch_size * runtime.world_size, start=start, iters=args.iters)
-    it = start
-    ddp_model.train()
+    step_check = StepCheck(scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
+    autocast, it = functools.partial(runtime.autocast, args.amp), start
+    stepped.train()
     try:
         with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
-            progress = Progress(bar, run_log, interval=args.log_interval, iters=args.iters)
-            tick = time.perf_counter()
+            progress, tick = Progress(bar, run_log, interval=args.log_interval, iters=args.iters, speed=speed), time.perf_counter()
             for it, batch in enumerate(loader, start):
-                data_time = time.perf_counter() - tick
-                lr = schedule(it)
+                data_time, lr = time.perf_counter() - tick, schedule(it)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                images, labels = to_device(batch, runtime, channels_last=channels_last)
-                scale_before = scaler.get_scale()
-                loss = train_step(ddp_model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast).item()
-                check_step(it, loss, scaler=scaler, scale_before=scale_before, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
-                step_time = time.perf_counter() - tick
-                speed.step(it, data_time=data_time, step_time=step_time)
-                progress.step(it, loss=loss, lr=lr, speed=speed, data_time=data_time, step_time=step_time)
-                if validation.step(it):
-                    checkpointer.save_best(it, validation.best)
-                checkpointer.step(it, validation.best)
+                images = batch["image"].to(runtime.device, non_blocking=True)
+                images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+                labels = batch["label"].to(runtime.device, non_blocking=True).long()
+                loss = train_step(stepped, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast).item()
+                step_check.step(it, loss)
+                progress.step(it, loss=loss, lr=lr, data_time=data_time, step_time=time.perf_counter() - tick)
+                validation.step(it)
+                checkpointer.step(it)
                 tick = time.perf_counter()
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted at iteration {it}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.") from None
-    summary = run_summary(runtime, iters=args.iters, amp=args.amp, depth=args.depth, speed=speed, validation=validation, checkpoint=checkpointer.path)
+    summary = run_summary(runtime, args=args, speed=speed, validation=validation, checkpoint=checkpointer.path)
     run_log.record({"iter": args.iters, "summary": summary})
     run_log.close()
     if runtime.is_main:
@@ -487,8 +501,12 @@ def train(args):
 
 
 def main(argv=None):
+    args = parse_args(argv)
+    if args.print_recipe:  # what the launch scripts show with DRY_RUN=1
+        print(json.dumps({"recipe": args.recipe, **{name: getattr(args, name) for name in RECIPES[args.recipe] if name != "scale"}}))
+        return
     try:
-        cli.main(lambda: train(parse_args(argv)))
+        cli.main(train, args)
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         sys.exit(130)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from convert_labels import convert_dataset
-from synthetic import synthesize_cityscapes
+from synthetic import trainable_cityscapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,9 +71,7 @@ def in_process_error(main, argv, capsys, *, allow_warnings=False):
 def synthetic_root(tmp_path_factory):
     """A small synthetic Cityscapes with labelTrainIds and split lists. Tests must not modify it."""
     root = tmp_path_factory.mktemp("cityscapes")
-    synthesize_cityscapes(root, train=9, val=4, test=2, height=128, width=256, seed=5)
-    assert not convert_dataset(root, source="labelIds", progress=False)
-    return root
+    return trainable_cityscapes(root, train=9, val=4, test=2, height=128, width=256, seed=5)
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +79,7 @@ def learned(tmp_path_factory):
     """R18 trained from scratch for 150 iterations on a synthetic Cityscapes of its own (minutes of CPU time):
     (data root, work dir, the finished train.py process). test_train checks the learning, test_deploy exports it."""
     root = tmp_path_factory.mktemp("learned")
-    synthesize_cityscapes(root / "data", train=24, val=6, height=128, width=256, seed=11)
-    convert_dataset(root / "data", source="labelIds", progress=False)
+    trainable_cityscapes(root / "data", train=24, val=6, height=128, width=256, seed=11)
     args = ["--data-root", root / "data", "--work-dir", root / "wd", "--depth", "18", "--batch-size", "8", "--crop", "128x256", "--scale-range", "0.75,1.5"]
     args += ["--iters", "150", "--lr", "0.05", "--warmup-iters", "20", "--val-interval", "50", "--log-interval", "10", "--workers", "1"]
     result = subprocess.run(

@@ -45,7 +45,7 @@ def test_bench_small_measures_every_part_and_ends_with_json():
 
 def test_bench_rejects_bad_flags_in_one_line():
     for flags, message in ((["--variants", "warp-drive"], "--variants: unknown ['warp-drive']"), (["--crop", "8x8", "--depth", "18"], "--crop 8x8")):
-        result = subprocess.run([sys.executable, "benchmark.py", *flags], cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "tools/benchmark.py", *flags], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
 
@@ -53,7 +53,7 @@ def test_bench_rejects_bad_flags_in_one_line():
 def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_path):
     """`BENCH_SMALL=1 bash run_1p.sh bench-infer`: what the GPU issue's one script measures, at CPU sizes."""
     env = {**os.environ, "BENCH_SMALL": "1"}
-    args = ["--steps", "2", "--warmup", "1", "--workers", "1", "--work-dir", str(tmp_path)]
+    args = ["--runs", "2", "--warmup", "1", "--workers", "1", "--work-dir", str(tmp_path)]
     result = subprocess.run(["bash", "run_1p.sh", "bench-infer", *args], cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

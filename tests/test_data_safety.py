@@ -19,6 +19,7 @@ from reference_models import MmsegBiSeNetV1
 import cityscapes
 import convert_labels
 import datasets
+import deploy
 import evaluate
 import export
 import synthetic
@@ -179,7 +180,7 @@ def test_a_truncated_or_odd_sized_video_says_so(tmp_path):
 def test_video_refuses_images_and_out_dir_it_would_ignore(my7, tmp_path, capsys):
     video = write_video(tmp_path / "v.avi", 2)
     for extra in (["--images", tmp_path], ["--out-dir", tmp_path / "o"]):
-        error = in_process_error(evaluate.main, ["--ckpt", my7[1], "--video", video, *extra], capsys, allow_warnings=True)
+        error = in_process_error(deploy.main, ["--ckpt", my7[1], "--video", video, *extra], capsys, allow_warnings=True)
         assert "not used with --video" in error
 
 
@@ -224,7 +225,7 @@ def test_openvino_export_writes_the_pair_and_refuses_int8_without_images(my7, tm
     lone = tmp_path / "lone.xml"
     shutil.copy(out, lone)  # an .xml whose .bin was not copied with it
     error = in_process_error(
-        evaluate.main, ["--model", lone, "--images", tmp_path / "calib" / "data" / "img_dir" / "val", "--out-dir", tmp_path / "p"], capsys, allow_warnings=True
+        deploy.main, ["--model", lone, "--images", tmp_path / "calib" / "data" / "img_dir" / "val", "--out-dir", tmp_path / "p"], capsys, allow_warnings=True
     )
     assert "not a readable .xml model" in error and "Exception from" not in error and "bin" in error.split("(", 1)[1], error
 
@@ -427,9 +428,9 @@ def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
     summary(export.main, ["--ckpt", ckpt, "--out", onnx, "--size", "64x128"], capsys)
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(onnx.read_bytes()[:5000])
-    assert "not a readable .onnx model" in in_process_error(evaluate.main, ["--model", truncated, "--data-root", root], capsys, allow_warnings=True)
+    assert "not a readable .onnx model" in in_process_error(deploy.main, ["--model", truncated, "--data-root", root], capsys, allow_warnings=True)
     (tmp_path / "empty.onnx").write_bytes(b"")
-    assert "the file is empty" in in_process_error(evaluate.main, ["--model", tmp_path / "empty.onnx", "--data-root", root], capsys, allow_warnings=True)
+    assert "the file is empty" in in_process_error(deploy.main, ["--model", tmp_path / "empty.onnx", "--data-root", root], capsys, allow_warnings=True)
     for flag, script in (("--ckpt", evaluate.main), ("--load-from", None)):
         if script is None:
             import train
@@ -462,7 +463,7 @@ def test_a_full_disk_under_predictions_or_an_export_is_one_line_and_leaves_nothi
 
     root, ckpt = my7
     mount = tmp_path / "small"
-    export_cmd = [sys.executable, "export.py", "--ckpt", str(ckpt), "--format", "openvino", "--out", str(mount / "m7.xml"), "--size", "64x128"]
+    export_cmd = [sys.executable, "tools/export.py", "--ckpt", str(ckpt), "--format", "openvino", "--out", str(mount / "m7.xml"), "--size", "64x128"]
     result = in_small_filesystem(mount, 8, ["bash", "-c", " ".join(export_cmd) + f'; code=$?; ls -A "{mount}"; exit $code'])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"error: {mount / 'm7.xml'}: OpenVINO could not write the model (" in result.stderr and " MB are free in " in result.stderr

@@ -13,6 +13,8 @@ import torch
 from conftest import in_process, last_json, one_line_error, succeeded
 from PIL import Image
 
+import benchmark_inference
+import deploy
 import evaluate
 import export
 from checkpoints import load_model
@@ -44,13 +46,14 @@ def exported(trained, synthetic_root, tmp_path_factory):
     """fp32 and int8 IR of the trained model, and their export summaries."""
     folder = tmp_path_factory.mktemp("ir")
     common = ["--ckpt", trained, "--format", "openvino", "--size", "128x256"]
-    fp32 = last_json(succeeded("export.py", *common, "--out", folder / "fp32.xml"))
-    int8 = last_json(succeeded("export.py", *common, "--out", folder / "int8.xml", "--int8", "--calib-data", synthetic_root, "--calib-images", "8"))
+    fp32 = last_json(succeeded("tools/export.py", *common, "--out", folder / "fp32.xml"))
+    int8 = last_json(succeeded("tools/export.py", *common, "--out", folder / "int8.xml", "--int8", "--calib-data", synthetic_root, "--calib-images", "8"))
     return folder, fp32, int8
 
 
 def scored(capsys, synthetic_root, out_dir, *model):
-    return summary_of(evaluate.main, [*model, "--data-root", synthetic_root, "--workers", "0", "--out-dir", out_dir, "--format", "trainIds"], capsys)
+    script = deploy.main if "--model" in model else evaluate.main
+    return summary_of(script, [*model, "--data-root", synthetic_root, "--workers", "0", "--out-dir", out_dir, "--format", "trainIds"], capsys)
 
 
 def class_maps(folder):
@@ -98,11 +101,11 @@ def test_onnx_model_is_evaluated_like_its_checkpoint(trained, synthetic_root, tm
 
 def test_deployed_benchmark_and_images(exported, trained, synthetic_root, tmp_path, capsys):
     folder, _, _ = exported
-    result = summary_of(evaluate.main, ["--model", folder / "int8.xml", "--benchmark", "--size", "64x128", "--runs", "2", "--warmup", "1"], capsys)
+    result = summary_of(benchmark_inference.main, ["--model", folder / "int8.xml", "--size", "64x128", "--runs", "2", "--warmup", "1"], capsys)
     assert result["baseline"] == f"eager fp32 of {trained}" and result["speedup"] > 0 and result["size"] == "64x128"
     assert result["precision"].startswith("OpenVINO int8")
     images = sorted((synthetic_root / "leftImg8bit" / "val").rglob("*.png"))[:2]
-    summary_of(evaluate.main, ["--model", folder / "fp32.xml", "--images", images[0].parent, "--out-dir", tmp_path / "color"], capsys)
+    summary_of(deploy.main, ["--model", folder / "fp32.xml", "--images", images[0].parent, "--out-dir", tmp_path / "color"], capsys)
     written = sorted((tmp_path / "color").glob("*_color.png"))
     assert len(written) == len(list(images[0].parent.glob("*.png")))
     colours = np.concatenate([np.array(Image.open(p)).reshape(-1, 3) for p in written])
@@ -129,7 +132,7 @@ def test_video_overlay_keeps_frames_size_and_rate_and_carries_the_palette(export
     images = sorted((synthetic_root / "leftImg8bit" / "val").rglob("*.png"))
     write_video(tmp_path / "in.mp4", [cv2.imread(str(p)) for p in images], fps=12)
     model = ["--ckpt", trained] if source == "ckpt" else ["--model", exported[0] / "int8.xml"]
-    summary = summary_of(evaluate.main, [*model, "--video", tmp_path / "in.mp4", "--out", tmp_path / "out.mp4"], capsys)
+    summary = summary_of(deploy.main, [*model, "--video", tmp_path / "in.mp4", "--out", tmp_path / "out.mp4"], capsys)
     assert summary["frames"] == 6 and summary["size"] == "128x256" and summary["input_fps"] == 12 and summary["effective_fps"] > 0
     frames_in, _ = read_video(tmp_path / "in.mp4")  # what the tool decoded
     frames_out, fps = read_video(tmp_path / "out.mp4")
@@ -153,23 +156,23 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, s
     with monkeypatch.context() as hidden:
         hidden.setitem(sys.modules, "openvino", None)  # as if not installed: importing it raises ImportError
         hidden.setitem(sys.modules, "nncf", None)
-        line = one_line_error(in_process("evaluate.py", "--model", folder / "int8.xml", "--data-root", synthetic_root))
+        line = one_line_error(in_process("tools/deploy.py", "--model", folder / "int8.xml", "--data-root", synthetic_root))
         assert line.startswith("error: ") and line.endswith("pip install openvino nncf")
-        line = one_line_error(in_process("export.py", "--ckpt", trained, "--format", "openvino", "--out", tmp_path / "m.xml"))
+        line = one_line_error(in_process("tools/export.py", "--ckpt", trained, "--format", "openvino", "--out", tmp_path / "m.xml"))
         assert line.endswith("pip install openvino nncf") and not (tmp_path / "m.xml").exists()
     (tmp_path / "taken.mp4").write_bytes(b"the user's")
     (tmp_path / "ir").mkdir()
     openvino.save_model(to_openvino(load_model(trained)), tmp_path / "ir" / "anonymous.xml")  # an IR without our description
     calls = {
-        "--int8 and --calib-data go together": ["export.py", "--ckpt", trained, "--format", "openvino", "--int8"],
-        "add --format openvino": ["export.py", "--ckpt", trained, "--int8", "--calib-data", synthetic_root],
-        "does not end in .xml": ["export.py", "--ckpt", trained, "--format", "openvino", "--out", tmp_path / "m.onnx"],
-        "need --ckpt: an exported model runs one whole-image pass": ["evaluate.py", "--model", folder / "int8.xml", "--flip"],
-        "runs on the CPU": ["evaluate.py", "--model", folder / "int8.xml", "--device", "cuda"],
-        "no such file": ["evaluate.py", "--model", tmp_path / "missing.xml"],
-        "is never overwritten": ["evaluate.py", "--model", folder / "int8.xml", "--video", "in.mp4", "--out", tmp_path / "taken.mp4"],
-        "does not describe its classes": ["evaluate.py", "--model", tmp_path / "ir" / "anonymous.xml", "--data-root", synthetic_root],
-        "cannot open it": ["evaluate.py", "--model", folder / "int8.xml", "--video", tmp_path / "missing.mp4", "--out", tmp_path / "o.mp4"],
+        "--int8 and --calib-data go together": ["tools/export.py", "--ckpt", trained, "--format", "openvino", "--int8"],
+        "add --format openvino": ["tools/export.py", "--ckpt", trained, "--int8", "--calib-data", synthetic_root],
+        "does not end in .xml": ["tools/export.py", "--ckpt", trained, "--format", "openvino", "--out", tmp_path / "m.onnx"],
+        "need --ckpt: an exported model runs one whole-image pass": ["tools/deploy.py", "--model", folder / "int8.xml", "--flip"],
+        "runs on the CPU": ["tools/deploy.py", "--model", folder / "int8.xml", "--device", "cuda"],
+        "no such file": ["tools/deploy.py", "--model", tmp_path / "missing.xml"],
+        "is never overwritten": ["tools/deploy.py", "--model", folder / "int8.xml", "--video", "in.mp4", "--out", tmp_path / "taken.mp4"],
+        "does not describe its classes": ["tools/deploy.py", "--model", tmp_path / "ir" / "anonymous.xml", "--data-root", synthetic_root],
+        "cannot open it": ["tools/deploy.py", "--model", folder / "int8.xml", "--video", tmp_path / "missing.mp4", "--out", tmp_path / "o.mp4"],
     }
     for expected, argv in calls.items():
         line = one_line_error(in_process(*argv))

@@ -14,10 +14,9 @@ from reference_models import randomize_batchnorm
 from benchmark import free_port
 from bisenet import ModelConfig, build_model
 from cityscapes import PALETTE, TRAINID_TO_LABELID
-from convert_labels import convert_dataset
 from device import Runtime
 from evaluate import Inference, confusion_matrix, metrics, predict
-from synthetic import synthesize_cityscapes
+from synthetic import trainable_cityscapes
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +127,7 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root
 
 def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
     root = tmp_path / "data"
-    synthesize_cityscapes(root, train=0, val=3, height=64, width=128, seed=3)  # 3 images on 2 ranks: uneven shards
-    convert_dataset(root, source="labelIds", progress=False)
+    trainable_cityscapes(root, train=0, val=3, height=64, width=128, seed=3)  # 3 images on 2 ranks: uneven shards
     single = last_json(succeeded("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", "O0", "--workers", "0"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "evaluate.py"]
@@ -176,7 +174,7 @@ def test_images_folder_gets_palette_colours_and_test_split_label_ids(synthetic_r
 
 
 def test_benchmark_prints_the_protocol_and_json(checkpoint):
-    out = succeeded("evaluate.py", "--benchmark", "--ckpt", checkpoint, "--size", "64x128", "--runs", "3", "--warmup", "1", "--device", "cpu")
+    out = succeeded("tools/benchmark_inference.py", "--ckpt", checkpoint, "--size", "64x128", "--runs", "3", "--warmup", "1", "--device", "cpu")
     result = last_json(out)
     assert {"latency_ms_median", "fps", "device", "precision", "size", "baseline_ms_median", "speedup"} <= set(result)
     assert result["size"] == "64x128" and result["precision"] == Runtime(torch.device("cpu")).precision("O1") and result["fps"] > 0
@@ -185,9 +183,9 @@ def test_benchmark_prints_the_protocol_and_json(checkpoint):
 
 def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is an optional extra (pip install -r requirements-dev.txt)")
-    result = last_json(succeeded("export.py", "--ckpt", checkpoint, "--out", tmp_path / "m.onnx", "--size", "100x164", "--dynamic"))
+    result = last_json(succeeded("tools/export.py", "--ckpt", checkpoint, "--out", tmp_path / "m.onnx", "--size", "100x164", "--dynamic"))
     assert result["max_abs_logit_diff"] < 1e-3 and result["argmax_agreement"] > 0.999
-    result = last_json(succeeded("export.py", "--ckpt", checkpoint, "--out", tmp_path / "a.onnx", "--size", "64x128", "--argmax"))
+    result = last_json(succeeded("tools/export.py", "--ckpt", checkpoint, "--out", tmp_path / "a.onnx", "--size", "64x128", "--argmax"))
     assert result["argmax_agreement"] > 0.999
 
 

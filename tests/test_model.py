@@ -10,9 +10,10 @@ import torch.nn as nn
 from conftest import ROOT
 from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
 
-from bisenet import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model, count_parameters, fuse_bn
+from bisenet import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model, fuse_bn
 from checkpoints import load_backbone, load_model
 from cli import CheckpointError
+from model_info import count_parameters
 
 
 def r18(**kw):
@@ -153,7 +154,9 @@ def test_unmappable_and_broken_files_are_rejected_with_the_keys(tmp_path):
 
 
 def test_cli_prints_parameters_and_flops():
-    out = subprocess.run([sys.executable, "bisenet.py", "--depth", "18", "--size", "512x1024"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "tools/model_info.py", "--depth", "18", "--size", "512x1024"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "13,275,539 parameters for inference, 13,425,721 with aux heads" in out
     assert "59.2 GFLOPs" in out  # 236.7 at 1024x2048, a quarter of the pixels
 

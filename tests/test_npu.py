@@ -82,11 +82,11 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
         f"""
         import json, torch, torch_npu, device
         from bisenet import build_model, ModelConfig
-        from train import create_optimizer, segmentation_loss, train_step
+        from train import segmentation_loss, train_step
         kernel = device.Runtime(torch.device("npu", 0)).sgd_kernel
         torch.manual_seed(0)
         model = build_model(ModelConfig(18, 4, dropout=0.0)).train()
-        optimizer = create_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel)
+        optimizer = device.sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel)
         images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         for _ in range(2):
@@ -204,10 +204,10 @@ def test_launch_scripts_reach_the_npu_on_an_ascend_host(script):
 def test_r18_on_several_devices_keeps_16_images_in_all_or_refuses():
     for nproc, batch in (("1", 16), ("2", 8), ("4", 4), ("8", 2)):
         command = run_script(["bash", "run_8p.sh", "full"], DRY_RUN="1", DEPTH="18", NPROC=nproc, DEVICE="cpu")
-        assert f"--batch-size {batch} " in command.stdout, command.stderr
+        assert json.loads(command.stdout.strip().splitlines()[-1])["batch_size"] == batch, command.stderr
     for nproc in ("3", "6", "16"):
         refused = run_script(["bash", "run_8p.sh", "full"], DRY_RUN="1", DEPTH="18", NPROC=nproc, DEVICE="cpu")
-        assert refused.returncode == 2 and refused.stderr.startswith(f"error: DEPTH=18 trains 16 images in all; {nproc} devices")
+        assert refused.returncode == 2 and refused.stderr.startswith(f"error: --recipe r18 trains 16 images in all; {nproc} devices")
 
 
 def test_a_static_loss_scale_skips_overflowing_steps_and_keeps_its_scale(synthetic_root, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+from deploy import openvino_precision
 from device import PRECISION_NAMES, CpuFeatures, Runtime, cpu_amp_dtype, cpu_trains_channels_last, default_amp_dtype
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # ATen's and oneDNN's own ISA limits
@@ -59,7 +60,7 @@ def test_fp32_runtime_runs_o1_without_autocast_or_loss_scaling():
     with runtime.autocast("O1"):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
     assert runtime.precision("O1") == "fp32" and not runtime.grad_scaler("O1").is_enabled()
-    assert runtime.openvino_precision("O1") == "f32"  # OpenVINO follows the same decision
+    assert openvino_precision(runtime, "O1") == "f32"  # OpenVINO follows the same decision
     note = runtime.precision_note("O1")
     assert (
         note
@@ -76,7 +77,7 @@ def test_forced_amp_dtype_runs_what_it_names(forced, dtype):
     assert ran == dtype and runtime.precision("O1") == f"{PRECISION_NAMES[dtype]} autocast"
     assert runtime.precision_note("O1").startswith(f"precision: {runtime.precision('O1')} (--amp-dtype ")
     assert runtime.grad_scaler("O1").is_enabled() == (dtype == torch.float16)
-    assert runtime.openvino_precision("O1") is None and runtime.openvino_precision("O0") == "f32"
+    assert openvino_precision(runtime, "O1") is None and openvino_precision(runtime, "O0") == "f32"
 
 
 def test_this_machines_default_runs_what_it_says():
@@ -120,7 +121,7 @@ def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_ro
         and json.loads(evaluated.stdout.strip().splitlines()[-1])["precision"] == "fp32"
     )
 
-    forced = run_avx2(["evaluate.py", "--benchmark", "--depth", "18", "--size", "64x128", "--runs", "1", "--warmup", "0", "--amp-dtype", "bfloat16"])
+    forced = run_avx2(["tools/benchmark_inference.py", "--depth", "18", "--size", "64x128", "--runs", "1", "--warmup", "0", "--amp-dtype", "bfloat16"])
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert forced.stdout.splitlines()[1].startswith("precision: bf16 autocast (--amp-dtype bfloat16; this CPU has no bf16 instructions")
     assert json.loads(forced.stdout.strip().splitlines()[-1])["precision"] == "bf16 autocast"

@@ -1,11 +1,13 @@
 """The launch scripts train what the README's recipe table says: each script's command (DRY_RUN=1) read by
-train.py's own parser, against the table's cells."""
+train.py's own parser on that many devices (its RECIPES), against the table's cells."""
 
+import json
 import math
 import os
 import re
 import shlex
 import subprocess
+from unittest import mock
 
 import pytest
 from conftest import ROOT
@@ -30,12 +32,17 @@ def readme_recipes():
 
 
 def launched(script, **env):
-    """train.py's parsed arguments of a launch script's command, and the number of devices it starts."""
+    """train.py's parsed arguments of a launch script's command on the devices it starts, and their number; the
+    settings the script prints are those."""
     result = subprocess.run(["bash", script, "full"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DRY_RUN": "1", "DEVICE": "cpu", **env})
     assert result.returncode == 0, result.stderr
-    words = shlex.split(result.stdout.strip().splitlines()[-1])
+    command, printed = result.stdout.strip().splitlines()[-2:]
+    words = shlex.split(command)
     nproc = int(words[words.index("--nproc-per-node") + 1]) if "--nproc-per-node" in words else 1
-    return parse_args(words[words.index("train.py") + 1 :]), nproc
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": str(nproc)}):
+        args = parse_args(words[words.index("train.py") + 1 :])
+    assert all(getattr(args, name) == (tuple(value) if isinstance(value, list) else value) for name, value in json.loads(printed).items())
+    return args, nproc
 
 
 def count(text):

@@ -296,12 +296,17 @@ def test_bad_training_flags_give_one_line(capsys, flags, message):
         (["--scales", "0"], "argument --scales: '0': expected comma-separated positive numbers"),
         (["--scales", "-1"], "argument --scales: '-1': expected comma-separated positive numbers"),
         (["--stride", "0x0"], "argument --stride: '0x0': both sides must be >= 1"),
-        (["--runs", "0"], "argument --runs: '0': must be >= 1"),
         (["--out-dir", "README.md"], "argument --out-dir: README.md is a file"),
     ],
 )
 def test_bad_evaluation_flags_give_one_line(capsys, flags, message):
     assert message in in_process_error(evaluate.main, flags, capsys)
+
+
+def test_bad_inference_benchmark_flags_give_one_line(capsys):
+    import benchmark_inference
+
+    assert "argument --runs: '0': must be >= 1" in in_process_error(benchmark_inference.main, ["--runs", "0"], capsys)
 
 
 @pytest.fixture(scope="module")

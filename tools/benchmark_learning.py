@@ -1,10 +1,11 @@
 """How fast R18 learns from scratch: val mIoU at fixed iterations over several seeds, on a learnable synthetic
 Cityscapes, with the recipe of the mmseg side-by-side comparison (README: Learning from scratch).
 
-    python benchmark_learning.py                                    # seeds 0 and 1, mIoU at 100/200/300
-    python benchmark_learning.py --seeds 0,1,2 -- --loss-normalise all    # anything after -- goes to train.py
+    python tools/benchmark_learning.py                                    # seeds 0 and 1, mIoU at 100/200/300
+    python tools/benchmark_learning.py --seeds 0,1,2 -- --loss-normalise all    # anything after -- goes to train.py
 
-Each run is train.py in its own process (fp32, so every CPU computes the same curve's shape), validated every
+Each run is `train.py --recipe learning` in its own process (mmseg 1.2.2's BiSeNetV1 R18 config at a CPU's scale,
+in fp32, so every CPU computes the same curve's shape), validated every
 --val-interval iterations; the last line printed is JSON with every curve and the mean at each point.
 """
 
@@ -15,13 +16,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
+
 import cli
 from benchmark import run_json
-from convert_labels import convert_dataset
-from synthetic import synthesize_cityscapes
+from synthetic import trainable_cityscapes
 
-# mmseg 1.2.2's BiSeNetV1 R18 config at a CPU's scale: batch 4, crop 128x256, lr 0.025, warmup 25, 300 iterations
-RECIPE = ["--depth", "18", "--batch-size", "4", "--crop", "128x256", "--lr", "0.025", "--warmup-iters", "25", "--amp", "O0"]
+RECIPE = ["--recipe", "learning"]
 DATA = dict(train=48, val=12, height=256, width=512)
 
 
@@ -58,8 +59,7 @@ def run_learning_benchmark(args, extra):
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bisenet_learning_"))
     data_root = work / "data"
     if not (data_root / "val.txt").is_file():
-        synthesize_cityscapes(data_root, **DATA, seed=3)
-        convert_dataset(data_root, source="labelIds", progress=False)
+        trainable_cityscapes(data_root, **DATA, seed=3)
     curves = {}
     for seed in args.seeds:
         curves[seed] = learning_curve(

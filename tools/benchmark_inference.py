@@ -1,12 +1,15 @@
-"""Inference speed on whatever device this is, in one command (`bash run_1p.sh bench-infer`).
+"""Inference speed on whatever device this is: one model against eager fp32, or the whole suite.
 
-    python benchmark_inference.py                    # R18/R50 at 1024x2048 and 512x1024, batch 1 and best batch;
-                                                     # R18 through each inference variant; a trained synthetic R18:
-                                                     # fast path vs eager fp32 and a timed val pass
-    BENCH_SMALL=1 python benchmark_inference.py      # the same at small sizes, for CPUs and the tests
+    python tools/benchmark_inference.py --depth 18 --size 1024x2048       # random R18 weights: evaluate.py's path
+    python tools/benchmark_inference.py --ckpt model.pth                  # a checkpoint's path
+    python tools/benchmark_inference.py --model r18_int8.xml --ckpt CKPT  # an exported model, against CKPT in eager fp32
+    python tools/benchmark_inference.py --suite     # R18/R50 at 1024x2048 and 512x1024, batch 1 and best batch; R18
+                                                    # through each inference variant; a trained synthetic R18: fast
+                                                    # path vs eager fp32 and a timed val pass (bash run_1p.sh bench-infer)
+    BENCH_SMALL=1 python tools/benchmark_inference.py --suite   # the same at small sizes, for CPUs and the tests
 
-Protocol: evaluate.py --benchmark's (uint8 input on the device, class map at input size, synchronised, median
-of the timed runs after warm-up, interleaved with eager fp32). The last line printed is JSON.
+Protocol: uint8 input on the device, class map at input size, synchronised, median of the timed runs after
+warm-up, interleaved with eager fp32. The last line printed is JSON.
 """
 
 import copy
@@ -25,13 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
+
 import cli
-from benchmark import environment, error_text, run_json, synthetic_data
-from bisenet import ModelConfig, build_model
+from benchmark import environment, run_json, synthetic_data
+from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
 from checkpoints import load_model
 from cityscapes import NUM_CLASSES
 from device import CpuFeatures, cpu_amp_dtype, setup_runtime
-from evaluate import classes, inference_model, torch_segmenter
+from evaluate import inference_model, torch_segmenter
 
 # Sizes timed, batches tried for throughput, the val split that is timed and the training that precedes it.
 INFER_SIZES = {"full": [(1024, 2048), (512, 1024)], "small": [(128, 256), (64, 128)]}
@@ -50,7 +55,7 @@ INFER_VARIANTS = {
 }
 
 
-# -- evaluate.py --benchmark: a path against eager fp32 ------------------------------------------------------
+# -- One path against eager fp32 ------------------------------------------------------------------
 def baseline_model(deployed, ckpt):
     """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
     hand, else the same architecture with random weights (the same speed)."""
@@ -83,7 +88,7 @@ def eager_fp32(model, runtime):
 
     def segment(images):
         with torch.no_grad():
-            return classes(plain(images))
+            return plain(images).max(1).indices
 
     return segment
 
@@ -150,7 +155,7 @@ def inference_variants(runtime, size, *, variants, runs, warmup, log):
         try:
             result = benchmark(model, variant_runtime, size=size, amp="O1", runs=runs, warmup=warmup, compile_mode=options.get("compile_mode"))
         except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements
-            out[name] = {"error": error_text(e)}
+            out[name] = {"error": cli.first_line(e)}
             continue
         out[name] = {key: result[key] for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")}
         log(f"R18 {size[0]}x{size[1]} {name}: {out[name]}")
@@ -166,7 +171,7 @@ def default_infer_variants(runtime):
 
 
 def inference_speeds(runtime, sizes, *, batches, runs, warmup, log):
-    """evaluate.py --benchmark for R18 and R50 at each size: batch 1, and the batch with the most images per second."""
+    """R18 and R50 at each size: batch 1, and the batch with the most images per second."""
     out = {}
     for depth in (18, 50):
         model = build_model(ModelConfig(depth, NUM_CLASSES)).eval()
@@ -231,7 +236,7 @@ def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
     return result
 
 
-def run_inference_benchmark(args):
+def run_suite(args):
     """Inference speeds, variants, fast-path agreement and a timed val pass; one JSON line."""
     started = time.perf_counter()
     size = "small" if args.small else "full"
@@ -240,14 +245,14 @@ def run_inference_benchmark(args):
     result = {
         **environment(runtime),
         "size": size,
-        "protocol": f"median of {args.steps} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
+        "protocol": f"median of {args.runs} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
     }
     log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
     log(runtime.device_note)
     log(runtime.precision_note("O1"))
-    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], batches=INFER_BATCHES[size], runs=args.steps, warmup=args.warmup, log=log)
+    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], batches=INFER_BATCHES[size], runs=args.runs, warmup=args.warmup, log=log)
     variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
-    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants=variants, runs=args.steps, warmup=args.warmup, log=log)
+    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants=variants, runs=args.runs, warmup=args.warmup, log=log)
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
     try:
@@ -261,26 +266,56 @@ def run_inference_benchmark(args):
     return result
 
 
+def run_one(args):
+    """A checkpoint's (or a random model's) default path, or an exported model, against eager fp32."""
+    runtime = setup_runtime("cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype)
+    print(runtime.device_note, flush=True)
+    print(runtime.precision_note(args.amp), flush=True)
+    timing = dict(runtime=runtime, size=args.size, runs=args.runs, warmup=args.warmup, batch=args.batch)
+    if args.model:
+        from deploy import open_deployed, openvino_precision
+
+        deployed = open_deployed(args.model, openvino_precision(runtime, args.amp))
+        model, source = baseline_model(deployed, args.ckpt)
+        result = benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
+    else:
+        model = load_model(args.ckpt) if args.ckpt else build_model(ModelConfig(args.depth, args.num_classes)).eval()
+        result = benchmark(model, amp=args.amp, **timing)
+    print(json.dumps(result))
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
-    p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
-    p.add_argument("--warmup", type=cli.integer(1), default=3, help="untimed runs per measurement (compiling happens here)")
-    p.add_argument("--steps", type=cli.integer(1), default=10, help="timed runs per measurement")
-    p.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers of train.py and evaluate.py (default: CPUs - 2)")
-    p.add_argument(
+    cli.add_device_flags(p)
+    p.add_argument("--warmup", type=cli.integer(0), default=3, help="untimed runs per measurement (compiling happens here)")
+    p.add_argument("--runs", type=cli.integer(1), default=10, help="timed runs per measurement")
+    one = p.add_argument_group("one model")
+    one.add_argument("--ckpt", help="a checkpoint (default: random weights of --depth); with --model: the eager fp32 baseline")
+    one.add_argument("--model", help="an OpenVINO .xml or ONNX .onnx file of tools/export.py (runs on the CPU)")
+    one.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS), help="without --ckpt: random weights of this depth")
+    one.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES, help="without --ckpt: classes of the random model")
+    one.add_argument("--size", type=cli.size, default="1024x2048", help="input HxW")
+    one.add_argument("--batch", type=cli.integer(1), default=1, help="images per run")
+    suite = p.add_argument_group("the suite")
+    suite.add_argument("--suite", action="store_true", help="every measurement above the flags (bash run_1p.sh bench-infer)")
+    suite.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
+    suite.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers of train.py and evaluate.py (default: CPUs - 2)")
+    suite.add_argument(
         "--infer-variants", help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 on a CPU with native bf16, else default)"
     )
-    p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
+    suite.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
     if unknown:
         p.error(f"argument --infer-variants: unknown {unknown}; choose from {', '.join(INFER_VARIANTS)}")
+    if args.model and args.device not in ("auto", "cpu"):
+        p.error(f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}")
     return args
 
 
 def main(argv=None):
-    cli.main(lambda: run_inference_benchmark(parse_args(argv)))
+    args = parse_args(argv)
+    cli.main(run_suite if args.suite else run_one, args)
 
 
 if __name__ == "__main__":

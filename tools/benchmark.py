@@ -1,9 +1,9 @@
 """Training speed of the published recipes on whatever device this is, in one command (`bash run_1p.sh bench`).
 
-    python benchmark.py                      # steps of R50 8 x 1024x1024 and R18 16 x 1024x1024, O1 vs eager fp32,
+    python tools/benchmark.py                # steps of R50 8 x 1024x1024 and R18 16 x 1024x1024, O1 vs eager fp32,
                                              # end-to-end train.py on synthetic 2048x1024 Cityscapes, torchrun check
-    python benchmark.py --variants all       # also every speed option against the default, step by step
-    BENCH_SMALL=1 python benchmark.py        # the same at small sizes, for CPUs and the tests
+    python tools/benchmark.py --variants all # also every speed option against the default, step by step
+    BENCH_SMALL=1 python tools/benchmark.py  # the same at small sizes, for CPUs and the tests
 
 Step protocol: random uint8 images and labels already on the device; one step = forward, the three heads' CE loss
 in fp32, backward, SGD (momentum, weight decay) through the loss scaler, synchronised; untimed warm-up steps (cuDNN
@@ -28,19 +28,28 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
+
 import cli
 from bisenet import RESNET_LAYOUTS
 from cityscapes import NUM_CLASSES
-from convert_labels import convert_dataset
 from datasets import TrainTransform, open_dataset
-from device import AMP_DTYPES, DEFAULT_BACKEND, setup_runtime
-from synthetic import synthesize_cityscapes
-from train import create_model, create_optimizer, data_parallel, segmentation_loss, train_step
+from device import AMP_DTYPES, DEFAULT_BACKEND, setup_runtime, sgd
+from synthetic import trainable_cityscapes
+from train import create_model, data_parallel, segmentation_loss, train_step
+from train import parse_args as train_flags
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
-# (name, depth, images per device, crop): Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
-RECIPES = {"full": [("r50", 50, 8, (1024, 1024)), ("r18", 18, 16, (1024, 1024))], "small": [("r50", 50, 2, (64, 128)), ("r18", 18, 2, (64, 128))]}
+
+def timed_recipe(name, recipe, *, small):
+    """(name, depth, images per device, crop) of a train.py recipe on one device; small: 2 images of 64x128."""
+    settings = train_flags(["--recipe", recipe])
+    return (name, settings.depth, 2, (64, 128)) if small else (name, settings.depth, settings.batch_size, settings.crop)
+
+
+# Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
+RECIPES = {size: [timed_recipe("r50", "seed_r50", small=size == "small"), timed_recipe("r18", "r18", small=size == "small")] for size in ("full", "small")}
 DATA = {"full": dict(train=32, val=4, height=1024, width=2048), "small": dict(train=8, val=2, height=128, width=256)}
 TORCHRUN_RECIPE = {"full": ["--batch-size", "4", "--crop", "512x1024"], "small": ["--batch-size", "2", "--crop", "64x128"]}
 
@@ -78,7 +87,7 @@ def build_setup(runtime, depth, *, images, labels, options):
     runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
     torch.manual_seed(0)
     model = create_model(runtime, depth=depth, num_classes=NUM_CLASSES, dropout=0.1, channels_last=options["channels_last"], log=lambda _: None).train()
-    optimizer = create_optimizer(model, lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=options["sgd_kernel"])
+    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=options["sgd_kernel"])
     stepped = data_parallel(model, runtime) if options["ddp"] else model
     stepped = torch.compile(stepped) if options["compile"] else stepped
     scaler = runtime.grad_scaler(options["amp"])
@@ -94,11 +103,6 @@ def build_setup(runtime, depth, *, images, labels, options):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     return Setup(step, state_bytes)
-
-
-def error_text(error):
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def free_port():
@@ -131,7 +135,7 @@ def time_variants(setups, runtime, *, warmup, steps):
                 setup.step()
                 runtime.synchronize()
             except Exception as e:  # one failing variant (out of memory, a compiler error) must not lose the others
-                errors[name] = error_text(e)
+                errors[name] = cli.first_line(e)
                 continue
             elapsed = time.perf_counter() - start
             first.setdefault(name, elapsed)
@@ -165,7 +169,7 @@ def step_benchmarks(runtime, recipes, *, variants, warmup, steps, log):
             try:
                 setups[variant] = build_setup(runtime, depth, images=images, labels=labels, options=variant_options(runtime, VARIANTS[variant]))
             except Exception as e:
-                failed[variant] = {"error": error_text(e)}
+                failed[variant] = {"error": cli.first_line(e)}
         results = {**time_variants(setups, runtime, warmup=warmup, steps=steps), **failed}
         for result in results.values():
             if "step_ms" in result:
@@ -227,8 +231,7 @@ def synthetic_data(data_root, sizes, *, seed, log):
     """A synthetic Cityscapes with train lists, made on every CPU (so it costs little device time), kept if present."""
     if not (data_root / "val.txt").is_file():
         start = time.perf_counter()
-        synthesize_cityscapes(data_root, **sizes, seed=seed, nproc=max(1, os.cpu_count() or 1))
-        convert_dataset(data_root, source="labelIds", nproc=max(1, os.cpu_count() or 1), progress=False)
+        trainable_cityscapes(data_root, **sizes, seed=seed, nproc=max(1, os.cpu_count() or 1))
         log(
             f"synthetic Cityscapes, {sizes['train']} train + {sizes['val']} val images of {sizes['width']}x{sizes['height']}: {time.perf_counter() - start:.1f} s"
         )
@@ -302,10 +305,9 @@ def environment(runtime):
 
 
 def transform_speed(samples, crop, *, log):
-    """`python benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
+    """`python tools/benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
     with tempfile.TemporaryDirectory() as tmp:
-        synthesize_cityscapes(tmp, train=4, val=0, height=1024, width=2048)
-        convert_dataset(tmp, source="labelIds", progress=False)
+        trainable_cityscapes(tmp, train=4, val=0, height=1024, width=2048)
         dataset = open_dataset(tmp, "train", dataset_type="cityscapes", transform=TrainTransform(crop=crop))
         dataset[(0, 0)]
         start = time.perf_counter()
@@ -367,7 +369,7 @@ def run_training_benchmark(args, recipes, *, variants, skip):
         try:
             profile_default_step(runtime, recipes, log=log)
         except Exception as e:  # the profile is for reading; it must not cost the measurements
-            log(f"profile failed: {error_text(e)}")
+            log(f"profile failed: {cli.first_line(e)}")
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     iters = args.e2e_iters or (12 if args.small else 60)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_"))

@@ -1,12 +1,13 @@
 """Synthetic datasets in the exact layouts real data comes in: the demo, the tests and the benchmarks train on them.
 
-    python synthetic.py cityscapes OUT --train 20 --val 6     # street scenes: leftImg8bit PNGs, gtFine polygons JSON, labelIds PNGs
-    python synthetic.py folder OUT --classes 7 [--layout mmseg|list|camvid]    # your own data's layouts, any class count
+    python tools/synthetic.py cityscapes OUT --train 20 --val 6     # street scenes: leftImg8bit PNGs, gtFine polygons JSON, labelIds PNGs
+    python tools/synthetic.py folder OUT --classes 7 [--layout mmseg|list|camvid]    # your own data's layouts, any class count
 
 Each writes only into a new or empty folder, and the same seed gives the same bytes.
 """
 
 import json
+import sys
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -14,9 +15,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
+
 import cli
 from cityscapes import IGNORE_INDEX, IMAGE_SUFFIX
 from cli import DataError
+from convert_labels import convert_dataset
 from datasets import CAMVID, LAYOUTS, DatasetInfo, voc_palette
 
 
@@ -173,6 +177,15 @@ def synthesize_cityscapes(out_dir, train=20, *, val=6, test=0, height=512, width
         for job in jobs:
             synthesize_one(job)
     return out
+
+
+def trainable_cityscapes(out_dir, *, nproc=1, **sizes):
+    """synthesize_cityscapes, then the trainIds labels and split lists of convert_labels.py: a root train.py reads."""
+    synthesize_cityscapes(out_dir, nproc=nproc, **sizes)
+    failures = convert_dataset(out_dir, source="labelIds", nproc=nproc, progress=False)
+    if failures:
+        raise DataError(f"{out_dir}: {len(failures)} synthetic labels did not convert (first: {failures[0]})")
+    return Path(out_dir)
 
 
 # -- Your own data's layouts: textured class regions --------------------------------------------------------

@@ -1,7 +1,7 @@
 """Live video: segment a video file or a camera stream frame by frame and write the overlay video.
 
-    python evaluate.py --model r18_int8.xml --video drive.mp4 --out drive_seg.mp4
-    python evaluate.py --ckpt model.pth --video 0          # camera 0, until the stream ends or Ctrl-C
+    python tools/deploy.py --model r18_int8.xml --video drive.mp4 --out drive_seg.mp4
+    python tools/deploy.py --ckpt model.pth --video 0          # camera 0, until the stream ends or Ctrl-C
 
 The overlay is half frame, half palette colour of the predicted class (evaluate.py --format overlay), at the input's
 size and frame rate. The bar shows each frame's model latency and the effective FPS (frames per wall-clock second,

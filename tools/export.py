@@ -1,14 +1,14 @@
 """Export a BiSeNetV1 checkpoint for deployment: ONNX, or OpenVINO IR (fp32 or int8), each checked against PyTorch.
 
-    python export.py --ckpt work_dirs/r18/latest.pth --out bisenetv1.onnx --size 1024x2048
-    python export.py --ckpt model.pth --out bisenetv1.onnx --dynamic --argmax     # any H/W, uint8 class map out
-    python export.py --ckpt model.pth --format openvino --out bisenetv1.xml                      # fp32 weights
-    python export.py --ckpt model.pth --format openvino --int8 --calib-data data/cityscapes --out r18_int8.xml
+    python tools/export.py --ckpt work_dirs/r18/latest.pth --out bisenetv1.onnx --size 1024x2048
+    python tools/export.py --ckpt model.pth --out bisenetv1.onnx --dynamic --argmax     # any H/W, uint8 class map out
+    python tools/export.py --ckpt model.pth --format openvino --out bisenetv1.xml                      # fp32 weights
+    python tools/export.py --ckpt model.pth --format openvino --int8 --calib-data data/cityscapes --out r18_int8.xml
 
 Every graph takes a float32 RGB image Nx3xHxW with values 0..255 (normalisation and folded BatchNorm inside).
 ONNX returns logits NxCxHxW (with --argmax the NxHxW uint8 class map); OpenVINO returns the class map ("classes")
 and the 1/8-size logits ("logits"), for any batch, height and width. Each file records the model's classes,
-palette, input size and source, so `python evaluate.py --model FILE` needs nothing else. --int8 calibrates NNCF
+palette, input size and source, so `python tools/deploy.py --model FILE` needs nothing else. --int8 calibrates NNCF
 on --calib-images training images of --calib-data, resized to --size. Runtimes: pip install onnx onnxscript
 onnxruntime (ONNX), pip install openvino nncf (OpenVINO).
 """
@@ -16,12 +16,15 @@ onnxruntime (ONNX), pip install openvino nncf (OpenVINO).
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
 from bisenet import fuse_bn
@@ -202,7 +205,7 @@ def parse_args(argv=None):
     parser.add_argument("--opset", type=cli.integer(18), default=18, help="ONNX opset; torch's exporter writes 18 or newer")
     parser.add_argument("--int8", action="store_true", help="OpenVINO: quantise to int8 with NNCF (needs --calib-data)")
     parser.add_argument("--calib-data", help="data root whose training images calibrate --int8 (the model's own dataset)")
-    parser.add_argument("--calib-images", type=cli.integer(1, 300), default=8, help="calibration images (8: about 30 s at 1024x2048 on 2 cores)")
+    parser.add_argument("--calib-images", type=cli.integer(1, 300), default=8, help="calibration images (their time: PERFORMANCE.md)")
     parser.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="layout of --calib-data")
     args = parser.parse_args(argv)
     args.out = args.out or ("bisenetv1.xml" if args.format == "openvino" else "bisenetv1.onnx")
