@@ -24,11 +24,10 @@ from pathlib import Path
 import torch
 
 import cli
-from bisenet import ModelConfig, backbone_state, build_model, foreign_state
+from bisenet import ModelConfig, build_model
 from cityscapes import NUM_CLASSES
 from cli import CheckpointError
 from datasets import CITYSCAPES, DatasetInfo, unnamed_classes, voc_palette
-from runlog import due
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
 ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -302,9 +301,11 @@ def load_model_and_dataset(path):
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")
     if "model_config" in checkpoint:
-        config, state = ModelConfig.from_dict(checkpoint["model_config"], path), checkpoint["model"]
+        config, state, description = ModelConfig.from_dict(checkpoint["model_config"], path), checkpoint["model"], checkpoint.get("dataset")
     else:
-        config, state = foreign_state(checkpoint, path)
+        from weights import foreign_state  # other repositories' layouts, read only when given one of their files
+
+        config, state, description = foreign_state(checkpoint, path)
     model = build_model(config)
     try:
         model.load_state_dict(state, strict=True)
@@ -313,21 +314,7 @@ def load_model_and_dataset(path):
     bad = non_finite(state)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
-    description = checkpoint.get("dataset") or mmseg_dataset(checkpoint.get("meta"))
     return model.eval(), checkpoint_dataset(description, config.num_classes, source=path)
-
-
-def mmseg_dataset(meta):
-    """The classes and palette an mmseg checkpoint records (0.x: meta CLASSES/PALETTE; 1.x: meta dataset_meta), as
-    a dataset description, or None."""
-    if not isinstance(meta, dict):
-        return None
-    names, palette = meta.get("CLASSES"), meta.get("PALETTE")
-    if names is None and isinstance(meta.get("dataset_meta"), dict):
-        names, palette = meta["dataset_meta"].get("classes"), meta["dataset_meta"].get("palette")
-    if not names:
-        return None
-    return {"name": "from the checkpoint's mmseg meta", "class_names": list(names), "palette": [list(c) for c in palette] if palette else None}
 
 
 def checkpoint_dataset(description, num_classes, *, source):
@@ -361,6 +348,8 @@ def load_backbone(model, source, *, log=print):
             ) from None
     else:
         state = read_checkpoint(source)
+    from weights import backbone_state  # torchvision's layout, read only with --pretrained
+
     state = backbone_state(state, source)
     try:
         model.backbone.load_state_dict(state, strict=True)
@@ -395,42 +384,6 @@ def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings
         "dataset": dataset.to_dict(),
     }
     atomic_save(checkpoint, path)
-
-
-class Checkpointer:
-    """The training loop's checkpoints: iter_N.pth every `interval` iterations and at the end, latest.pth pointed at
-    it, old ones pruned to `keep`; only rank 0 writes. After each periodic save every rank calls reseed(iteration),
-    so the RNG state follows from the checkpoint's iteration (exact resume). `best`: the best val mIoU so far."""
-
-    def __init__(self, work_dir, model, *, optimizer, scaler, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None, best=None):
-        self.work_dir, self.model, self.optimizer, self.scaler = work_dir, model, optimizer, scaler
-        self.settings, self.dataset, self.interval, self.iters, self.keep = settings, dataset, interval, iters, keep
-        self.is_main, self.reseed, self.log, self.best = is_main, reseed, log, best
-        self.path = path  # the newest iteration checkpoint: the resumed one until this run writes its own
-
-    def save(self, path, iteration):
-        if self.is_main:
-            save_checkpoint(
-                path,
-                self.model,
-                optimizer=self.optimizer,
-                scaler=self.scaler,
-                iteration=iteration,
-                best=self.best,
-                settings=self.settings,
-                dataset=self.dataset,
-            )
-
-    def step(self, it):
-        if not due(it, self.interval, self.iters):
-            return
-        self.path = self.work_dir / f"iter_{it + 1}.pth"
-        self.save(self.path, it + 1)
-        if self.is_main:
-            point_latest(self.work_dir, self.path)
-            for old in prune(self.work_dir, self.keep):
-                self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
-        self.reseed(it + 1)
 
 
 def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):

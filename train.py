@@ -26,13 +26,12 @@ from tqdm import tqdm
 
 import cli
 from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
-from checkpoints import Checkpointer, last_checkpoint_note, load_backbone, load_model, open_work_dir, restore
+from checkpoints import last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import IGNORE_INDEX
 from cli import CheckpointError
 from datasets import TrainTransform, detect_dataset, image_size, open_dataset
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
-from runlog import Progress, RunLog, Speed, due
 
 # Every recipe, as what it changes from the flags' defaults, for one device. `scale` says how it runs on N devices:
 # "lr" keeps the images per device and multiplies lr by N (linear scaling: the seed's 8 x 8 images at lr 0.2);
@@ -303,7 +302,120 @@ def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
     return loss
 
 
-# -- The loop's periodic work, each a .step(it) ------------------------------------------------------------------
+# -- The loop's periodic work, each a .step(it): progress, validation, checkpoints ---------------------------------
+def due(it, interval, iters):
+    """Whether the periodic work of 0-based iteration `it` runs: every `interval` iterations and at the end."""
+    return (it + 1) % interval == 0 or it + 1 == iters
+
+
+class RunLog:
+    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
+
+    def __init__(self, work_dir, enabled):
+        self.enabled, self.file, self.writer = enabled, None, None
+        if enabled:
+            self.file = open(work_dir / "log.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(work_dir / "tb"))
+            except ImportError:
+                pass
+
+    def message(self, text):
+        if self.enabled:
+            tqdm.write(text)
+
+    def record(self, entry, **scalars):
+        if self.file:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, entry["iter"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+class Speed:
+    """Training images per second and the share of it spent waiting for data, over the steps after the first few
+    (allocator and kernel warm-up)."""
+
+    def __init__(self, *, images_per_iter, start, iters):
+        self.images_per_iter, self.first_timed = images_per_iter, start + min(10, max((iters - start) // 10, 1))
+        self.images, self.seconds, self.data_seconds, self.last_step = 0, 0.0, 0.0, None
+
+    def step(self, it, *, data_time, step_time):
+        self.last_step = step_time
+        if it >= self.first_timed:
+            self.images, self.seconds, self.data_seconds = self.images + self.images_per_iter, self.seconds + step_time, self.data_seconds + data_time
+
+    @property
+    def img_s(self):
+        return self.images / self.seconds if self.seconds else self.images_per_iter / self.last_step
+
+    def summary(self):
+        timed = bool(self.seconds)
+        return {"train_fps": round(self.img_s, 2) if timed else None, "data_wait_frac": round(self.data_seconds / self.seconds, 3) if timed else None}
+
+
+class Progress:
+    """The progress bar and Speed every step; every `interval` iterations and at the end one JSON log line and
+    TensorBoard scalars."""
+
+    def __init__(self, bar, run_log, *, interval, iters, speed):
+        self.bar, self.run_log, self.interval, self.iters, self.speed = bar, run_log, interval, iters, speed
+
+    def step(self, it, *, loss, lr, data_time, step_time):
+        self.speed.step(it, data_time=data_time, step_time=step_time)
+        self.bar.update()
+        if not due(it, self.interval, self.iters):
+            return
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{self.speed.img_s:.1f}")
+        entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": self.speed.img_s, "data_wait_s": data_time, "step_s": step_time}
+        self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
+
+
+class Checkpointer:
+    """The training loop's checkpoints: iter_N.pth every `interval` iterations and at the end, latest.pth pointed at
+    it, old ones pruned to `keep`; only rank 0 writes. After each periodic save every rank calls reseed(iteration),
+    so the RNG state follows from the checkpoint's iteration (exact resume). `best`: the best val mIoU so far."""
+
+    def __init__(self, work_dir, model, *, optimizer, scaler, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None, best=None):
+        self.work_dir, self.model, self.optimizer, self.scaler = work_dir, model, optimizer, scaler
+        self.settings, self.dataset, self.interval, self.iters, self.keep = settings, dataset, interval, iters, keep
+        self.is_main, self.reseed, self.log, self.best = is_main, reseed, log, best
+        self.path = path  # the newest iteration checkpoint: the resumed one until this run writes its own
+
+    def save(self, path, iteration):
+        if self.is_main:
+            save_checkpoint(
+                path,
+                self.model,
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+                iteration=iteration,
+                best=self.best,
+                settings=self.settings,
+                dataset=self.dataset,
+            )
+
+    def step(self, it):
+        if not due(it, self.interval, self.iters):
+            return
+        self.path = self.work_dir / f"iter_{it + 1}.pth"
+        self.save(self.path, it + 1)
+        if self.is_main:
+            point_latest(self.work_dir, self.path)
+            for old in prune(self.work_dir, self.keep):
+                self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
+        self.reseed(it + 1)
+
+
 class Validation:
     """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics; a new best is saved
     as best.pth. Without a val set (--no-validate) it never runs."""
