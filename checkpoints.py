@@ -279,14 +279,24 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
-        # torch's message advises weights_only=False, which would run the file's code: it is never taken here
-        unsafe, detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)), re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        unsafe = unpicklable_objects(path)
         if unsafe:
             raise CheckpointError(
-                f"{path}: holds a Python object ({unsafe[1]}) besides weights, which is never unpickled here; re-save its state_dict"
+                f"{path}: holds Python objects ({', '.join(unsafe[:3])}) besides weights, which are never unpickled here; re-save its state_dict"
             ) from None
+        # torch's text advises weights_only=False, which would run the file's code: that advice is never passed on
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
         reason = detail[1][:200] if detail else cli.first_line(e, 200)
+        reason = type(e).__name__ if "weights_only" in reason else reason
         raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason != type(e).__name__ else ''})") from None
+
+
+def unpicklable_objects(path):
+    """The Python classes a checkpoint's pickle would construct beyond weights (torch scans it without running it)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001  (not a zip checkpoint at all: there is nothing to scan)
+        return []
 
 
 def load_model(path):

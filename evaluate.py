@@ -1,4 +1,4 @@
-"""Evaluate a BiSeNetV1 checkpoint on Cityscapes, write predictions, or time inference.
+"""Evaluate a BiSeNetV1 checkpoint on Cityscapes or your own data, or write its predictions.
 
     python evaluate.py --ckpt work_dirs/r18/latest.pth --data-root data/cityscapes            # ss whole, val
     python evaluate.py --ckpt model.pth --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip            # ms+flip
@@ -83,11 +83,8 @@ def predict(model, images, *, options=Inference()):
     passes = [(s, f) for s in options.scales for f in ((False, True) if options.flip else (False,))]
     total = None
     for scale, flipped in passes:
-        x = (
-            images
-            if scale == 1.0
-            else F.interpolate(images.float(), size=(int(height * scale + 0.5), int(width * scale + 0.5)), mode="bilinear", align_corners=False)
-        )
+        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        x = images if scale == 1.0 else F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
         x = x.flip(3) if flipped else x
         scores = model(x).float() if options.mode == "whole" else slide_logits(model, x, crop=options.crop, stride=options.stride)
         if len(passes) == 1:
@@ -122,12 +119,8 @@ def metrics(confusion):
     gt = confusion.sum(1)
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
-    return {
-        "mIoU": 100 * iou.nanmean().item(),
-        "mAcc": 100 * acc.nanmean().item(),
-        "aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(),
-        "iou": iou.tolist(),
-    }
+    all_acc = 100 * (tp.sum() / confusion.sum().clamp(min=1)).item()
+    return {"mIoU": 100 * iou.nanmean().item(), "mAcc": 100 * acc.nanmean().item(), "aAcc": all_acc, "iou": iou.tolist()}
 
 
 def encode_prediction(pred, fmt, *, info, image=None):
@@ -177,9 +170,8 @@ def check_prediction_paths(paths, out_dir, *, input_tree=None):
         raise cli.UsageError(f"--out-dir {out_dir}: not writable; pass a writable folder")
     existing = [path for path in paths.values() if path.exists()]
     if existing:
-        raise cli.UsageError(
-            f"--out-dir {out_dir}: {existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; pass another --out-dir or remove them (they are never overwritten)"
-        )
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise cli.UsageError(f"--out-dir {out_dir}: {existing[0]} exists{more}; pass another --out-dir or remove them (they are never overwritten)")
 
 
 def save_prediction(image, path):
@@ -191,11 +183,6 @@ def save_prediction(image, path):
         raise DataError(f"{path} appeared while this run was writing predictions; it was kept, not replaced: pass another --out-dir") from None
     except OSError as e:
         raise DataError(f"{path}: cannot write the prediction ({e.strerror or e}); pass a writable --out-dir with free space") from None
-
-
-def shard(dataset, runtime):
-    """Each rank takes every world_size-th image: no padding, so no image is counted twice."""
-    return torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
 
 
 def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
@@ -214,14 +201,9 @@ def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
     segment: images -> class map (torch_segmenter, or a deployed model of tools/deploy.py). The classes are the
     dataset's (dataset.info), which must be the model's. out_paths: {image: PNG to write} (prediction_paths)."""
-    loader = torch.utils.data.DataLoader(
-        shard(dataset, runtime),
-        batch_size=1,
-        num_workers=workers,
-        pin_memory=runtime.pin_memory,
-        pin_memory_device=runtime.pin_memory_device,
-        generator=torch.Generator(),
-    )
+    shard = torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))  # no padding: each image counts once
+    pinning = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, generator=torch.Generator(), **pinning)
     num_classes = dataset.info.num_classes
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.metric_device)
     has_labels, data_s, model_s = True, 0.0, 0.0
@@ -309,12 +291,9 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
             "evaluate it on the data it was trained for"
         )
     if is_main and info.name != unnamed_classes(info.num_classes).name and info.class_names != dataset.info.class_names:
-        first = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
-        print(
-            f"warning: the model's classes are not the data's (class {first}: {info.class_names[first]!r} in the model, {dataset.info.class_names[first]!r} "
-            f"in {data_root}); scores are reported under the data's names",
-            file=sys.stderr,
-        )
+        k = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
+        differ = f"class {k}: {info.class_names[k]!r} in the model, {dataset.info.class_names[k]!r} in {data_root}"
+        print(f"warning: the model's classes are not the data's ({differ}); scores are reported under the data's names", file=sys.stderr)
     if is_main:
         print(f"dataset: {dataset.info.name} ({detect_dataset(data_root, dataset_type)}), {dataset.info.num_classes} classes, {len(dataset)} {split} images")
     return dataset

@@ -104,12 +104,7 @@ def add_training_flags(p):
     schedule.add_argument("--loss", default="ce", choices=("ce", "ohem"))
     schedule.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
     schedule.add_argument("--aux-weight", type=cli.real(0), default=1.0)
-    schedule.add_argument(
-        "--loss-normalise",
-        default="valid",
-        choices=("valid", "all"),
-        help="CE divides by the labelled pixels (valid: PyTorch's, CoinCheung's) or by all pixels (all: mmseg's avg_non_ignore=False, the seed's)",
-    )
+    schedule.add_argument("--loss-normalise", default="valid", choices=("valid", "all"), help="CE over the labelled pixels (valid) or all (mmseg's)")
     schedule.add_argument("--seed", type=cli.integer(0), default=36436756)
     schedule.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
 
@@ -123,14 +118,8 @@ def add_run_flags(p):
     run.add_argument("--val-interval", type=cli.integer(1), default=4000)
     run.add_argument("--ckpt-interval", type=cli.integer(1), default=4000)
     run.add_argument("--log-interval", type=cli.integer(1), default=50)
-    run.add_argument(
-        "--loss-scale",
-        type=cli.real(0, low_open=True),
-        help="fp16 only: a static loss scale, e.g. 128 as Ascend's port (apex loss_scale=128.0); default: dynamic (from 2^16, halved on overflow)",
-    )
-    run.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: on for CUDA and AVX-512 CPUs, off for AVX2 CPUs and Ascend"
-    )
+    run.add_argument("--loss-scale", type=cli.real(0, low_open=True), help="fp16: a static loss scale (Ascend's port: 128); default: dynamic")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for CUDA and AVX-512 CPUs, off for AVX2 CPUs and Ascend")
     run.add_argument("--compile", action="store_true", help="torch.compile the training model (compiling takes minutes; see PERFORMANCE.md)")
 
 
@@ -180,22 +169,16 @@ def ohem_cross_entropy(logits, labels, *, thresh):
     return hard.mean()
 
 
-def cross_entropy(logits, labels, *, normalise="valid"):
-    """Mean CE over the labelled pixels (valid), or the sum over them divided by all pixels, ignored ones included
-    (all: mmseg's CrossEntropyLoss with avg_non_ignore=False, which scales the loss by the labelled fraction)."""
-    if normalise == "valid":
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
-
-
 def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
-    """Main head + aux_weight x each aux head, on the fp32 logits the heads return (O1's loss in fp32); bind the
-    options with functools.partial to get the loss callable."""
+    """Main head + aux_weight x each aux head, on the fp32 logits the heads return (O1's loss in fp32). CE is the
+    mean over the labelled pixels (valid), or their sum divided by all pixels (all: mmseg's avg_non_ignore=False)."""
 
     def head_loss(logits):
         if loss_type == "ohem":
             return ohem_cross_entropy(logits, labels, thresh=ohem_thresh)
-        return cross_entropy(logits, labels, normalise=normalise)
+        if normalise == "valid":
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
 
     main, *aux = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in aux)
@@ -232,25 +215,18 @@ class IterationSampler(torch.utils.data.Sampler):
 def training_set(data_root, dataset_type, *, crop, scale_range, cat_max_ratio):
     dataset = open_dataset(data_root, "train", dataset_type=dataset_type, transform=TrainTransform(crop, scale_range, cat_max_ratio=cat_max_ratio))
     height, width = image_size(dataset.samples[0][0])
-    largest = scale_range[1]
-    if crop[0] > height * largest or crop[1] > width * largest:
-        raise cli.UsageError(
-            f"--crop {crop[0]}x{crop[1]} is larger than the {height}x{width} images even at the largest scale {largest:g}; use a smaller --crop"
-        )
+    if crop[0] > height * scale_range[1] or crop[1] > width * scale_range[1]:
+        largest = f"{height}x{width} images even at the largest scale {scale_range[1]:g}"
+        raise cli.UsageError(f"--crop {crop[0]}x{crop[1]} is larger than the {largest}; use a smaller --crop")
     return dataset
 
 
 def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
     sampler = IterationSampler(len(dataset), batch_size=batch_size, rank=runtime.rank, world_size=runtime.world_size, seed=seed, start=start, iters=iters)
+    pinning = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
+    # one pass over all iterations, so no persistent workers; its own generator keeps the loader off dropout's RNG
     return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=runtime.pin_memory,
-        pin_memory_device=runtime.pin_memory_device,
-        persistent_workers=False,  # one pass over all iterations: the workers live for the whole run anyway
-        prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator(),  # keeps the loader off the global RNG that dropout draws from
+        dataset, batch_sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None, generator=torch.Generator(), **pinning
     )
 
 
@@ -285,8 +261,7 @@ def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_fr
 
 
 def data_parallel(model, runtime):
-    """Buffers stay per rank, as in Ascend's port and mmengine (no BatchNorm broadcast every step); validation
-    first shares rank 0's (Runtime.share_buffers)."""
+    """Buffers stay per rank, as in Ascend's port and mmengine; validation first shares rank 0's (share_buffers)."""
     return nn.parallel.DistributedDataParallel(model, device_ids=runtime.ddp_device_ids, broadcast_buffers=False)
 
 
@@ -341,43 +316,30 @@ class RunLog:
             self.writer.close()
 
 
-class Speed:
-    """Training images per second and the share of it spent waiting for data, over the steps after the first few
-    (allocator and kernel warm-up)."""
+class Progress:
+    """The progress bar every step, and every `interval` iterations and at the end a log line; training images per
+    second and the share of time spent waiting for data, over the steps after the first few (warm-up)."""
 
-    def __init__(self, *, images_per_iter, start, iters):
-        self.images_per_iter, self.first_timed = images_per_iter, start + min(10, max((iters - start) // 10, 1))
-        self.images, self.seconds, self.data_seconds, self.last_step = 0, 0.0, 0.0, None
+    def __init__(self, bar, run_log, *, interval, start, iters, images_per_iter):
+        self.bar, self.run_log, self.interval, self.iters, self.images_per_iter = bar, run_log, interval, iters, images_per_iter
+        self.first_timed, self.images, self.seconds, self.data_seconds = start + min(10, max((iters - start) // 10, 1)), 0, 0.0, 0.0
 
-    def step(self, it, *, data_time, step_time):
-        self.last_step = step_time
+    def step(self, it, *, loss, lr, data_time, step_time):
         if it >= self.first_timed:
             self.images, self.seconds, self.data_seconds = self.images + self.images_per_iter, self.seconds + step_time, self.data_seconds + data_time
-
-    @property
-    def img_s(self):
-        return self.images / self.seconds if self.seconds else self.images_per_iter / self.last_step
+        self.bar.update()
+        if due(it, self.interval, self.iters):
+            img_s = self.images / self.seconds if self.seconds else self.images_per_iter / step_time
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+            entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": img_s, "data_wait_s": data_time, "step_s": step_time}
+            self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
 
     def summary(self):
         timed = bool(self.seconds)
-        return {"train_fps": round(self.img_s, 2) if timed else None, "data_wait_frac": round(self.data_seconds / self.seconds, 3) if timed else None}
-
-
-class Progress:
-    """The progress bar and Speed every step; every `interval` iterations and at the end one JSON log line and
-    TensorBoard scalars."""
-
-    def __init__(self, bar, run_log, *, interval, iters, speed):
-        self.bar, self.run_log, self.interval, self.iters, self.speed = bar, run_log, interval, iters, speed
-
-    def step(self, it, *, loss, lr, data_time, step_time):
-        self.speed.step(it, data_time=data_time, step_time=step_time)
-        self.bar.update()
-        if not due(it, self.interval, self.iters):
-            return
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{self.speed.img_s:.1f}")
-        entry = {"iter": it + 1, "loss": loss, "lr": lr, "img_s": self.speed.img_s, "data_wait_s": data_time, "step_s": step_time}
-        self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
+        return {
+            "train_fps": round(self.images / self.seconds, 2) if timed else None,
+            "data_wait_frac": round(self.data_seconds / self.seconds, 3) if timed else None,
+        }
 
 
 class Checkpointer:
@@ -393,16 +355,8 @@ class Checkpointer:
 
     def save(self, path, iteration):
         if self.is_main:
-            save_checkpoint(
-                path,
-                self.model,
-                optimizer=self.optimizer,
-                scaler=self.scaler,
-                iteration=iteration,
-                best=self.best,
-                settings=self.settings,
-                dataset=self.dataset,
-            )
+            fields = dict(optimizer=self.optimizer, scaler=self.scaler, iteration=iteration, best=self.best, settings=self.settings, dataset=self.dataset)
+            save_checkpoint(path, self.model, **fields)
 
     def step(self, it):
         if not due(it, self.interval, self.iters):
@@ -489,9 +443,8 @@ def build_runtime(args):
         tqdm.write(runtime.device_note)
     runtime.check_options(compile=args.compile, channels_last=args.channels_last)
     if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
-        raise cli.UsageError(
-            f"--loss-scale {args.loss_scale:g}: this run computes in {runtime.precision(args.amp)}, which has no loss scaling; leave --loss-scale out"
-        )
+        precision = runtime.precision(args.amp)
+        raise cli.UsageError(f"--loss-scale {args.loss_scale:g}: this run computes in {precision}, which has no loss scaling; leave --loss-scale out")
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
         raise cli.UsageError(
             "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
@@ -502,10 +455,9 @@ def build_runtime(args):
 def build_data(args):
     """(training set, val set or None); the data's classes are the model's."""
     dataset = training_set(args.data_root, args.dataset, crop=args.crop, scale_range=args.scale_range, cat_max_ratio=args.cat_max_ratio)
-    if args.num_classes is not None and args.num_classes != dataset.info.num_classes:
-        raise cli.UsageError(
-            f"--num-classes {args.num_classes}: {args.data_root} ({dataset.info.name}) has {dataset.info.num_classes} classes; leave --num-classes out"
-        )
+    info = dataset.info
+    if args.num_classes is not None and args.num_classes != info.num_classes:
+        raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
     return dataset, None if args.no_validate else open_dataset(args.data_root, "val", dataset_type=args.dataset)
 
 
@@ -534,22 +486,13 @@ def seed_for(seed, diff_seed, *, rank, iteration):
     return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
-def run_summary(runtime, *, args, speed, validation, checkpoint):
+def run_summary(runtime, *, args, progress, validation, checkpoint):
     """The JSON line a run ends with."""
     result, best = validation.result, validation.best
-    return {
-        "iters": args.iters,
-        **speed.summary(),
-        "mIoU": round(result["mIoU"], 2) if result else None,
-        "best_mIoU": round(best, 2) if best is not None else None,
-        "checkpoint": str(checkpoint.resolve()) if checkpoint else None,
-        "device": str(runtime.device),
-        "world_size": runtime.world_size,
-        "backend": runtime.backend,
-        "amp": args.amp,
-        "precision": runtime.precision(args.amp),
-        "depth": args.depth,
-    }
+    summary = {"iters": args.iters, **progress.summary(), "mIoU": round(result["mIoU"], 2) if result else None}
+    summary |= {"best_mIoU": round(best, 2) if best is not None else None, "checkpoint": str(checkpoint.resolve()) if checkpoint else None}
+    summary |= {"device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend, "amp": args.amp}
+    return summary | {"precision": runtime.precision(args.amp), "depth": args.depth}
 
 
 def train(args):
@@ -579,13 +522,13 @@ def train(args):
                                 log=run_log.message, path=resumed_from, best=best)  # fmt: skip
     validation = Validation(val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters,
                             best=best, run_log=run_log, checkpointer=checkpointer)  # fmt: skip
-    speed = Speed(images_per_iter=args.batch_size * runtime.world_size, start=start, iters=args.iters)
     step_check = StepCheck(scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
     autocast, it = functools.partial(runtime.autocast, args.amp), start
     stepped.train()
     try:
         with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
-            progress, tick = Progress(bar, run_log, interval=args.log_interval, iters=args.iters, speed=speed), time.perf_counter()
+            progress = Progress(bar, run_log, interval=args.log_interval, start=start, iters=args.iters, images_per_iter=args.batch_size * runtime.world_size)
+            tick = time.perf_counter()
             for it, batch in enumerate(loader, start):
                 data_time, lr = time.perf_counter() - tick, schedule(it)
                 for group in optimizer.param_groups:
@@ -601,7 +544,7 @@ def train(args):
                 tick = time.perf_counter()
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted at iteration {it}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.") from None
-    summary = run_summary(runtime, args=args, speed=speed, validation=validation, checkpoint=checkpointer.path)
+    summary = run_summary(runtime, args=args, progress=progress, validation=validation, checkpoint=checkpointer.path)
     run_log.record({"iter": args.iters, "summary": summary})
     run_log.close()
     if runtime.is_main:
