@@ -25,9 +25,9 @@ import torch
 
 import cli
 from bisenet import ModelConfig, build_model
-from cityscapes import NUM_CLASSES
+from cityscapes import CITYSCAPES, NUM_CLASSES
 from cli import CheckpointError
-from datasets import CITYSCAPES, DatasetInfo, unnamed_classes, voc_palette
+from datasets import DatasetInfo, unnamed_classes, voc_palette
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
 ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
@@ -313,7 +313,7 @@ def load_model_and_dataset(path):
     if "model_config" in checkpoint:
         config, state, description = ModelConfig.from_dict(checkpoint["model_config"], path), checkpoint["model"], checkpoint.get("dataset")
     else:
-        from weights import foreign_state  # other repositories' layouts, read only when given one of their files
+        from interop import foreign_state  # other repositories' layouts, read only when given one of their files
 
         config, state, description = foreign_state(checkpoint, path)
     model = build_model(config)
@@ -358,7 +358,7 @@ def load_backbone(model, source, *, log=print):
             ) from None
     else:
         state = read_checkpoint(source)
-    from weights import backbone_state  # torchvision's layout, read only with --pretrained
+    from interop import backbone_state  # torchvision's layout, read only with --pretrained
 
     state = backbone_state(state, source)
     try:

@@ -1,10 +1,9 @@
-"""Cityscapes: its class table (from cityscapesscripts) and its file layout.
+"""Cityscapes, the default dataset: its class table (from cityscapesscripts) and file layout, and open_dataset, which
+opens a data root: Cityscapes, or your own data in one of the layouts of interop.py (README: Your own data).
 
     ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
     ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png    (python convert_labels.py ROOT)
     ROOT/{split}.txt    optional: mmseg's `city/city_seq_frame` lines, or CoinCheung's `image,label` lines
-
-datasets.open_dataset reads it; datasets.CITYSCAPES is its DatasetInfo.
 """
 
 from pathlib import Path
@@ -13,8 +12,8 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cli import DataError
+from datasets import IGNORE_INDEX, DatasetInfo, SegmentationDataset
 
-IGNORE_INDEX = 255  # Cityscapes' trainId of the classes left out of training; every dataset here ignores it, as mmseg and CoinCheung do
 TRAIN_LABELS = sorted((lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
 CLASS_NAMES = [lb.name for lb in TRAIN_LABELS]
 NUM_CLASSES = len(CLASS_NAMES)
@@ -26,7 +25,13 @@ for _label in CITYSCAPES_LABELS:
     if _label.id >= 0 and 0 <= _label.trainId < IGNORE_INDEX:
         LABELID_TO_TRAINID[_label.id] = _label.trainId
 
-LABEL_HINT = "these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT"
+CITYSCAPES = DatasetInfo(
+    "cityscapes",
+    tuple(CLASS_NAMES),
+    tuple(tuple(int(v) for v in c) for c in PALETTE),
+    submission_ids=tuple(int(i) for i in TRAINID_TO_LABELID),
+    label_hint="these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT",
+)
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
@@ -35,8 +40,6 @@ LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 def find_samples(root, split, *, with_labels=True):
     """(image_path, label_path | None) pairs of a split, from {root}/{split}.txt when present, else a scan."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: data root not found; pass --data-root or run: python synthetic.py cityscapes {root}")
     image_dir = root / "leftImg8bit" / split
     list_file = root / f"{split}.txt"
     listed_labels = None
@@ -75,3 +78,41 @@ def sample_name(image_path):
     """'aachen_000000_000019' for a Cityscapes image, the file stem otherwise."""
     name = Path(image_path).name
     return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else Path(image_path).stem
+
+
+def detect_dataset(root, dataset_type="auto"):
+    """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else your own layout)."""
+    root = Path(root)
+    if dataset_type != "auto":
+        return dataset_type
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    from interop import folder_layout  # your own data's layouts, read only for a root that is not Cityscapes
+
+    if (root / "classes.txt").is_file() or folder_layout(root):
+        return "folder"
+    raise DataError(
+        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor your own data (classes.txt with img_dir/, train.txt or trainannot/); see README: Your own data"
+    )
+
+
+def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
+    """Cityscapes (the default) or your own data (interop.py); dataset.info describes its classes."""
+    root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
+    if not root.is_dir():
+        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python tools/synthetic.py cityscapes {root}")
+    if detect_dataset(root, dataset_type) == "cityscapes":
+        if (root / "classes.txt").is_file():
+            from interop import read_classes
+
+            if read_classes(root / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
+                raise DataError(
+                    f"{root / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; remove classes.txt, "
+                    "or put your data in one of your own layouts (README: Your own data)"
+                )
+        return SegmentationDataset(find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform)
+    from interop import folder_info, folder_samples
+
+    return SegmentationDataset(folder_samples(root, split, with_labels=with_labels), folder_info(root), transform=transform)

@@ -1,21 +1,13 @@
-"""Data from PNG files to samples: the dataset description that travels with every checkpoint, the reading code and
-the dataset class every dataset shares, the layouts users keep their own data in, the dispatcher that opens
-Cityscapes or one of those, and the training augmentation. Cityscapes' class table and layout are in cityscapes.py.
-
-    ROOT/classes.txt          one class per line, in index order: `name`, `name R G B`, `name,R,G,B` or `name #rrggbb`
-    mmseg's custom layout     ROOT/img_dir/{train,val,test}/**/*.{jpg,png} and ROOT/ann_dir/{train,val}/**/*.png
-    CoinCheung's list files   ROOT/train.txt, ROOT/val.txt: `image_path,label_path` per line (relative to ROOT or absolute)
-    CamVid, as SegNet ships   ROOT/{train,val,test}/*.png and ROOT/{train,val,test}annot/*.png; 11 classes, 11 = void
+"""Data from PNG files to samples, for every dataset: the description of its classes that travels with every
+checkpoint (DatasetInfo), reading images and labels, the dataset class and the training augmentation. Which files
+a data root holds: cityscapes.py (Cityscapes, and open_dataset) and interop.py (your own data's layouts).
 
 Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as VOC-style and mask
 tools write them; images and labels are turned by their own EXIF orientation alike.
-
-tools/synthetic.py writes data in each of these layouts and Cityscapes'.
 """
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 
 import cv2
@@ -23,12 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cityscapes
-from cityscapes import IGNORE_INDEX
 from cli import DataError
 
+IGNORE_INDEX = 255  # the label value every dataset here ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-LAYOUTS = ("mmseg", "list", "camvid")
 
 cv2.setNumThreads(0)  # parallelism comes from DataLoader workers, as in mmseg
 
@@ -93,85 +83,9 @@ class DatasetInfo:
         return cls(**values)
 
 
-CITYSCAPES = DatasetInfo(
-    "cityscapes",
-    tuple(cityscapes.CLASS_NAMES),
-    tuple(tuple(int(v) for v in c) for c in cityscapes.PALETTE),
-    submission_ids=tuple(int(i) for i in cityscapes.TRAINID_TO_LABELID),
-    label_hint=cityscapes.LABEL_HINT,
-)
-
-CAMVID = DatasetInfo(  # SegNet's CamVid: 11 classes in this order, colours from its tutorial, 11 = void
-    "camvid",
-    ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian", "bicyclist"),
-    (
-        (128, 128, 128),
-        (128, 0, 0),
-        (192, 192, 128),
-        (128, 64, 128),
-        (60, 40, 222),
-        (128, 128, 0),
-        (192, 128, 128),
-        (64, 64, 128),
-        (64, 0, 128),
-        (64, 64, 0),
-        (0, 128, 192),
-    ),
-    void_value=11,
-)
-
-
 def unnamed_classes(count):
     """The classes of a model that does not say what they are: numbered names and a palette of their number."""
     return DatasetInfo("unnamed classes", tuple(f"class{k}" for k in range(count)), tuple(voc_palette(count)))
-
-
-def classes_text(path):
-    """classes.txt as text: UTF-8 (a BOM allowed) or UTF-16 with its BOM; anything else is named, not guessed."""
-    data = Path(path).read_bytes()
-    try:
-        return data.decode("utf-16") if data.startswith((b"\xff\xfe", b"\xfe\xff")) else data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text (Latin-1?); save it as UTF-8") from None
-
-
-def read_classes(path, name):
-    """ROOT/classes.txt -> DatasetInfo. Every line but empty ones and `# comments` is a class, in index order:
-    `name`, `name R G B` or `name,R,G,B` (CSV), the colour 0..255 each or `#rrggbb`; a name may contain spaces and
-    end in one number."""
-    names, colors, lines = [], [], {}
-    for number, line in enumerate(classes_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        if re.match(r"#(\s|$)", line.lstrip()):  # `# ...` is a comment
-            continue
-        if line.lstrip().startswith("#"):  # `#unlabelled`: a class or a comment? Skipping it would shift every index after it
-            raise DataError(f"{where}: {line.strip()!r}: a comment is `# text` (with a space); rename the class if it is one")
-        words = [w.strip() for w in line.split(",")] if "," in line else line.split()
-        numbers = next((k for k in range(len(words), 0, -1) if all(re.fullmatch(r"[-+]?\d+(\.\d*)?", w) for w in words[-k:])), 0)
-        color = None
-        if re.fullmatch(r"#[0-9a-fA-F]{6}", words[-1]):
-            words, color = words[:-1], tuple(int(words[-1][i : i + 2], 16) for i in (1, 3, 5))
-        elif numbers >= 3 or (numbers == 2 and len(words) > 2) or ("," in line and len(words) > 1):  # a CSV header is refused here
-            tail = words[-3:]
-            if not (len(words) > 3 and numbers >= 3 and all(re.fullmatch(r"\d+", w) and int(w) <= 255 for w in tail)):
-                raise DataError(f"{where}: {line.strip()!r}: expected `name R G B` with three whole numbers 0..255 (or `#rrggbb`)")
-            words, color = words[:-3], tuple(int(w) for w in tail)
-        elif "#" in line:
-            raise DataError(f"{where}: {line.strip()!r}: a colour is `#rrggbb` or `R G B`")
-        label = " ".join(words)
-        if not label:
-            raise DataError(f"{where}: {line.strip()!r}: the class has no name")
-        if label in lines:
-            raise DataError(f"{where}: the class name {label!r} is on line {lines[label]} already; class names must differ")
-        lines[label] = number
-        names.append(label)
-        colors.append(color)
-    if not 2 <= len(names) <= IGNORE_INDEX:
-        raise DataError(f"{path}: {len(names)} classes; expected 2 to 255, one `name [R G B]` per line")
-    defaults = voc_palette(len(names))
-    return DatasetInfo(name, tuple(names), tuple(c or d for c, d in zip(colors, defaults)))
 
 
 EXIF_ORIENTATION = 0x0112
@@ -306,113 +220,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if label is not None:
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label))
         return sample
-
-
-# -- Layouts, and choosing the dataset ------------------------------------------------------------------------
-def folder_layout(root):
-    """Which of the generic layouts ROOT holds: 'list', 'mmseg' or 'camvid' (None: none of them)."""
-    root = Path(root)
-    if (root / "train.txt").is_file() and "," in (root / "train.txt").read_text().split("\n", 1)[0]:
-        return "list"
-    if (root / "img_dir").is_dir():
-        return "mmseg"
-    if (root / "trainannot").is_dir() or (root / "valannot").is_dir():
-        return "camvid"
-    return None
-
-
-def folder_info(root):
-    """ROOT/classes.txt, or the shipped CamVid classes for a CamVid root without one."""
-    root = Path(root)
-    if (root / "classes.txt").is_file():
-        return read_classes(root / "classes.txt", root.name)
-    if folder_layout(root) == "camvid":
-        return CAMVID
-    raise DataError(f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)")
-
-
-def pair_by_stem(images_dir, labels_dir, *, label_name):
-    """(image, label) for every image below images_dir, the label at the same relative path in labels_dir."""
-    images = image_files(images_dir)
-    if not images:
-        raise DataError(f"{images_dir}: no .png/.jpg images")
-    samples = []
-    for image in images:
-        label = labels_dir / image.relative_to(images_dir).parent / label_name(image)
-        if not label.is_file():
-            raise DataError(f"{label}: missing label for {image}")
-        samples.append((image, label))
-    return samples
-
-
-def folder_samples(root, split, *, with_labels=True):
-    """(image_path, label_path | None) of a split in one of the generic layouts."""
-    root = Path(root)
-    layout = folder_layout(root)
-    if layout == "list":
-        list_file = root / f"{split}.txt"
-        if not list_file.is_file():
-            raise DataError(f"{list_file}: split '{split}' not found; expected one `image_path,label_path` per line")
-        samples, seen = [], {}
-        for number, line in enumerate(list_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if split != "train" and line.strip() in seen:  # training may repeat a line to sample it more often
-                raise DataError(f"{list_file} line {number} repeats line {seen[line.strip()]}: an image scored twice counts twice; remove the repeat")
-            seen.setdefault(line.strip(), number)
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) != 2:
-                raise DataError(f"{list_file} line {number}: expected `image_path,label_path`, got {line!r}")
-            image, label = (root / p for p in parts)  # an absolute path stays absolute
-            for path in (image, label):
-                if not path.is_file():
-                    raise DataError(f"{path}: listed in {list_file} line {number} but missing")
-            samples.append((image, label if with_labels else None))
-        if not samples:
-            raise DataError(f"{list_file}: no samples")
-        return samples
-    if layout in ("mmseg", "camvid"):
-        images_dir = root / "img_dir" / split if layout == "mmseg" else root / split
-        labels_dir = root / "ann_dir" / split if layout == "mmseg" else root / f"{split}annot"
-        if not images_dir.is_dir():
-            raise DataError(f"{images_dir}: split '{split}' not found")
-        if not with_labels:
-            return [(p, None) for p in image_files(images_dir)]
-        return pair_by_stem(images_dir, labels_dir, label_name=lambda image: image.stem + ".png")
-    raise DataError(
-        f"{root}: no known layout; expected img_dir/ + ann_dir/ (mmseg), train.txt of `image,label` lines (CoinCheung), "
-        "train/ + trainannot/ (CamVid), or leftImg8bit/ + gtFine/ (Cityscapes)"
-    )
-
-
-def detect_dataset(root, dataset_type="auto"):
-    """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else a generic layout)."""
-    root = Path(root)
-    if dataset_type != "auto":
-        return dataset_type
-    if (root / "leftImg8bit").is_dir():
-        return "cityscapes"
-    if (root / "classes.txt").is_file() or folder_layout(root):
-        return "folder"
-    raise DataError(
-        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor your own data (classes.txt with img_dir/, train.txt or trainannot/); see README: Your own data"
-    )
-
-
-def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
-    """Cityscapes (the default) or your own data in one of the layouts above; dataset.info describes its classes."""
-    if Path(root).is_file():
-        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
-    if not Path(root).is_dir():
-        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python tools/synthetic.py cityscapes {root}")
-    if detect_dataset(root, dataset_type) == "cityscapes":
-        if (Path(root) / "classes.txt").is_file() and read_classes(Path(root) / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
-            raise DataError(
-                f"{Path(root) / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; remove classes.txt, "
-                "or put your data in one of your own layouts (README: Your own data)"
-            )
-        return SegmentationDataset(cityscapes.find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform)
-    return SegmentationDataset(folder_samples(root, split, with_labels=with_labels), folder_info(root), transform=transform)
 
 
 # -- Training augmentation ------------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from tqdm import tqdm
 import cli
 from bisenet import fuse_bn, upsampled_classes
 from checkpoints import atomic_write, load_model_and_dataset
-from cityscapes import IGNORE_INDEX, sample_name
+from cityscapes import detect_dataset, open_dataset, sample_name
 from cli import CheckpointError
-from datasets import DataError, SegmentationDataset, detect_dataset, find_images, open_dataset, unnamed_classes
+from datasets import IGNORE_INDEX, DataError, SegmentationDataset, find_images, unnamed_classes
 from device import setup_runtime, teardown_runtime
 
 

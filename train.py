@@ -27,9 +27,9 @@ from tqdm import tqdm
 import cli
 from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
 from checkpoints import last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
-from cityscapes import IGNORE_INDEX
+from cityscapes import detect_dataset, open_dataset
 from cli import CheckpointError
-from datasets import TrainTransform, detect_dataset, image_size, open_dataset
+from datasets import IGNORE_INDEX, TrainTransform, image_size
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
 

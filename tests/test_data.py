@@ -12,9 +12,9 @@ from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from conftest import ROOT
 from PIL import Image
 
-from cityscapes import IGNORE_INDEX, LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples
+from cityscapes import LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples, open_dataset
 from convert_labels import convert_dataset
-from datasets import DataError, TrainTransform, levels, open_dataset
+from datasets import IGNORE_INDEX, DataError, TrainTransform, levels
 from synthetic import synthesize_cityscapes
 
 
@@ -223,7 +223,7 @@ def test_bad_files_raise_one_line_errors_naming_the_file(synthetic_root, tmp_pat
 
 def test_missing_root_and_split_name_the_fix(synthetic_root, tmp_path):
     with pytest.raises(DataError, match="data root not found"):
-        find_samples(tmp_path / "nowhere", "train")
+        open_dataset(tmp_path / "nowhere", "train")
     with pytest.raises(DataError, match="split 'extra' not found"):
         find_samples(synthetic_root, "extra")
 

@@ -22,6 +22,7 @@ import datasets
 import deploy
 import evaluate
 import export
+import interop
 import synthetic
 from bisenet import ModelConfig, build_model
 from video import segment_video
@@ -50,7 +51,7 @@ def my7(tmp_path_factory):
     root = synthetic.synthesize_folder(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
     torch.manual_seed(0)
     model = build_model(ModelConfig(18, 7))
-    info = datasets.folder_info(root)
+    info = interop.folder_info(root)
     ckpt = root.parent / "m7.pth"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": info.to_dict()}, ckpt)
     return root, ckpt
@@ -126,7 +127,7 @@ def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_pat
     before = digest(root / "train.txt", root / "val.txt")
     assert not convert_labels.convert_dataset(root, source="labelIds", progress=False)
     assert digest(root / "train.txt", root / "val.txt") == before
-    dataset = datasets.open_dataset(root, "val")
+    dataset = cityscapes.open_dataset(root, "val")
     assert [f"{image.relative_to(root)},{label.relative_to(root)}" for image, label in dataset.samples] == list(reversed(lists["val"]))
     assert dataset[0]["label"].shape == (64, 128) and not hidden_files(root)
 
@@ -243,12 +244,12 @@ def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
     torch.manual_seed(1)
     model = build_model(ModelConfig(18, 2))
     ckpt = tmp_path / "m2.pth"
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": datasets.folder_info(data).to_dict()}, ckpt)
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": interop.folder_info(data).to_dict()}, ckpt)
     plain = scored(ckpt, data, capsys)
     for label in (data / "ann_dir").rglob("*.png"):
         indices = np.array(Image.open(label))
         Image.fromarray(indices.astype(bool)).convert("1").save(label)  # what many mask tools write
-        assert Image.open(label).mode == "1" and np.array_equal(datasets.read_label(label, datasets.folder_info(data)), indices)
+        assert Image.open(label).mode == "1" and np.array_equal(datasets.read_label(label, interop.folder_info(data)), indices)
     assert scored(ckpt, data, capsys)["mIoU"] == plain["mIoU"]
 
 
@@ -257,7 +258,7 @@ def test_exif_orientation_turns_images_and_labels_alike(my7, tmp_path, capsys):
     upright files (PNG images, so that no re-encoding differs)."""
     root, ckpt = my7
     data = copy_of(root, tmp_path)
-    info = datasets.folder_info(data)
+    info = interop.folder_info(data)
     for image in sorted((data / "img_dir" / "val").rglob("*.jpg")):
         Image.open(image).save(image.with_suffix(".png"))
         image.unlink()
@@ -344,15 +345,15 @@ def test_malformed_classes_txt_is_named_by_line(my7, tmp_path, capsys, text, mes
 def test_classes_txt_in_csv_hex_utf16_is_read_and_latin1_is_named(tmp_path):
     path = tmp_path / "classes.txt"
     path.write_text("road,128,64,128\nsky,0,0,255\n")
-    assert datasets.read_classes(path, "x").palette == ((128, 64, 128), (0, 0, 255))
+    assert interop.read_classes(path, "x").palette == ((128, 64, 128), (0, 0, 255))
     path.write_text("road #ff0000\nlane 2\n")
-    info = datasets.read_classes(path, "x")
+    info = interop.read_classes(path, "x")
     assert info.class_names == ("road", "lane 2") and info.palette[0] == (255, 0, 0)
     path.write_bytes("café 1 2 3\nroad\n".encode("utf-16"))
-    assert datasets.read_classes(path, "x").class_names == ("café", "road")
+    assert interop.read_classes(path, "x").class_names == ("café", "road")
     path.write_bytes("café\nroad\n".encode("latin-1"))
     with pytest.raises(datasets.DataError, match="not UTF-8 text"):
-        datasets.read_classes(path, "x")
+        interop.read_classes(path, "x")
 
 
 # -- 12. symlinked folders ------------------------------------------------------------------------------------

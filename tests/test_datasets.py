@@ -17,7 +17,9 @@ from PIL import Image
 import datasets
 import synthetic
 from bisenet import ModelConfig, build_model
-from datasets import CAMVID, CITYSCAPES, DataError, open_dataset, read_classes, read_label
+from cityscapes import CITYSCAPES, open_dataset
+from datasets import DataError, read_label
+from interop import CAMVID, read_classes
 
 TINY = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1", "--warmup-iters", "0", "--lr", "0.02"]
 

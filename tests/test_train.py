@@ -17,8 +17,8 @@ from torch import nn
 
 from benchmark import free_port
 from bisenet import ModelConfig, build_model
-from cityscapes import IGNORE_INDEX
-from datasets import TrainTransform, open_dataset
+from cityscapes import open_dataset
+from datasets import IGNORE_INDEX, TrainTransform
 from device import Runtime
 from train import IterationSampler, learning_rate, ohem_cross_entropy, parse_args, segmentation_loss, train_step
 

@@ -18,10 +18,11 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
-from cityscapes import IGNORE_INDEX, IMAGE_SUFFIX
+from cityscapes import IMAGE_SUFFIX
 from cli import DataError
 from convert_labels import convert_dataset
-from datasets import CAMVID, LAYOUTS, DatasetInfo, voc_palette
+from datasets import IGNORE_INDEX, DatasetInfo, voc_palette
+from interop import CAMVID, LAYOUTS
 
 
 def new_dataset_folder(out):
