@@ -141,8 +141,9 @@ def readme_walkthrough():
 def test_readme_walkthrough_runs_as_written(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
-    for path in ROOT.glob("*.py"):
-        shutil.copy(path, project / path.name)
+    (project / "tools").mkdir()
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("tools/*.py")]:
+        shutil.copy(path, project / path.relative_to(ROOT))
     for command in readme_walkthrough():
         result = subprocess.run(
             ["bash", "-c", f"set -e; {command}"],
