@@ -84,10 +84,6 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.downsample = downsample(cin, width, stride)
 
-    @property
-    def last_bn(self):
-        return self.bn2
-
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
@@ -106,10 +102,6 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width * 4)
         self.downsample = downsample(cin, width * 4, stride)
-
-    @property
-    def last_bn(self):
-        return self.bn3
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -141,11 +133,8 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 3, 2, 1)
-        x = self.layer1(x)
-        x8 = self.layer2(x)
-        x16 = self.layer3(x8)
-        x32 = self.layer4(x16)
-        return x16, x32
+        x16 = self.layer3(self.layer2(self.layer1(x)))
+        return x16, self.layer4(x16)
 
 
 # -- BiSeNetV1 ------------------------------------------------------------------------------------------------
@@ -280,7 +269,7 @@ class BiSeNetV1(nn.Module):
                 nn.init.zeros_(m.bias)
         for block in self.backbone.modules():
             if isinstance(block, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(block.last_bn.weight)
+                nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
         for head in (self.head, self.aux_head16, self.aux_head32):
             nn.init.normal_(head.classifier.weight, std=0.01)
             nn.init.zeros_(head.classifier.bias)

@@ -61,14 +61,6 @@ def lock(work_dir):
     return handle
 
 
-def remove_leftovers(work_dir):
-    """Temp files of killed runs (only ever called with the lock held, so none belongs to a live process)."""
-    leftovers = sorted(work_dir.glob(".*.tmp"))
-    for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
-
-
 def iteration_checkpoints(work_dir):
     """[(N, path)] of work_dir/iter_N.pth, oldest first."""
     found = [(int(m[1]), p) for p in work_dir.glob("iter_*.pth") if (m := ITERATION_NAME.match(p.name))]
@@ -234,14 +226,12 @@ def resume_point(work_dir):
     saved = iteration_checkpoints(work_dir)
     latest = work_dir / "latest.pth"
     if latest.exists() and not latest.is_symlink():
-        raise WorkDirError(
-            f"{latest}: expected the link train.py writes, found a {'directory' if latest.is_dir() else 'file'}; move it out of the work dir and resume"
-        )
+        found = "directory" if latest.is_dir() else "file"
+        raise WorkDirError(f"{latest}: expected the link train.py writes, found a {found}; move it out of the work dir and resume")
     if not saved:
         if latest.is_symlink() or (work_dir / "best.pth").exists():
-            raise WorkDirError(
-                f"{work_dir} holds a run ({work_dir_contents(work_dir)}) but no iter_N.pth to resume from; pass a new --work-dir, or move those files away to start over"
-            )
+            fix = "pass a new --work-dir, or move those files away to start over"
+            raise WorkDirError(f"{work_dir} holds a run ({work_dir_contents(work_dir)}) but no iter_N.pth to resume from; {fix}")
         return None, None, None
     _, newest = saved[-1]
     try:
@@ -255,13 +245,6 @@ def resume_point(work_dir):
     elif os.readlink(latest) != newest.name:
         note = f"latest.pth points to {os.readlink(latest)}{'' if latest.exists() else ', which is missing'}"
     return checkpoint, newest, note
-
-
-def refuse_fresh_start(work_dir):
-    """A run without --resume must not write over the checkpoints of an earlier one."""
-    latest = work_dir / "latest.pth"
-    if iteration_checkpoints(work_dir) or (work_dir / "best.pth").exists() or latest.exists() or latest.is_symlink():
-        raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({work_dir_contents(work_dir)}); pass --resume to continue it, or a new --work-dir")
 
 
 # -- Reading weights: ours, released and ImageNet ones -------------------------------------------------------
@@ -379,21 +362,11 @@ def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings
     state = model.state_dict()
     bad = non_finite(state)
     if bad:
-        raise CheckpointError(
-            f"the weights hold NaN or inf after iteration {iteration} ({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), "
-            f"so {path.name} was not written: lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
-        )
-    checkpoint = {
-        "model_config": model.config.to_dict(),
-        "model": state,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "iteration": iteration,
-        "best_miou": best,
-        "args": settings,
-        "dataset": dataset.to_dict(),
-    }
-    atomic_save(checkpoint, path)
+        which = f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}"
+        hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
+        raise CheckpointError(f"the weights hold NaN or inf after iteration {iteration} ({which}), so {path.name} was not written: {hint}")
+    checkpoint = {"model_config": model.config.to_dict(), "model": state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
+    atomic_save(checkpoint | {"iteration": iteration, "best_miou": best, "args": settings, "dataset": dataset.to_dict()}, path)
 
 
 def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
@@ -402,20 +375,14 @@ def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
     saved_config = ModelConfig.from_dict(checkpoint["model_config"], path)
     if saved_config != model.config:
         names = sorted((f.name for f in dataclasses.fields(ModelConfig)), key=lambda name: name not in ("depth", "num_classes"))  # what the flags set first
-        changed = [
-            f"{name} {getattr(saved_config, name)} -> {getattr(model.config, name)}"
-            for name in names
-            if getattr(saved_config, name) != getattr(model.config, name)
-        ]
+        changed = [f"{n} {getattr(saved_config, n)} -> {getattr(model.config, n)}" for n in names if getattr(saved_config, n) != getattr(model.config, n)]
         changes = ", ".join(changed[:2]) + (f" and {len(changed) - 2} settings that follow from them" if len(changed) > 2 else "")
         raise CheckpointError(f"{path}: a run of another model configuration ({changes}); pass a new --work-dir, or the flags of that run")
     saved_classes = tuple((checkpoint.get("dataset") or {}).get("class_names") or ())
     if saved_classes and saved_classes != info.class_names:
-        first = next(k for k, (a, b) in enumerate(zip(saved_classes, info.class_names)) if a != b)
-        raise CheckpointError(
-            f"{path}: a run on other classes (class {first} was {saved_classes[first]!r}, the data's is {info.class_names[first]!r}); "
-            f"pass a new --work-dir, or --load-from {path} to fine-tune on this data"
-        )
+        k = next(k for k, (a, b) in enumerate(zip(saved_classes, info.class_names)) if a != b)
+        other = f"class {k} was {saved_classes[k]!r}, the data's is {info.class_names[k]!r}"
+        raise CheckpointError(f"{path}: a run on other classes ({other}); pass a new --work-dir, or --load-from {path} to fine-tune on this data")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
@@ -429,10 +396,13 @@ def open_work_dir(work_dir, resume, *, runtime, log=print):
     held = None
     if runtime.is_main:
         held = lock(work_dir)
-        for path in remove_leftovers(work_dir):
+        for path in sorted(work_dir.glob(".*.tmp")):  # with the lock held, none belongs to a live process
+            path.unlink(missing_ok=True)
             log(f"removed {path.name}, left by a run that was killed while writing")
-        if not resume:
-            refuse_fresh_start(work_dir)
+        latest = work_dir / "latest.pth"
+        if not resume and (iteration_checkpoints(work_dir) or (work_dir / "best.pth").exists() or latest.exists() or latest.is_symlink()):
+            contents = work_dir_contents(work_dir)  # a run without --resume never writes over an earlier run's checkpoints
+            raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({contents}); pass --resume to continue it, or a new --work-dir")
     if not resume:
         return held, None, None
     checkpoint, path, note = resume_point(work_dir)

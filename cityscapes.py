@@ -25,12 +25,9 @@ for _label in CITYSCAPES_LABELS:
     if _label.id >= 0 and 0 <= _label.trainId < IGNORE_INDEX:
         LABELID_TO_TRAINID[_label.id] = _label.trainId
 
+LABEL_HINT = "these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT"
 CITYSCAPES = DatasetInfo(
-    "cityscapes",
-    tuple(CLASS_NAMES),
-    tuple(tuple(int(v) for v in c) for c in PALETTE),
-    submission_ids=tuple(int(i) for i in TRAINID_TO_LABELID),
-    label_hint="these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT",
+    "cityscapes", tuple(CLASS_NAMES), tuple(map(tuple, PALETTE.tolist())), submission_ids=tuple(TRAINID_TO_LABELID.tolist()), label_hint=LABEL_HINT
 )
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -91,9 +88,8 @@ def detect_dataset(root, dataset_type="auto"):
 
     if (root / "classes.txt").is_file() or folder_layout(root):
         return "folder"
-    raise DataError(
-        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor your own data (classes.txt with img_dir/, train.txt or trainannot/); see README: Your own data"
-    )
+    yours = "your own data (classes.txt with img_dir/, train.txt or trainannot/)"
+    raise DataError(f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see README: Your own data")
 
 
 def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
@@ -108,10 +104,8 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
             from interop import read_classes
 
             if read_classes(root / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
-                raise DataError(
-                    f"{root / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; remove classes.txt, "
-                    "or put your data in one of your own layouts (README: Your own data)"
-                )
+                fix = "remove classes.txt, or put your data in one of your own layouts (README: Your own data)"
+                raise DataError(f"{root / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; {fix}")
         return SegmentationDataset(find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform)
     from interop import folder_info, folder_samples
 

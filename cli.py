@@ -78,20 +78,9 @@ def add_device_flags(parser):
     group = parser.add_argument_group("device")
     group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"), help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
     group.add_argument("--device-id", "--gpu-id", dest="device_id", type=integer(0), default=0, help="single-device runs")
+    group.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1 = apex O1 (half-precision convolutions); O0 = fp32")
     group.add_argument(
-        "--amp",
-        "--opt-level",
-        dest="amp",
-        default="O1",
-        choices=("O0", "O1"),
-        help="O1 = apex O1: convolutions in half precision (--amp-dtype), weights and loss in fp32; O0 = fp32",
-    )
-    group.add_argument(
-        "--amp-dtype",
-        default="auto",
-        choices=("auto", "float16", "bfloat16"),
-        help="O1's half precision. auto: float16 with dynamic loss scaling on CUDA and Ascend (what apex O1 did); on a CPU bfloat16 where it has "
-        "AMX-BF16 or AVX512-BF16, else fp32 (printed at start); bfloat16 needs no loss scaling",
+        "--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"), help="O1's half precision; auto: device.py decides (README: Train)"
     )
 
 

@@ -104,17 +104,11 @@ def exif_orientation(file):
 
 def oriented(pixels, orientation):
     """The stored pixel grid as a viewer shows it: EXIF orientations 2-8 are mirrorings and quarter turns."""
-    transpose = lambda p: p.swapaxes(0, 1)  # noqa: E731
-    turn = {
-        2: lambda p: p[:, ::-1],
-        3: lambda p: p[::-1, ::-1],
-        4: lambda p: p[::-1],
-        5: transpose,
-        6: lambda p: transpose(p)[:, ::-1],
-        7: lambda p: transpose(p)[::-1, ::-1],
-        8: lambda p: transpose(p)[::-1],
-    }.get(orientation)
-    return np.ascontiguousarray(turn(pixels)) if turn else pixels
+    if orientation not in range(2, 9):
+        return pixels
+    grid = pixels.swapaxes(0, 1) if orientation >= 5 else pixels  # 5-8 are quarter turns: a transpose, then a mirroring
+    flip_rows, flip_cols = orientation in (3, 4, 7, 8), orientation in (2, 3, 6, 7)
+    return np.ascontiguousarray(grid[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
 
 
 def read_image(path):
@@ -242,21 +236,10 @@ class TrainTransform:
     (to within 1 grey level of cv2.resize, which mmseg uses). Interpolation as in mmseg: bilinear, no antialias.
     """
 
-    def __init__(
-        self,
-        crop=(1024, 1024),
-        scale_range=(0.5, 2.0),
-        *,
-        cat_max_ratio=0.75,
-        flip_prob=0.5,
-        brightness=32,
-        contrast=(0.5, 1.5),
-        saturation=(0.5, 1.5),
-        hue=18,
-        photometric=True,
-    ):
+    brightness, contrast, saturation, hue = 32, (0.5, 1.5), (0.5, 1.5), 18  # mmseg's PhotoMetricDistortion
+
+    def __init__(self, crop=(1024, 1024), scale_range=(0.5, 2.0), *, cat_max_ratio=0.75, flip_prob=0.5, photometric=True):
         self.crop, self.scale_range, self.cat_max_ratio, self.flip_prob, self.photometric = crop, scale_range, cat_max_ratio, flip_prob, photometric
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
 
     def __call__(self, image, label, rng):
         height, width = label.shape

@@ -23,12 +23,7 @@ EMULATED_BF16 = "many times slower than fp32"  # bf16 without AMX/AVX512-BF16 (P
 
 # oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; the AVX10 names and their aliases).
 ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX")
-ONEDNN_ALIASES = {
-    "AVX512_CORE_FP16": "AVX10_1_512",
-    "AVX512_CORE_AMX": "AVX10_1_512_AMX",
-    "AVX512_CORE_AMX_FP16": "AVX10_1_512_AMX",
-    "AVX10_1_512_AMX_FP16": "AVX10_1_512_AMX",
-}
+ONEDNN_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512"} | dict.fromkeys(("AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"), "AVX10_1_512_AMX")
 
 
 @dataclass(frozen=True)
@@ -47,12 +42,8 @@ class CpuFeatures:
 
     @classmethod
     def detect(cls):
-        return cls(
-            aten_capability=torch.backends.cpu.get_cpu_capability(),
-            avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
-            amx_bf16=torch.cpu._is_amx_tile_supported(),
-            onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
-        )
+        bf16 = dict(avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx_bf16=torch.cpu._is_amx_tile_supported())
+        return cls(torch.backends.cpu.get_cpu_capability(), **bf16, onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None)
 
 
 def onednn_allows(max_isa, isa):
@@ -97,10 +88,8 @@ def npu_amp_dtype_error(dtype):
     """Why this NPU cannot autocast to dtype, or None: torch_npu autocasts to bf16 only on chips that have it (not
     the 910A) and otherwise switches autocast off with a warning, so the run would train in fp32 unnoticed."""
     if dtype == torch.bfloat16 and not torch.npu.is_bf16_supported():
-        return (
-            f"--amp-dtype bfloat16: this {torch.npu.get_device_name()} has no bf16 (torch.npu.is_bf16_supported() is False) and would train in fp32; "
-            "leave --amp-dtype out (fp16 with loss scaling)"
-        )
+        chip = f"this {torch.npu.get_device_name()} has no bf16 (torch.npu.is_bf16_supported() is False)"
+        return f"--amp-dtype bfloat16: {chip} and would train in fp32; leave --amp-dtype out (fp16 with loss scaling)"
     return None
 
 
@@ -115,14 +104,6 @@ def scaler_state_for(device_type, state):
     return state
 
 
-def npu_fused_sgd_available():
-    try:
-        from torch_npu.optim import NpuFusedSGD  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
     """torch's SGD (kernel "default": its own choice; "fused": one kernel for all parameters) or torch_npu's
     NpuFusedSGD ("npu-fused": parameters and gradients in one combined buffer each). Every optimizer is then cleared
@@ -134,16 +115,11 @@ def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=kernel == "fused" or None)
 
 
-def version_tuple(text):
-    """'2.6.0rc1' / '2.1.0.post3' -> (2, 6)."""
-    major, minor = (text.split(".") + ["0"])[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
 def npu_option_error(*, compile=False, channels_last=None, torch_npu_version="0.0", triton_installed=False):
     """Why an option cannot run on this torch_npu, or None. torch.compile has no NPU backend before torch_npu 2.6,
     which then needs triton-ascend; channels_last is left to torch_npu, which converts to its own internal formats."""
-    if compile and (version_tuple(torch_npu_version) < (2, 6) or not triton_installed):
+    major, minor = (torch_npu_version.split(".") + ["0"])[:2]  # '2.6.0rc1', '2.1.0.post3'
+    if compile and ((int(major), int("".join(c for c in minor if c.isdigit()) or 0)) < (2, 6) or not triton_installed):
         return f"--compile: torch_npu {torch_npu_version} has no torch.compile backend (it needs torch_npu >= 2.6 with triton-ascend); leave --compile out"
     if channels_last:
         return "--channels-last: torch_npu picks its own internal memory formats on Ascend; leave --channels-last out"
@@ -199,7 +175,11 @@ class Runtime:
         turns foreach off on the 910A (and on the 910B before CANN 8.0.RC3) and has no fused SGD before torch 2.7."""
         if self.device.type == "cuda":
             return "fused"
-        if self.device.type == "npu" and npu_fused_sgd_available():
+        if self.device.type == "npu":
+            try:
+                from torch_npu.optim import NpuFusedSGD  # noqa: F401
+            except ImportError:
+                return "default"
             return "npu-fused"
         return "default"
 
@@ -209,12 +189,8 @@ class Runtime:
             return
         import torch_npu
 
-        error = npu_option_error(
-            compile=compile,
-            channels_last=channels_last,
-            torch_npu_version=torch_npu.__version__,
-            triton_installed=importlib.util.find_spec("triton") is not None,
-        )
+        triton = importlib.util.find_spec("triton") is not None
+        error = npu_option_error(compile=compile, channels_last=channels_last, torch_npu_version=torch_npu.__version__, triton_installed=triton)
         if error:
             raise UsageError(error)
 
@@ -276,11 +252,8 @@ class Runtime:
         """The line every script prints once at start, e.g. `precision: fp32 (this CPU has no bf16 instructions: AVX2; ...)`."""
         if amp == "O0":
             return "precision: fp32 (--amp O0)"
-        hint = (
-            f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}"
-            if self.device.type == "cpu" and self.amp_dtype == torch.float32
-            else ""
-        )
+        emulated = self.device.type == "cpu" and self.amp_dtype == torch.float32
+        hint = f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}" if emulated else ""
         return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
 
     def grad_scaler(self, amp, loss_scale=None):
@@ -400,16 +373,14 @@ def distributed_timeout():
 
 def join_process_group(runtime, timeout):
     if runtime.backend not in BACKENDS:
-        raise UsageError(
-            f"DIST_BACKEND={runtime.backend!r}: expected one of {', '.join(BACKENDS)} (or unset: {DEFAULT_BACKEND[runtime.device.type]} on {runtime.device.type})"
-        )
+        unset = f"{DEFAULT_BACKEND[runtime.device.type]} on {runtime.device.type}"
+        raise UsageError(f"DIST_BACKEND={runtime.backend!r}: expected one of {', '.join(BACKENDS)} (or unset: {unset})")
     try:
         dist.init_process_group(runtime.backend, timeout=timeout)
     except dist.DistError as e:  # rank 0 waiting for the others, or a rank that cannot reach rank 0
-        raise UsageError(
-            f"rank {runtime.rank}: the process group of {runtime.world_size} did not form within {timeout.total_seconds():g} s ({first_line(e, 200)}); "
-            f"start every rank with the same MASTER_ADDR:MASTER_PORT and WORLD_SIZE (DIST_TIMEOUT sets the wait)"
-        ) from None
+        fix = "start every rank with the same MASTER_ADDR:MASTER_PORT and WORLD_SIZE (DIST_TIMEOUT sets the wait)"
+        group = f"the process group of {runtime.world_size} did not form within {timeout.total_seconds():g} s ({first_line(e, 200)})"
+        raise UsageError(f"rank {runtime.rank}: {group}; {fix}") from None
     return runtime
 
 

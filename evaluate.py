@@ -269,10 +269,8 @@ def check_flags(parser, args):
     if not all(0.125 <= scale <= 8 for scale in args.scales):
         parser.error(f"argument --scales: {','.join(f'{v:g}' for v in args.scales)}: each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)")
     if args.mode == "slide" and (args.stride[0] > args.crop[0] or args.stride[1] > args.crop[1]):
-        parser.error(
-            f"argument --stride: {args.stride[0]}x{args.stride[1]} is larger than --crop {args.crop[0]}x{args.crop[1]}, so windows would leave pixels unscored; "
-            "use a stride no larger than the crop"
-        )
+        larger = f"{args.stride[0]}x{args.stride[1]} is larger than --crop {args.crop[0]}x{args.crop[1]}, so windows would leave pixels unscored"
+        parser.error(f"argument --stride: {larger}; use a stride no larger than the crop")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         parser.error(f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)")
     return args
@@ -286,10 +284,8 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
     if split == "test" and not writes:
         raise cli.UsageError(f"--split test: {data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)")
     if dataset.info.num_classes != info.num_classes:
-        raise CheckpointError(
-            f"{model}: a model of {info.num_classes} classes, but {data_root} ({dataset.info.name}) has {dataset.info.num_classes}; "
-            "evaluate it on the data it was trained for"
-        )
+        data = f"{data_root} ({dataset.info.name}) has {dataset.info.num_classes}"
+        raise CheckpointError(f"{model}: a model of {info.num_classes} classes, but {data}; evaluate it on the data it was trained for")
     if is_main and info.name != unnamed_classes(info.num_classes).name and info.class_names != dataset.info.class_names:
         k = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
         differ = f"class {k}: {info.class_names[k]!r} in the model, {dataset.info.class_names[k]!r} in {data_root}"

@@ -70,10 +70,9 @@ def recipe_settings(name, devices):
         return {**recipe, "lr": round(recipe["lr"] * devices, 8)}
     images, per_device = recipe["batch_size"], recipe["batch_size"] // devices
     if images % devices or per_device < 2:
-        raise cli.UsageError(
-            f"--recipe {name} trains {images} images in all; {devices} devices do not split them into batches of 2 or more: "
-            f"use {', '.join(str(n) for n in range(1, images // 2 + 1) if images % n == 0)} devices, or pass --batch-size"
-        )
+        counts = ", ".join(str(n) for n in range(1, images // 2 + 1) if images % n == 0)
+        split = f"{devices} devices do not split them into batches of 2 or more: use {counts} devices, or pass --batch-size"
+        raise cli.UsageError(f"--recipe {name} trains {images} images in all; {split}")
     return {**recipe, "batch_size": per_device}
 
 
@@ -107,9 +106,6 @@ def add_training_flags(p):
     schedule.add_argument("--loss-normalise", default="valid", choices=("valid", "all"), help="CE over the labelled pixels (valid) or all (mmseg's)")
     schedule.add_argument("--seed", type=cli.integer(0), default=36436756)
     schedule.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
-
-
-def add_run_flags(p):
     run = p.add_argument_group("run")
     run.add_argument("--work-dir", default="work_dirs/bisenetv1")
     run.add_argument("--resume", action="store_true", help="continue the run in --work-dir from its newest checkpoint, if it has one")
@@ -131,7 +127,6 @@ def parse_args(argv=None):
     cli.add_data_flags(p)
     cli.add_device_flags(p)
     add_training_flags(p)
-    add_run_flags(p)
     recipe = p.parse_known_args(argv)[0].recipe
     try:
         p.set_defaults(**recipe_settings(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
@@ -335,11 +330,9 @@ class Progress:
             self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
 
     def summary(self):
-        timed = bool(self.seconds)
-        return {
-            "train_fps": round(self.images / self.seconds, 2) if timed else None,
-            "data_wait_frac": round(self.data_seconds / self.seconds, 3) if timed else None,
-        }
+        if not self.seconds:
+            return {"train_fps": None, "data_wait_frac": None}
+        return {"train_fps": round(self.images / self.seconds, 2), "data_wait_frac": round(self.data_seconds / self.seconds, 3)}
 
 
 class Checkpointer:
@@ -411,9 +404,9 @@ class StepCheck:
             self.run_log.message(f"iter {it + 1}: fp16 gradients overflowed, step skipped, loss scale {scale_before:g} -> {scale:g}")
             self.run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
             if scale < 1:
+                fix = f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {last_checkpoint_note(self.work_dir)}"
                 raise TrainingError(
-                    f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; "
-                    f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {last_checkpoint_note(self.work_dir)}"
+                    f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; {fix}"
                 )
         elif not math.isfinite(loss):
             raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {last_checkpoint_note(self.work_dir)}")
@@ -446,9 +439,8 @@ def build_runtime(args):
         precision = runtime.precision(args.amp)
         raise cli.UsageError(f"--loss-scale {args.loss_scale:g}: this run computes in {precision}, which has no loss scaling; leave --loss-scale out")
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
-        raise cli.UsageError(
-            "--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; use --batch-size >= 2 (or --sync-bn on several devices)"
-        )
+        fix = "use --batch-size >= 2 (or --sync-bn on several devices)"
+        raise cli.UsageError(f"--batch-size 1: BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; {fix}")
     return runtime
 
 

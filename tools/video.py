@@ -79,7 +79,14 @@ def segment_video(segment, source, *, out, info, device="cpu", progress=True):
             writer.release()
         if not latencies:
             raise DataError(f"--video {source}: no frame could be read")
-    written = output.path
+    return video_summary(
+        source, output.path, out=out, total=total, latencies=latencies, elapsed=elapsed, fps=fps, size=(height, width), interrupted=interrupted
+    )
+
+
+def video_summary(source, written, *, out, total, latencies, elapsed, fps, size, interrupted):
+    """The JSON summary of a segmented video, with a warning for each way the written file differs from the input."""
+    height, width = size
     probe = cv2.VideoCapture(str(written))
     out_size = f"{int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}"  # codecs may round odd sizes down
     probe.release()
