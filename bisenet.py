@@ -290,10 +290,6 @@ class BiSeNetV1(nn.Module):
         return self.head(fused, size), self.aux_head16(up16, size), self.aux_head32(up32, size)
 
 
-def build_model(config):
-    return BiSeNetV1(config)
-
-
 # -- Inference helpers ----------------------------------------------------------------------------------------
 def fuse_conv_bn(conv, bn):
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)

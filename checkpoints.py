@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import cli
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import CITYSCAPES, NUM_CLASSES
 from cli import CheckpointError
 from datasets import DatasetInfo, unnamed_classes, voc_palette
@@ -70,11 +70,7 @@ def iteration_checkpoints(work_dir):
 def tensor_bytes(obj):
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()))
 
 
 def _no_space(directory, needed):
@@ -299,7 +295,7 @@ def load_model_and_dataset(path):
         from interop import foreign_state  # other repositories' layouts, read only when given one of their files
 
         config, state, description = foreign_state(checkpoint, path)
-    model = build_model(config)
+    model = BiSeNetV1(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -67,16 +67,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python {self.prog} -h)\n")
 
 
-def add_data_flags(parser, *, data_root="data/cityscapes"):
+DATASET_TYPES, DEVICES = ("auto", "cityscapes", "folder"), ("auto", "cpu", "cuda", "npu")
+
+
+def add_data_flags(parser):
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", default=data_root)
-    group.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="auto: from the data root (see README: Your own data)")
+    group.add_argument("--data-root", default="data/cityscapes")
+    group.add_argument("--dataset", default="auto", choices=DATASET_TYPES, help="auto: from the data root (see README: Your own data)")
 
 
 def add_device_flags(parser):
     """Where and in which precision a script computes (device.py decides what each choice means on each device)."""
     group = parser.add_argument_group("device")
-    group.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"), help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
+    group.add_argument("--device", default="auto", choices=DEVICES, help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
     group.add_argument("--device-id", "--gpu-id", dest="device_id", type=integer(0), default=0, help="single-device runs")
     group.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1 = apex O1 (half-precision convolutions); O0 = fp32")
     group.add_argument(

@@ -299,7 +299,7 @@ def torch_npu_error():
     try:
         import torch_npu  # noqa: F401
     except (ImportError, SystemExit, RuntimeError) as e:  # without CANN, torch_npu may call sys.exit
-        return f"{type(e).__name__}: {str(e).strip()[:160]}"
+        return f"{type(e).__name__}: {first_line(e, 160)}"
     return None
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
+from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import detect_dataset, open_dataset
 from cli import CheckpointError
@@ -237,7 +237,7 @@ def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_fr
         if source.config.depth != depth:
             raise CheckpointError(f"{load_from}: a ResNet-{source.config.depth} model; pass --depth {source.config.depth}")
         config = dataclasses.replace(source.config, dropout=dropout, num_classes=num_classes)  # keeps its fusion variant and input normalisation
-    model = build_model(config)
+    model = BiSeNetV1(config)
     if source is not None:
         state = source.state_dict()
         if source.config.num_classes != num_classes:  # fine-tuning on other classes: everything but the classifiers

@@ -24,7 +24,7 @@ import evaluate
 import export
 import interop
 import synthetic
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
 from video import segment_video
 
 
@@ -50,7 +50,7 @@ def my7(tmp_path_factory):
     that describes its classes."""
     root = synthetic.synthesize_folder(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(18, 7))
+    model = BiSeNetV1(ModelConfig(18, 7))
     info = interop.folder_info(root)
     ckpt = root.parent / "m7.pth"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": info.to_dict()}, ckpt)
@@ -242,7 +242,7 @@ def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
         mask = np.array(Image.open(label))
         Image.fromarray(np.where(mask == 255, 0, mask).astype(np.uint8)).save(label)
     torch.manual_seed(1)
-    model = build_model(ModelConfig(18, 2))
+    model = BiSeNetV1(ModelConfig(18, 2))
     ckpt = tmp_path / "m2.pth"
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": interop.folder_info(data).to_dict()}, ckpt)
     plain = scored(ckpt, data, capsys)
@@ -308,7 +308,7 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
     assert exported["classes"] == [f"thing{k}" for k in range(7)]
 
     torch.manual_seed(3)
-    coco = build_model(ModelConfig(18, 171))  # e.g. COCO-Stuff, saved without a description
+    coco = BiSeNetV1(ModelConfig(18, 171))  # e.g. COCO-Stuff, saved without a description
     bare = tmp_path / "coco.pth"
     torch.save({"model_config": coco.config.to_dict(), "model": coco.state_dict()}, bare)
     result = summary(evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "coco", "--workers", "0"], capsys)

@@ -16,7 +16,7 @@ from PIL import Image
 
 import datasets
 import synthetic
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import CITYSCAPES, open_dataset
 from datasets import DataError, read_label
 from interop import CAMVID, read_classes
@@ -92,7 +92,7 @@ def seven_class_data(tmp_path):
     """A 7-class dataset in the list layout, and a 19-class Cityscapes model saved as checkpoints were before
     datasets were saved with them."""
     root = synthetic.synthesize_folder(tmp_path / "data", classes=7, train=4, val=2, layout="list", seed=4)
-    cityscapes_model = build_model(ModelConfig(18))
+    cityscapes_model = BiSeNetV1(ModelConfig(18))
     torch.save({"model_config": cityscapes_model.config.to_dict(), "model": cityscapes_model.state_dict()}, tmp_path / "city.pth")
     return root, cityscapes_model
 
@@ -123,7 +123,7 @@ def test_load_from_a_model_of_other_classes_keeps_the_backbone_and_starts_the_cl
 
 
 def test_an_old_checkpoint_is_a_cityscapes_one(tmp_path, synthetic_root):
-    model = build_model(ModelConfig(18))
+    model = BiSeNetV1(ModelConfig(18))
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, tmp_path / "old.pth")
     result = in_process("evaluate.py", "--ckpt", tmp_path / "old.pth", "--data-root", synthetic_root, "--amp", "O0")
     assert result.returncode == 0, result.stderr[-3000:]

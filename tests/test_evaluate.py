@@ -12,7 +12,7 @@ from PIL import Image
 from reference_models import randomize_batchnorm
 
 from benchmark import free_port
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import PALETTE, TRAINID_TO_LABELID
 from device import Runtime
 from evaluate import Inference, confusion_matrix, metrics, predict
@@ -22,7 +22,7 @@ from synthetic import trainable_cityscapes
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return randomize_batchnorm(build_model(ModelConfig(18)), torch.Generator().manual_seed(0)).eval()
+    return randomize_batchnorm(BiSeNetV1(ModelConfig(18)), torch.Generator().manual_seed(0)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn as nn
 from conftest import ROOT
 from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
 
-from bisenet import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model, fuse_bn
+from bisenet import IMAGENET_MEAN, IMAGENET_STD, BiSeNetV1, ModelConfig, fuse_bn
 from checkpoints import load_backbone, load_model
 from cli import CheckpointError
 from model_info import count_parameters
@@ -18,7 +18,7 @@ from model_info import count_parameters
 
 def r18(**kw):
     torch.manual_seed(0)
-    return build_model(ModelConfig(18, **kw))
+    return BiSeNetV1(ModelConfig(18, **kw))
 
 
 def normalized(images, mean, std):
@@ -27,7 +27,7 @@ def normalized(images, mean, std):
 
 @pytest.mark.parametrize("depth, inference, total", [(18, 13_275_539, 13_425_721), (50, 56_873_299, 59_243_385)])
 def test_parameter_counts_match_mmseg_configs(depth, inference, total):
-    model = build_model(ModelConfig(depth))
+    model = BiSeNetV1(ModelConfig(depth))
     assert count_parameters(model, with_aux=False) == inference
     assert count_parameters(model) == total
 
@@ -122,7 +122,7 @@ def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
     with torch.no_grad():
         expected = reference(normalized(images / 255, published_mean, published_std))
         torch.testing.assert_close(model(images), expected, atol=1e-6, rtol=1e-6)
-        rounded = build_model(dataclasses.replace(model.config, mean=(83.06, 94.10, 82.19), std=(53.87, 54.77, 53.93)))  # the old constants
+        rounded = BiSeNetV1(dataclasses.replace(model.config, mean=(83.06, 94.10, 82.19), std=(53.87, 54.77, 53.93)))  # the old constants
         rounded.load_state_dict(model.state_dict())
         assert not torch.allclose(rounded.eval()(images), expected, atol=1e-6, rtol=1e-6)
 
@@ -192,7 +192,7 @@ def test_initialisation_follows_mmseg_from_scratch_rules(depth, last_bn):
     norm with constant 1 / 0; ResNet's zero_init_residual sets the last norm of each block (BasicBlock norm2,
     Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0, 0.01) with bias 0."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(depth))
+    model = BiSeNetV1(ModelConfig(depth))
     residual_last = re.compile(rf"backbone\.layer\d\.\d+\.{last_bn}$")
     zeroed = 0
     for name, m in model.named_modules():

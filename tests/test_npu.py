@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
 from device import Runtime, choose_device, cpu_share, npu_option_error
 from train import segmentation_loss, train_step
 
@@ -81,11 +81,11 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
     result = on_ascend_host(
         f"""
         import json, torch, torch_npu, device
-        from bisenet import build_model, ModelConfig
+        from bisenet import BiSeNetV1, ModelConfig
         from train import segmentation_loss, train_step
         kernel = device.Runtime(torch.device("npu", 0)).sgd_kernel
         torch.manual_seed(0)
-        model = build_model(ModelConfig(18, 4, dropout=0.0)).train()
+        model = BiSeNetV1(ModelConfig(18, 4, dropout=0.0)).train()
         optimizer = device.sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel)
         images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -101,7 +101,7 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
     torch.set_num_threads(1)  # as in the child: another thread count sums the convolutions in another order
     try:
         torch.manual_seed(0)
-        model = build_model(ModelConfig(18, 4, dropout=0.0)).train()
+        model = BiSeNetV1(ModelConfig(18, 4, dropout=0.0)).train()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
         for _ in range(2):

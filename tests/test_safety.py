@@ -20,7 +20,8 @@ import evaluate
 import export
 import train
 from benchmark import free_port
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
+from checkpoints import load_model_and_dataset
 
 QUICK = [*SMALL, "--no-validate", "--warmup-iters", "0", "--lr", "0.01"]
 
@@ -142,6 +143,33 @@ def test_resume_with_other_settings_warns_with_the_differences(synthetic_root, f
     result = run_train(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: resuming with settings that differ from the run's: --crop 64x96 (was 64x128), --iters 4 (was 3), --lr 0.02 (was 0.01)" in result.stdout
+
+
+def test_a_work_dir_and_an_export_of_the_previous_version_go_on_unchanged(synthetic_root, finished_run, tmp_path, capsys):
+    """Before the recipes table and the one ignore value, checkpoints saved `dataset.ignore_index` and flags without
+    `recipe`; exported models recorded the same dataset dict. Both must still resume, score and describe."""
+    work_dir = copy_run(finished_run, tmp_path)
+    for path in work_dir.glob("iter_*.pth"):
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["dataset"]["ignore_index"] = 255
+        checkpoint["args"] = {k: v for k, v in checkpoint["args"].items() if k not in ("recipe", "print_recipe")}
+        torch.save(checkpoint, path)
+    resumed = run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "4", "--work-dir", str(work_dir), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and last_json(resumed.stdout)["iters"] == 4
+    assert "settings that differ from the run's: --iters 4 (was 3)\n" in resumed.stdout  # the one real difference
+    scored = last_json(in_process_succeeded(evaluate.main, ["--ckpt", work_dir / "iter_3.pth", "--data-root", synthetic_root, "--workers", "0"], capsys))
+    assert scored["dataset"] == "cityscapes" and 0 <= scored["mIoU"] <= 100
+    import deploy
+
+    metadata = {**export.export_metadata(*load_model_and_dataset(work_dir / "iter_3.pth"), size=(64, 128), precision="fp32", source="x")}
+    metadata["dataset"] = {**metadata["dataset"], "ignore_index": 255}
+    assert deploy.DatasetInfo.from_dict(metadata["dataset"]).class_names == tuple(scored["per_class"])
+
+
+def in_process_succeeded(main, argv, capsys):
+    main([str(a) for a in argv])
+    return capsys.readouterr().out
 
 
 # 2. only finite weights are saved ------------------------------------------------------------------------------
@@ -312,7 +340,7 @@ def test_bad_inference_benchmark_flags_give_one_line(capsys):
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "r18.pth"
-    model = build_model(ModelConfig(18))
+    model = BiSeNetV1(ModelConfig(18))
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, path)
     return path
 

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from benchmark import free_port
-from bisenet import ModelConfig, build_model
+from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import open_dataset
 from datasets import IGNORE_INDEX, TrainTransform
 from device import Runtime
@@ -95,7 +95,7 @@ def test_sampler_shards_are_disjoint_and_resumable():
 def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
     runtime = Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16)  # the default on CPUs with native bf16
     torch.manual_seed(0)
-    model = build_model(ModelConfig(18)).train()
+    model = BiSeNetV1(ModelConfig(18)).train()
     dtypes = []
     model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     before = model.head.conv.conv.weight.detach().clone()
@@ -120,7 +120,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
     """O1 as on a GPU (fp16 autocast + dynamic loss scaling), run on the CPU: an overflowing step changes nothing."""
     runtime = Runtime(torch.device("cpu"), amp_dtype=torch.float16)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(18, dropout=0.0)).train()
+    model = BiSeNetV1(ModelConfig(18, dropout=0.0)).train()
     dtypes = []
     model.head.conv.conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -213,7 +213,7 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synt
     torch.set_num_threads(1)
     seed = parse_args([]).seed
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
+    model = BiSeNetV1(ModelConfig(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
     dataset = open_dataset(synthetic_root, "train", dataset_type="cityscapes", transform=TrainTransform((64, 128), (0.5, 2.0), cat_max_ratio=0.75))
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(0, base_lr=0.05, iters=1), momentum=0.9, weight_decay=5e-4)
     for rank in range(2):

@@ -320,7 +320,7 @@ def transform_speed(samples, crop, *, log):
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "npu"))
+    p.add_argument("--device", default="auto", choices=cli.DEVICES)
     p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
     p.add_argument(
         "--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="time this one recipe instead of the two published ones (with --batch-size, --crop)"

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 
 import cli
 from benchmark import environment, run_json, synthetic_data
-from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
+from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import load_model
 from cityscapes import NUM_CLASSES
 from device import CpuFeatures, cpu_amp_dtype, setup_runtime
@@ -67,7 +67,7 @@ def baseline_model(deployed, ckpt):
                 f"--ckpt {source}: R{model.config.depth}, {model.config.num_classes} classes; the exported model is R{config.depth}, {config.num_classes} classes"
             )
         return model, f"eager fp32 of {source}"
-    return build_model(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
+    return BiSeNetV1(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
 
 
 def time_runs(segment, images, *, runtime, runs):
@@ -146,7 +146,7 @@ def benchmark_deployed(deployed, path, *, model, source, runtime, size, runs, wa
 
 def inference_variants(runtime, size, *, variants, runs, warmup, log):
     """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time includes compiling)."""
-    model = build_model(ModelConfig(18, NUM_CLASSES)).eval()
+    model = BiSeNetV1(ModelConfig(18, NUM_CLASSES)).eval()
     out = {}
     for name in variants:
         options = dict(INFER_VARIANTS[name])
@@ -174,7 +174,7 @@ def inference_speeds(runtime, sizes, *, batches, runs, warmup, log):
     """R18 and R50 at each size: batch 1, and the batch with the most images per second."""
     out = {}
     for depth in (18, 50):
-        model = build_model(ModelConfig(depth, NUM_CLASSES)).eval()
+        model = BiSeNetV1(ModelConfig(depth, NUM_CLASSES)).eval()
         for size in sizes:
             single = benchmark(model, runtime, size=size, amp="O1", runs=runs, warmup=warmup)
             best = single
@@ -279,7 +279,7 @@ def run_one(args):
         model, source = baseline_model(deployed, args.ckpt)
         result = benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
     else:
-        model = load_model(args.ckpt) if args.ckpt else build_model(ModelConfig(args.depth, args.num_classes)).eval()
+        model = load_model(args.ckpt) if args.ckpt else BiSeNetV1(ModelConfig(args.depth, args.num_classes)).eval()
         result = benchmark(model, amp=args.amp, **timing)
     print(json.dumps(result))
 

@@ -207,7 +207,7 @@ def parse_args(argv=None):
     parser.add_argument("--int8", action="store_true", help="OpenVINO: quantise to int8 with NNCF (needs --calib-data)")
     parser.add_argument("--calib-data", help="data root whose training images calibrate --int8 (the model's own dataset)")
     parser.add_argument("--calib-images", type=cli.integer(1, 300), default=8, help="calibration images (their time: PERFORMANCE.md)")
-    parser.add_argument("--dataset", default="auto", choices=("auto", "cityscapes", "folder"), help="layout of --calib-data")
+    parser.add_argument("--dataset", default="auto", choices=cli.DATASET_TYPES, help="layout of --calib-data")
     args = parser.parse_args(argv)
     args.out = args.out or ("bisenetv1.xml" if args.format == "openvino" else "bisenetv1.onnx")
     out, suffix = Path(args.out), ".xml" if args.format == "openvino" else ".onnx"

@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
-from bisenet import RESNET_LAYOUTS, ModelConfig, build_model
+from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 
 
 def count_parameters(model, with_aux=True):
@@ -32,7 +32,7 @@ def main(argv=None):
     parser.add_argument("--num-classes", type=cli.integer(2), default=19)
     parser.add_argument("--size", type=cli.size, default="1024x2048", help="HxW")
     args = parser.parse_args(argv)
-    model = build_model(ModelConfig(args.depth, args.num_classes)).eval()
+    model = BiSeNetV1(ModelConfig(args.depth, args.num_classes)).eval()
     inference, total = count_parameters(model, with_aux=False), count_parameters(model)
     gflops = count_flops(model, args.size) / 1e9
     print(
