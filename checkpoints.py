@@ -88,10 +88,6 @@ def caused_by(error, matches):
     return False
 
 
-def out_of_space(error):
-    return getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-
-
 def atomic_save(obj, path):
     """torch.save to a unique temp file, fsync, rename: `path` is the old file or the complete new one, never a part.
 
@@ -108,24 +104,16 @@ def atomic_save(obj, path):
     except BaseException as e:
         if caused_by(e, lambda error: isinstance(error, KeyboardInterrupt)):
             raise KeyboardInterrupt from None
-        if caused_by(e, out_of_space):
+        if caused_by(e, lambda error: getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)):
             raise _no_space(directory, needed) from None
         if isinstance(e, OSError):
             raise WorkDirError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are kept") from None
         raise
-    sync_directory(directory)
-
-
-def temporary_file(path, suffix=".tmp"):
-    """A new unique file beside `path`, to be renamed onto it, with the permissions a plain open() would give
-    (mkstemp's are owner-only; outputs are meant to be read by others)."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)
-    os.close(handle)
-    return Path(temp)
+    fd = os.open(directory, os.O_RDONLY)  # makes the rename durable: without it a power loss can undo it after the old file went
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish_new(temp, path, *, keep_both=False):
@@ -152,7 +140,13 @@ class atomic_write:
         self.path, self.replace, self.keep_both, self.suffix = Path(path), replace, keep_both, suffix
 
     def __enter__(self):
-        self.temp = temporary_file(self.path, self.suffix)
+        """A new unique file beside `path`, with the permissions a plain open() gives (mkstemp's are owner-only)."""
+        handle, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
+        os.close(handle)
+        self.temp = Path(temp)
         return self.temp
 
     def __exit__(self, error_type, error, traceback):
@@ -163,15 +157,6 @@ class atomic_write:
                 self.path = publish_new(self.temp, self.path, keep_both=self.keep_both)
         finally:
             self.temp.unlink(missing_ok=True)
-
-
-def sync_directory(directory):
-    """Makes a rename durable: without it a power loss can undo the rename after the old file was dropped."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def point_latest(work_dir, target):

@@ -18,7 +18,7 @@ from PIL import Image
 from cli import DataError
 
 IGNORE_INDEX = 255  # the label value every dataset here ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what OpenCV reads
 
 cv2.setNumThreads(0)  # parallelism comes from DataLoader workers, as in mmseg
 
@@ -163,7 +163,7 @@ def read_label(path, info):
 
 
 def image_files(folder):
-    """Every .png/.jpg file below folder, symlinked sub-folders followed; each real folder is read once, so a link
+    """Every image file below folder, symlinked sub-folders followed; each real folder is read once, so a link
     loop ends and a folder linked twice is not counted twice."""
     found, seen = [], set()
     for directory, subfolders, files in os.walk(folder, followlinks=True):
@@ -177,7 +177,7 @@ def image_files(folder):
 
 
 def find_images(path):
-    """Images for label-free inference: one file, or every .png/.jpg below a folder."""
+    """Images for label-free inference: one file, or every image below a folder."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -185,7 +185,7 @@ def find_images(path):
         raise DataError(f"{path}: no such image or folder")
     images = image_files(path)
     if not images:
-        raise DataError(f"{path}: no .png/.jpg images found")
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return images
 
 

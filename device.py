@@ -275,6 +275,14 @@ class Runtime:
         elif self.device.type == "npu":
             torch.npu.synchronize(self.device)
 
+    def any_rank(self, flag):
+        """Whether any rank's flag is set (every rank gets the same answer)."""
+        if not self.distributed:
+            return flag
+        flags = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags.item())
+
     def all_reduce_counts(self, counts):
         """Sums int64 counts on any backend, through the device (hccl reduces no host tensors). They travel as two
         int32 halves: hccl before torch_npu 2.1.0-5.0.rc3 reduced only 32-bit types."""

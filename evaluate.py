@@ -156,24 +156,6 @@ def prediction_paths(image_paths, source_root, *, out_dir, fmt):
     return paths
 
 
-def check_prediction_paths(paths, out_dir, *, input_tree=None):
-    """Predictions never go among the inputs (a folder of them: input_tree), nor over a file this run did not create;
-    the folder must be writable before the first image is segmented."""
-    out = Path(out_dir).resolve()
-    if input_tree is not None and (out == Path(input_tree).resolve() or Path(input_tree).resolve() in out.parents):
-        raise cli.UsageError(f"--out-dir {out_dir} is inside the input folder {input_tree}; pass a folder outside it (predictions never go among the inputs)")
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise cli.UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); pass a writable folder") from None
-    if not os.access(out_dir, os.W_OK):
-        raise cli.UsageError(f"--out-dir {out_dir}: not writable; pass a writable folder")
-    existing = [path for path in paths.values() if path.exists()]
-    if existing:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise cli.UsageError(f"--out-dir {out_dir}: {existing[0]} exists{more}; pass another --out-dir or remove them (they are never overwritten)")
-
-
 def save_prediction(image, path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,9 +233,7 @@ def evaluation_parser(description):
     group.add_argument("--split", default="val")
     group.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
     group.add_argument("--out-dir", help="write one PNG per image here")
-    group.add_argument(
-        "--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"), help="trainIds: class indices; labelIds: Cityscapes' submission ids"
-    )
+    group.add_argument("--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"), help="labelIds: Cityscapes' submission ids")
     group.add_argument("--workers", type=cli.integer(0), default=2)
     group = parser.add_argument_group("inference")
     group.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
@@ -303,7 +283,22 @@ def output_paths(dataset, args, runtime):
     source_root = Path(args.images).parent if one_image else args.images or args.data_root
     out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format)
     mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])  # this rank's shard: the others may be writing theirs
-    check_prediction_paths(mine, args.out_dir, input_tree=None if one_image else source_root)
+    # predictions never go among the inputs, nor over a file this run did not create; the folder must be writable first
+    out = Path(args.out_dir).resolve()
+    if not one_image and (out == Path(source_root).resolve() or Path(source_root).resolve() in out.parents):
+        raise cli.UsageError(
+            f"--out-dir {args.out_dir} is inside the input folder {source_root}; pass a folder outside it (predictions never go among the inputs)"
+        )
+    try:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cli.UsageError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror or e}); pass a writable folder") from None
+    if not os.access(args.out_dir, os.W_OK):
+        raise cli.UsageError(f"--out-dir {args.out_dir}: not writable; pass a writable folder")
+    existing = [path for path in mine.values() if path.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise cli.UsageError(f"--out-dir {args.out_dir}: {existing[0]} exists{more}; pass another --out-dir or remove them (they are never overwritten)")
     return out_paths
 
 

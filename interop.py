@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bisenet import RESNET_LAYOUTS, ModelConfig
 from cli import CheckpointError, DataError
-from datasets import IGNORE_INDEX, DatasetInfo, image_files, voc_palette
+from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, DatasetInfo, image_files, voc_palette
 
 LAYOUTS = ("mmseg", "list", "camvid")
 # CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, so they are scaled by 255 here
@@ -120,12 +120,15 @@ def pair_by_stem(images_dir, labels_dir, *, label_name):
     """(image, label) for every image below images_dir, the label at the same relative path in labels_dir."""
     images = image_files(images_dir)
     if not images:
-        raise DataError(f"{images_dir}: no .png/.jpg images")
-    samples = []
+        raise DataError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    samples, owners = [], {}
     for image in images:
         label = labels_dir / image.relative_to(images_dir).parent / label_name(image)
         if not label.is_file():
             raise DataError(f"{label}: missing label for {image}")
+        if label in owners:  # a.jpg and a stray a.png would both be trained on and scored with one label
+            raise DataError(f"{owners[label]} and {image} both pair with {label}; keep one image per label (move the other out of {images_dir})")
+        owners[label] = image
         samples.append((image, label))
     return samples
 

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,20 +47,20 @@ PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZ
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("seed_r50", "r18")}
 
 # the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
-RECIPE_FLAGS = (
-    "batch_size", "crop", "scale_range", "cat_max_ratio", "iters", "lr", "momentum", "weight_decay", "warmup_iters", "warmup",
-    "warmup_ratio", "poly_power", "min_lr", "loss", "loss_normalise", "ohem_thresh", "aux_weight", "amp", "amp_dtype", "loss_scale", "seed", "diff_seed", "sync_bn",
-)  # fmt: skip
+RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum weight_decay warmup_iters warmup warmup_ratio poly_power min_lr loss
+    loss_normalise ohem_thresh aux_weight amp amp_dtype loss_scale seed diff_seed sync_bn""".split()
 
 
 class TrainingError(cli.Error):
     """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
 
 
-class Interrupted(TrainingError):
-    """Ctrl-C: the run stops cleanly and resumes from its last checkpoint."""
+class Stopped(TrainingError):
+    """Ctrl-C, SIGTERM or SIGUSR1 stopped the run, which resumes from its checkpoint; the exit code is 128 + the signal."""
 
-    exit_code = 130
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def recipe_settings(name, devices):
@@ -161,7 +162,7 @@ def ohem_cross_entropy(logits, labels, *, thresh):
     hard = loss[loss > -math.log(thresh)]
     if hard.numel() < n_min:
         hard = loss.topk(n_min).values
-    return hard.mean()
+    return hard.mean() if hard.numel() else loss.sum() * 0  # a batch without labelled pixels adds nothing
 
 
 def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
@@ -171,9 +172,8 @@ def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_w
     def head_loss(logits):
         if loss_type == "ohem":
             return ohem_cross_entropy(logits, labels, thresh=ohem_thresh)
-        if normalise == "valid":
-            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / labels.numel()
+        pixels = (labels != IGNORE_INDEX).sum().clamp(min=1) if normalise == "valid" else labels.numel()  # no labelled pixel: loss 0
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / pixels
 
     main, *aux = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in aux)
@@ -194,9 +194,6 @@ class IterationSampler(torch.utils.data.Sampler):
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.start, self.iters = seed, start, iters
 
-    def __len__(self):
-        return self.iters - self.start
-
     def __iter__(self):
         epoch, order = None, None
         for it in range(self.start, self.iters):
@@ -207,22 +204,18 @@ class IterationSampler(torch.utils.data.Sampler):
             yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
 
 
-def training_set(data_root, dataset_type, *, crop, scale_range, cat_max_ratio):
-    dataset = open_dataset(data_root, "train", dataset_type=dataset_type, transform=TrainTransform(crop, scale_range, cat_max_ratio=cat_max_ratio))
-    height, width = image_size(dataset.samples[0][0])
-    if crop[0] > height * scale_range[1] or crop[1] > width * scale_range[1]:
-        largest = f"{height}x{width} images even at the largest scale {scale_range[1]:g}"
-        raise cli.UsageError(f"--crop {crop[0]}x{crop[1]} is larger than the {largest}; use a smaller --crop")
-    return dataset
+def ignore_stop_signals(_worker_id=None):
+    """Loader workers leave SIGTERM and SIGUSR1 to the training process, which stops the run (Preemption)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
     sampler = IterationSampler(len(dataset), batch_size=batch_size, rank=runtime.rank, world_size=runtime.world_size, seed=seed, start=start, iters=iters)
     pinning = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
     # one pass over all iterations, so no persistent workers; its own generator keeps the loader off dropout's RNG
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, prefetch_factor=4 if workers else None, generator=torch.Generator(), **pinning
-    )
+    loading = dict(num_workers=workers, prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals, generator=torch.Generator())
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loading, **pinning)
 
 
 # -- Model ----------------------------------------------------------------------------------------------------
@@ -297,6 +290,7 @@ class RunLog:
             tqdm.write(text)
 
     def record(self, entry, **scalars):
+        entry = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}  # JSON has no NaN
         if self.file:
             self.file.write(json.dumps(entry) + "\n")
             self.file.flush()
@@ -305,10 +299,9 @@ class RunLog:
                 self.writer.add_scalar(name, value, entry["iter"])
 
     def close(self):
-        if self.file:
-            self.file.close()
-        if self.writer:
-            self.writer.close()
+        for handle in (self.file, self.writer):
+            if handle:
+                handle.close()
 
 
 class Progress:
@@ -351,8 +344,8 @@ class Checkpointer:
             fields = dict(optimizer=self.optimizer, scaler=self.scaler, iteration=iteration, best=self.best, settings=self.settings, dataset=self.dataset)
             save_checkpoint(path, self.model, **fields)
 
-    def step(self, it):
-        if not due(it, self.interval, self.iters):
+    def step(self, it, *, now=False):
+        if not (now or due(it, self.interval, self.iters)) or self.path == self.work_dir / f"iter_{it + 1}.pth":
             return
         self.path = self.work_dir / f"iter_{it + 1}.pth"
         self.save(self.path, it + 1)
@@ -361,6 +354,23 @@ class Checkpointer:
             for old in prune(self.work_dir, self.keep):
                 self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
         self.reseed(it + 1)
+
+
+class Preemption:
+    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1 (SLURM's --signal) stop the
+    run: every rank finishes its step, they agree on the iteration, rank 0 saves it, and the run ends (Stopped)."""
+
+    def __init__(self, runtime, checkpointer):
+        self.runtime, self.checkpointer, self.signum = runtime, checkpointer, None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, lambda signum, _frame: setattr(self, "signum", signum))
+
+    def step(self, it):
+        if self.runtime.any_rank(self.signum is not None):
+            self.checkpointer.step(it, now=True)
+            signum = self.signum or signal.SIGTERM  # another rank's signal
+            resume = "run the same command with --resume (the launch scripts do) to continue"
+            raise Stopped(f"stopped by {signal.Signals(signum).name} after iteration {it + 1}; saved {self.checkpointer.path}; {resume}", signum)
 
 
 class Validation:
@@ -379,10 +389,11 @@ class Validation:
         self.result = evaluate(torch_segmenter(self.model, self.runtime, amp=self.amp), self.val_set, runtime=self.runtime, workers=self.workers)
         self.model.train()
         miou = self.result["mIoU"]
-        improved = self.best is None or miou > self.best
-        self.best = miou if improved else self.best
-        self.checkpointer.best = self.best
-        self.run_log.message(f"iter {it + 1}: val mIoU {miou:.2f} (ss whole), best {self.best:.2f}")
+        improved = math.isfinite(miou) and (self.best is None or miou > self.best)
+        self.best = self.checkpointer.best = miou if improved else self.best
+        best = f"best {self.best:.2f}" if self.best is not None else "no best yet"
+        undefined = "undefined: no val pixel is labelled, so it is never a best"
+        self.run_log.message(f"iter {it + 1}: val mIoU {f'{miou:.2f} (ss whole)' if math.isfinite(miou) else undefined}, {best}")
         self.run_log.record({"iter": it + 1, "val_mIoU": miou, "val_mAcc": self.result["mAcc"], "val_aAcc": self.result["aAcc"]}, **{"val/mIoU": miou})
         if improved:
             self.checkpointer.save(self.checkpointer.work_dir / "best.pth", it + 1)
@@ -394,8 +405,12 @@ class StepCheck:
 
     def __init__(self, scaler, *, static_scale, run_log, work_dir):
         self.scaler, self.static_scale, self.run_log, self.work_dir, self.scale_before = scaler, static_scale, run_log, work_dir, scaler.get_scale()
+        self.unlabelled = 0  # batches without a labelled pixel: they train nothing (loss 0), and are counted
 
-    def step(self, it, loss):
+    def step(self, it, loss, labels):
+        if not (labels != IGNORE_INDEX).any():
+            self.unlabelled += 1
+            self.run_log.record({"iter": it + 1, "unlabelled_batch": True, "unlabelled_batches": self.unlabelled})
         scale_before, self.scale_before = self.scale_before, self.scaler.get_scale()
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
             if self.static_scale:
@@ -409,7 +424,7 @@ class StepCheck:
                     f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}: gradients overflow at any scale, so training diverged; {fix}"
                 )
         elif not math.isfinite(loss):
-            raise TrainingError(f"loss is {loss} at iteration {it}; lower --lr or check the data. {last_checkpoint_note(self.work_dir)}")
+            raise TrainingError(f"loss is {loss} at iteration {it + 1}; lower --lr or check the data. {last_checkpoint_note(self.work_dir)}")
 
 
 # -- Building a run, then running it --------------------------------------------------------------------------
@@ -422,7 +437,7 @@ def setting_text(value):
 def changed_settings(saved, current):
     """'--lr 0.01 (was 0.02), ...': the recipe flags of this command that differ from those of the resumed run."""
     changes = []
-    for name in RECIPE_FLAGS + ("world_size", "data_root"):
+    for name in [*RECIPE_FLAGS, "world_size", "data_root"]:
         if name in saved and setting_text(saved[name]) != setting_text(current[name]):
             flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
             changes.append(f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})")
@@ -446,7 +461,13 @@ def build_runtime(args):
 
 def build_data(args):
     """(training set, val set or None); the data's classes are the model's."""
-    dataset = training_set(args.data_root, args.dataset, crop=args.crop, scale_range=args.scale_range, cat_max_ratio=args.cat_max_ratio)
+    transform = TrainTransform(args.crop, args.scale_range, cat_max_ratio=args.cat_max_ratio)
+    dataset, (crop, largest) = open_dataset(args.data_root, "train", dataset_type=args.dataset, transform=transform), (args.crop, args.scale_range[1])
+    height, width = image_size(dataset.samples[0][0])
+    if crop[0] > height * largest or crop[1] > width * largest:
+        raise cli.UsageError(
+            f"--crop {crop[0]}x{crop[1]} is larger than the {height}x{width} images even at the largest scale {largest:g}; use a smaller --crop"
+        )
     info = dataset.info
     if args.num_classes is not None and args.num_classes != info.num_classes:
         raise cli.UsageError(f"--num-classes {args.num_classes}: {args.data_root} ({info.name}) has {info.num_classes} classes; leave --num-classes out")
@@ -463,7 +484,10 @@ def build_model_and_state(args, runtime, *, info, channels_last, checkpoint, res
     start, best = 0, None
     if checkpoint is not None:
         start, best = restore(checkpoint, resumed_from, model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info)
-        run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}")
+        best = best if best is not None and math.isfinite(best) else None  # earlier versions could save a NaN best
+        if start > args.iters:
+            raise cli.UsageError(f"--iters {args.iters}: the run in {args.work_dir} is at iteration {start} already; pass --iters above {start} to train on")
+        run_log.message(f"resumed from {resumed_from.resolve()} at iteration {start}" + (": it is complete, nothing to train" if start == args.iters else ""))
         changes = changed_settings(checkpoint.get("args", {}), {**vars(args), "world_size": runtime.world_size})
         if changes:
             run_log.message(f"warning: resuming with settings that differ from the run's: {changes}")
@@ -481,7 +505,7 @@ def seed_for(seed, diff_seed, *, rank, iteration):
 def run_summary(runtime, *, args, progress, validation, checkpoint):
     """The JSON line a run ends with."""
     result, best = validation.result, validation.best
-    summary = {"iters": args.iters, **progress.summary(), "mIoU": round(result["mIoU"], 2) if result else None}
+    summary = {"iters": args.iters, **progress.summary(), "mIoU": round(result["mIoU"], 2) if result and math.isfinite(result["mIoU"]) else None}
     summary |= {"best_mIoU": round(best, 2) if best is not None else None, "checkpoint": str(checkpoint.resolve()) if checkpoint else None}
     summary |= {"device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend, "amp": args.amp}
     return summary | {"precision": runtime.precision(args.amp), "depth": args.depth}
@@ -514,9 +538,8 @@ def train(args):
                                 log=run_log.message, path=resumed_from, best=best)  # fmt: skip
     validation = Validation(val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters,
                             best=best, run_log=run_log, checkpointer=checkpointer)  # fmt: skip
-    step_check = StepCheck(scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
+    step_check, preemption = StepCheck(scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir), Preemption(runtime, checkpointer)
     autocast, it = functools.partial(runtime.autocast, args.amp), start
-    stepped.train()
     try:
         with tqdm(total=args.iters, initial=start, disable=not runtime.is_main, dynamic_ncols=True, desc="train") as bar:
             progress = Progress(bar, run_log, interval=args.log_interval, start=start, iters=args.iters, images_per_iter=args.batch_size * runtime.world_size)
@@ -529,14 +552,19 @@ def train(args):
                 images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
                 labels = batch["label"].to(runtime.device, non_blocking=True).long()
                 loss = train_step(stepped, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast).item()
-                step_check.step(it, loss)
+                step_check.step(it, loss, labels)
                 progress.step(it, loss=loss, lr=lr, data_time=data_time, step_time=time.perf_counter() - tick)
                 validation.step(it)
                 checkpointer.step(it)
+                preemption.step(it)
                 tick = time.perf_counter()
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted at iteration {it}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.") from None
-    summary = run_summary(runtime, args=args, progress=progress, validation=validation, checkpoint=checkpointer.path)
+        raise Stopped(
+            f"interrupted at iteration {it + 1}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.", signal.SIGINT
+        ) from None
+    summary = run_summary(runtime, args=args, progress=progress, validation=validation, checkpoint=checkpointer.path) | {
+        "unlabelled_batches": step_check.unlabelled
+    }
     run_log.record({"iter": args.iters, "summary": summary})
     run_log.close()
     if runtime.is_main:
