@@ -1,8 +1,6 @@
 """A training run's work dir, so that no run is ever lost: one training process per work dir (a lock), checkpoints
-written atomically, only when there is room, with nothing left behind; the point to resume from found even when
-latest.pth is lost or damaged, and never a silent fresh start on top of an earlier run. What a checkpoint holds
-(save_checkpoint) and how a run continues from one (restore). atomic_write: how checkpoints, predictions, exported
-models, label PNGs and split lists are written (a temporary file, then one rename or link).
+written atomically, only when there is room, the point to resume from found even when latest.pth is lost or
+damaged, never a silent fresh start on an earlier run. atomic_write writes every file the project writes.
 
     work_dir/iter_N.pth    a complete training checkpoint after N iterations (model, optimizer, scaler, ...)
     work_dir/latest.pth    a link to the newest iter_N.pth
@@ -264,13 +262,9 @@ def unpicklable_objects(path):
 
 
 def load_model(path):
-    """Our checkpoints, CoinCheung's released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly, in eval mode."""
-    return load_model_and_dataset(path)[0]
-
-
-def load_model_and_dataset(path):
-    """(model, the DatasetInfo of its classes): the description saved with it, mmseg's meta, or for released
-    weights and older checkpoints without one, Cityscapes for 19 classes and numbered classes otherwise."""
+    """(model in eval mode, the DatasetInfo of its classes) of our checkpoints, CoinCheung's released state dict or
+    mmseg's {'state_dict', 'meta'}, loaded strictly. The classes: the description saved with it, mmseg's meta, or for
+    released weights and older checkpoints without one, Cityscapes for 19 classes and numbered classes otherwise."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")

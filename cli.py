@@ -1,10 +1,8 @@
-"""What the command-line scripts share: one-line errors, and flag values checked for their range, not only their type.
+"""What the command-line scripts share: one-line errors, flags checked for their range, the flags several scripts take.
 
 Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
-(ArgumentParser below) and every Error the code raises (main below). Each concern's errors are an Error of their own
-kind: UsageError, DataError and CheckpointError here, WorkDirError (checkpoints.py),
-TrainingError (train.py). The flags several scripts share are declared once, here (add_*_flags).
-"""
+(ArgumentParser) and every Error the code raises (main): UsageError, DataError, CheckpointError, WorkDirError
+(checkpoints.py), TrainingError (train.py)."""
 
 import argparse
 import math

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli import DataError
+from cli import DataError, first_line
 
 IGNORE_INDEX = 255  # the label value every dataset here ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what OpenCV reads
@@ -112,16 +112,22 @@ def oriented(pixels, orientation):
 
 
 def read_image(path):
-    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise DataError(f"{path}: unreadable image; re-extract or re-download this file")
+    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. PIL decodes JPEGs, and refuses one
+    it cannot decode whole (OpenCV returns a truncated JPEG with its missing part grey); OpenCV decodes the rest."""
+    image, orientation = None, 1
     try:
         with Image.open(path) as file:
             orientation = exif_orientation(file)
-    except OSError:  # a file OpenCV reads and PIL does not: no EXIF either
-        orientation = 1
-    return oriented(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), orientation)
+            image = np.asarray(file.convert("RGB")) if file.format == "JPEG" else None
+    except (FileNotFoundError, Image.UnidentifiedImageError, Image.DecompressionBombError):
+        pass  # a file OpenCV may read and PIL does not (or not at this size): no EXIF either
+    except OSError as e:
+        raise DataError(f"{path}: the image cannot be decoded whole ({first_line(e)}); re-extract or re-download this file") from None
+    if image is None and (image := cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)) is not None:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image is None:
+        raise DataError(f"{path}: unreadable image; re-extract or re-download this file")
+    return oriented(image, orientation)
 
 
 def image_size(path):
@@ -141,7 +147,7 @@ def read_label(path, info):
             mode, orientation = png.mode, exif_orientation(png)
             # PIL keeps palette indices (OpenCV expands them to colours) and 1-bit values as 0/1 (OpenCV: 0/255)
             label = np.array(png).astype(np.uint8) if mode in ("P", "1") else None
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         label, orientation = None, 1
     if label is None:
         label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -149,16 +155,13 @@ def read_label(path, info):
         raise DataError(f"{path}: unreadable label PNG; re-create or re-convert it")
     label = oriented(label, orientation)
     if label.ndim != 2 or label.dtype != np.uint8:
-        raise DataError(
-            f"{path}: a label must be a single-channel 8-bit PNG of class indices (grey or palette), not colours; {info.label_hint or 'convert it'}"
-        )
+        what = "a label must be a single-channel 8-bit PNG of class indices (grey or palette), not colours"
+        raise DataError(f"{path}: {what}; {info.label_hint or 'convert it'}")
     valid, index = info.label_table()
     if not valid[label].all():
         bad = sorted(set(np.unique(label).tolist()) - set(np.flatnonzero(valid).tolist()))
-        void = f", {info.void_value} (void)" if info.void_value is not None else ""
-        raise DataError(
-            f"{path}: label values {bad[:8]} are not classes of {info.name} (0..{info.num_classes - 1}{void} or 255 = ignore); {info.label_hint or 'fix the labels or classes.txt'}"
-        )
+        allowed = f"0..{info.num_classes - 1}{f', {info.void_value} (void)' if info.void_value is not None else ''} or 255 = ignore"
+        raise DataError(f"{path}: label values {bad[:8]} are not classes of {info.name} ({allowed}); {info.label_hint or 'fix the labels or classes.txt'}")
     return index[label] if info.void_value is not None else label
 
 

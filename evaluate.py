@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import cli
 from bisenet import fuse_bn, upsampled_classes
-from checkpoints import atomic_write, load_model_and_dataset
+from checkpoints import atomic_write, load_model
 from cityscapes import detect_dataset, open_dataset, sample_name
 from cli import CheckpointError
 from datasets import IGNORE_INDEX, DataError, SegmentationDataset, find_images, unnamed_classes
@@ -336,7 +336,7 @@ def run_evaluation(args):
         print(runtime.device_note, flush=True)
         print(runtime.precision_note(args.amp), flush=True)
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
-    model, info = load_model_and_dataset(args.ckpt)
+    model, info = load_model(args.ckpt)
     segment = torch_segmenter(inference_model(model, runtime), runtime, amp=args.amp, options=options)
     score(segment, info, precision=runtime.precision(args.amp), model_name=args.ckpt, args=args, runtime=runtime, options=options)
     teardown_runtime(runtime)

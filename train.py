@@ -181,18 +181,15 @@ def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_w
 
 # -- Data -----------------------------------------------------------------------------------------------------
 class IterationSampler(torch.utils.data.Sampler):
-    """Batches of (index, augmentation seed) for iterations start..iters-1.
-
-    Epoch e is a permutation seeded by (seed, e); iteration i of rank r takes its own slice of it (disjoint across
-    ranks, drop_last). Augmentation seeds are (seed, iteration, rank, slot): nothing depends on worker processes,
-    so a resumed run sees exactly the samples an uninterrupted one would."""
+    """Batches of (index, augmentation seed) for iterations start..iters-1. Epoch e is a permutation seeded by (seed, e),
+    of which iteration i of rank r takes its own slice (drop_last). Augmentation seeds are (seed, iteration, rank, slot):
+    nothing depends on worker processes, so a resumed run sees exactly the samples an uninterrupted one would."""
 
     def __init__(self, size, *, batch_size, rank, world_size, seed, start, iters):
         self.per_epoch = size // (batch_size * world_size)
         if self.per_epoch == 0:
             raise cli.UsageError(f"{size} training images cannot fill one batch of {batch_size} x {world_size} devices; lower --batch-size")
-        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
-        self.seed, self.start, self.iters = seed, start, iters
+        self.size, self.batch_size, self.rank, self.world_size, self.seed, self.start, self.iters = size, batch_size, rank, world_size, seed, start, iters
 
     def __iter__(self):
         epoch, order = None, None
@@ -226,7 +223,7 @@ def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_fr
     config = ModelConfig(depth, num_classes, dropout=dropout)
     source = None
     if load_from:
-        source = load_model(load_from)
+        source = load_model(load_from)[0]
         if source.config.depth != depth:
             raise CheckpointError(f"{load_from}: a ResNet-{source.config.depth} model; pass --depth {source.config.depth}")
         config = dataclasses.replace(source.config, dropout=dropout, num_classes=num_classes)  # keeps its fusion variant and input normalisation
@@ -244,8 +241,7 @@ def create_model(runtime, *, depth, num_classes, dropout, channels_last, load_fr
         if runtime.backend == "gloo":
             raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(runtime.device)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    return model.to(runtime.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
 def data_parallel(model, runtime):
@@ -333,16 +329,14 @@ class Checkpointer:
     it, old ones pruned to `keep`; only rank 0 writes. After each periodic save every rank calls reseed(iteration),
     so the RNG state follows from the checkpoint's iteration (exact resume). `best`: the best val mIoU so far."""
 
-    def __init__(self, work_dir, model, *, optimizer, scaler, settings, dataset, interval, iters, keep, is_main, reseed, log, path=None, best=None):
-        self.work_dir, self.model, self.optimizer, self.scaler = work_dir, model, optimizer, scaler
-        self.settings, self.dataset, self.interval, self.iters, self.keep = settings, dataset, interval, iters, keep
+    def __init__(self, work_dir, model, *, contents, interval, iters, keep, is_main, reseed, log, path=None, best=None):
+        self.work_dir, self.model, self.contents, self.interval, self.iters, self.keep = work_dir, model, contents, interval, iters, keep
         self.is_main, self.reseed, self.log, self.best = is_main, reseed, log, best
         self.path = path  # the newest iteration checkpoint: the resumed one until this run writes its own
 
     def save(self, path, iteration):
         if self.is_main:
-            fields = dict(optimizer=self.optimizer, scaler=self.scaler, iteration=iteration, best=self.best, settings=self.settings, dataset=self.dataset)
-            save_checkpoint(path, self.model, **fields)
+            save_checkpoint(path, self.model, iteration=iteration, best=self.best, **self.contents)
 
     def step(self, it, *, now=False):
         if not (now or due(it, self.interval, self.iters)) or self.path == self.work_dir / f"iter_{it + 1}.pth":
@@ -502,13 +496,23 @@ def seed_for(seed, diff_seed, *, rank, iteration):
     return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
-def run_summary(runtime, *, args, progress, validation, checkpoint):
-    """The JSON line a run ends with."""
-    result, best = validation.result, validation.best
+def finish(runtime, *, args, hooks, run_log, held_lock):
+    """The JSON line a run ends with (hooks: progress, validation, checkpointer, step check), then the log, the process
+    group and the work dir's lock are released."""
+    progress, validation, checkpointer, step_check = hooks
+    result, best, checkpoint = validation.result, validation.best, checkpointer.path
     summary = {"iters": args.iters, **progress.summary(), "mIoU": round(result["mIoU"], 2) if result and math.isfinite(result["mIoU"]) else None}
     summary |= {"best_mIoU": round(best, 2) if best is not None else None, "checkpoint": str(checkpoint.resolve()) if checkpoint else None}
     summary |= {"device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend, "amp": args.amp}
-    return summary | {"precision": runtime.precision(args.amp), "depth": args.depth}
+    summary |= {"precision": runtime.precision(args.amp), "depth": args.depth, "unlabelled_batches": step_check.unlabelled}
+    run_log.record({"iter": args.iters, "summary": summary})
+    run_log.close()
+    if runtime.is_main:
+        print(json.dumps(summary), flush=True)
+    teardown_runtime(runtime)
+    if held_lock:
+        held_lock.close()
+    return summary
 
 
 def train(args):
@@ -533,7 +537,8 @@ def train(args):
     schedule = functools.partial(learning_rate, base_lr=args.lr, iters=args.iters, min_lr=args.min_lr, power=args.poly_power,
                                  warmup_iters=args.warmup_iters, warmup=args.warmup, warmup_ratio=args.warmup_ratio)  # fmt: skip
     loader = training_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed, start=start, iters=args.iters, runtime=runtime)
-    checkpointer = Checkpointer(work_dir, model, optimizer=optimizer, scaler=scaler, settings={**vars(args), "world_size": runtime.world_size}, dataset=info,
+    contents = dict(optimizer=optimizer, scaler=scaler, settings={**vars(args), "world_size": runtime.world_size}, dataset=info)  # besides the model
+    checkpointer = Checkpointer(work_dir, model, contents=contents,
                                 interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints, is_main=runtime.is_main, reseed=reseed,
                                 log=run_log.message, path=resumed_from, best=best)  # fmt: skip
     validation = Validation(val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters,
@@ -559,20 +564,9 @@ def train(args):
                 preemption.step(it)
                 tick = time.perf_counter()
     except KeyboardInterrupt:
-        raise Stopped(
-            f"interrupted at iteration {it + 1}; {last_checkpoint_note(work_dir)} Run the same command with --resume to continue.", signal.SIGINT
-        ) from None
-    summary = run_summary(runtime, args=args, progress=progress, validation=validation, checkpoint=checkpointer.path) | {
-        "unlabelled_batches": step_check.unlabelled
-    }
-    run_log.record({"iter": args.iters, "summary": summary})
-    run_log.close()
-    if runtime.is_main:
-        print(json.dumps(summary), flush=True)
-    teardown_runtime(runtime)
-    if held_lock:
-        held_lock.close()
-    return summary
+        resume = f"{last_checkpoint_note(work_dir)} Run the same command with --resume to continue."
+        raise Stopped(f"interrupted at iteration {it + 1}; {resume}", signal.SIGINT) from None
+    return finish(runtime, args=args, hooks=(progress, validation, checkpointer, step_check), run_log=run_log, held_lock=held_lock)
 
 
 def main(argv=None):

@@ -66,7 +66,7 @@ def test_openvino_ir_equals_pytorch_and_describes_itself(exported, trained):
     assert fp32["class_agreement"] > 0.99 and int8["precision"] == "int8" and int8["calib_images"] == 8
     ov_model, metadata = read_metadata(folder / "int8.xml")
     assert metadata["size"] == [128, 256] and metadata["source"] == str(trained) and metadata["precision"] == "int8"
-    assert metadata["dataset"]["palette"] == PALETTE.tolist() and metadata["model_config"] == load_model(trained).config.to_dict()
+    assert metadata["dataset"]["palette"] == PALETTE.tolist() and metadata["model_config"] == load_model(trained)[0].config.to_dict()
     assert ov_model.inputs[0].partial_shape.to_string() == "[?,3,?,?]"  # any batch and size: reshaped when compiled
     fake_quantize = {name: sum(op.get_type_name() == "FakeQuantize" for op in read_metadata(folder / name)[0].get_ops()) for name in ("fp32.xml", "int8.xml")}
     assert fake_quantize["fp32.xml"] == 0 and fake_quantize["int8.xml"] > 50  # the precision read back from the file
@@ -138,7 +138,7 @@ def test_video_overlay_keeps_frames_size_and_rate_and_carries_the_palette(export
     frames_out, fps = read_video(tmp_path / "out.mp4")
     assert len(frames_out) == 6 and frames_out[0].shape == (128, 256, 3) and fps == 12
     # Independently: the class map of each decoded frame by the checkpoint in fp32, blended with the palette.
-    model = load_model(trained)
+    model = load_model(trained)[0]
     palette_bgr = PALETTE[:, ::-1].astype(np.float32)
     agree = []
     for frame_in, frame_out in zip(frames_in, frames_out):
@@ -162,7 +162,7 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(exported, trained, s
         assert line.endswith("pip install openvino nncf") and not (tmp_path / "m.xml").exists()
     (tmp_path / "taken.mp4").write_bytes(b"the user's")
     (tmp_path / "ir").mkdir()
-    openvino.save_model(to_openvino(load_model(trained)), tmp_path / "ir" / "anonymous.xml")  # an IR without our description
+    openvino.save_model(to_openvino(load_model(trained)[0]), tmp_path / "ir" / "anonymous.xml")  # an IR without our description
     calls = {
         "--int8 and --calib-data go together": ["tools/export.py", "--ckpt", trained, "--format", "openvino", "--int8"],
         "add --format openvino": ["tools/export.py", "--ckpt", trained, "--int8", "--calib-data", synthetic_root],

@@ -70,7 +70,7 @@ def test_fused_batchnorm_equals_unfused():
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model = randomize_batchnorm(r18(num_classes=7, ffm_attention_relu=False), torch.Generator().manual_seed(2)).eval()
     torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, tmp_path / "ours.pth")
-    loaded = load_model(tmp_path / "ours.pth")
+    loaded = load_model(tmp_path / "ours.pth")[0]
     images = torch.rand(1, 3, 96, 192) * 255
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
@@ -86,14 +86,14 @@ def test_checkpoints_of_earlier_versions_load(tmp_path):
     model = r18(num_classes=7)
     assert model.config.to_dict() == earlier
     torch.save({"model_config": earlier, "model": model.state_dict()}, tmp_path / "earlier.pth")
-    assert load_model(tmp_path / "earlier.pth").config == model.config
+    assert load_model(tmp_path / "earlier.pth")[0].config == model.config
 
 
 def test_a_model_config_of_another_program_is_a_one_line_error(tmp_path):
     model = r18()
     torch.save({"model_config": {**model.config.to_dict(), "window_size": 7}, "model": model.state_dict()}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"other.pth: its model_config is not one this code knows \(\['window_size'\]\)"):
-        load_model(tmp_path / "other.pth")
+        load_model(tmp_path / "other.pth")[0]
 
 
 def test_torchvision_backbone_file_loads_strictly(tmp_path):
@@ -114,7 +114,7 @@ def test_torchvision_backbone_file_loads_strictly(tmp_path):
 def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
     reference = randomize_batchnorm(CoinCheungBiSeNetV1(19), torch.Generator().manual_seed(3)).eval()
     torch.save(reference.state_dict(), tmp_path / "model_final_v1_city_new.pth")
-    model = load_model(tmp_path / "model_final_v1_city_new.pth")
+    model = load_model(tmp_path / "model_final_v1_city_new.pth")[0]
     assert model.config.ffm_attention_relu is False and model.config.depth == 18
     images = torch.rand(1, 3, 128, 256) * 255
     # CoinCheung's own preprocessing as published: ToTensor (0..1), then Normalize with these 0..1 statistics
@@ -133,7 +133,7 @@ def test_mmseg_release_loads_and_gives_its_logits(tmp_path, depth):
     reference = randomize_batchnorm(MmsegBiSeNetV1(depth, 19), torch.Generator().manual_seed(4)).eval()
     state = {"state_dict": reference.state_dict(), "meta": {"mmseg_version": "0.x", "CLASSES": ["road"] * 19}}
     torch.save(state, tmp_path / "mmseg.pth")
-    model = load_model(tmp_path / "mmseg.pth")
+    model = load_model(tmp_path / "mmseg.pth")[0]
     assert model.config.depth == depth and model.config.ffm_attention_relu is True
     images = torch.rand(1, 3, 100, 164) * 255  # not a multiple of 32: mmseg resizes to exact sizes, as we do
     with torch.no_grad():
@@ -145,12 +145,12 @@ def test_unmappable_and_broken_files_are_rejected_with_the_keys(tmp_path):
     state["cp.extra_branch.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=r"odd.pth: cannot map 1 keys, e.g. \['cp.extra_branch.weight'\]"):
-        load_model(tmp_path / "odd.pth")
+        load_model(tmp_path / "odd.pth")[0]
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk.pth: not a loadable"):
-        load_model(tmp_path / "junk.pth")
+        load_model(tmp_path / "junk.pth")[0]
     with pytest.raises(CheckpointError, match="not found"):
-        load_model(tmp_path / "missing.pth")
+        load_model(tmp_path / "missing.pth")[0]
 
 
 def test_cli_prints_parameters_and_flops():

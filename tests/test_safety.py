@@ -21,7 +21,7 @@ import export
 import train
 from benchmark import free_port
 from bisenet import BiSeNetV1, ModelConfig
-from checkpoints import load_model_and_dataset
+from checkpoints import load_model
 
 QUICK = [*SMALL, "--no-validate", "--warmup-iters", "0", "--lr", "0.01"]
 
@@ -162,7 +162,7 @@ def test_a_work_dir_and_an_export_of_the_previous_version_go_on_unchanged(synthe
     assert scored["dataset"] == "cityscapes" and 0 <= scored["mIoU"] <= 100
     import deploy
 
-    metadata = {**export.export_metadata(*load_model_and_dataset(work_dir / "iter_3.pth"), size=(64, 128), precision="fp32", source="x")}
+    metadata = {**export.export_metadata(*load_model(work_dir / "iter_3.pth"), size=(64, 128), precision="fp32", source="x")}
     metadata["dataset"] = {**metadata["dataset"], "ignore_index": 255}
     assert deploy.DatasetInfo.from_dict(metadata["dataset"]).class_names == tuple(scored["per_class"])
 

@@ -61,7 +61,7 @@ def baseline_model(deployed, ckpt):
     hand, else the same architecture with random weights (the same speed)."""
     config, source = ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model"), ckpt or deployed.metadata["source"]
     if source and Path(source).is_file():
-        model = load_model(source)
+        model = load_model(source)[0]
         if (model.config.depth, model.config.num_classes) != (config.depth, config.num_classes):
             raise cli.UsageError(
                 f"--ckpt {source}: R{model.config.depth}, {model.config.num_classes} classes; the exported model is R{config.depth}, {config.num_classes} classes"
@@ -279,7 +279,7 @@ def run_one(args):
         model, source = baseline_model(deployed, args.ckpt)
         result = benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
     else:
-        model = load_model(args.ckpt) if args.ckpt else BiSeNetV1(ModelConfig(args.depth, args.num_classes)).eval()
+        model = load_model(args.ckpt)[0] if args.ckpt else BiSeNetV1(ModelConfig(args.depth, args.num_classes)).eval()
         result = benchmark(model, amp=args.amp, **timing)
     print(json.dumps(result))
 

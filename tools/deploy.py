@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 
 import cli
 from bisenet import ModelConfig, fuse_bn
-from checkpoints import load_model_and_dataset
+from checkpoints import load_model
 from datasets import DatasetInfo
 from device import setup_runtime, teardown_runtime
 from evaluate import Inference, check_flags, evaluation_parser, inference_model, score, torch_segmenter
@@ -215,7 +215,7 @@ def open_model(ckpt, model_file, *, runtime, amp, options):
         return deployed, info, deployed.precision
     if not ckpt:
         raise cli.UsageError("--video needs --model or --ckpt")
-    model, info = load_model_and_dataset(ckpt)
+    model, info = load_model(ckpt)
     if options.single_pass and runtime.device.type == "cpu" and openvino_installed():
         deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, precision=openvino_precision(runtime, amp))
         return deployed, info, f"{deployed.precision} (converted in memory)"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 
 import cli
 from bisenet import fuse_bn
-from checkpoints import atomic_write, load_model_and_dataset, publish_new
+from checkpoints import atomic_write, load_model, publish_new
 from cityscapes import open_dataset
 from datasets import DataError
 from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, optional_import, to_openvino
@@ -230,7 +230,7 @@ def parse_args(argv=None):
 
 
 def export_checkpoint(args):
-    model, info = load_model_and_dataset(args.ckpt)
+    model, info = load_model(args.ckpt)
     metadata = export_metadata(model, info, size=args.size, precision="int8" if args.int8 else "fp32", source=args.ckpt)
     try:
         if args.format == "onnx":
