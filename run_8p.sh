@@ -13,6 +13,9 @@
 # DEVICE (npu, cuda or cpu) overrides the device; by default an Ascend NPU, else a CUDA GPU, else the CPU.
 # HCCL_CONNECT_TIMEOUT (Ascend's link setup wait) follows DIST_TIMEOUT unless set, within HCCL's 120-7200 s.
 # DRY_RUN=1 prints the torchrun command and the settings each device trains with, instead of running it.
+# SIGTERM or SIGUSR1 (what SLURM, Kubernetes and spot instances send before they kill) to this script stops the run
+# within seconds: every rank finishes its step, rank 0 saves that iteration, exit code 128 + the signal; relaunching
+# the same command resumes there.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-full}
@@ -43,13 +46,24 @@ WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_${DEVICES}p}
 # A fresh store for each restart: with the shared one, restarted gloo ranks can read the dead ranks' addresses and
 # wait forever (seen with torch 2.13 in tests/test_safety.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-COMMAND=(python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}"
+# torchrun, ending without a traceback when SIGTERM or SIGUSR1 (SLURM's --signal) stops the run: it passes the signal
+# to train.py, which saves the iteration it reached; the exit code is then 128 + the signal, as train.py's own.
+TORCHRUN='import signal, sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main
+stopped_by = {}
+signal.signal(signal.SIGUSR1, lambda signum, _: (stopped_by.setdefault("signal", signum), signal.raise_signal(signal.SIGTERM)))
+try:
+    main()
+except SignalException as e:
+    sys.exit(128 + stopped_by.get("signal", e.sigval))'
+LAUNCH=(--nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}"
   --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
   --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}"
   train.py --device "$DEVICE" --recipe "$RECIPE" --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --resume "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  echo "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT ${COMMAND[*]}"
+  echo "HCCL_CONNECT_TIMEOUT=$HCCL_CONNECT_TIMEOUT python -m torch.distributed.run ${LAUNCH[*]}"
   echo "$SETTINGS"
   exit 0
 fi
-exec "${COMMAND[@]}"
+exec python -c "$TORCHRUN" "${LAUNCH[@]}"

@@ -326,12 +326,11 @@ class Progress:
 
 class Checkpointer:
     """The training loop's checkpoints: iter_N.pth every `interval` iterations and at the end, latest.pth pointed at
-    it, old ones pruned to `keep`; only rank 0 writes. After each periodic save every rank calls reseed(iteration),
-    so the RNG state follows from the checkpoint's iteration (exact resume). `best`: the best val mIoU so far."""
+    it, old ones pruned to `keep`; only rank 0 writes. `best`: the best val mIoU so far."""
 
-    def __init__(self, work_dir, model, *, contents, interval, iters, keep, is_main, reseed, log, path=None, best=None):
+    def __init__(self, work_dir, model, *, contents, interval, iters, keep, is_main, log, path=None, best=None):
         self.work_dir, self.model, self.contents, self.interval, self.iters, self.keep = work_dir, model, contents, interval, iters, keep
-        self.is_main, self.reseed, self.log, self.best = is_main, reseed, log, best
+        self.is_main, self.log, self.best = is_main, log, best
         self.path = path  # the newest iteration checkpoint: the resumed one until this run writes its own
 
     def save(self, path, iteration):
@@ -347,7 +346,6 @@ class Checkpointer:
             point_latest(self.work_dir, self.path)
             for old in prune(self.work_dir, self.keep):
                 self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
-        self.reseed(it + 1)
 
 
 class Preemption:
@@ -491,8 +489,8 @@ def build_model_and_state(args, runtime, *, info, channels_last, checkpoint, res
 
 
 def seed_for(seed, diff_seed, *, rank, iteration):
-    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) at the start and after every checkpoint,
-    so every rank's RNG state is implied by the checkpoint's iteration and resume is exact on any world size."""
+    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) before every step, so a run resumed from any
+    iteration (a periodic checkpoint, or one saved on SIGTERM) continues exactly, on any world size."""
     return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
@@ -529,8 +527,6 @@ def train(args):
         args, runtime, info=info, channels_last=channels_last, checkpoint=checkpoint, resumed_from=resumed_from, run_log=run_log
     )
     del checkpoint
-    reseed = lambda iteration: torch.manual_seed(seed_for(args.seed, args.diff_seed, rank=runtime.rank, iteration=iteration))  # noqa: E731
-    reseed(start)
     stepped = data_parallel(model, runtime) if runtime.distributed else model
     stepped = torch.compile(stepped) if args.compile else stepped
     loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
@@ -539,7 +535,7 @@ def train(args):
     loader = training_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed, start=start, iters=args.iters, runtime=runtime)
     contents = dict(optimizer=optimizer, scaler=scaler, settings={**vars(args), "world_size": runtime.world_size}, dataset=info)  # besides the model
     checkpointer = Checkpointer(work_dir, model, contents=contents,
-                                interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints, is_main=runtime.is_main, reseed=reseed,
+                                interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints, is_main=runtime.is_main,
                                 log=run_log.message, path=resumed_from, best=best)  # fmt: skip
     validation = Validation(val_set, model, runtime=runtime, amp=args.amp, workers=min(args.workers, 2), interval=args.val_interval, iters=args.iters,
                             best=best, run_log=run_log, checkpointer=checkpointer)  # fmt: skip
@@ -551,6 +547,7 @@ def train(args):
             tick = time.perf_counter()
             for it, batch in enumerate(loader, start):
                 data_time, lr = time.perf_counter() - tick, schedule(it)
+                torch.manual_seed(seed_for(args.seed, args.diff_seed, rank=runtime.rank, iteration=it))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 images = batch["image"].to(runtime.device, non_blocking=True)

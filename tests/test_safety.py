@@ -3,6 +3,7 @@ that no checkpoint was overwritten or lost (hashes before and after) and that no
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -467,3 +468,84 @@ def test_a_rank_that_never_starts_ends_in_a_bounded_time(synthetic_root, tmp_pat
     last = one_line_error(result)
     assert "rank 0: the process group of 2 did not form within 5 s" in last and "DIST_TIMEOUT sets the wait" in last
     assert time.time() - start < 60
+
+
+# 5. preemption: SIGTERM / SIGUSR1 save the iteration reached -----------------------------------------------------
+def logged_iteration(work_dir):
+    """The newest iteration in log.jsonl (log-interval 1: every finished step), 0 before the first."""
+    log = Path(work_dir) / "log.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return max((e["iter"] for e in entries if "loss" in e), default=0)
+
+
+def stop_with(run, signum, work_dir, after, grace=60):
+    """Sends `signum` once `after` steps are logged; (iteration logged then, seconds from the signal to the exit)."""
+    deadline = time.time() + 120
+    while logged_iteration(work_dir) < after and time.time() < deadline:
+        time.sleep(0.05)
+    reached, sent = logged_iteration(work_dir), time.perf_counter()
+    os.kill(run.pid, signum)
+    stdout, stderr = run.communicate(timeout=grace)
+    return reached, time.perf_counter() - sent, stdout, stderr
+
+
+def assert_same_weights(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["iteration"] == b["iteration"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def test_sigterm_saves_the_iteration_it_reached_and_the_resumed_run_is_bit_exact(synthetic_root, tmp_path):
+    """What SLURM, Kubernetes and spot instances send before SIGKILL: one line, exit 143, a checkpoint of the
+    iteration reached (the step in flight finishes), within seconds; resuming ends where an uninterrupted run does."""
+    args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "40", "--ckpt-interval", "1000"]
+    straight = run_train([*args, "--work-dir", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    work_dir = tmp_path / "b"
+    run = subprocess.Popen(
+        [sys.executable, "train.py", *args, "--work-dir", str(work_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    reached, seconds, stdout, stderr = stop_with(run, signal.SIGTERM, work_dir, after=5)
+    last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=143)
+    saved = torch.load(work_dir / "latest.pth", weights_only=True)["iteration"]
+    assert (
+        last
+        == f"error: stopped by SIGTERM after iteration {saved}; saved {work_dir / f'iter_{saved}.pth'}; run the same command with --resume (the launch scripts do) to continue"
+    )
+    assert reached <= saved <= reached + 1 and seconds < 30, (reached, saved, seconds)
+    assert not temp_files(work_dir)
+    resumed = run_train([*args, "--work-dir", str(work_dir), "--resume"])
+    assert resumed.returncode == 0 and f"at iteration {saved}" in resumed.stdout, resumed.stderr[-3000:]
+    assert_same_weights(tmp_path / "a" / "iter_40.pth", work_dir / "iter_40.pth")
+
+
+def test_sigusr1_to_run_8p_stops_every_rank_and_relaunching_resumes_bit_exact(synthetic_root, tmp_path):
+    """SLURM's --signal=USR1@N to the launch script: no traceback, exit 138, no process left, and relaunching the
+    same command (what --requeue does) ends where an uninterrupted 2-rank run does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_ROOT": str(synthetic_root), "NPROC": "2", "DIST_BACKEND": "gloo"}
+    args = ["perf", *QUICK, "--iters", "40", "--ckpt-interval", "1000", "--log-interval", "1"]
+
+    def launch(work_dir, **kw):
+        run_env = {**env, "WORK_DIR": str(work_dir), "MASTER_PORT": str(free_port())}
+        return subprocess.Popen(["bash", "run_8p.sh", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env, **kw)
+
+    straight = launch(tmp_path / "a")
+    assert straight.wait(timeout=300) == 0, straight.communicate()[1][-3000:]
+    work_dir = tmp_path / "b"
+    run = launch(work_dir, start_new_session=True)
+    try:
+        reached, seconds, stdout, stderr = stop_with(run, signal.SIGUSR1, work_dir, after=5)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 138 and "Traceback" not in stderr, stderr[-3000:]
+    saved = torch.load(work_dir / "latest.pth", weights_only=True)["iteration"]
+    assert f"error: stopped by SIGTERM after iteration {saved}; saved" in stderr and reached <= saved <= reached + 2 and seconds < 60
+    assert rank_pid(str(work_dir), 0) is None and rank_pid(str(work_dir), 1) is None  # no rank outlives the launcher
+    relaunched = launch(work_dir)
+    stdout, stderr = relaunched.communicate(timeout=300)
+    assert relaunched.returncode == 0 and f"at iteration {saved}" in stdout, stderr[-3000:]
+    assert_same_weights(tmp_path / "a" / "iter_40.pth", work_dir / "iter_40.pth")
