@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import in_process_error
+from conftest import in_process, in_process_error, one_line_error
 from PIL import Image
 from reference_models import MmsegBiSeNetV1
 
@@ -479,3 +479,49 @@ def test_a_full_disk_under_predictions_or_an_export_is_one_line_and_leaves_nothi
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "cannot write the prediction (No space left on device)" in result.stderr.strip().splitlines()[-1]
     assert not [name for name in result.stdout.split() if name.startswith(".")]  # no temp file of the failed write
+
+
+def test_two_images_of_one_stem_are_refused_with_both_names(my7, tmp_path):
+    """mmseg's layout pairs an image with ann_dir/<stem>.png: a stray a.png beside a.jpg was trained on and scored
+    with the same label (val mIoU and "images" changed silently)."""
+    root = copy_of(my7[0], tmp_path)
+    image = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0]
+    shutil.copy(image, image.with_suffix(".png"))
+    with pytest.raises(datasets.DataError) as error:
+        cityscapes.open_dataset(root, "val")
+    label = root / "ann_dir" / "val" / image.relative_to(root / "img_dir" / "val").with_suffix(".png")
+    assert str(error.value).startswith(f"{image} and {image.with_suffix('.png')} both pair with {label}; keep one image per label")
+
+
+def test_a_truncated_jpeg_is_named_in_training_and_for_images(my7, tmp_path, capsys):
+    """OpenCV returns a JPEG cut short with its lower part grey and only libjpeg's warning, which names no file."""
+    root = copy_of(my7[0], tmp_path)
+    image = sorted((root / "img_dir" / "train").rglob("*.jpg"))[0]
+    whole = datasets.read_image(image)
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    assert cv2.imread(str(image)) is not None  # the reason: OpenCV reads it
+    with pytest.raises(datasets.DataError, match=rf"^{image}: the image cannot be decoded whole \(image file is truncated"):
+        datasets.read_image(image)
+    args = ["--data-root", root, "--work-dir", tmp_path / "wd", "--depth", "18", "--batch-size", "4", "--crop", "64x128", "--iters", "2", "--workers", "0"]
+    assert f"{image}: the image cannot be decoded whole" in one_line_error(in_process("train.py", *args, "--no-validate"))
+    error = one_line_error(in_process("evaluate.py", "--ckpt", my7[1], "--images", image.parent, "--out-dir", tmp_path / "p", "--workers", "0"))
+    assert f"{image}: the image cannot be decoded whole" in error
+    assert whole.shape[2] == 3
+
+
+@pytest.mark.parametrize("suffix", [".bmp", ".tif", ".tiff", ".webp"])
+def test_images_in_other_formats_are_read_not_skipped(my7, tmp_path, suffix):
+    root = copy_of(my7[0], tmp_path)
+    jpegs = sorted((root / "img_dir" / "train").rglob("*.jpg"))
+    pixels = {}
+    for jpeg in jpegs[:2]:
+        bgr = cv2.imread(str(jpeg))
+        other = jpeg.with_suffix(suffix)
+        assert cv2.imwrite(str(other), bgr, [cv2.IMWRITE_WEBP_QUALITY, 101] if suffix == ".webp" else [])  # lossless
+        jpeg.unlink()
+        pixels[other] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    dataset = cityscapes.open_dataset(root, "train")
+    assert len(dataset) == len(jpegs)
+    for path, rgb in pixels.items():
+        assert (path, root / "ann_dir" / "train" / path.relative_to(root / "img_dir" / "train").with_suffix(".png")) in dataset.samples
+        assert np.array_equal(datasets.read_image(path), rgb)

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, in_process_error, last_json, one_line_error
+from PIL import Image
 from test_train import SMALL, run_train
 
 import evaluate
@@ -549,3 +551,47 @@ def test_sigusr1_to_run_8p_stops_every_rank_and_relaunching_resumes_bit_exact(sy
     stdout, stderr = relaunched.communicate(timeout=300)
     assert relaunched.returncode == 0 and f"at iteration {saved}" in stdout, stderr[-3000:]
     assert_same_weights(tmp_path / "a" / "iter_40.pth", work_dir / "iter_40.pth")
+
+
+# 6. legal data that used to give a wrong number or a stuck run ---------------------------------------------------
+def labels_set_to_ignore(synthetic_root, tmp_path, split):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    for label in (root / "gtFine" / split).rglob("*_labelTrainIds.png"):
+        Image.fromarray(np.full_like(np.array(Image.open(label)), 255)).save(label)
+    return root
+
+
+def strict_json_lines(path):
+    """log.jsonl as JSON lines that any parser reads: NaN or Infinity would be an error here."""
+    return [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {path}")) for line in Path(path).read_text().splitlines()]
+
+
+def test_batches_without_labelled_pixels_train_nothing_and_are_counted(synthetic_root, tmp_path):
+    """Every training label 255: before, CE over no labelled pixel was NaN and every resume stopped at that batch."""
+    root = labels_set_to_ignore(synthetic_root, tmp_path, "train")
+    result = run_train(["--data-root", str(root), *QUICK, "--iters", "3", "--ckpt-interval", "1", "--work-dir", str(tmp_path / "wd")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert last_json(result.stdout)["unlabelled_batches"] == 3
+    entries = strict_json_lines(tmp_path / "wd" / "log.jsonl")
+    assert [e["iter"] for e in entries if e.get("unlabelled_batch")] == [1, 2, 3] and all(e["loss"] == 0 for e in entries if "loss" in e)
+
+
+def test_a_validation_without_labelled_pixels_is_said_and_never_the_best(synthetic_root, tmp_path):
+    root = labels_set_to_ignore(synthetic_root, tmp_path, "val")
+    args = ["--data-root", str(root), *SMALL, "--warmup-iters", "0", "--iters", "2", "--val-interval", "1", "--work-dir", str(tmp_path / "wd")]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "iter 1: val mIoU undefined: no val pixel is labelled, so it is never a best, no best yet" in result.stdout
+    summary = last_json(result.stdout)
+    assert summary["mIoU"] is None and summary["best_mIoU"] is None and not (tmp_path / "wd" / "best.pth").exists()
+    assert [e["val_mIoU"] for e in strict_json_lines(tmp_path / "wd" / "log.jsonl") if "val_mIoU" in e] == [None, None]
+
+
+def test_resume_with_iters_below_the_run_is_refused_and_equal_says_complete(synthetic_root, finished_run, tmp_path, capsys):
+    work_dir = copy_run(finished_run, tmp_path)
+    base = ["--data-root", str(synthetic_root), *QUICK, "--work-dir", str(work_dir), "--resume"]
+    last = in_process_error(train.main, [*base, "--iters", "2"], capsys)
+    assert last == f"error: --iters 2: the run in {work_dir} is at iteration 3 already; pass --iters above 3 to train on"
+    complete = run_train([*base, "--iters", "3"])
+    assert complete.returncode == 0 and "at iteration 3: it is complete, nothing to train" in complete.stdout

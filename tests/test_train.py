@@ -74,6 +74,15 @@ def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
         assert math.isclose(ohem_cross_entropy(logits, labels, thresh=thresh).item(), expected, rel_tol=1e-5)
 
 
+@pytest.mark.parametrize("loss_type, normalise", [("ce", "valid"), ("ce", "all"), ("ohem", "valid")])
+def test_a_batch_without_labelled_pixels_adds_zero_loss_and_finite_gradients(loss_type, normalise):
+    logits = [torch.randn(2, 5, 8, 8, requires_grad=True) for _ in range(3)]
+    labels = torch.full((2, 8, 8), IGNORE_INDEX)
+    loss = segmentation_loss(logits, labels, loss_type=loss_type, normalise=normalise)
+    loss.backward()
+    assert loss.item() == 0 and all(torch.equal(x.grad, torch.zeros_like(x)) for x in logits)
+
+
 def test_loss_sums_main_and_weighted_aux_heads():
     torch.manual_seed(1)
     outputs = [torch.randn(2, 4, 8, 8) for _ in range(3)]
@@ -307,7 +316,7 @@ def test_non_finite_fp32_loss_stops_and_keeps_the_last_good_checkpoint(synthetic
     assert last.startswith("error: loss is") and "last good checkpoint is kept" in last and "Traceback" not in result.stderr
     failed_at = int(last.split("at iteration ")[1].split(";")[0])
     kept = torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)
-    assert kept["iteration"] == failed_at
+    assert kept["iteration"] == failed_at - 1  # iterations are 1-based in errors as in logs: the one before is the last good
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
