@@ -47,16 +47,21 @@ WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_${DEVICES}p}
 # wait forever (seen with torch 2.13 in tests/test_safety.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # torchrun, ending without a traceback when SIGTERM or SIGUSR1 (SLURM's --signal) stops the run: it passes the signal
-# to train.py, which saves the iteration it reached; the exit code is then 128 + the signal, as train.py's own.
-TORCHRUN='import signal, sys
+# to train.py, which saves the iteration it reached; the exit code is then 128 + the signal, as train.py's own. A rank
+# whose error a restart would repeat (bad data, a flag) sends SIGUSR2 (BISENET_LAUNCHER_PID): the group stops, exit 2.
+TORCHRUN='import os, signal, sys
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.run import main
-stopped_by = {}
-signal.signal(signal.SIGUSR1, lambda signum, _: (stopped_by.setdefault("signal", signum), signal.raise_signal(signal.SIGTERM)))
+os.environ["BISENET_LAUNCHER_PID"], exit_code = str(os.getpid()), {}
+def stop(signum, _frame):
+    exit_code.setdefault("code", 2 if signum == signal.SIGUSR2 else 128 + signum)
+    signal.raise_signal(signal.SIGTERM)
+signal.signal(signal.SIGUSR1, stop)
+signal.signal(signal.SIGUSR2, stop)
 try:
     main()
 except SignalException as e:
-    sys.exit(128 + stopped_by.get("signal", e.sigval))'
+    sys.exit(exit_code.get("code", 128 + e.sigval))'
 LAUNCH=(--nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "${MAX_RESTARTS:-3}"
   --rdzv-backend "${RDZV_BACKEND:-c10d}" --rdzv-endpoint "${RDZV_ENDPOINT:-${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}}"
   --rdzv-id "${RUN_ID:-$(basename "$WORK_DIR")}"

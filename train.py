@@ -573,6 +573,12 @@ def main(argv=None):
         return
     try:
         cli.main(train, args)
+    except SystemExit as e:  # under run_8p.sh an error that a restart would repeat (bad data, a flag) ends the group instead
+        if e.code == 2 and (launcher := os.environ.get("BISENET_LAUNCHER_PID")):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # alive until the launcher kills every rank: no peer sees it vanish first
+            os.kill(int(launcher), signal.SIGUSR2)
+            time.sleep(60)
+        raise
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         sys.exit(130)

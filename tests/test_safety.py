@@ -595,3 +595,20 @@ def test_resume_with_iters_below_the_run_is_refused_and_equal_says_complete(synt
     assert last == f"error: --iters 2: the run in {work_dir} is at iteration 3 already; pass --iters above 3 to train on"
     complete = run_train([*base, "--iters", "3"])
     assert complete.returncode == 0 and "at iteration 3: it is complete, nothing to train" in complete.stdout
+
+
+def test_a_data_error_under_run_8p_stops_the_group_once_instead_of_restarting_it(synthetic_root, tmp_path):
+    """A label that cannot be read fails the same way on every restart: one line, exit 2, no restart, no rank left."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    broken = sorted((root / "gtFine" / "train").rglob("*_labelTrainIds.png"))[4]
+    broken.write_bytes(broken.read_bytes()[:200])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_ROOT": str(root), "NPROC": "2", "DIST_BACKEND": "gloo", "WORK_DIR": str(tmp_path / "wd")}
+    started = time.perf_counter()
+    result = subprocess.run(
+        ["bash", "run_8p.sh", "perf", *QUICK, "--iters", "40"], cwd=ROOT, capture_output=True, text=True, env={**env, "MASTER_PORT": str(free_port())}
+    )
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "restart" not in result.stderr.lower(), result.stderr[-3000:]
+    assert errors == [f"error: {broken}: unreadable label PNG; re-create or re-convert it"], errors
+    assert time.perf_counter() - started < 90 and rank_pid(str(tmp_path / "wd"), 0) is None and rank_pid(str(tmp_path / "wd"), 1) is None
