@@ -130,15 +130,6 @@ def read_image(path):
     return oriented(image, orientation)
 
 
-def image_size(path):
-    """(height, width) of an image, from its header."""
-    try:
-        with Image.open(path) as image:
-            return image.size[::-1]
-    except OSError as e:
-        raise DataError(f"{path}: unreadable image ({type(e).__name__}); re-extract or re-download this file") from None
-
-
 def read_label(path, info):
     """Class indices uint8 HxW (ignore = 255), from a grey, palette or 1-bit PNG, turned by its EXIF orientation as
     read_image turns images; values outside the dataset's are an error."""

@@ -30,7 +30,7 @@ from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import detect_dataset, open_dataset
 from cli import CheckpointError
-from datasets import IGNORE_INDEX, TrainTransform, image_size
+from datasets import IGNORE_INDEX, TrainTransform, read_image
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
 
@@ -455,7 +455,7 @@ def build_data(args):
     """(training set, val set or None); the data's classes are the model's."""
     transform = TrainTransform(args.crop, args.scale_range, cat_max_ratio=args.cat_max_ratio)
     dataset, (crop, largest) = open_dataset(args.data_root, "train", dataset_type=args.dataset, transform=transform), (args.crop, args.scale_range[1])
-    height, width = image_size(dataset.samples[0][0])
+    height, width = read_image(dataset.samples[0][0]).shape[:2]
     if crop[0] > height * largest or crop[1] > width * largest:
         raise cli.UsageError(
             f"--crop {crop[0]}x{crop[1]} is larger than the {height}x{width} images even at the largest scale {largest:g}; use a smaller --crop"
