@@ -8,6 +8,7 @@ Already converted files are skipped unless --force. A broken input is reported b
 """
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -79,6 +80,8 @@ def convert_dataset(root, source="polygons", *, nproc=1, force=False, progress=T
     root = Path(root)
     if not (root / "gtFine").is_dir() or not (root / "leftImg8bit").is_dir():
         raise DataError(f"{root}: expected gtFine/ and leftImg8bit/ inside; is this the Cityscapes root?")
+    if not os.access(root / "gtFine", os.W_OK) or not os.access(root, os.W_OK):
+        raise DataError(f"{root}: not writable (a read-only mount?); the labels and split lists are written beside the data: convert a writable copy")
     jobs = conversion_jobs(root, source, force=force)
     bar = tqdm(total=len(jobs), desc=f"labelTrainIds from {source}", disable=not progress)
     failures = []

@@ -525,3 +525,26 @@ def test_images_in_other_formats_are_read_not_skipped(my7, tmp_path, suffix):
     for path, rgb in pixels.items():
         assert (path, root / "ann_dir" / "train" / path.relative_to(root / "img_dir" / "train").with_suffix(".png")) in dataset.samples
         assert np.array_equal(datasets.read_image(path), rgb)
+
+
+@pytest.mark.parametrize("where", ["missing", "outside its folder"])
+def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(my7, tmp_path, capsys, where):
+    onnx = pytest.importorskip("onnx")
+    root, ckpt = my7
+    summary(export.main, ["--ckpt", ckpt, "--out", tmp_path / "m.onnx", "--size", "64x128"], capsys)
+    proto = onnx.load(tmp_path / "m.onnx")
+    (tmp_path / "model").mkdir()
+    onnx.save_model(proto, tmp_path / "model" / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=0)
+    if where == "missing":
+        (tmp_path / "model" / "weights.data").unlink()
+    else:  # the file names its data as ../weights.data (onnx's own writer refuses to; a hand-edited file may)
+        (tmp_path / "model" / "weights.data").rename(tmp_path / "weights.data")
+        proto = onnx.load(tmp_path / "model" / "m.onnx", load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                entry.value = "../weights.data" if entry.key == "location" else entry.value
+        onnx.save(proto, tmp_path / "model" / "m.onnx")
+    error = in_process_error(deploy.main, ["--model", tmp_path / "model" / "m.onnx", "--data-root", root], capsys, allow_warnings=True)
+    assert error.startswith(f"error: --model {tmp_path / 'model' / 'm.onnx'}: ONNX Runtime cannot load it (") and error.endswith(
+        "export it again with python tools/export.py"
+    )

@@ -123,7 +123,10 @@ class OnnxModel:
     def __init__(self, path, metadata):
         ort = optional_import("onnxruntime")
         self.path, self.metadata = path, metadata
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001  (ONNX Runtime's own error kinds: external data missing or outside the folder, ...)
+            raise cli.UsageError(f"--model {path}: ONNX Runtime cannot load it ({cli.first_line(e)}); export it again with python tools/export.py") from None
         self.input = self.session.get_inputs()[0]
 
     def __call__(self, images):
