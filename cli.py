@@ -34,12 +34,20 @@ class CheckpointError(Error):
 
 
 def main(run, *args):
-    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its exit code."""
+    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its exit code; so do
+    running out of memory and a data loading process that died (exit 1: not the input's fault, a rerun may pass)."""
     try:
         return run(*args)
     except Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; so is a DataLoader's dead worker
+        text = first_line(e, 200)
+        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+            sys.exit(f"error: out of memory ({text}); lower --batch-size or --crop, or use --mode slide for very large images")
+        if "DataLoader worker" not in text:
+            raise
+        sys.exit(f"error: {text} (killed, or out of memory); lower --workers, then run the same command again (training: with --resume)")
 
 
 def first_line(error, limit=300):

@@ -333,8 +333,7 @@ def run_evaluation(args):
         raise cli.UsageError("--ckpt is required (exported models: python tools/deploy.py --model)")
     runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
     if runtime.is_main:
-        print(runtime.device_note, flush=True)
-        print(runtime.precision_note(args.amp), flush=True)
+        print(runtime.device_note, runtime.precision_note(args.amp), sep="\n", flush=True)
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
     model, info = load_model(args.ckpt)
     segment = torch_segmenter(inference_model(model, runtime), runtime, amp=args.amp, options=options)

@@ -623,3 +623,36 @@ def test_convert_labels_on_a_read_only_root_is_one_line(tmp_path):
     command = ["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script, "bash", sys.executable, "convert_labels.py", str(root)]
     last = one_line_error(subprocess.run(command, cwd=ROOT, capture_output=True, text=True))
     assert last == f"error: {root}: not writable (a read-only mount?); the labels and split lists are written beside the data: convert a writable copy"
+
+
+def test_out_of_memory_on_a_huge_image_is_one_line(synthetic_root, finished_run, tmp_path):
+    """--images with one 8000x8000 photo in a process whose memory is capped: one line that says what to lower."""
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "huge.png"), np.zeros((8000, 8000, 3), np.uint8))
+    cap = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    command = [sys.executable, "-c", cap, "evaluate.py", "--ckpt", str(finished_run / "iter_3.pth"), "--images", str(tmp_path / "huge.png")]
+    result = subprocess.run([*command, "--out-dir", str(tmp_path / "out"), "--amp", "O0", "--workers", "0"], cwd=ROOT, capture_output=True, text=True)
+    last = one_line_error(result, code=1)
+    assert last.startswith("error: out of memory (") and last.endswith("lower --batch-size or --crop, or use --mode slide for very large images")
+
+
+def test_a_killed_loader_worker_is_one_line(synthetic_root, tmp_path):
+    work_dir = tmp_path / "wd"
+    args = ["--data-root", str(synthetic_root), *QUICK, "--workers", "1", "--iters", "400", "--ckpt-interval", "1000", "--work-dir", str(work_dir)]
+    run = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while logged_iteration(work_dir) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    children = []  # the loader worker: the training process's child
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(run.pid):
+                children.append(int(proc.name))
+        except OSError:
+            continue
+    assert children, "no loader worker found"
+    os.kill(children[0], signal.SIGKILL)
+    stdout, stderr = run.communicate(timeout=120)
+    last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=1)
+    assert "DataLoader worker" in last and last.endswith("lower --workers, then run the same command again (training: with --resume)")
