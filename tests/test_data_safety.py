@@ -548,3 +548,12 @@ def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(my7
     assert error.startswith(f"error: --model {tmp_path / 'model' / 'm.onnx'}: ONNX Runtime cannot load it (") and error.endswith(
         "export it again with python tools/export.py"
     )
+
+
+def test_an_image_over_pils_pixel_limit_is_read_not_a_traceback(tmp_path):
+    """PIL refuses images over 179 megapixels (DecompressionBombError, 52 lines); OpenCV reads them, unturned."""
+    height, width = 9000, 20000  # 180 megapixels
+    cv2.imwrite(str(tmp_path / "big.png"), np.zeros((height, width, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "big_label.png"), np.ones((height, width), np.uint8))
+    assert datasets.read_image(tmp_path / "big.png").shape == (height, width, 3)
+    assert datasets.read_label(tmp_path / "big_label.png", datasets.unnamed_classes(2)).max() == 1
