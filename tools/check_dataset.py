@@ -1,0 +1,169 @@
+"""Check a dataset before training on it: what train.py and evaluate.py will read, per split.
+
+    python tools/check_dataset.py data/cityscapes                 # Cityscapes, or your own data in any layout
+    python tools/check_dataset.py data/mydata --out reports/mydata --samples 6
+
+Per split: image count and sizes, the label values found, pixels per class (a table, and class_pixels.png), the
+classes that never occur, and for train the images' RGB mean/std. samples_SPLIT.png shows a few images with their
+labels overlaid, beside the same samples after the training augmentation (what the model sees). A file that cannot
+be read is named, and the check goes on; it then exits with 1. The last line printed is JSON.
+"""
+
+import collections
+import json
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
+
+import cli
+from checkpoints import atomic_write
+from cityscapes import detect_dataset, open_dataset
+from datasets import IGNORE_INDEX, TrainTransform, read_image, read_label
+
+
+def sample_statistics(job):
+    """(image size, RGB sums and squared sums, label value counts) of one (image, label) pair, or its error line."""
+    image_path, label_path, info = job
+    try:
+        image = read_image(image_path).astype(np.float64)
+        values = np.bincount(read_label(label_path, info).ravel(), minlength=256) if label_path else np.zeros(256, np.int64)
+    except cli.DataError as e:
+        return f"{e}"
+    pixels = image.reshape(-1, 3)
+    return image.shape[:2], pixels.sum(0), (pixels**2).sum(0), values
+
+
+def split_statistics(dataset, *, nproc):
+    """The split's counts, sizes, label values and RGB moments; broken files as error lines."""
+    jobs = [(image, label, dataset.info) for image, label in dataset.samples]
+    with Pool(nproc) as pool:
+        results = pool.map(sample_statistics, jobs, chunksize=8) if nproc > 1 else list(map(sample_statistics, jobs))
+    good = [r for r in results if not isinstance(r, str)]
+    values = sum((r[3] for r in good), np.zeros(256, np.int64))
+    pixels = sum(r[0][0] * r[0][1] for r in good)
+    mean = sum((r[1] for r in good), np.zeros(3)) / max(pixels, 1)
+    std = np.sqrt(np.maximum(sum((r[2] for r in good), np.zeros(3)) / max(pixels, 1) - mean**2, 0))
+    sizes = collections.Counter(f"{h}x{w}" for (h, w), *_ in good)
+    return {"images": len(jobs), "sizes": dict(sizes), "values": values, "mean": mean, "std": std, "errors": [r for r in results if isinstance(r, str)]}
+
+
+def report(split, stats, info):
+    """Prints the split's table; returns its JSON part."""
+    counts = stats["values"][: info.num_classes]
+    labelled = int(counts.sum())
+    absent = [name for name, count in zip(info.class_names, counts) if count == 0]
+    print(f"{split}: {stats['images']} images, sizes {stats['sizes']}, label values {np.flatnonzero(stats['values']).tolist()}")
+    print(f"{'class':>20} | {'pixels':>12} | share of labelled")
+    for name, count in zip(info.class_names, counts):
+        print(f"{name:>20} | {int(count):>12} | {100 * count / max(labelled, 1):6.2f}%")
+    print(f"{'ignored (255)':>20} | {int(stats['values'][IGNORE_INDEX]):>12} |")
+    if absent and stats["values"].any():
+        print(f"warning: {split}: {len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}", file=sys.stderr)
+    if info.num_classes == 2 and absent == [info.class_names[1]] and stats["values"][IGNORE_INDEX]:
+        print(f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1", file=sys.stderr)
+    part = {"images": stats["images"], "sizes": stats["sizes"], "pixels": dict(zip(info.class_names, map(int, counts))), "absent": absent}
+    return part | {"ignored_pixels": int(stats["values"][IGNORE_INDEX]), "broken": stats["errors"]}
+
+
+def overlay(image, label, info):
+    colors = np.vstack([info.colors, np.zeros((256 - info.num_classes, 3), np.uint8)])
+    shown = 0.5 * image + 0.5 * colors[label]
+    return np.where((label == IGNORE_INDEX)[..., None], image, shown).astype(np.uint8)
+
+
+def save_figure(figure, path):
+    with atomic_write(path, suffix=".tmp.png") as temp:
+        figure.savefig(temp, format="png", dpi=100)
+
+
+def plot_class_pixels(parts, info, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(6, 0.45 * info.num_classes), 4))
+    width = 0.8 / max(len(parts), 1)
+    for k, (split, part) in enumerate(parts.items()):
+        axis.bar(np.arange(info.num_classes) + k * width, [part["pixels"][name] for name in info.class_names], width, label=split)
+    axis.set_xticks(np.arange(info.num_classes) + 0.4 - width / 2, info.class_names, rotation=60, ha="right")
+    axis.set_yscale("symlog")
+    axis.set_ylabel("pixels")
+    axis.set_title(f"{info.name}: pixels per class")
+    axis.legend()
+    figure.tight_layout()
+    save_figure(figure, out / "class_pixels.png")
+    plt.close(figure)
+
+
+def plot_samples(dataset, split, out, *, count, crop):
+    """Rows: image with its label overlaid | the same after the training augmentation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [(i, (image, label)) for i, (image, label) in enumerate(dataset.samples) if label is not None][:count]
+    figure, axes = plt.subplots(len(chosen), 2, figsize=(10, 2.8 * len(chosen)), squeeze=False)
+    for row, (index, (image_path, label_path)) in enumerate(chosen):
+        image, label = read_image(image_path), read_label(label_path, dataset.info)
+        seen, seen_label = TrainTransform(crop or image.shape[:2])(image, label, np.random.default_rng(index))
+        for axis, picture, title in (
+            (axes[row, 0], overlay(image, label, dataset.info), Path(image_path).name),
+            (axes[row, 1], overlay(seen, seen_label, dataset.info), "training augmentation"),
+        ):
+            axis.imshow(picture)
+            axis.set_title(title, fontsize=8)
+            axis.axis("off")
+    figure.tight_layout()
+    save_figure(figure, out / f"samples_{split}.png")
+    plt.close(figure)
+
+
+def check(args):
+    root, out = Path(args.data_root), Path(args.out or f"work_dirs/check_{Path(args.data_root).resolve().name}")
+    out.mkdir(parents=True, exist_ok=True)
+    parts, info, moments = {}, None, None
+    print(f"dataset: {detect_dataset(root, args.dataset)} at {root}")
+    for split in ("train", "val"):
+        try:
+            dataset = open_dataset(root, split, dataset_type=args.dataset)
+        except cli.DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        info, stats = dataset.info, split_statistics(dataset, nproc=args.nproc)
+        for error in stats["errors"]:
+            print(f"error: {error}", file=sys.stderr)
+        parts[split] = report(split, stats, info)
+        moments = moments or (split == "train" and stats)
+        if args.samples:
+            plot_samples(dataset, split, out, count=args.samples, crop=args.crop)
+    if info is None:
+        raise cli.DataError(f"{root}: neither a train nor a val split could be opened")
+    plot_class_pixels(parts, info, out)
+    summary = {"dataset": info.name, "classes": list(info.class_names), "splits": parts, "out": str(out)}
+    if moments:
+        summary |= {"rgb_mean": [round(float(v), 2) for v in moments["mean"]], "rgb_std": [round(float(v), 2) for v in moments["std"]]}
+        print(f"train RGB mean {summary['rgb_mean']}, std {summary['rgb_std']} (0..255)")
+    print(json.dumps(summary))
+    if any(part["broken"] for part in parts.values()) or len(parts) < 2:
+        sys.exit(1)
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(__doc__)
+    parser.add_argument("data_root")
+    parser.add_argument("--dataset", default="auto", choices=cli.DATASET_TYPES)
+    parser.add_argument("--out", help="where the PNGs go (default: work_dirs/check_<root name>)")
+    parser.add_argument("--samples", type=cli.integer(0), default=4, help="images per split in samples_SPLIT.png")
+    parser.add_argument("--crop", type=cli.size, help="the augmentation's crop, as train.py --crop (default: each image's size)")
+    parser.add_argument("--nproc", type=cli.integer(1), default=2, help="processes reading the files")
+    cli.main(check, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
