@@ -52,8 +52,7 @@ def lock(work_dir):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise WorkDirError(f"{work_dir} is in use by {holder}; wait for it to end, or pass another --work-dir") from None
-    handle.seek(0)
-    handle.truncate()
+    handle.truncate(0)  # in append mode the write then starts the file
     handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
     return handle

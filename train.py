@@ -34,14 +34,15 @@ from datasets import IGNORE_INDEX, TrainTransform, read_image
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
 
-# Every recipe, as what it changes from the flags' defaults, for one device. `scale` says how it runs on N devices:
+# Every recipe: its model, images, lr and length for one device, and what else it changes from the flags' defaults
+# (which are the seed's schedule and augmentation). `scale` says how it runs on N devices:
 # "lr" keeps the images per device and multiplies lr by N (linear scaling: the seed's 8 x 8 images at lr 0.2);
 # "batch" keeps the images in all and splits them, lr unchanged (mmseg's R18: 16 images at lr 0.025 on any count).
 RECIPES = {
     "seed_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "r18": dict(depth=18, batch_size=16, lr=0.025, iters=160000, val_interval=16000, ckpt_interval=16000, scale="batch"),
     "demo": dict(depth=18, batch_size=8, crop=(128, 256), scale_range=(0.75, 1.5), iters=200, lr=0.05, warmup_iters=20, val_interval=100, ckpt_interval=100),
-    "learning": dict(depth=18, batch_size=4, crop=(128, 256), lr=0.025, warmup_iters=25, amp="O0", scale="lr"),  # tools/benchmark_learning.py
+    "learning": dict(depth=18, batch_size=4, crop=(128, 256), lr=0.025, iters=300, warmup_iters=25, amp="O0"),  # tools/benchmark_learning.py
 }
 PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZoo's throughput run of a recipe
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("seed_r50", "r18")}
@@ -79,21 +80,21 @@ def recipe_settings(name, devices):
 
 def add_training_flags(p):
     model = p.add_argument_group("model")
-    model.add_argument("--depth", type=int, default=50, choices=sorted(RESNET_LAYOUTS), help="ResNet context path")
+    model.add_argument("--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="ResNet context path")
     model.add_argument("--num-classes", type=cli.integer(2, 255), help="a check: the class count comes from the dataset (Cityscapes 19, classes.txt)")
     model.add_argument("--dropout", type=cli.real(0, 1, high_open=True), default=0.1, help="before each head's classifier (mmseg)")
     model.add_argument("--load-from", help="initial weights: any checkpoint evaluate.py reads")
     model.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL")
     model.add_argument("--sync-bn", action="store_true")
     data = p.add_argument_group("data")
-    data.add_argument("--batch-size", type=cli.integer(1), default=8, help="images per device")
+    data.add_argument("--batch-size", type=cli.integer(1), help="images per device")
     data.add_argument("--crop", type=cli.size, default="1024x1024", help="HxW")
     data.add_argument("--scale-range", type=cli.ratios(2), default="0.5,2.0", help="random rescale ratio range")
     data.add_argument("--cat-max-ratio", type=cli.real(0, 1, low_open=True), default=0.75)
     data.add_argument("--workers", type=cli.integer(0), default=4, help="data loading processes per device")
     schedule = p.add_argument_group("schedule and loss")
-    schedule.add_argument("--iters", type=cli.integer(1), default=40000)
-    schedule.add_argument("--lr", type=cli.real(0, 1e38, low_open=True), default=0.025, help="for this run's devices (the recipe scales it)")
+    schedule.add_argument("--iters", type=cli.integer(1), help="training iterations")
+    schedule.add_argument("--lr", type=cli.real(0, 1e38, low_open=True), help="for this run's devices (the recipe scales it)")
     schedule.add_argument("--momentum", type=cli.real(0, 1), default=0.9)
     schedule.add_argument("--weight-decay", type=cli.real(0), default=5e-4)
     schedule.add_argument("--warmup-iters", type=cli.integer(0), default=1000)
@@ -122,13 +123,14 @@ def add_training_flags(p):
 
 def parse_args(argv=None):
     """The recipe's values become the defaults (scaled to this launch's WORLD_SIZE), then the command line is read."""
-    p = cli.ArgumentParser(__doc__)
-    p.add_argument("--recipe", default="seed_r50", choices=sorted(RECIPES), help="the published recipe; flags override it")
+    pre = cli.ArgumentParser(add_help=False)  # reads --recipe first, so that -h shows the recipe's values
+    pre.add_argument("--recipe", default="seed_r50", choices=sorted(RECIPES), help="the published recipe; flags override it")
+    p = cli.ArgumentParser(__doc__, parents=[pre])
     p.add_argument("--print-recipe", action="store_true", help="print the recipe's settings for this launch as JSON and exit")
     cli.add_data_flags(p)
     cli.add_device_flags(p)
     add_training_flags(p)
-    recipe = p.parse_known_args(argv)[0].recipe
+    recipe = pre.parse_known_args(argv)[0].recipe
     try:
         p.set_defaults(**recipe_settings(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
     except cli.UsageError as e:
@@ -383,9 +385,8 @@ class Validation:
         miou = self.result["mIoU"]
         improved = math.isfinite(miou) and (self.best is None or miou > self.best)
         self.best = self.checkpointer.best = miou if improved else self.best
-        best = f"best {self.best:.2f}" if self.best is not None else "no best yet"
-        undefined = "undefined: no val pixel is labelled, so it is never a best"
-        self.run_log.message(f"iter {it + 1}: val mIoU {f'{miou:.2f} (ss whole)' if math.isfinite(miou) else undefined}, {best}")
+        shown = f"{miou:.2f} (ss whole)" if math.isfinite(miou) else "undefined: no val pixel is labelled, so it is never a best"
+        self.run_log.message(f"iter {it + 1}: val mIoU {shown}, {f'best {self.best:.2f}' if self.best is not None else 'no best yet'}")
         self.run_log.record({"iter": it + 1, "val_mIoU": miou, "val_mAcc": self.result["mAcc"], "val_aAcc": self.result["aAcc"]}, **{"val/mIoU": miou})
         if improved:
             self.checkpointer.save(self.checkpointer.work_dir / "best.pth", it + 1)
