@@ -291,15 +291,6 @@ class BiSeNetV1(nn.Module):
 
 
 # -- Inference helpers ----------------------------------------------------------------------------------------
-def fuse_conv_bn(conv, bn):
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, bias=True)
-    fused.weight.data = (conv.weight * scale.view(-1, 1, 1, 1)).detach()
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.data = (bn.bias + (bias - bn.running_mean) * scale).detach()
-    return fused.to(conv.weight.device)
-
-
 @torch.no_grad()
 def fuse_bn(model):
     """An eval-mode copy of the model with every BatchNorm folded into the convolution registered just before it."""
@@ -308,7 +299,11 @@ def fuse_bn(model):
         previous_name, previous = None, None
         for name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
-                setattr(module, previous_name, fuse_conv_bn(previous, child))
+                conv, scale = previous, child.weight / torch.sqrt(child.running_var + child.eps)
+                fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, bias=True)
+                fused.weight.data = conv.weight * scale.view(-1, 1, 1, 1)
+                fused.bias.data = child.bias + ((conv.bias if conv.bias is not None else 0) - child.running_mean) * scale
+                setattr(module, previous_name, fused.to(conv.weight.device))
                 setattr(module, name, nn.Identity())
             previous_name, previous = name, child
     return model

@@ -173,16 +173,6 @@ def prune(work_dir, keep):
     return removed
 
 
-def read_training_checkpoint(path):
-    """A complete training checkpoint (model, optimizer, scaler, iteration), or a one-line CheckpointError."""
-    if path.is_dir():
-        raise CheckpointError(f"{path}: a directory, not a checkpoint")
-    checkpoint = read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in TRAINING_KEYS):
-        raise CheckpointError(f"{path}: not a training checkpoint of train.py (no optimizer state or iteration); to start from its weights use --load-from")
-    return checkpoint
-
-
 def work_dir_contents(work_dir):
     """What of an earlier run a work dir holds, e.g. 'iter_4.pth, iter_8.pth, best.pth, latest.pth -> iter_8.pth'."""
     names = [path.name for _, path in iteration_checkpoints(work_dir)]
@@ -213,7 +203,13 @@ def resume_point(work_dir):
         return None, None, None
     _, newest = saved[-1]
     try:
-        checkpoint = read_training_checkpoint(newest)
+        if newest.is_dir():
+            raise CheckpointError(f"{newest}: a directory, not a checkpoint")
+        checkpoint = read_checkpoint(newest)
+        if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in TRAINING_KEYS):
+            raise CheckpointError(
+                f"{newest}: not a training checkpoint of train.py (no optimizer state or iteration); to start from its weights use --load-from"
+            )
     except CheckpointError as e:
         older = f"move it away to resume from {saved[-2][1].name}" if len(saved) > 1 else "move it away to start over"
         raise WorkDirError(f"{e}; the newest checkpoint of the run in {work_dir} is damaged: {older}") from None
@@ -240,7 +236,10 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
-        unsafe = unpicklable_objects(path)
+        try:  # the Python classes its pickle would build beyond weights: torch scans the file without running it
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001  (not a zip checkpoint at all: there is nothing to scan)
+            unsafe = []
         if unsafe:
             raise CheckpointError(
                 f"{path}: holds Python objects ({', '.join(unsafe[:3])}) besides weights, which are never unpickled here; re-save its state_dict"
@@ -250,14 +249,6 @@ def read_checkpoint(path):
         reason = detail[1][:200] if detail else cli.first_line(e, 200)
         reason = type(e).__name__ if "weights_only" in reason else reason
         raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason != type(e).__name__ else ''})") from None
-
-
-def unpicklable_objects(path):
-    """The Python classes a checkpoint's pickle would construct beyond weights (torch scans it without running it)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001  (not a zip checkpoint at all: there is nothing to scan)
-        return []
 
 
 def load_model(path):

@@ -93,17 +93,6 @@ def npu_amp_dtype_error(dtype):
     return None
 
 
-def scaler_state_for(device_type, state):
-    """A GradScaler state saved on any device, for this one's scaler: torch_npu's keeps a `dynamic` flag that torch's
-    has not and needs it on load; scale and growth tracker carry over both ways."""
-    state = dict(state)
-    if device_type == "npu":
-        state.setdefault("dynamic", True)
-    else:
-        state.pop("dynamic", None)
-    return state
-
-
 def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
     """torch's SGD (kernel "default": its own choice; "fused": one kernel for all parameters) or torch_npu's
     NpuFusedSGD ("npu-fused": parameters and gradients in one combined buffer each). Every optimizer is then cleared
@@ -267,7 +256,10 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, **options)
 
     def load_scaler_state(self, scaler, state):
-        scaler.load_state_dict(scaler_state_for(self.device.type, state))
+        """A GradScaler state saved on any device: torch_npu's keeps a `dynamic` flag that torch's has not and needs it
+        on load; scale and growth tracker carry over both ways."""
+        state = {**state, "dynamic": state.get("dynamic", True)} if self.device.type == "npu" else {k: v for k, v in state.items() if k != "dynamic"}
+        scaler.load_state_dict(state)
 
     def synchronize(self):
         if self.device.type == "cuda":
@@ -339,14 +331,10 @@ def choose_device(name):
     return name, f"--device {name}"
 
 
-def launched_by_torchrun():
-    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def setup_runtime(device="auto", device_id=0, *, amp_dtype="auto"):
     """Device from --device and, under torchrun, LOCAL_RANK; joins the process group when launched by torchrun."""
     device_type, why = choose_device(device)
-    launched = launched_by_torchrun()
+    launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))  # by torchrun
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     rank, index = (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))) if launched else (0, device_id)
     if device_type == "cuda":
