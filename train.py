@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 import cli
 from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
-from checkpoints import last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
+from checkpoints import atomic_write, last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import detect_dataset, open_dataset
 from cli import CheckpointError
 from datasets import IGNORE_INDEX, TrainTransform, read_image
@@ -273,15 +274,27 @@ class RunLog:
     """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
 
     def __init__(self, work_dir, enabled):
-        self.enabled, self.file, self.writer = enabled, None, None
-        if enabled:
-            self.file = open(work_dir / "log.jsonl", "a")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.enabled, self.path, self.file, self.writer = enabled, work_dir / "log.jsonl", None, None
 
-                self.writer = SummaryWriter(str(work_dir / "tb"))
-            except ImportError:
-                pass
+    def start(self, iteration):
+        """log.jsonl goes on from `iteration`: what a stopped run logged after its checkpoint goes (the resumed run
+        replays those iterations), and so does a last line that a full disk cut short."""
+        if not self.enabled:
+            return
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        with atomic_write(self.path) as temp:
+            temp.write_text("".join(line for line in lines if line.endswith("\n") and json.loads(line).get("iter", 0) <= iteration))
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # its writer thread's errors (a full disk) come back through record(), so their own traceback is left out
+            threading.excepthook = lambda hook: None if "tensorboard" in type(hook.thread).__module__ else threading.__excepthook__(hook)
+            self.writer = SummaryWriter(str(self.path.parent / "tb"))
+        except ImportError:
+            pass
+        except OSError as e:
+            raise self.failed(e) from None
 
     def message(self, text):
         if self.enabled:
@@ -289,12 +302,18 @@ class RunLog:
 
     def record(self, entry, **scalars):
         entry = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}  # JSON has no NaN
-        if self.file:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
-        if self.writer:
-            for name, value in scalars.items():
+        try:
+            if self.file:
+                self.file.write(json.dumps(entry) + "\n")
+                self.file.flush()
+            for name, value in scalars.items() if self.writer else ():
                 self.writer.add_scalar(name, value, entry["iter"])
+        except OSError as e:
+            raise self.failed(e) from None
+
+    def failed(self, error):
+        fix = f"free some space and run the same command with --resume. {last_checkpoint_note(self.path.parent)}"
+        return TrainingError(f"{self.path.parent}: cannot write the run's log ({error.strerror or error}); {fix}")
 
     def close(self):
         for handle in (self.file, self.writer):
@@ -528,6 +547,7 @@ def train(args):
         args, runtime, info=info, channels_last=channels_last, checkpoint=checkpoint, resumed_from=resumed_from, run_log=run_log
     )
     del checkpoint
+    run_log.start(start)
     stepped = data_parallel(model, runtime) if runtime.distributed else model
     stepped = torch.compile(stepped) if args.compile else stepped
     loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)

@@ -656,3 +656,24 @@ def test_a_killed_loader_worker_is_one_line(synthetic_root, tmp_path):
     stdout, stderr = run.communicate(timeout=120)
     last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=1)
     assert "DataLoader worker" in last and last.endswith("lower --workers, then run the same command again (training: with --resume)")
+
+
+def test_a_resumed_run_keeps_log_jsonl_valid_and_logs_each_iteration_once(synthetic_root, finished_run, tmp_path):
+    """A run killed after iteration 3 but resumed from iter_2.pth replays iteration 3: its old line goes, as does a
+    last line a full disk cut short; every line stays JSON."""
+    work_dir = copy_run(finished_run, tmp_path)
+    (work_dir / "iter_3.pth").unlink()
+    with open(work_dir / "log.jsonl", "a") as log:
+        log.write('{"iter": 3, "loss": 1.5, "lr"')
+    result = run_train(["--data-root", str(synthetic_root), *QUICK, "--iters", "4", "--work-dir", str(work_dir), "--resume"])
+    assert result.returncode == 0 and "at iteration 2" in result.stdout, result.stderr[-3000:]
+    logged = [e["iter"] for e in strict_json_lines(work_dir / "log.jsonl") if "loss" in e]
+    assert logged == [1, 2, 3, 4]
+
+
+def test_a_full_disk_at_log_time_is_one_line(synthetic_root, tmp_path):
+    mount = tmp_path / "small"
+    train_cmd = f"{sys.executable} train.py --data-root {synthetic_root} {' '.join(QUICK)} --iters 400 --ckpt-interval 1000 --work-dir {mount / 'wd'}"
+    fill = f'python -c "import os; os.makedirs(\\"{mount}/wd\\"); open(\\"{mount}/fill\\", \\"wb\\").write(bytes(2 * 2**20 - 6000))"'
+    last = one_line_error(in_small_filesystem(mount, 2, ["bash", "-c", f"{fill} && {train_cmd}"]))
+    assert last.startswith(f"error: {mount / 'wd'}: cannot write the run's log (No space left on device); free some space"), last
