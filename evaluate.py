@@ -120,7 +120,8 @@ def metrics(confusion):
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
     all_acc = 100 * (tp.sum() / confusion.sum().clamp(min=1)).item()
-    return {"mIoU": 100 * iou.nanmean().item(), "mAcc": 100 * acc.nanmean().item(), "aAcc": all_acc, "iou": iou.tolist()}
+    scored = int((union > 0).sum())  # a class with no pixel in the labels nor the predictions is left out of the mean
+    return {"mIoU": 100 * iou.nanmean().item(), "mAcc": 100 * acc.nanmean().item(), "aAcc": all_acc, "iou": iou.tolist(), "classes_in_mean": scored}
 
 
 def encode_prediction(pred, fmt, *, info, image=None):
@@ -214,7 +215,8 @@ def print_table(result, mode, *, class_names):
     print(f"{'class':>15} | IoU ({mode})")
     for name, iou in zip(class_names, result["iou"]):
         print(f"{name:>15} | {'   n/a' if np.isnan(iou) else f'{100 * iou:6.2f}'}")
-    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
+    over = f" over {result['classes_in_mean']} of {len(class_names)} classes" if result["classes_in_mean"] < len(class_names) else ""
+    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
 
 
 # -- The script ----------------------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
         print_table(result, options.name, class_names=dataset.info.class_names)
         per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
         scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mAcc", "aAcc")}  # JSON has no NaN
-        summary = {**scores, **summary, "per_class": per_class}
+        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, "per_class": per_class}
     print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
 
 

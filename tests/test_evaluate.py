@@ -100,6 +100,7 @@ def test_metrics_follow_the_official_definition():
     assert iou[0] == pytest.approx(1 / 3) and iou[1] == pytest.approx(2 / 3) and iou[2] == 0.0 and math.isnan(iou[3])
     assert result["mIoU"] == pytest.approx(100 * (1 / 3 + 2 / 3 + 0) / 3)
     assert result["aAcc"] == pytest.approx(100 * 3 / 5)
+    assert result["classes_in_mean"] == 3  # class 3: no pixel in the labels nor the predictions
 
 
 def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root, checkpoint, tmp_path):
@@ -123,6 +124,7 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root
     for name, score in scored.items():
         assert ours["per_class"][name] == pytest.approx(100 * score, abs=0.006), name
     assert all(v is None for k, v in ours["per_class"].items() if k not in scored)
+    assert ours["classes_in_mean"] == len(scored)  # the classes cityscapesscripts averages over, said in the JSON
 
 
 def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
