@@ -581,6 +581,10 @@ def train(args):
                 checkpointer.step(it)
                 preemption.step(it)
                 tick = time.perf_counter()
+    except RuntimeError:  # a collective broken by a peer that the launcher stopped first, which said why: leave quietly
+        if preemption.signum:
+            sys.exit(128 + preemption.signum)
+        raise
     except KeyboardInterrupt:
         resume = f"{last_checkpoint_note(work_dir)} Run the same command with --resume to continue."
         raise Stopped(f"interrupted at iteration {it + 1}; {resume}", signal.SIGINT) from None
