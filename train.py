@@ -600,7 +600,7 @@ def main(argv=None):
         cli.main(train, args)
     except SystemExit as e:  # under run_8p.sh an error that a restart would repeat (bad data, a flag) ends the group instead
         if e.code == 2 and (launcher := os.environ.get("BISENET_LAUNCHER_PID")):
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # alive until the launcher kills every rank: no peer sees it vanish first
+            signal.signal(signal.SIGTERM, lambda *_: time.sleep(1) or sys.exit(2))  # leaves just after the launcher signalled every rank
             os.kill(int(launcher), signal.SIGUSR2)
             time.sleep(60)
         raise
