@@ -281,18 +281,18 @@ class RunLog:
         replays those iterations), and so does a last line that a full disk cut short."""
         if not self.enabled:
             return
-        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        with atomic_write(self.path) as temp:
-            temp.write_text("".join(line for line in lines if line.endswith("\n") and json.loads(line).get("iter", 0) <= iteration))
-        self.file = open(self.path, "a")
         try:
+            lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+            with atomic_write(self.path) as temp:
+                temp.write_text("".join(line for line in lines if line.endswith("\n") and json.loads(line).get("iter", 0) <= iteration))
+            self.file = open(self.path, "a")
             from torch.utils.tensorboard import SummaryWriter
 
             # its writer thread's errors (a full disk) come back through record(), so their own traceback is left out
             threading.excepthook = lambda hook: None if "tensorboard" in type(hook.thread).__module__ else threading.__excepthook__(hook)
             self.writer = SummaryWriter(str(self.path.parent / "tb"))
         except ImportError:
-            pass
+            self.message("TensorBoard is not installed: scalars go to log.jsonl only (pip install tensorboard)")
         except OSError as e:
             raise self.failed(e) from None
 
