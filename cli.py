@@ -88,9 +88,7 @@ def add_device_flags(parser):
     group.add_argument("--device", default="auto", choices=DEVICES, help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
     group.add_argument("--device-id", "--gpu-id", dest="device_id", type=integer(0), default=0, help="single-device runs")
     group.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1 = apex O1 (half-precision convolutions); O0 = fp32")
-    group.add_argument(
-        "--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"), help="O1's half precision; auto: device.py decides (README: Train)"
-    )
+    group.add_argument("--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"), help="O1's half precision; auto: as README: Train says")
 
 
 def _checked(name, convert, ok, expectation):

@@ -8,6 +8,7 @@ tools write them; images and labels are turned by their own EXIF orientation ali
 
 import dataclasses
 import os
+import signal
 from pathlib import Path
 
 import cv2
@@ -181,6 +182,12 @@ def find_images(path):
     if not images:
         raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return images
+
+
+def ignore_stop_signals(_worker_id=None):
+    """Loader workers leave SIGTERM and SIGUSR1 to their script (train.py stops the run cleanly on them)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

@@ -30,7 +30,7 @@ from bisenet import fuse_bn, upsampled_classes
 from checkpoints import atomic_write, load_model
 from cityscapes import detect_dataset, open_dataset, sample_name
 from cli import CheckpointError
-from datasets import IGNORE_INDEX, DataError, SegmentationDataset, find_images, unnamed_classes
+from datasets import IGNORE_INDEX, DataError, SegmentationDataset, find_images, ignore_stop_signals, unnamed_classes
 from device import setup_runtime, teardown_runtime
 
 
@@ -185,8 +185,8 @@ def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=
     segment: images -> class map (torch_segmenter, or a deployed model of tools/deploy.py). The classes are the
     dataset's (dataset.info), which must be the model's. out_paths: {image: PNG to write} (prediction_paths)."""
     shard = torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))  # no padding: each image counts once
-    pinning = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, generator=torch.Generator(), **pinning)
+    loading = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device, worker_init_fn=ignore_stop_signals)
+    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, generator=torch.Generator(), **loading)
     num_classes = dataset.info.num_classes
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.metric_device)
     has_labels, data_s, model_s = True, 0.0, 0.0

@@ -31,7 +31,7 @@ from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import atomic_write, last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import detect_dataset, open_dataset
 from cli import CheckpointError
-from datasets import IGNORE_INDEX, TrainTransform, read_image
+from datasets import IGNORE_INDEX, TrainTransform, ignore_stop_signals, read_image
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
 
@@ -202,12 +202,6 @@ class IterationSampler(torch.utils.data.Sampler):
                 order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
             first = ((it % self.per_epoch) * self.world_size + self.rank) * self.batch_size
             yield [(order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)]
-
-
-def ignore_stop_signals(_worker_id=None):
-    """Loader workers leave SIGTERM and SIGUSR1 to the training process, which stops the run (Preemption)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
@@ -582,7 +576,7 @@ def train(args):
                 preemption.step(it)
                 tick = time.perf_counter()
     except RuntimeError:  # a collective broken by a peer that the launcher stopped first, which said why: leave quietly
-        if preemption.signum:
+        if preemption.signum and runtime.distributed:
             sys.exit(128 + preemption.signum)
         raise
     except KeyboardInterrupt:

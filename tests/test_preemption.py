@@ -135,3 +135,24 @@ def test_a_killed_loader_worker_is_one_line(synthetic_root, tmp_path):
     stdout, stderr = run.communicate(timeout=120)
     last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=1)
     assert "DataLoader worker" in last and last.endswith("lower --workers, then run the same command again (training: with --resume)")
+
+
+def test_sigterm_to_every_process_of_the_run_still_saves(synthetic_root, tmp_path):
+    """SLURM signals every process of a step, loader workers included: they leave the signal to train.py, which
+    saves (a worker killed by it would end the run with a DataLoader error and no checkpoint)."""
+    work_dir = tmp_path / "wd"
+    args = [*QUICK, "--workers", "1", "--iters", "400", "--ckpt-interval", "1000", "--val-interval", "2"]
+    args = ["--data-root", str(synthetic_root), *[a for a in args if a != "--no-validate"], "--work-dir", str(work_dir)]
+    run = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while logged_iteration(work_dir) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGTERM)
+        stdout, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=143)
+    saved = torch.load(work_dir / "latest.pth", weights_only=True)["iteration"]
+    assert last.startswith(f"error: stopped by SIGTERM after iteration {saved}; saved")
