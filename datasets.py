@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 
@@ -113,16 +114,17 @@ def oriented(pixels, orientation):
 
 
 def read_image(path):
-    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. PIL decodes JPEGs, and refuses one
-    it cannot decode whole (OpenCV returns a truncated JPEG with its missing part grey); OpenCV decodes the rest."""
+    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. libjpeg-turbo (simplejpeg) decodes
+    JPEGs strictly: one it cannot decode cleanly (cut short, a flipped bit) is refused, where OpenCV and PIL return
+    it with a part grey or garbled and at most a warning that names no file. OpenCV decodes the rest."""
     image, orientation = None, 1
     try:
         with Image.open(path) as file:
-            orientation = exif_orientation(file)
-            image = np.asarray(file.convert("RGB")) if file.format == "JPEG" else None
+            is_jpeg, orientation = file.format == "JPEG", exif_orientation(file)
+        image = simplejpeg.decode_jpeg(Path(path).read_bytes(), colorspace="RGB", strict=True) if is_jpeg else None
     except (FileNotFoundError, Image.UnidentifiedImageError, Image.DecompressionBombError):
         pass  # a file OpenCV may read and PIL does not (or not at this size): no EXIF either
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: libjpeg's complaint, e.g. "Premature end of JPEG file"
         raise DataError(f"{path}: the image cannot be decoded whole ({first_line(e)}); re-extract or re-download this file") from None
     if image is None and (image := cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)) is not None:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -10,6 +10,7 @@ A run ends with one JSON line: {"iters", "train_fps", "mIoU", "checkpoint", ...}
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -55,6 +56,10 @@ RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum we
 
 class TrainingError(cli.Error):
     """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
+
+
+class LogUnwritable(TrainingError):
+    """log.jsonl or TensorBoard's file cannot be written (a full disk): the loop keeps its step if a checkpoint fits."""
 
 
 class Stopped(TrainingError):
@@ -306,8 +311,7 @@ class RunLog:
             raise self.failed(e) from None
 
     def failed(self, error):
-        fix = f"free some space and run the same command with --resume. {last_checkpoint_note(self.path.parent)}"
-        return TrainingError(f"{self.path.parent}: cannot write the run's log ({error.strerror or error}); {fix}")
+        return LogUnwritable(f"{self.path.parent}: cannot write the run's log ({error.strerror or error}); free some space")
 
     def close(self):
         for handle in (self.file, self.writer):
@@ -579,6 +583,10 @@ def train(args):
         if preemption.signum and runtime.distributed:
             sys.exit(128 + preemption.signum)
         raise
+    except LogUnwritable as e:
+        with contextlib.suppress(cli.Error, OSError):  # no room for it either: the last checkpoint stays the resume point
+            checkpointer.step(it, now=True)
+        raise TrainingError(f"{e}, then run the same command with --resume. {last_checkpoint_note(work_dir)}") from None
     except KeyboardInterrupt:
         resume = f"{last_checkpoint_note(work_dir)} Run the same command with --resume to continue."
         raise Stopped(f"interrupted at iteration {it + 1}; {resume}", signal.SIGINT) from None

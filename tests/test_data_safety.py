@@ -500,13 +500,30 @@ def test_a_truncated_jpeg_is_named_in_training_and_for_images(my7, tmp_path, cap
     whole = datasets.read_image(image)
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     assert cv2.imread(str(image)) is not None  # the reason: OpenCV reads it
-    with pytest.raises(datasets.DataError, match=rf"^{image}: the image cannot be decoded whole \(image file is truncated"):
+    with pytest.raises(datasets.DataError, match=rf"^{image}: the image cannot be decoded whole \(Premature end of JPEG file"):
         datasets.read_image(image)
     args = ["--data-root", root, "--work-dir", tmp_path / "wd", "--depth", "18", "--batch-size", "4", "--crop", "64x128", "--iters", "2", "--workers", "0"]
     assert f"{image}: the image cannot be decoded whole" in one_line_error(in_process("train.py", *args, "--no-validate"))
     error = one_line_error(in_process("evaluate.py", "--ckpt", my7[1], "--images", image.parent, "--out-dir", tmp_path / "p", "--workers", "0"))
     assert f"{image}: the image cannot be decoded whole" in error
     assert whole.shape[2] == 3
+
+
+def test_a_jpeg_with_a_flipped_bit_is_named_not_read_garbled(my7, tmp_path):
+    """A bit flipped in the compressed data desynchronises the decoder: OpenCV and PIL return garbled blocks with no
+    error; libjpeg's own complaint ("Corrupt JPEG data") makes it a DataError naming the file. (A flip that still
+    decodes as valid data cannot be told from the image: JPEG has no checksum.)"""
+    root = copy_of(my7[0], tmp_path)
+    image = sorted((root / "img_dir" / "train").rglob("*.jpg"))[0]
+    whole, data = cv2.imread(str(image)), bytearray(image.read_bytes())
+    scan_header = data.index(b"\xff\xda") + 2
+    data[scan_header + int.from_bytes(data[scan_header : scan_header + 2], "big")] ^= 0x10  # the first byte of compressed data
+    image.write_bytes(bytes(data))
+    garbled = cv2.imread(str(image))
+    assert garbled is not None and np.asarray(Image.open(image).convert("RGB")).shape == whole.shape  # the reason: both decoders read it
+    assert (np.abs(garbled.astype(int) - whole).max(axis=2) > 40).mean() > 0.01  # and it is not the image any more
+    with pytest.raises(datasets.DataError, match=rf"^{image}: the image cannot be decoded whole \(Corrupt JPEG data"):
+        datasets.read_image(image)
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".tif", ".tiff", ".webp"])

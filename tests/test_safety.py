@@ -558,3 +558,21 @@ def test_a_full_disk_at_log_time_is_one_line(synthetic_root, tmp_path):
     fill = f'python -c "import os; os.makedirs(\\"{mount}/wd\\"); open(\\"{mount}/fill\\", \\"wb\\").write(bytes(2 * 2**20 - 6000))"'
     last = one_line_error(in_small_filesystem(mount, 2, ["bash", "-c", f"{fill} && {train_cmd}"]))
     assert last.startswith(f"error: {mount / 'wd'}: cannot write the run's log (No space left on device); free some space"), last
+
+
+def test_a_full_disk_at_log_time_keeps_the_iteration_reached_when_a_checkpoint_fits(synthetic_root, tmp_path):
+    """TensorBoard's folder on a full filesystem, the work dir on one with room: the step the run reached is saved
+    (not the last periodic checkpoint, 1000 iterations away), and the same command with --resume goes on from it."""
+    mount, work_dir = tmp_path / "small", tmp_path / "wd"
+    work_dir.mkdir()
+    (work_dir / "tb").symlink_to(mount)
+    train = [sys.executable, "train.py", "--data-root", str(synthetic_root), *QUICK, "--ckpt-interval", "1000", "--work-dir", str(work_dir)]
+    fill = f'python -c "open(\\"{mount}/fill\\", \\"wb\\").write(bytes(2 * 2**20 - 6000))"'
+    last = one_line_error(in_small_filesystem(mount, 2, ["bash", "-c", f"{fill} && {' '.join(train)} --iters 2000"]))
+    assert last.startswith(f"error: {work_dir}: cannot write the run's log (No space left on device); free some space, then run the same command with --resume")
+    (saved,) = sorted(work_dir.glob("iter_*.pth"))
+    reached = torch.load(saved, weights_only=True)["iteration"]
+    assert saved.name == f"iter_{reached}.pth" and 0 < reached < 1000 and last.endswith(f"The last good checkpoint is kept: {saved}")
+    (work_dir / "tb").unlink()
+    resumed = run_train(train[2:] + ["--iters", str(reached + 1), "--resume"])
+    assert resumed.returncode == 0 and f"at iteration {reached}" in resumed.stdout, resumed.stderr[-3000:]
