@@ -57,17 +57,15 @@ def onednn_allows(max_isa, isa):
 def cpu_amp_dtype(features):
     """(dtype, why) of O1 on this CPU: bf16 where it computes bf16 natively (AMX-BF16 or AVX512-BF16), else fp32,
     because bf16 without those instructions is emulated through fp32 conversions and is many times slower."""
-    if not features.aten_avx512:
-        if features.avx512_bf16 or features.amx_bf16:
-            return torch.float32, f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions"
+    if not (features.avx512_bf16 or features.amx_bf16):
         return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
+    if not features.aten_avx512:
+        return torch.float32, f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions"
     if features.amx_bf16 and onednn_allows(features.onednn_max_isa, "AVX10_1_512_AMX"):
         return torch.bfloat16, "this CPU computes bf16 natively: AMX-BF16"
-    if (features.avx512_bf16 or features.amx_bf16) and onednn_allows(features.onednn_max_isa, "AVX512_CORE_BF16"):
+    if onednn_allows(features.onednn_max_isa, "AVX512_CORE_BF16"):
         return torch.bfloat16, "this CPU computes bf16 natively: AVX512-BF16"
-    if features.avx512_bf16 or features.amx_bf16:
-        return torch.float32, f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa} keeps oneDNN from the CPU's bf16 instructions"
-    return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
+    return torch.float32, f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa} keeps oneDNN from the CPU's bf16 instructions"
 
 
 def cpu_trains_channels_last(features):

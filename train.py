@@ -156,10 +156,8 @@ def learning_rate(it, *, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0,
     """mmcv's poly schedule with warmup, at 0-based iteration `it`; bind the numbers with functools.partial."""
     lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
     if it < warmup_iters:
-        if warmup == "linear":
-            lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
-        else:
-            lr *= warmup_ratio ** (1 - it / warmup_iters)
+        left = 1 - it / warmup_iters  # the share of warmup still to go
+        lr *= 1 - left * (1 - warmup_ratio) if warmup == "linear" else warmup_ratio**left
     return lr
 
 
@@ -211,10 +209,9 @@ class IterationSampler(torch.utils.data.Sampler):
 
 def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
     sampler = IterationSampler(len(dataset), batch_size=batch_size, rank=runtime.rank, world_size=runtime.world_size, seed=seed, start=start, iters=iters)
-    pinning = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
     # one pass over all iterations, so no persistent workers; its own generator keeps the loader off dropout's RNG
     loading = dict(num_workers=workers, prefetch_factor=4 if workers else None, worker_init_fn=ignore_stop_signals, generator=torch.Generator())
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loading, **pinning)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loading, pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
 
 
 # -- Model ----------------------------------------------------------------------------------------------------
@@ -380,6 +377,8 @@ class Preemption:
         if self.runtime.any_rank(self.signum is not None):
             self.checkpointer.step(it, now=True)
             signum = self.signum or signal.SIGTERM  # another rank's signal
+            if not self.runtime.is_main:
+                sys.exit(128 + signum)  # rank 0 says it, once
             resume = "run the same command with --resume (the launch scripts do) to continue"
             raise Stopped(f"stopped by {signal.Signals(signum).name} after iteration {it + 1}; saved {self.checkpointer.path}; {resume}", signum)
 

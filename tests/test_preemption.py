@@ -156,3 +156,33 @@ def test_sigterm_to_every_process_of_the_run_still_saves(synthetic_root, tmp_pat
     last = one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=143)
     saved = torch.load(work_dir / "latest.pth", weights_only=True)["iteration"]
     assert last.startswith(f"error: stopped by SIGTERM after iteration {saved}; saved")
+
+
+def readme_slurm_script():
+    """The README's SLURM job script, as written."""
+    text = (ROOT / "README.md").read_text()
+    return next(block for block in text.split("```bash\n")[1:] if block.startswith("#!/bin/bash\n#SBATCH")).split("```")[0]
+
+
+def test_the_readme_slurm_script_saves_at_the_signal_and_requeues_itself(synthetic_root, tmp_path):
+    """The README's job script under stand-ins for sbatch, srun and scontrol (tests/slurm_stand_in: one machine, the
+    signal to every process of the step as SLURM sends it): --signal=USR1@120 stops each run with its iteration
+    saved, the script requeues the job, and the next run resumes from that iteration. Only the scale is changed:
+    2 CPU processes, a tiny run, a free port."""
+    script = readme_slurm_script()
+    scaled = {"NPROC=8": "NPROC=2", "/shared/work_dirs/r50_32p": str(tmp_path / "wd"), "MASTER_PORT=29500": f"MASTER_PORT={free_port()}"}
+    scaled["run_8p.sh full"] = f"run_8p.sh perf {' '.join(QUICK)} --iters 100000 --ckpt-interval 100000 --log-interval 1"
+    for written, used in scaled.items():
+        assert written in script
+        script = script.replace(written, used)
+    (tmp_path / "job.sh").write_text(script)
+    stand_in = ROOT / "tests" / "slurm_stand_in"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DATA_ROOT": str(synthetic_root), "DIST_BACKEND": "gloo", "STAND_IN_DIR": str(tmp_path / "slurm")}
+    env |= {"STAND_IN_TIME_LIMIT": "135", "STAND_IN_MAX_RUNS": "2", "PATH": f"{stand_in}:{os.environ['PATH']}"}
+    job = subprocess.run(["sbatch", str(tmp_path / "job.sh")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    runs = [json.loads(line) for line in job.stdout.splitlines() if line.startswith('{"run"')]
+    assert [(r["exit_code"], r["signalled"], r["requeued"]) for r in runs] == [(138, True, True), (138, True, True)], job.stderr[-3000:]
+    stops = [int(line.split("after iteration ")[1].split(";")[0]) for line in job.stderr.splitlines() if "error: stopped by" in line]
+    assert len(stops) == 2 and 0 < stops[0] < stops[1] and f"at iteration {stops[0]}" in job.stdout, job.stderr[-3000:]
+    assert torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)["iteration"] == stops[1] and "Traceback" not in job.stderr
+    assert rank_pid(str(tmp_path / "wd"), 0) is None and rank_pid(str(tmp_path / "wd"), 1) is None
