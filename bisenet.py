@@ -258,9 +258,11 @@ class BiSeNetV1(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """mmseg's from-scratch initialisation: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1 and 0, the
-        classifiers normal(0, 0.01), and the last BatchNorm of every residual block at 0 (zero_init_residual), so each
-        block starts as the identity (Goyal et al. 2017), which from-scratch training depends on early."""
+        """mmseg's from-scratch initialisation as it runs: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1 and
+        0, the last BatchNorm of every residual block at 0 (zero_init_residual), so each block starts as the identity
+        (Goyal et al. 2017), and the main classifier normal(0, 0.01). The auxiliary classifiers keep PyTorch's default
+        (Kaiming uniform, a=sqrt(5)): mmseg holds those heads in an nn.ModuleList, which mmcv's init_weights never
+        enters, so their configured normal(0, 0.01) never runs."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -270,9 +272,10 @@ class BiSeNetV1(nn.Module):
         for block in self.backbone.modules():
             if isinstance(block, (BasicBlock, Bottleneck)):
                 nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
-        for head in (self.head, self.aux_head16, self.aux_head32):
-            nn.init.normal_(head.classifier.weight, std=0.01)
-            nn.init.zeros_(head.classifier.bias)
+        nn.init.normal_(self.head.classifier.weight, std=0.01)
+        nn.init.zeros_(self.head.classifier.bias)
+        self.aux_head16.classifier.reset_parameters()
+        self.aux_head32.classifier.reset_parameters()
 
     def forward(self, images, upsample=True):
         """upsample=False (eval only): the main logits at 1/8 resolution, for upsampled_classes()."""

@@ -111,7 +111,9 @@ def add_training_flags(p):
     schedule.add_argument("--loss", default="ce", choices=("ce", "ohem"))
     schedule.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
     schedule.add_argument("--aux-weight", type=cli.real(0), default=1.0)
-    schedule.add_argument("--loss-normalise", default="valid", choices=("valid", "all"), help="CE over the labelled pixels (valid) or all (mmseg's)")
+    schedule.add_argument(
+        "--loss-normalise", choices=("all", "valid"), help="CE's divisor: every pixel (default: the seed's and mmseg's), or the labelled ones"
+    )
     schedule.add_argument("--seed", type=cli.integer(0), default=36436756)
     schedule.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help="different dropout seed per rank")
     run = p.add_argument_group("run")
@@ -144,8 +146,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.scale_range[0] > args.scale_range[1]:
         p.error(f"argument --scale-range: {args.scale_range[0]:g},{args.scale_range[1]:g}: the smaller ratio comes first, e.g. 0.5,2.0")
-    if args.loss == "ohem" and args.loss_normalise != "valid":
+    if args.loss == "ohem" and args.loss_normalise:
         p.error("argument --loss-normalise: OHEM averages over the hard pixels it keeps; --loss-normalise applies to --loss ce")
+    args.loss_normalise = args.loss_normalise or "all"
     if args.min_lr > args.lr:
         p.error(f"argument --min-lr: {args.min_lr:g} is above --lr {args.lr:g}; the poly schedule decays from --lr to --min-lr")
     return args
@@ -171,9 +174,10 @@ def ohem_cross_entropy(logits, labels, *, thresh):
     return hard.mean() if hard.numel() else loss.sum() * 0  # a batch without labelled pixels adds nothing
 
 
-def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="valid"):
+def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="all"):
     """Main head + aux_weight x each aux head, on the fp32 logits the heads return (O1's loss in fp32). CE is the
-    mean over the labelled pixels (valid), or their sum divided by all pixels (all: mmseg's avg_non_ignore=False)."""
+    labelled pixels' sum divided by all pixels (all: mmseg's avg_non_ignore=False, as the seed ran), or their mean
+    (valid: PyTorch's and CoinCheung's)."""
 
     def head_loss(logits):
         if loss_type == "ohem":

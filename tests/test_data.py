@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from cityscapesscripts.helpers.labels import name2label
@@ -12,6 +13,7 @@ from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from conftest import ROOT
 from PIL import Image
 
+import datasets
 from cityscapes import LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples, open_dataset
 from convert_labels import convert_dataset
 from datasets import IGNORE_INDEX, DataError, TrainTransform, levels
@@ -42,6 +44,19 @@ def test_synthetic_layout_and_json_are_cityscapes(synthetic_root):
     assert {"sky", "road", "building", "ego vehicle"} <= labels and labels <= set(name2label)
     for image in images:
         assert image.name.replace("_leftImg8bit.png", "") == image.name.rsplit("_", 1)[0]  # city_seq_frame
+
+
+def test_plain_scenes_hold_no_thin_class_and_flat_colours(tmp_path):
+    """tools/benchmark_learning.py --data fast: the same scenes without the thin classes (cityscapesscripts' ids
+    checked in the labelIds it drew), each region one colour under faint noise."""
+    synthesize_cityscapes(tmp_path / "s", train=3, val=0, height=128, width=256, seed=4, plain=True)
+    thin = {name2label[name].id for name in ("pole", "traffic sign", "traffic light", "wall", "fence", "rider", "bicycle", "license plate", "static")}
+    for label_path in sorted((tmp_path / "s").rglob("*_gtFine_labelIds.png")):
+        ids = np.array(Image.open(label_path))
+        image = np.array(Image.open(str(label_path).replace("gtFine", "leftImg8bit").replace("_leftImg8bit_labelIds", "_leftImg8bit")))
+        assert not thin & set(np.unique(ids).tolist()) and {name2label["road"].id, name2label["sky"].id} <= set(np.unique(ids).tolist())
+        sky = image[ids == name2label["sky"].id].astype(float)
+        assert np.abs(sky.mean(0) - (135, 175, 215)).max() < 1.5 and sky.std(0).max() < 5  # synthetic.APPEARANCE's sky
 
 
 def test_both_conversion_sources_equal_cityscapesscripts_byte_for_byte(tmp_path):
@@ -245,3 +260,25 @@ def test_photometric_levels_equal_mmseg_float_formula():
         expected = np.clip(image.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
         assert np.array_equal(levels(image, alpha, beta), expected)
         assert np.array_equal(levels(np.ascontiguousarray(image[..., 1]), alpha, beta), expected[..., 1])
+
+
+@pytest.mark.parametrize("in_size, out_size", [(100, 60), (100, 166), (1024, 517), (256, 403), (64, 33)])
+def test_label_resampling_is_cv2s_nearest_exact_and_stays_on_the_image_samples(in_size, out_size):
+    """The label crop is cv2.INTER_NEAREST_EXACT of the rescaled label. That is the source pixel nearest to where
+    the bilinear image resize (cv2.INTER_LINEAR, the image side) sampled each output pixel: a coordinate ramp resized
+    bilinearly says where that was. mmcv's "nearest" (cv2.INTER_NEAREST, the seed's) is up to a whole source pixel
+    away from it, so its labels sit off the image they label."""
+    start, count = out_size // 5, out_size // 2
+    label = np.arange(in_size, dtype=np.uint8)[None, :].repeat(2, 0) if in_size < 256 else None
+    exact = datasets.nearest_indices(out_size, in_size, start, count)
+    if label is not None:
+        resized = cv2.resize(label, (out_size, 2), interpolation=cv2.INTER_NEAREST_EXACT)[0, start : start + count]
+        centre = (np.arange(start, start + count) + 0.5) * in_size / out_size
+        tie = np.isclose(centre, np.round(centre))  # on a pixel border: either neighbour is as near (cv2 rounds in fixed point)
+        assert np.array_equal(exact[~tie], resized[~tie]) and np.abs(exact - resized.astype(np.int64)).max() <= 1
+    ramp = np.arange(in_size, dtype=np.float32)[None, :].repeat(2, 0)
+    sampled_at = cv2.resize(ramp, (out_size, 2), interpolation=cv2.INTER_LINEAR)[0, start : start + count]
+    inside = (sampled_at > 0) & (sampled_at < in_size - 1)  # the clamped borders say nothing about the offset
+    assert np.abs(exact - sampled_at)[inside].max() <= 0.5 + 1e-4
+    seed_nearest = cv2.resize(ramp, (out_size, 2), interpolation=cv2.INTER_NEAREST)[0, start : start + count]
+    assert np.abs(seed_nearest - sampled_at)[inside].max() > 0.5 + 1e-3

@@ -190,13 +190,25 @@ def test_initialisation_follows_mmseg_from_scratch_rules(depth, last_bn):
     """mmseg 0.x's rules, written out from its code rather than ours: mmcv's ConvModule and ResNet init every
     convolution with kaiming_init (normal, mode fan_out, ReLU gain: std sqrt(2 / (out x kh x kw)), bias 0) and every
     norm with constant 1 / 0; ResNet's zero_init_residual sets the last norm of each block (BasicBlock norm2,
-    Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0, 0.01) with bias 0."""
+    Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0, 0.01) with bias 0, but only the main head's: the
+    auxiliary FCNHeads sit in a torch nn.ModuleList (mmseg/models/segmentors/encoder_decoder.py,
+    _init_auxiliary_head), and BaseModule.init_weights (mmcv/runner/base_module.py in mmcv 1.x, mmengine's in 1.x)
+    calls init_weights only on children that have it, which nn.ModuleList has not: their conv_seg keeps
+    nn.Conv2d's own init, weight and bias uniform within +-1/sqrt(fan_in) (Kaiming uniform with a=sqrt(5))."""
     torch.manual_seed(0)
     model = BiSeNetV1(ModelConfig(depth))
     residual_last = re.compile(rf"backbone\.layer\d\.\d+\.{last_bn}$")
     zeroed = 0
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and name.startswith("aux_head") and name.endswith("classifier"):
+            bound, fan_in = 1 / math.sqrt(m.in_channels), m.in_channels
+            for values in (m.weight.detach().double().flatten(), m.bias.detach().double()):
+                assert 0.8 * bound < values.abs().max() <= bound, name
+            w = m.weight.detach().double().flatten()
+            assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.1 and fan_in in (64, 256), name  # a uniform's std
+            kurtosis = (((w - w.mean()) / w.std()) ** 4).mean().item()
+            assert abs(kurtosis - 1.8) < 8 * math.sqrt(24 / w.numel()) / 4, (name, kurtosis)
+        elif isinstance(m, nn.Conv2d):
             w = m.weight.detach().double().flatten()
             if name.endswith("classifier"):
                 expected_std, tolerance = 0.01, 0.1

@@ -59,6 +59,10 @@ APPEARANCE = {  # label -> (base RGB, per-object color jitter)
 }
 
 
+# what a plain scene leaves out: thin or small things, which take a model thousands of iterations to find
+THIN = ("pole", "traffic sign", "traffic light", "wall", "fence", "rider", "bicycle", "license plate", "static")
+
+
 def _box(x0, y0, x1, y1):
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
 
@@ -127,15 +131,19 @@ def synthetic_scene(rng, height, *, width):
     return [(label, [[int(round(px)), int(round(py))] for px, py in poly]) for label, poly in objects]
 
 
-def render_image(objects, rng, *, height, width):
-    """Per-object colour, then shading, lighting gradient and sensor noise, so classes are not colour-coded."""
+def render_image(objects, rng, *, height, width, plain=False):
+    """Per-object colour, then shading, lighting gradient and sensor noise, so classes are not colour-coded.
+    plain: each class its base colour under even light with faint noise, which, without the THIN classes, a model
+    learns in a few hundred iterations (tools/benchmark_learning.py --data fast)."""
     image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
     for label, polygon in objects:
         base, jitter = APPEARANCE.get(label, ((128, 128, 128), 0))
-        color = np.clip(np.array(base) + rng.integers(-jitter, jitter + 1, 3), 0, 255)
+        color = np.clip(np.array(base) + rng.integers(-jitter, jitter + 1, 3) * (not plain), 0, 255)
         draw.polygon([tuple(p) for p in polygon], fill=tuple(int(c) for c in color))
     pixels = np.asarray(image).astype(np.float32)
+    if plain:
+        return np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     light = rng.uniform(0.75, 1.2) * (1 + 0.25 * (xs / width - 0.5) * rng.uniform(-1, 1) + 0.1 * np.sin(ys / 37.0))
     texture = rng.normal(0, rng.uniform(4, 12), (height, width, 1)) + rng.normal(0, 4, pixels.shape)
@@ -146,15 +154,16 @@ def synthesize_one(job):
     """One image of a split: leftImg8bit PNG, gtFine polygons JSON, labelIds PNG drawn by cityscapesscripts."""
     from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
-    out, split_index, split, i, height, width, seed = job
+    out, split_index, split, i, height, width, seed, plain = job
     rng = np.random.default_rng([seed, split_index, i])
     city = CITIES[i % len(CITIES)]
     stem = f"{city}_{i // len(CITIES):06d}_{19 + i:06d}"
     objects = synthetic_scene(rng, height, width=width)
+    objects = [(label, polygon) for label, polygon in objects if not (plain and label in THIN)]
     image_dir, label_dir = out / "leftImg8bit" / split / city, out / "gtFine" / split / city
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_image(objects, rng, height=height, width=width)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
+    Image.fromarray(render_image(objects, rng, height=height, width=width, plain=plain)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
     annotation = {
         "imgHeight": height,
         "imgWidth": width,
@@ -167,10 +176,15 @@ def synthesize_one(job):
     json2labelImg(str(json_path), str(label_dir / f"{stem}_gtFine_labelIds.png"), "ids")
 
 
-def synthesize_cityscapes(out_dir, train=20, *, val=6, test=0, height=512, width=1024, seed=0, nproc=1):
-    """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)."""
+def synthesize_cityscapes(out_dir, train=20, *, val=6, test=0, height=512, width=1024, seed=0, nproc=1, plain=False):
+    """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)
+    (plain: see render_image)."""
     out = new_dataset_folder(out_dir)
-    jobs = [(out, k, split, i, height, width, seed) for k, (split, count) in enumerate((("train", train), ("val", val), ("test", test))) for i in range(count)]
+    jobs = [
+        (out, k, split, i, height, width, seed, plain)
+        for k, (split, count) in enumerate((("train", train), ("val", val), ("test", test)))
+        for i in range(count)
+    ]
     if nproc > 1 and len(jobs) > 1:
         with Pool(nproc) as pool:
             pool.map(synthesize_one, jobs, chunksize=1)
