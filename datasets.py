@@ -7,6 +7,7 @@ tools write them; images and labels are turned by their own EXIF orientation ali
 """
 
 import dataclasses
+import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -157,6 +158,20 @@ def read_label(path, info):
         allowed = f"0..{info.num_classes - 1}{f', {info.void_value} (void)' if info.void_value is not None else ''} or 255 = ignore"
         raise DataError(f"{path}: label values {bad[:8]} are not classes of {info.name} ({allowed}); {info.label_hint or 'fix the labels or classes.txt'}")
     return index[label] if info.void_value is not None else label
+
+
+def label_pixels(job):
+    """Pixels per label value (256 counts) of one (label path, DatasetInfo)."""
+    return np.bincount(read_label(*job).ravel(), minlength=256)
+
+
+def label_histogram(dataset, processes):
+    """Pixels per label value (0..255) over every label of the dataset, read in `processes` processes."""
+    jobs = [(label, dataset.info) for _, label in dataset.samples]
+    if processes < 2:
+        return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
+    with multiprocessing.get_context("fork").Pool(processes, initializer=ignore_stop_signals) as pool:
+        return sum(pool.imap_unordered(label_pixels, jobs, chunksize=16), np.zeros(256, np.int64))
 
 
 def image_files(folder):

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import atomic_write, last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import detect_dataset, open_dataset
 from cli import CheckpointError
-from datasets import IGNORE_INDEX, TrainTransform, ignore_stop_signals, read_image
+from datasets import IGNORE_INDEX, DataError, TrainTransform, ignore_stop_signals, label_histogram, read_image
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
 
@@ -487,6 +488,29 @@ def build_data(args):
     return dataset, None if args.no_validate else open_dataset(args.data_root, "val", dataset_type=args.dataset)
 
 
+def check_labels(dataset, work_dir, run_log, *, source, layout, processes):
+    """Says what the run trains on, with the training labels' pixels per class (read once in `processes` processes,
+    cached in work_dir while the label files are unchanged; rank 0 only). A 2-class set whose labels hold only 0 and
+    255 is refused: 255 is ignored, so class 1 would never be trained and its IoU never scored. An absent class warns."""
+    info, cache = dataset.info, work_dir / "label_histogram.json"
+    run_log.message(f"dataset: {info.name} ({layout}), {info.num_classes} classes, {len(dataset)} training images")
+    files = "".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n" for _, p in dataset.samples) if run_log.enabled else ""
+    key, saved = hashlib.sha256(files.encode()).hexdigest(), json.loads(cache.read_text()) if cache.is_file() else {}
+    if not run_log.enabled or saved.get("key") == key:
+        return
+    started, counts = time.perf_counter(), label_histogram(dataset, processes)
+    with atomic_write(cache) as temp:
+        temp.write_text(json.dumps({"key": key, "pixels": counts.tolist()}))
+    run_log.message(f"label histogram of {len(dataset)} labels: {time.perf_counter() - started:.1f} s in {processes} processes, cached in {cache.name}")
+    if info.num_classes == 2 and not counts[1:IGNORE_INDEX].any() and counts[IGNORE_INDEX]:
+        fix = f"if 255 marks your foreground, write it as 1 into a copy: python tools/map_labels.py {source} NEW_ROOT --map 255=1"
+        raise DataError(f"{source}: the training labels hold only 0 and 255, and 255 is the ignore value, so {info.class_names[1]!r} never occurs; {fix}")
+    absent = [name for name, count in zip(info.class_names, counts) if count == 0]
+    if absent:
+        run_log.message(f"warning: {len(absent)} of {info.num_classes} classes never occur in the training labels: {', '.join(absent)}; "
+                        f"check the class list and label values (python tools/check_dataset.py {source})")  # fmt: skip
+
+
 def build_model_and_state(args, runtime, *, info, channels_last, checkpoint, resumed_from, run_log):
     """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as the resumed checkpoint left them."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
@@ -541,7 +565,7 @@ def train(args):
     work_dir, info = Path(args.work_dir), dataset.info
     held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime=runtime, log=tqdm.write)
     run_log = RunLog(work_dir, runtime.is_main)
-    run_log.message(f"dataset: {info.name} ({detect_dataset(args.data_root, args.dataset)}), {info.num_classes} classes, {len(dataset)} training images")
+    check_labels(dataset, work_dir, run_log, source=args.data_root, layout=detect_dataset(args.data_root, args.dataset), processes=max(args.workers, 1))
     run_log.message(runtime.precision_note(args.amp))
     channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
     model, optimizer, scaler, start, best = build_model_and_state(

@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import in_process, last_json
+from conftest import in_process, last_json, one_line_error
 from PIL import Image
 
+import cityscapes
 import interop
 import synthetic
 
@@ -31,7 +32,6 @@ def test_check_counts_every_class_and_draws_the_pictures(layout, synthetic_root,
     result = in_process("tools/check_dataset.py", root, "--out", tmp_path / "report", "--samples", "2", "--nproc", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = last_json(result.stdout)
-    import cityscapes
 
     for split in ("train", "val"):
         dataset = cityscapes.open_dataset(root, split)
@@ -71,3 +71,51 @@ def test_check_explains_masks_of_0_and_255(tmp_path):
     assert f"warning: train: 1 of 2 classes never occur: {info.class_names[1]}" in result.stderr
     assert "labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1" in result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["splits"]["train"]["absent"] == [info.class_names[1]]
+
+
+def binary_masks_of_0_and_255(tmp_path):
+    root = synthetic.synthesize_folder(tmp_path / "data", classes=2, train=4, val=2, height=64, width=128, seed=5)
+    for label in (root / "ann_dir").rglob("*.png"):
+        values = np.array(Image.open(label))
+        Image.fromarray(np.where(values == 1, 255, 0).astype(np.uint8)).save(label)
+    return root
+
+
+TINY_RUN = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--iters", "2", "--workers", "0", "--warmup-iters", "0", "--val-interval", "2"]
+
+
+def test_masks_of_0_and_255_are_refused_and_train_after_mapping(tmp_path):
+    """With a 2-class classes.txt, 255 is ignored: the model would learn background only and score 'mIoU 100'."""
+    root = binary_masks_of_0_and_255(tmp_path)
+    refused = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN)
+    name = interop.folder_info(root).class_names[1]
+    fix = f"if 255 marks your foreground, write it as 1 into a copy: python tools/map_labels.py {root} NEW_ROOT --map 255=1"
+    assert one_line_error(refused) == f"error: {root}: the training labels hold only 0 and 255, and 255 is the ignore value, so {name!r} never occurs; {fix}"
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    mapped = in_process("tools/map_labels.py", root, tmp_path / "mapped", "--map", "255=1")
+    assert mapped.returncode == 0 and last_json(mapped.stdout)["labels"] == 6, mapped.stderr
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before  # the user's files untouched
+    for label in (root / "ann_dir").rglob("*.png"):
+        original = np.array(Image.open(label))
+        assert np.array_equal(np.array(Image.open(tmp_path / "mapped" / label.relative_to(root))), np.where(original == 255, 1, original))
+    trained = in_process("train.py", "--data-root", tmp_path / "mapped", "--work-dir", tmp_path / "wd2", *TINY_RUN)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    histogram = json.loads((tmp_path / "wd2" / "label_histogram.json").read_text())["pixels"]
+    assert histogram[:2] == independent_counts(cityscapes.open_dataset(tmp_path / "mapped", "train").samples, 2) and histogram[1] > 0
+
+
+def test_a_class_absent_from_the_training_labels_warns_and_the_histogram_is_reused(tmp_path):
+    root = synthetic.synthesize_folder(tmp_path / "data", classes=5, train=4, val=2, height=64, width=128, seed=6)
+    for label in (root / "ann_dir" / "train").rglob("*.png"):
+        values = np.array(Image.open(label))
+        Image.fromarray(np.where(values == 3, 0, values).astype(np.uint8)).save(label)
+    first = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN)
+    name = interop.folder_info(root).class_names[3]
+    assert first.returncode == 0 and f"warning: 1 of 5 classes never occur in the training labels: {name}; " in first.stdout, first.stderr[-2000:]
+    assert "label histogram of 4 labels" in first.stdout
+    resumed = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN, "--iters", "3", "--resume")
+    assert resumed.returncode == 0 and "label histogram" not in resumed.stdout, resumed.stderr[-2000:]
+    label = sorted((root / "ann_dir" / "train").rglob("*.png"))[0]
+    Image.fromarray(np.full((64, 128), 3, np.uint8)).save(label)  # a changed label file is counted again
+    again = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN, "--iters", "4", "--resume")
+    assert again.returncode == 0 and "label histogram of 4 labels" in again.stdout and "never occur" not in again.stdout
