@@ -113,15 +113,21 @@ def confusion_matrix(pred, label, num_classes):
 
 
 def metrics(confusion):
+    """Per class, from one confusion matrix: IoU tp / (tp + fp + fn), Dice (F1) 2tp / (2tp + fp + fn), precision
+    tp / (tp + fp) and recall (Acc) tp / (tp + fn). A ratio whose pixels are all absent (a class neither labelled
+    nor predicted; precision of a class never predicted, recall of one never labelled) is NaN, left out of its mean."""
     confusion = confusion.double()
-    tp = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - tp
-    gt = confusion.sum(1)
-    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
-    acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
-    all_acc = 100 * (tp.sum() / confusion.sum().clamp(min=1)).item()
-    scored = int((union > 0).sum())  # a class with no pixel in the labels nor the predictions is left out of the mean
-    return {"mIoU": 100 * iou.nanmean().item(), "mAcc": 100 * acc.nanmean().item(), "aAcc": all_acc, "iou": iou.tolist(), "classes_in_mean": scored}
+    tp, labelled, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+
+    def ratio(part, whole):
+        return torch.where(whole > 0, part / whole.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
+
+    per_class = {"iou": ratio(tp, labelled + predicted - tp), "dice": ratio(2 * tp, labelled + predicted), "precision": ratio(tp, predicted)}
+    per_class["recall"] = ratio(tp, labelled)
+    means = {"mIoU": "iou", "mAcc": "recall", "mDice": "dice", "mPrecision": "precision"}
+    result = {name: 100 * per_class[key].nanmean().item() for name, key in means.items()} | {k: v.tolist() for k, v in per_class.items()}
+    scored = int((labelled + predicted > 0).sum())  # a class with no pixel in the labels nor the predictions is left out of the mean
+    return result | {"aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(), "classes_in_mean": scored}
 
 
 def encode_prediction(pred, fmt, *, info, image=None):
@@ -212,11 +218,14 @@ def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=
 
 
 def print_table(result, mode, *, class_names):
-    print(f"{'class':>15} | IoU ({mode})")
-    for name, iou in zip(class_names, result["iou"]):
-        print(f"{name:>15} | {'   n/a' if np.isnan(iou) else f'{100 * iou:6.2f}'}")
+    print(f"{'class':>15} | {'IoU':>6} | {'Dice':>6} | {'Prec.':>6} | {'Recall':>6}   ({mode})")
+    for k, name in enumerate(class_names):
+        print(
+            f"{name:>15} | "
+            + " | ".join("   n/a" if np.isnan(result[key][k]) else f"{100 * result[key][k]:6.2f}" for key in ("iou", "dice", "precision", "recall"))
+        )
     over = f" over {result['classes_in_mean']} of {len(class_names)} classes" if result["classes_in_mean"] < len(class_names) else ""
-    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
+    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mDice {result['mDice']:.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
 
 
 # -- The script ----------------------------------------------------------------------------------------------
@@ -324,9 +333,12 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
     summary |= {key: result[key] for key in ("data_s", "model_s", "eval_s")}
     if "mIoU" in result:
         print_table(result, options.name, class_names=dataset.info.class_names)
-        per_class = {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result["iou"])}
-        scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mAcc", "aAcc")}  # JSON has no NaN
-        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, "per_class": per_class}
+        per_class = {
+            key: {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result[key])}
+            for key in ("iou", "dice", "precision", "recall")
+        }
+        scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mDice", "mAcc", "aAcc")}  # JSON has no NaN
+        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, "per_class": per_class.pop("iou"), **per_class}
     print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
 
 

@@ -103,6 +103,29 @@ def test_metrics_follow_the_official_definition():
     assert result["classes_in_mean"] == 3  # class 3: no pixel in the labels nor the predictions
 
 
+def test_dice_precision_and_recall_equal_sklearns():
+    """sklearn's per-class scores over the labelled pixels (labels=range(C)): f1 is Dice, recall is Acc. Where
+    sklearn's zero_division applies (never predicted; never labelled) ours are NaN and left out of their means."""
+    from sklearn.metrics import jaccard_score, precision_recall_fscore_support
+
+    generator = torch.Generator().manual_seed(5)
+    label = torch.randint(0, 6, (2, 40, 50), generator=generator)
+    label[label == 4] = 255  # class 4 never labelled
+    label[torch.rand(label.shape, generator=generator) < 0.2] = 255
+    pred = torch.where(torch.rand(label.shape, generator=generator) < 0.6, label.clamp(max=5), torch.randint(0, 6, label.shape, generator=generator))
+    pred[pred == 3] = 2  # class 3 never predicted
+    result = metrics(confusion_matrix(pred, label, 6))
+    valid = (label != 255).numpy().ravel()
+    y_true, y_pred = label.numpy().ravel()[valid], pred.numpy().ravel()[valid]
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=range(6), zero_division=np.nan)
+    np.testing.assert_allclose(result["precision"], precision, rtol=1e-12)
+    np.testing.assert_allclose(result["recall"], recall, rtol=1e-12)
+    np.testing.assert_allclose(result["dice"], f1, rtol=1e-12)
+    np.testing.assert_allclose(result["iou"], jaccard_score(y_true, y_pred, labels=range(6), average=None), rtol=1e-12)  # every class has a pixel
+    assert math.isnan(result["precision"][3]) and math.isnan(result["recall"][4]) and not math.isnan(result["dice"][4])  # 4 was predicted
+    assert result["mDice"] == pytest.approx(100 * np.nanmean(f1)) and result["mAcc"] == pytest.approx(100 * np.nanmean(recall))
+
+
 def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root, checkpoint, tmp_path):
     from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
 
