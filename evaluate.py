@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import cli
@@ -130,8 +130,10 @@ def metrics(confusion):
     return result | {"aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(), "classes_in_mean": scored}
 
 
-def encode_prediction(pred, fmt, *, info, image=None):
+def encode_prediction(pred, fmt, *, info, image=None, label=None):
     """pred: HxW class indices (uint8 numpy) -> PIL image in the requested format, coloured by the dataset's palette."""
+    if fmt == "compare":
+        return comparison(image, label, pred, info)
     if fmt == "trainIds":
         return Image.fromarray(pred)
     if fmt == "labelIds":
@@ -139,6 +141,19 @@ def encode_prediction(pred, fmt, *, info, image=None):
     if fmt == "color":
         return Image.fromarray(info.colors[pred])
     return Image.fromarray((0.5 * image + 0.5 * info.colors[pred]).astype(np.uint8))
+
+
+def comparison(image, label, pred, info):
+    """image | ground truth | prediction, side by side (ignored pixels black), above a legend of the classes shown."""
+    colors = np.vstack([info.colors, np.zeros((256 - info.num_classes, 3), np.uint8)])
+    width, shown = pred.shape[1], sorted((set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {IGNORE_INDEX})
+    legend = Image.new("RGB", (3 * width, 20 * ((len(shown) + 3) // 4) + 4), "white")
+    draw = ImageDraw.Draw(legend)
+    for k, c in enumerate(shown):
+        x, y = (k % 4) * (3 * width // 4) + 4, (k // 4) * 20 + 4
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in colors[c]), outline="black")
+        draw.text((x + 18, y), info.class_names[c], fill="black")
+    return Image.fromarray(np.vstack([np.hstack([image.astype(np.uint8), colors[label], colors[pred]]), np.asarray(legend)]))
 
 
 def prediction_paths(image_paths, source_root, *, out_dir, fmt):
@@ -208,13 +223,15 @@ def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=
         runtime.synchronize()
         model_s += time.perf_counter() - tick
         if out_paths is not None:
-            for name, p, image in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy()):
-                save_prediction(encode_prediction(p, fmt, info=dataset.info, image=image), out_paths[name])
+            labels = sample["label"].numpy() if "label" in sample else [None] * len(sample["name"])
+            for name, p, image, label in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy(), labels):
+                save_prediction(encode_prediction(p, fmt, info=dataset.info, image=image, label=label), out_paths[name])
         tick = time.perf_counter()
     seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
     if not has_labels:
         return seconds
-    return {**metrics(runtime.all_reduce_counts(confusion).cpu()), **seconds}
+    confusion = runtime.all_reduce_counts(confusion).cpu()
+    return {**metrics(confusion), "confusion": confusion.tolist(), **seconds}
 
 
 def print_table(result, mode, *, class_names):
@@ -244,7 +261,8 @@ def evaluation_parser(description):
     group.add_argument("--split", default="val")
     group.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
     group.add_argument("--out-dir", help="write one PNG per image here")
-    group.add_argument("--format", default="color", choices=("color", "labelIds", "trainIds", "overlay"), help="labelIds: Cityscapes' submission ids")
+    formats = ("color", "labelIds", "trainIds", "overlay", "compare")
+    group.add_argument("--format", default="color", choices=formats, help="labelIds: Cityscapes' submission ids; compare: image | truth | prediction")
     group.add_argument("--workers", type=cli.integer(0), default=2)
     group = parser.add_argument_group("inference")
     group.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
@@ -324,6 +342,8 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
         dataset = labelled_dataset(
             args.data_root, args.split, dataset_type=args.dataset, model=model_name, info=info, writes=bool(args.out_dir), is_main=runtime.is_main
         )
+    if args.format == "compare" and (args.images or args.split == "test"):
+        raise cli.UsageError("--format compare shows the ground truth, which --images and the test split have not; use --format overlay")
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
     result = evaluate(segment, dataset, runtime=runtime, out_paths=output_paths(dataset, args, runtime), fmt=args.format, workers=args.workers)

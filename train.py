@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -275,7 +276,7 @@ class RunLog:
     """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
 
     def __init__(self, work_dir, enabled):
-        self.enabled, self.path, self.file, self.writer = enabled, work_dir / "log.jsonl", None, None
+        self.enabled, self.path, self.file, self.writer, self.plotter = enabled, work_dir / "log.jsonl", None, None, None
 
     def start(self, iteration):
         """log.jsonl goes on from `iteration`: what a stopped run logged after its checkpoint goes (the resumed run
@@ -314,6 +315,20 @@ class RunLog:
 
     def failed(self, error):
         return LogUnwritable(f"{self.path.parent}: cannot write the run's log ({error.strerror or error}); free some space")
+
+    def draw(self, *, wait=False):
+        """Redraws the run's pictures from log.jsonl (tools/plot_run.py: curves, confusion, per-class IoU) in a process
+        of their own, so that training neither waits for matplotlib nor fails with it. At the end (wait) the last
+        drawing is waited for, and a failure said."""
+        if not self.enabled or (self.plotter and self.plotter.poll() is None and not wait):
+            return
+        if self.plotter:
+            self.plotter.wait()
+        plot = [sys.executable, str(Path(__file__).resolve().parent / "tools" / "plot_run.py"), str(self.path.parent)]
+        self.plotter = subprocess.Popen(plot, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if wait and self.plotter.wait():
+            said = self.plotter.stderr.read().strip().splitlines() or [f"exit code {self.plotter.returncode}"]
+            self.message(f"warning: the run's pictures were not drawn ({said[-1]}); python tools/plot_run.py {self.path.parent} retries")
 
     def close(self):
         for handle in (self.file, self.writer):
@@ -408,7 +423,10 @@ class Validation:
         self.best = self.checkpointer.best = miou if improved else self.best
         shown = f"{miou:.2f} (ss whole)" if math.isfinite(miou) else "undefined: no val pixel is labelled, so it is never a best"
         self.run_log.message(f"iter {it + 1}: val mIoU {shown}, {f'best {self.best:.2f}' if self.best is not None else 'no best yet'}")
-        self.run_log.record({"iter": it + 1, "val_mIoU": miou, "val_mAcc": self.result["mAcc"], "val_aAcc": self.result["aAcc"]}, **{"val/mIoU": miou})
+        per_class = {name: None if math.isnan(iou) else 100 * iou for name, iou in zip(self.val_set.info.class_names, self.result["iou"])}
+        scores = {f"val_{key}": self.result[key] for key in ("mIoU", "mDice", "mAcc", "aAcc")}
+        self.run_log.record({"iter": it + 1, **scores, "val_iou": per_class, "val_confusion": self.result["confusion"]}, **{"val/mIoU": miou})
+        self.run_log.draw()
         if improved:
             self.checkpointer.save(self.checkpointer.work_dir / "best.pth", it + 1)
 
@@ -549,6 +567,7 @@ def finish(runtime, *, args, hooks, run_log, held_lock):
     summary |= {"device": str(runtime.device), "world_size": runtime.world_size, "backend": runtime.backend, "amp": args.amp}
     summary |= {"precision": runtime.precision(args.amp), "depth": args.depth, "unlabelled_batches": step_check.unlabelled}
     run_log.record({"iter": args.iters, "summary": summary})
+    run_log.draw(wait=True)
     run_log.close()
     if runtime.is_main:
         print(json.dumps(summary), flush=True)

@@ -1,5 +1,6 @@
 """tools/check_dataset.py against counts made here independently (PIL and numpy over the label files)."""
 
+import csv
 import json
 
 import numpy as np
@@ -119,3 +120,28 @@ def test_a_class_absent_from_the_training_labels_warns_and_the_histogram_is_reus
     Image.fromarray(np.full((64, 128), 3, np.uint8)).save(label)  # a changed label file is counted again
     again = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN, "--iters", "4", "--resume")
     assert again.returncode == 0 and "label histogram of 4 labels" in again.stdout and "never occur" not in again.stdout
+
+
+def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbers(tmp_path):
+    root = synthetic.synthesize_folder(tmp_path / "data", classes=5, train=6, val=3, height=64, width=128, seed=2)
+    run = [*TINY_RUN, "--iters", "4", "--log-interval", "1", "--amp", "O0"]
+    trained = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *run)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for name in ("curves.png", "confusion.png", "per_class_iou.png"):
+        with Image.open(tmp_path / "wd" / name) as png:
+            assert png.format == "PNG" and png.width >= 400 and np.asarray(png.convert("L")).std() > 10, name  # a drawing, not a blank
+    validations = [e for e in map(json.loads, (tmp_path / "wd" / "log.jsonl").read_text().splitlines()) if "val_iou" in e]
+    assert [e["iter"] for e in validations] == [2, 4]
+    rows = list(csv.reader((tmp_path / "wd" / "confusion.csv").open()))
+    names = interop.folder_info(root).class_names
+    assert rows[0][1:] == list(names) and [row[0] for row in rows[1:]] == list(names)
+    confusion = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
+    assert confusion.tolist() == validations[-1]["val_confusion"]
+    scored = last_json(in_process("evaluate.py", "--ckpt", tmp_path / "wd" / "iter_4.pth", "--data-root", root, "--amp", "O0", "--workers", "0").stdout)
+    labelled = independent_counts(cityscapes.open_dataset(root, "val").samples, 5)
+    assert confusion.sum(1).tolist() == labelled  # every labelled val pixel counted once, by its ground truth
+    tp, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    for k, name in enumerate(names):
+        from_csv = 100 * tp[k] / union[k] if union[k] else None
+        for value in (validations[-1]["val_iou"][name], scored["per_class"][name]):
+            assert (value is None) == (from_csv is None) and (value is None or abs(value - from_csv) < 0.05), name

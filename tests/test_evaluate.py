@@ -231,3 +231,43 @@ def test_single_pass_class_map_is_the_model_argmax(model):
     images = torch.rand(1, 3, 100, 164) * 255
     assert model(images, upsample=False).shape == (1, 19, 13, 21)
     assert (predict_classes(model, images) == model(images).argmax(1)).float().mean() > 0.9999
+
+
+def test_compare_pictures_line_up_image_truth_and_prediction(synthetic_root, checkpoint, tmp_path):
+    """--format compare: the input image | its label in the palette (ignored pixels black) | the prediction exactly as
+    --format color writes it, over a legend; the test split and --images have no truth to show, and are refused."""
+    from cityscapes import open_dataset
+    from datasets import read_image, read_label
+
+    common = ["--ckpt", checkpoint, "--data-root", synthetic_root, "--amp", "O0", "--workers", "0"]
+    succeeded("evaluate.py", *common, "--out-dir", tmp_path / "compare", "--format", "compare")
+    succeeded("evaluate.py", *common, "--out-dir", tmp_path / "color", "--format", "color")
+    dataset = open_dataset(synthetic_root, "val")
+    colors = np.vstack([np.array(PALETTE, np.uint8), np.zeros((256 - len(PALETTE), 3), np.uint8)])
+    for image_path, label_path in dataset.samples:
+        image, label = read_image(image_path), read_label(label_path, dataset.info)
+        height, width = label.shape
+        (compared,) = (tmp_path / "compare").rglob(image_path.name.replace("_leftImg8bit.png", "_compare.png"))
+        (colored,) = (tmp_path / "color").rglob(image_path.name.replace("_leftImg8bit.png", "_color.png"))
+        picture = np.array(Image.open(compared).convert("RGB"))
+        assert picture.shape[1] == 3 * width and picture.shape[0] > height  # the legend below
+        assert np.array_equal(picture[:height, :width], image)
+        assert np.array_equal(picture[:height, width : 2 * width], colors[label])
+        assert np.array_equal(picture[:height, 2 * width :], np.array(Image.open(colored).convert("RGB")))
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "evaluate.py",
+            *map(str, common),
+            "--images",
+            str(synthetic_root / "leftImg8bit" / "val"),
+            "--out-dir",
+            str(tmp_path / "x"),
+            "--format",
+            "compare",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].startswith("error: --format compare shows the ground truth")

@@ -64,7 +64,10 @@ def report(split, stats, info):
     if absent and stats["values"].any():
         print(f"warning: {split}: {len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}", file=sys.stderr)
     if info.num_classes == 2 and absent == [info.class_names[1]] and stats["values"][IGNORE_INDEX]:
-        print(f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1 (tools/map_labels.py)", file=sys.stderr)
+        print(
+            f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1 (tools/map_labels.py)",
+            file=sys.stderr,
+        )
     part = {"images": stats["images"], "sizes": stats["sizes"], "pixels": dict(zip(info.class_names, map(int, counts))), "absent": absent}
     return part | {"ignored_pixels": int(stats["values"][IGNORE_INDEX]), "broken": stats["errors"]}
 
