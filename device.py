@@ -273,6 +273,13 @@ class Runtime:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags.item())
 
+    def broadcast(self, tensor):
+        """Rank 0's tensor on every rank, on the device (hccl sends no host tensors)."""
+        tensor = tensor.to(self.device)
+        if self.distributed:
+            dist.broadcast(tensor, 0)
+        return tensor
+
     def all_reduce_counts(self, counts):
         """Sums int64 counts on any backend, through the device (hccl reduces no host tensors). They travel as two
         int32 halves: hccl before torch_npu 2.1.0-5.0.rc3 reduced only 32-bit types."""

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,7 +54,7 @@ RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("seed_r50
 
 # the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
 RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum weight_decay warmup_iters warmup warmup_ratio poly_power min_lr loss
-    loss_normalise ohem_thresh aux_weight amp amp_dtype loss_scale seed diff_seed sync_bn""".split()
+    loss_normalise ohem_thresh aux_weight class_weight amp amp_dtype loss_scale seed diff_seed sync_bn""".split()
 
 
 class TrainingError(cli.Error):
@@ -113,6 +114,7 @@ def add_training_flags(p):
     schedule.add_argument("--loss", default="ce", choices=("ce", "ohem"))
     schedule.add_argument("--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7)
     schedule.add_argument("--aux-weight", type=cli.real(0), default=1.0)
+    schedule.add_argument("--class-weight", help="CE weight per class: a text file of one number per class, or auto (ENet's 1/ln(1.02 + share))")
     schedule.add_argument(
         "--loss-normalise", choices=("all", "valid"), help="CE's divisor: every pixel (default: the seed's and mmseg's), or the labelled ones"
     )
@@ -166,9 +168,9 @@ def learning_rate(it, *, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0,
     return lr
 
 
-def ohem_cross_entropy(logits, labels, *, thresh):
+def ohem_cross_entropy(logits, labels, *, thresh, weight=None):
     """CoinCheung's OHEM: mean loss of pixels harder than -log(thresh), at least valid/16 of them."""
-    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").flatten()
+    loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none").flatten()
     n_min = int((labels != IGNORE_INDEX).sum()) // 16
     hard = loss[loss > -math.log(thresh)]
     if hard.numel() < n_min:
@@ -176,16 +178,16 @@ def ohem_cross_entropy(logits, labels, *, thresh):
     return hard.mean() if hard.numel() else loss.sum() * 0  # a batch without labelled pixels adds nothing
 
 
-def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="all"):
+def segmentation_loss(outputs, labels, *, loss_type="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="all", class_weight=None):
     """Main head + aux_weight x each aux head, on the fp32 logits the heads return (O1's loss in fp32). CE is the
-    labelled pixels' sum divided by all pixels (all: mmseg's avg_non_ignore=False, as the seed ran), or their mean
-    (valid: PyTorch's and CoinCheung's)."""
+    labelled pixels' sum divided by all pixels (all: mmseg's avg_non_ignore=False, as the seed ran), or by the
+    labelled ones (valid: CoinCheung's); class_weight scales each pixel's term by its class's weight (mmseg's)."""
 
     def head_loss(logits):
         if loss_type == "ohem":
-            return ohem_cross_entropy(logits, labels, thresh=ohem_thresh)
+            return ohem_cross_entropy(logits, labels, thresh=ohem_thresh, weight=class_weight)
         pixels = (labels != IGNORE_INDEX).sum().clamp(min=1) if normalise == "valid" else labels.numel()  # no labelled pixel: loss 0
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / pixels
+        return F.cross_entropy(logits, labels, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum") / pixels
 
     main, *aux = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in aux)
@@ -507,19 +509,21 @@ def build_data(args):
 
 
 def check_labels(dataset, work_dir, run_log, *, source, layout, processes):
-    """Says what the run trains on, with the training labels' pixels per class (read once in `processes` processes,
-    cached in work_dir while the label files are unchanged; rank 0 only). A 2-class set whose labels hold only 0 and
-    255 is refused: 255 is ignored, so class 1 would never be trained and its IoU never scored. An absent class warns."""
+    """Says what the run trains on; on rank 0 returns the training labels' pixels per label value (read once in
+    `processes` processes, cached in work_dir while the label files are unchanged). A 2-class set whose labels hold
+    only 0 and 255 is refused: 255 is ignored, so class 1 would never be trained nor scored. An absent class warns."""
     info, cache = dataset.info, work_dir / "label_histogram.json"
     run_log.message(f"dataset: {info.name} ({layout}), {info.num_classes} classes, {len(dataset)} training images")
-    files = "".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n" for _, p in dataset.samples) if run_log.enabled else ""
+    if not run_log.enabled:
+        return None
+    files = "".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n" for _, p in dataset.samples)
     key, saved = hashlib.sha256(files.encode()).hexdigest(), json.loads(cache.read_text()) if cache.is_file() else {}
-    if not run_log.enabled or saved.get("key") == key:
-        return
-    started, counts = time.perf_counter(), label_histogram(dataset, processes)
-    with atomic_write(cache) as temp:
-        temp.write_text(json.dumps({"key": key, "pixels": counts.tolist()}))
-    run_log.message(f"label histogram of {len(dataset)} labels: {time.perf_counter() - started:.1f} s in {processes} processes, cached in {cache.name}")
+    counts = np.array(saved["pixels"], dtype=np.int64) if saved.get("key") == key else None
+    if counts is None:
+        started, counts = time.perf_counter(), label_histogram(dataset, processes)
+        with atomic_write(cache) as temp:
+            temp.write_text(json.dumps({"key": key, "pixels": counts.tolist()}))
+        run_log.message(f"label histogram of {len(dataset)} labels: {time.perf_counter() - started:.1f} s in {processes} processes, cached in {cache.name}")
     if info.num_classes == 2 and not counts[1:IGNORE_INDEX].any() and counts[IGNORE_INDEX]:
         fix = f"if 255 marks your foreground, write it as 1 into a copy: python tools/map_labels.py {source} NEW_ROOT --map 255=1"
         raise DataError(f"{source}: the training labels hold only 0 and 255, and 255 is the ignore value, so {info.class_names[1]!r} never occurs; {fix}")
@@ -527,6 +531,36 @@ def check_labels(dataset, work_dir, run_log, *, source, layout, processes):
     if absent:
         run_log.message(f"warning: {len(absent)} of {info.num_classes} classes never occur in the training labels: {', '.join(absent)}; "
                         f"check the class list and label values (python tools/check_dataset.py {source})")  # fmt: skip
+    return counts
+
+
+def class_weights(spec, counts, *, num_classes, runtime):
+    """--class-weight as a tensor on the device, or None: a text file of one weight per class, or auto: ENet's
+    1 / ln(1.02 + p) of each class's share p of the labelled training pixels (rank 0's histogram, sent to all)."""
+    if spec is None:
+        return None
+    if spec != "auto":
+        try:
+            weights = torch.tensor([float(v) for v in Path(spec).read_text().replace(",", " ").split()])
+        except (OSError, ValueError) as e:
+            raise cli.UsageError(f"--class-weight {spec}: cannot read it ({cli.first_line(e)}); pass a text file of {num_classes} numbers, or auto") from None
+        if len(weights) != num_classes or not (torch.isfinite(weights).all() and (weights >= 0).all() and weights.any()):
+            raise cli.UsageError(f"--class-weight {spec}: expected {num_classes} finite weights >= 0, not all 0 (one per class); got {len(weights)} values")
+        return weights.to(runtime.device)
+    shares = torch.zeros(num_classes) if counts is None else torch.from_numpy(counts[:num_classes] / max(counts[:num_classes].sum(), 1)).float()
+    return runtime.broadcast(1 / torch.log(1.02 + shares))
+
+
+def build_objective(args, dataset, work_dir, run_log, runtime):
+    """(loss function, learning-rate schedule, class weights or None), after the training labels are checked."""
+    layout, processes = detect_dataset(args.data_root, args.dataset), max(args.workers, 1)
+    counts = check_labels(dataset, work_dir, run_log, source=args.data_root, layout=layout, processes=processes)
+    weights = class_weights(args.class_weight, counts, num_classes=dataset.info.num_classes, runtime=runtime)
+    loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight,
+                                normalise=args.loss_normalise, class_weight=weights)  # fmt: skip
+    schedule = functools.partial(learning_rate, base_lr=args.lr, iters=args.iters, min_lr=args.min_lr, power=args.poly_power,
+                                 warmup_iters=args.warmup_iters, warmup=args.warmup, warmup_ratio=args.warmup_ratio)  # fmt: skip
+    return loss_fn, schedule, weights
 
 
 def build_model_and_state(args, runtime, *, info, channels_last, checkpoint, resumed_from, run_log):
@@ -584,7 +618,7 @@ def train(args):
     work_dir, info = Path(args.work_dir), dataset.info
     held_lock, checkpoint, resumed_from = open_work_dir(work_dir, args.resume, runtime=runtime, log=tqdm.write)
     run_log = RunLog(work_dir, runtime.is_main)
-    check_labels(dataset, work_dir, run_log, source=args.data_root, layout=detect_dataset(args.data_root, args.dataset), processes=max(args.workers, 1))
+    loss_fn, schedule, weights = build_objective(args, dataset, work_dir, run_log, runtime)
     run_log.message(runtime.precision_note(args.amp))
     channels_last = runtime.prefers_channels_last if args.channels_last is None else args.channels_last
     model, optimizer, scaler, start, best = build_model_and_state(
@@ -594,11 +628,9 @@ def train(args):
     run_log.start(start)
     stepped = data_parallel(model, runtime) if runtime.distributed else model
     stepped = torch.compile(stepped) if args.compile else stepped
-    loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight, normalise=args.loss_normalise)
-    schedule = functools.partial(learning_rate, base_lr=args.lr, iters=args.iters, min_lr=args.min_lr, power=args.poly_power,
-                                 warmup_iters=args.warmup_iters, warmup=args.warmup, warmup_ratio=args.warmup_ratio)  # fmt: skip
     loader = training_loader(dataset, batch_size=args.batch_size, workers=args.workers, seed=args.seed, start=start, iters=args.iters, runtime=runtime)
-    contents = dict(optimizer=optimizer, scaler=scaler, settings={**vars(args), "world_size": runtime.world_size}, dataset=info)  # besides the model
+    settings = {**vars(args), "world_size": runtime.world_size, "class_weights": None if weights is None else weights.tolist()}
+    contents = dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=info)  # besides the model
     checkpointer = Checkpointer(work_dir, model, contents=contents,
                                 interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints, is_main=runtime.is_main,
                                 log=run_log.message, path=resumed_from, best=best)  # fmt: skip

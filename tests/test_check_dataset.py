@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import in_process, last_json, one_line_error
 from PIL import Image
 
@@ -145,3 +146,20 @@ def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbe
         from_csv = 100 * tp[k] / union[k] if union[k] else None
         for value in (validations[-1]["val_iou"][name], scored["per_class"][name]):
             assert (value is None) == (from_csv is None) and (value is None or abs(value - from_csv) < 0.05), name
+
+
+def test_class_weight_auto_is_enets_formula_of_the_training_histogram_and_a_bad_file_is_one_line(tmp_path):
+    root = synthetic.synthesize_folder(tmp_path / "data", classes=5, train=4, val=2, height=64, width=128, seed=7)
+    trained = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN, "--class-weight", "auto")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    counts = np.array(independent_counts(cityscapes.open_dataset(root, "train").samples, 5), dtype=np.float64)
+    enet = 1 / np.log(1.02 + counts / counts.sum())  # Paszke et al. 2016, ENet, section 5.2
+    settings = torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)["args"]
+    assert settings["class_weight"] == "auto" and np.allclose(settings["class_weights"], enet, rtol=1e-6)
+    (tmp_path / "w.txt").write_text("1, 2\n3")
+    refused = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd2", *TINY_RUN, "--class-weight", tmp_path / "w.txt")
+    expected = f"error: --class-weight {tmp_path / 'w.txt'}: expected 5 finite weights >= 0, not all 0 (one per class); got 3 values"
+    assert one_line_error(refused) == expected
+    (tmp_path / "w.txt").write_text("1 1 1 1 4\n")
+    weighted = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd3", *TINY_RUN, "--class-weight", tmp_path / "w.txt")
+    assert weighted.returncode == 0 and torch.load(tmp_path / "wd3" / "latest.pth", weights_only=True)["args"]["class_weights"] == [1, 1, 1, 1, 4]

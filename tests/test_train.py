@@ -339,3 +339,22 @@ def test_launch_scripts_run_and_resume(synthetic_root, tmp_path, script):
     again = subprocess.run(["bash", script, *overrides[:-2], "--iters", "3"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr + again.stdout and last_json(again.stdout)["iters"] == 3
+
+
+@pytest.mark.parametrize("normalise", ["all", "valid"])
+def test_class_weights_scale_each_pixels_term_in_every_head(normalise):
+    """mmseg's weighted CE: sum over labelled pixels of w[y] * -log softmax(x)[y], divided by all pixels (all) or by
+    the labelled ones (valid), written out here with log_softmax and gather."""
+    torch.manual_seed(4)
+    outputs = [torch.randn(2, 5, 6, 7) for _ in range(3)]
+    labels = torch.randint(0, 5, (2, 6, 7))
+    labels[:, 0] = 255
+    weight = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.0])
+
+    def manual(logits):
+        valid = labels != 255
+        nll = -logits.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0]
+        return (weight[labels.clamp(max=4)] * nll)[valid].sum() / (valid.sum() if normalise == "valid" else labels.numel())
+
+    expected = manual(outputs[0]) + 0.4 * (manual(outputs[1]) + manual(outputs[2]))
+    torch.testing.assert_close(segmentation_loss(outputs, labels, aux_weight=0.4, normalise=normalise, class_weight=weight), expected)
