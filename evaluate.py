@@ -358,7 +358,8 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
             for key in ("iou", "dice", "precision", "recall")
         }
         scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mDice", "mAcc", "aAcc")}  # JSON has no NaN
-        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, "per_class": per_class.pop("iou"), **per_class}
+        per_class = {"per_class": per_class.pop("iou")} | {f"per_class_{key}": values for key, values in per_class.items()}  # "precision": the arithmetic's
+        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, **per_class}
     print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
 
 

@@ -148,6 +148,7 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(synthetic_root
         assert ours["per_class"][name] == pytest.approx(100 * score, abs=0.006), name
     assert all(v is None for k, v in ours["per_class"].items() if k not in scored)
     assert ours["classes_in_mean"] == len(scored)  # the classes cityscapesscripts averages over, said in the JSON
+    assert ours["precision"] == "fp32" and all(ours[f"per_class_{key}"].keys() == ours["per_class"].keys() for key in ("dice", "precision", "recall"))
 
 
 def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
