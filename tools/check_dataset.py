@@ -97,7 +97,7 @@ def plot_class_pixels(parts, info, out):
     axis.set_yscale("symlog")
     axis.set_ylabel("pixels")
     axis.set_title(f"{info.name}: pixels per class")
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, never over them
     figure.tight_layout()
     save_figure(figure, out / "class_pixels.png")
     plt.close(figure)
