@@ -521,7 +521,7 @@ def check_labels(dataset, work_dir, run_log, *, source, layout, processes):
     counts = np.array(saved["pixels"], dtype=np.int64) if saved.get("key") == key else None
     if counts is None:
         started, counts = time.perf_counter(), label_histogram(dataset, processes)
-        with atomic_write(cache) as temp:
+        with contextlib.suppress(OSError), atomic_write(cache) as temp:  # only a cache: a full disk is said at the log's first line
             temp.write_text(json.dumps({"key": key, "pixels": counts.tolist()}))
         run_log.message(f"label histogram of {len(dataset)} labels: {time.perf_counter() - started:.1f} s in {processes} processes, cached in {cache.name}")
     if info.num_classes == 2 and not counts[1:IGNORE_INDEX].any() and counts[IGNORE_INDEX]:
