@@ -124,7 +124,7 @@ def metrics(confusion):
 
     per_class = {"iou": ratio(tp, labelled + predicted - tp), "dice": ratio(2 * tp, labelled + predicted), "precision": ratio(tp, predicted)}
     per_class["recall"] = ratio(tp, labelled)
-    means = {"mIoU": "iou", "mAcc": "recall", "mDice": "dice", "mPrecision": "precision"}
+    means = {"mIoU": "iou", "mAcc": "recall", "mDice": "dice"}
     result = {name: 100 * per_class[key].nanmean().item() for name, key in means.items()} | {k: v.tolist() for k, v in per_class.items()}
     scored = int((labelled + predicted > 0).sum())  # a class with no pixel in the labels nor the predictions is left out of the mean
     return result | {"aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(), "classes_in_mean": scored}
