@@ -1,6 +1,6 @@
 """A training run's work dir, so that no run is ever lost: one training process per work dir (a lock), checkpoints
 written atomically, only when there is room, the point to resume from found even when latest.pth is lost or
-damaged, never a silent fresh start on an earlier run. atomic_write writes every file the project writes.
+damaged, never a silent fresh start on an earlier run. (Every file the project writes goes through cli.atomic_write.)
 
     work_dir/iter_N.pth    a complete training checkpoint after N iterations (model, optimizer, scaler, ...)
     work_dir/latest.pth    a link to the newest iter_N.pth
@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import cli
 from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import CITYSCAPES, NUM_CLASSES
-from cli import CheckpointError
+from cli import CheckpointError, atomic_write
 from datasets import DatasetInfo, unnamed_classes, voc_palette
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
@@ -111,49 +110,6 @@ def atomic_save(obj, path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def publish_new(temp, path, *, keep_both=False):
-    """temp becomes `path` only if no file is there (atomically: a link fails on an existing name), and the path
-    written is returned. A file that appeared there meanwhile is never replaced: FileExistsError, or with
-    keep_both the result goes to the first free NAME_2, NAME_3, ... instead."""
-    path = Path(path)
-    candidates = [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))] if keep_both else [path]
-    for candidate in candidates:
-        try:
-            os.link(temp, candidate)
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path))
-
-
-class atomic_write:
-    """`with atomic_write(path) as temp:` yields a temporary path beside `path` to write; once the block ends it
-    becomes `path` in one step, replacing the old file, or with replace=False never (publish_new; keep_both: the
-    first free NAME_2, ...). .path is where it went. On any failure the temporary file is removed."""
-
-    def __init__(self, path, *, replace=True, keep_both=False, suffix=".tmp"):
-        self.path, self.replace, self.keep_both, self.suffix = Path(path), replace, keep_both, suffix
-
-    def __enter__(self):
-        """A new unique file beside `path`, with the permissions a plain open() gives (mkstemp's are owner-only)."""
-        handle, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)
-        os.close(handle)
-        self.temp = Path(temp)
-        return self.temp
-
-    def __exit__(self, error_type, error, traceback):
-        try:
-            if error_type is None and self.replace:
-                os.replace(self.temp, self.path)
-            elif error_type is None:
-                self.path = publish_new(self.temp, self.path, keep_both=self.keep_both)
-        finally:
-            self.temp.unlink(missing_ok=True)
 
 
 def point_latest(work_dir, target):

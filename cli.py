@@ -1,13 +1,18 @@
-"""What the command-line scripts share: one-line errors, flags checked for their range, the flags several scripts take.
+"""What the command-line scripts share: one-line errors, flags checked for their range, the flags several scripts take,
+and atomic file writes.
 
 Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
 (ArgumentParser) and every Error the code raises (main): UsageError, DataError, CheckpointError, WorkDirError
 (checkpoints.py), TrainingError (train.py)."""
 
 import argparse
+import errno
 import math
+import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 
 
 class Error(Exception):
@@ -152,3 +157,47 @@ def ratios(count=None):
 
     parse.__name__ = "ratios"
     return parse
+
+
+# -- Files: what a script writes appears whole or not at all ---------------------------------------------------
+def publish_new(temp, path, *, keep_both=False):
+    """temp becomes `path` only if no file is there (atomically: a link fails on an existing name), and the path
+    written is returned. A file that appeared there meanwhile is never replaced: FileExistsError, or with
+    keep_both the result goes to the first free NAME_2, NAME_3, ... instead."""
+    path = Path(path)
+    candidates = [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))] if keep_both else [path]
+    for candidate in candidates:
+        try:
+            os.link(temp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path))
+
+
+class atomic_write:
+    """`with atomic_write(path) as temp:` yields a temporary path beside `path` to write; once the block ends it
+    becomes `path` in one step, replacing the old file, or with replace=False never (publish_new; keep_both: the
+    first free NAME_2, ...). .path is where it went. On any failure the temporary file is removed."""
+
+    def __init__(self, path, *, replace=True, keep_both=False, suffix=".tmp"):
+        self.path, self.replace, self.keep_both, self.suffix = Path(path), replace, keep_both, suffix
+
+    def __enter__(self):
+        """A new unique file beside `path`, with the permissions a plain open() gives (mkstemp's are owner-only)."""
+        handle, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)
+        os.close(handle)
+        self.temp = Path(temp)
+        return self.temp
+
+    def __exit__(self, error_type, error, traceback):
+        try:
+            if error_type is None and self.replace:
+                os.replace(self.temp, self.path)
+            elif error_type is None:
+                self.path = publish_new(self.temp, self.path, keep_both=self.keep_both)
+        finally:
+            self.temp.unlink(missing_ok=True)

@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import cli
-from checkpoints import atomic_write
 from cityscapes import IMAGE_SUFFIX, LABEL_SUFFIX, LABELID_TO_TRAINID
+from cli import atomic_write
 from datasets import DataError
 
 SOURCE_SUFFIX = {"polygons": "_gtFine_polygons.json", "labelIds": "_gtFine_labelIds.png"}

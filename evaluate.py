@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 import cli
 from bisenet import fuse_bn, upsampled_classes
-from checkpoints import atomic_write, load_model
+from checkpoints import load_model
 from cityscapes import detect_dataset, open_dataset, sample_name
-from cli import CheckpointError
+from cli import CheckpointError, atomic_write
 from datasets import IGNORE_INDEX, DataError, SegmentationDataset, find_images, ignore_stop_signals, unnamed_classes
 from device import setup_runtime, teardown_runtime
 

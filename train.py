@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 import cli
 from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
-from checkpoints import atomic_write, last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
+from checkpoints import last_checkpoint_note, load_backbone, load_model, open_work_dir, point_latest, prune, restore, save_checkpoint
 from cityscapes import detect_dataset, open_dataset
-from cli import CheckpointError
+from cli import CheckpointError, atomic_write
 from datasets import IGNORE_INDEX, DataError, TrainTransform, ignore_stop_signals, label_histogram, read_image
 from device import setup_runtime, sgd, teardown_runtime
 from evaluate import evaluate, torch_segmenter
@@ -324,7 +324,8 @@ class RunLog:
         drawing is waited for, and a failure said."""
         if not self.enabled or (self.plotter and self.plotter.poll() is None and not wait):
             return
-        if self.plotter:
+        if self.plotter and self.plotter.poll() is None:
+            self.plotter.terminate()  # its files are written atomically: the final drawing replaces them all
             self.plotter.wait()
         plot = [sys.executable, str(Path(__file__).resolve().parent / "tools" / "plot_run.py"), str(self.path.parent)]
         self.plotter = subprocess.Popen(plot, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

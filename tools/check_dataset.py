@@ -20,8 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
-from checkpoints import atomic_write
 from cityscapes import detect_dataset, open_dataset
+from cli import atomic_write
 from datasets import IGNORE_INDEX, TrainTransform, read_image, read_label
 
 

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
-from checkpoints import atomic_write
+from cli import atomic_write
 
 
 def read_log(work_dir):
