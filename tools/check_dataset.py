@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 
 import cli
 from cityscapes import detect_dataset, open_dataset
-from cli import atomic_write
 from datasets import IGNORE_INDEX, TrainTransform, read_image, read_label
+from plot_run import pyplot, save_figure
 
 
 def sample_statistics(job):
@@ -78,17 +78,8 @@ def overlay(image, label, info):
     return np.where((label == IGNORE_INDEX)[..., None], image, shown).astype(np.uint8)
 
 
-def save_figure(figure, path):
-    with atomic_write(path, suffix=".tmp.png") as temp:
-        figure.savefig(temp, format="png", dpi=100)
-
-
 def plot_class_pixels(parts, info, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(6, 0.45 * info.num_classes), 4))
     width = 0.8 / max(len(parts), 1)
     for k, (split, part) in enumerate(parts.items()):
@@ -98,18 +89,12 @@ def plot_class_pixels(parts, info, out):
     axis.set_ylabel("pixels")
     axis.set_title(f"{info.name}: pixels per class")
     axis.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, never over them
-    figure.tight_layout()
-    save_figure(figure, out / "class_pixels.png")
-    plt.close(figure)
+    save_figure(plt, figure, out / "class_pixels.png")
 
 
 def plot_samples(dataset, split, out, *, count, crop):
     """Rows: image with its label overlaid | the same after the training augmentation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     chosen = [(i, (image, label)) for i, (image, label) in enumerate(dataset.samples) if label is not None][:count]
     figure, axes = plt.subplots(len(chosen), 2, figsize=(10, 2.8 * len(chosen)), squeeze=False)
     for row, (index, (image_path, label_path)) in enumerate(chosen):
@@ -122,9 +107,7 @@ def plot_samples(dataset, split, out, *, count, crop):
             axis.imshow(picture)
             axis.set_title(title, fontsize=8)
             axis.axis("off")
-    figure.tight_layout()
-    save_figure(figure, out / f"samples_{split}.png")
-    plt.close(figure)
+    save_figure(plt, figure, out / f"samples_{split}.png")
 
 
 def check(args):
