@@ -18,6 +18,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from bisenet import IMAGENET_MEAN
 from cli import DataError, first_line
 
 IGNORE_INDEX = 255  # the label value every dataset here ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
@@ -248,6 +249,8 @@ def levels(image, alpha=1.0, beta=0.0):
 
 class TrainTransform:
     """mmseg's Cityscapes recipe: random rescale, random crop with cat_max_ratio, pad, flip, photometric distortion.
+    A crop larger than the rescaled image is padded with ignore and, in the image, the mean colour: mmseg pads after
+    its Normalize with 0, which is the mean (`fill`, rounded to uint8, since the model normalises inside).
 
     Only the crop is ever resampled: the label crop is read through nearest-neighbour indices and the image crop
     through an affine warp with the rescale's own pixel mapping, which equal the crops of fully resized images
@@ -256,8 +259,9 @@ class TrainTransform:
 
     brightness, contrast, saturation, hue = 32, (0.5, 1.5), (0.5, 1.5), 18  # mmseg's PhotoMetricDistortion
 
-    def __init__(self, crop=(1024, 1024), scale_range=(0.5, 2.0), *, cat_max_ratio=0.75, flip_prob=0.5, photometric=True):
+    def __init__(self, crop=(1024, 1024), scale_range=(0.5, 2.0), *, cat_max_ratio=0.75, flip_prob=0.5, photometric=True, fill=IMAGENET_MEAN):
         self.crop, self.scale_range, self.cat_max_ratio, self.flip_prob, self.photometric = crop, scale_range, cat_max_ratio, flip_prob, photometric
+        self.fill = np.round(fill).astype(np.uint8)
 
     def __call__(self, image, label, rng):
         height, width = label.shape
@@ -290,7 +294,7 @@ class TrainTransform:
         if self.photometric:
             image_crop = self.distort(np.ascontiguousarray(image_crop), rng)
 
-        out_image = np.zeros((*self.crop, 3), dtype=np.uint8)
+        out_image = np.broadcast_to(self.fill, (*self.crop, 3)).copy()
         out_label = np.full(self.crop, IGNORE_INDEX, dtype=np.uint8)
         out_image[:crop_h, :crop_w] = image_crop
         out_label[:crop_h, :crop_w] = label_crop

@@ -47,13 +47,15 @@ RECIPES = {
     "seed_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "r18": dict(depth=18, batch_size=16, lr=0.025, iters=160000, val_interval=16000, ckpt_interval=16000, scale="batch"),
     "demo": dict(depth=18, batch_size=8, crop=(128, 256), scale_range=(0.75, 1.5), iters=200, lr=0.05, warmup_iters=20, val_interval=100, ckpt_interval=100),
-    "learning": dict(depth=18, batch_size=4, crop=(128, 256), lr=0.025, iters=300, warmup_iters=25, amp="O0"),  # tools/benchmark_learning.py
+    "learning": dict(
+        depth=18, batch_size=4, crop=(128, 256), lr=0.025, iters=300, warmup_iters=25, lr_schedule="mmengine", amp="O0"
+    ),  # tools/benchmark_learning.py
 }
 PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZoo's throughput run of a recipe
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("seed_r50", "r18")}
 
 # the flags of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
-RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum weight_decay warmup_iters warmup warmup_ratio poly_power min_lr loss
+RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum weight_decay warmup_iters warmup warmup_ratio lr_schedule poly_power min_lr loss
     loss_normalise ohem_thresh aux_weight class_weight amp amp_dtype loss_scale seed diff_seed sync_bn""".split()
 
 
@@ -108,6 +110,12 @@ def add_training_flags(p):
     schedule.add_argument("--weight-decay", type=cli.real(0), default=5e-4)
     schedule.add_argument("--warmup-iters", type=cli.integer(0), default=1000)
     schedule.add_argument("--warmup", default="linear", choices=("linear", "exp"))
+    schedule.add_argument(
+        "--lr-schedule",
+        default="mmcv",
+        choices=("mmcv", "mmengine"),
+        help="mmcv: poly over all iterations x warmup (the seed's); mmengine: warmup, then poly (mmseg 1.x)",
+    )
     schedule.add_argument("--warmup-ratio", type=cli.real(0, 1, low_open=True), default=0.1)
     schedule.add_argument("--poly-power", type=cli.real(0), default=0.9)
     schedule.add_argument("--min-lr", type=cli.real(0), default=1e-4)
@@ -153,14 +161,23 @@ def parse_args(argv=None):
     if args.loss == "ohem" and args.loss_normalise:
         p.error("argument --loss-normalise: OHEM averages over the hard pixels it keeps; --loss-normalise applies to --loss ce")
     args.loss_normalise = args.loss_normalise or "all"
+    if args.lr_schedule == "mmengine" and args.warmup == "exp":
+        p.error("argument --warmup exp: mmengine's schedule warms up linearly (LinearLR); use --lr-schedule mmcv for an exponential warmup")
     if args.min_lr > args.lr:
         p.error(f"argument --min-lr: {args.min_lr:g} is above --lr {args.lr:g}; the poly schedule decays from --lr to --min-lr")
     return args
 
 
 # -- Schedule and loss ----------------------------------------------------------------------------------------
-def learning_rate(it, *, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0, warmup="linear", warmup_ratio=0.1):
-    """mmcv's poly schedule with warmup, at 0-based iteration `it`; bind the numbers with functools.partial."""
+def learning_rate(it, *, base_lr, iters, min_lr=1e-4, power=0.9, warmup_iters=0, warmup="linear", warmup_ratio=0.1, schedule="mmcv"):
+    """The lr at 0-based iteration `it`; bind the numbers with functools.partial. mmcv (the seed's, mmseg 0.x): poly
+    over all iterations, multiplied by the warmup factor while warming up. mmengine (mmseg 1.x's configs): LinearLR
+    from warmup_ratio to 1 over the warmup, then PolyLR from base_lr over the iterations after it."""
+    if schedule == "mmengine":
+        if it < warmup_iters:  # LinearLR(begin=0, end=W) reaches 1 at W - 1
+            return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
+        progress = (it - warmup_iters) / max(iters - warmup_iters - 1, 1)  # PolyLR(begin=W, end=iters) reaches min_lr at iters - 1
+        return (base_lr - min_lr) * (1 - min(progress, 1)) ** power + min_lr
     lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
     if it < warmup_iters:
         left = 1 - it / warmup_iters  # the share of warmup still to go
@@ -560,7 +577,7 @@ def build_objective(args, dataset, work_dir, run_log, runtime):
     loss_fn = functools.partial(segmentation_loss, loss_type=args.loss, ohem_thresh=args.ohem_thresh, aux_weight=args.aux_weight,
                                 normalise=args.loss_normalise, class_weight=weights)  # fmt: skip
     schedule = functools.partial(learning_rate, base_lr=args.lr, iters=args.iters, min_lr=args.min_lr, power=args.poly_power,
-                                 warmup_iters=args.warmup_iters, warmup=args.warmup, warmup_ratio=args.warmup_ratio)  # fmt: skip
+                                 warmup_iters=args.warmup_iters, warmup=args.warmup, warmup_ratio=args.warmup_ratio, schedule=args.lr_schedule)  # fmt: skip
     return loss_fn, schedule, weights
 
 

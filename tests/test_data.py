@@ -8,12 +8,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from cityscapesscripts.helpers.labels import name2label
 from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from conftest import ROOT
 from PIL import Image
 
 import datasets
+from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples, open_dataset
 from convert_labels import convert_dataset
 from datasets import IGNORE_INDEX, DataError, TrainTransform, levels
@@ -165,14 +167,20 @@ def test_flip_happens_and_keeps_alignment():
     assert 3 < sum(flips) < 17
 
 
-def test_small_images_are_padded_with_ignore_and_zero():
+def test_small_images_are_padded_with_ignore_and_what_normalises_to_zero():
+    """mmseg 0.x pipelines run Normalize, then Pad(pad_val=0, seg_pad_val=255) (mmseg 1.x: the data preprocessor
+    normalises, then pads with 0): padded pixels reach the network as 0, and their labels are ignored."""
     image, label = color_coded_pair(40, 50, seed=1)
     out_image, out_label = TrainTransform(crop=(64, 96), scale_range=(1.0, 1.0), cat_max_ratio=1.0, flip_prob=0, photometric=False)(
         image, label, np.random.default_rng(0)
     )
     assert np.array_equal(out_label[:40, :50], label) and np.array_equal(out_image[:40, :50], image)
     assert (out_label[40:] == IGNORE_INDEX).all() and (out_label[:, 50:] == IGNORE_INDEX).all()
-    assert (out_image[40:] == 0).all() and (out_image[:, 50:] == 0).all()
+    model = BiSeNetV1(ModelConfig(18, 19))
+    normalised = (torch.from_numpy(out_image).permute(2, 0, 1)[None].float() - model.mean) / model.std
+    padded = torch.ones(64, 96, dtype=torch.bool)
+    padded[:40, :50] = False
+    assert normalised[..., padded].abs().max() <= 0.5 / min(model.config.std)  # 0 to within uint8 rounding
 
 
 def max_class_ratio(label):

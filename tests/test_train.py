@@ -41,6 +41,46 @@ def test_learning_rate_follows_mmcv_poly_with_warmup(warmup):
     assert math.isclose(schedule(0), 0.1 * (0.2 - 1e-4) + 0.1 * 1e-4)
 
 
+# lr printed by mmengine 0.10.7 for LinearLR(start_factor=0.1, begin=0, end=25) + PolyLR(eta_min=1e-4, power=0.9,
+# begin=25, end=300) on SGD(lr=0.025), stepped once per iteration as its ParamSchedulerHook does (mmseg 1.x's R18 schedule)
+MMENGINE_LRS = {0: 0.0025000000000000005, 1: 0.0034375000000000005, 12: 0.013749999999999998, 24: 0.024999999999999998, 25: 0.024999999999999998,
+                26: 0.024918196733945172, 49: 0.02302819403387269, 99: 0.018856458334480037, 199: 0.010151337147031696, 298: 0.00025930295819462054, 299: 0.0001}  # fmt: skip
+
+
+def chained_mmengine_lrs(base_lr, iters, warmup_iters, *, ratio=0.1, min_lr=1e-4, power=0.9):
+    """mmengine's schedulers in their chainable form (mmengine/optim/scheduler/param_scheduler.py, _get_value of
+    LinearParamScheduler and PolyParamScheduler): each step rescales the lr the previous step left."""
+    lrs, lr = [], base_lr * ratio
+    for it in range(iters):
+        if 0 < it < warmup_iters:
+            total = warmup_iters - 1
+            lr *= 1 + (1 - ratio) / (total * ratio + (it - 1) * (1 - ratio))
+        elif it > warmup_iters:
+            poly_step, total = it - warmup_iters, iters - warmup_iters - 1
+            lr = (lr - min_lr) * (1 - 1 / (total - poly_step + 1)) ** power + min_lr
+        lrs.append(lr)
+    return lrs
+
+
+def test_mmengine_schedule_is_linear_warmup_then_poly_over_the_rest():
+    schedule = functools.partial(learning_rate, base_lr=0.025, iters=300, warmup_iters=25, schedule="mmengine")
+    for it, lr in MMENGINE_LRS.items():
+        assert math.isclose(schedule(it), lr, rel_tol=1e-9), it
+    chained = chained_mmengine_lrs(0.025, 300, 25)
+    assert all(math.isclose(schedule(it), chained[it], rel_tol=1e-9) for it in range(300))
+    long = functools.partial(learning_rate, base_lr=0.025, iters=160000, warmup_iters=1000)  # mmseg 1.x's R18 against the seed's form
+    assert all(
+        math.isclose(long(it, schedule="mmengine"), lr, rel_tol=1e-9) for it, lr in enumerate(chained_mmengine_lrs(0.025, 160000, 1000)) if it % 997 == 0
+    )
+    assert max(abs(long(it, schedule="mmengine") / long(it) - 1) for it in range(1000, 160000, 1000) if it < 150000) < 0.01
+
+
+def test_mmengine_schedule_refuses_an_exponential_warmup(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--lr-schedule", "mmengine", "--warmup", "exp"])
+    assert "--warmup exp" in capsys.readouterr().err
+
+
 def test_loss_normalise_all_is_mmseg_mean_over_every_pixel():
     """mmseg's CrossEntropyLoss (avg_non_ignore=False): per-pixel CE, 0 where ignored, averaged over all pixels."""
     torch.manual_seed(2)
