@@ -8,6 +8,7 @@ Every script reports bad input as one line, `error: <what> <what to do>`, and ex
 import argparse
 import errno
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -201,3 +202,10 @@ class atomic_write:
                 self.path = publish_new(self.temp, self.path, keep_both=self.keep_both)
         finally:
             self.temp.unlink(missing_ok=True)
+
+
+def process_pool(processes, initializer=None):
+    """A multiprocessing Pool whose workers come from a fresh single-threaded server (forkserver), never a fork of
+    this process: a fork copies any lock another thread (torch's, a test runner's) holds at that moment, and a worker
+    that then waits on it waits forever."""
+    return multiprocessing.get_context("forkserver").Pool(processes, initializer=initializer)

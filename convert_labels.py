@@ -12,7 +12,6 @@ import os
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import cv2
@@ -86,7 +85,7 @@ def convert_dataset(root, source="polygons", *, nproc=1, force=False, progress=T
     bar = tqdm(total=len(jobs), desc=f"labelTrainIds from {source}", disable=not progress)
     failures = []
     if nproc > 1 and len(jobs) > 1:
-        with Pool(nproc) as pool:
+        with cli.process_pool(nproc) as pool:
             for failure in pool.imap_unordered(convert_one, jobs, chunksize=4):
                 failures += [failure] if failure else []
                 bar.update()
@@ -109,7 +108,7 @@ def benchmark(root, nproc):
             if not jobs:
                 raise DataError(f"{root}: no *{SOURCE_SUFFIX[source]} files to time")
             start = time.perf_counter()
-            with Pool(nproc) as pool:
+            with cli.process_pool(nproc) as pool:
                 list(pool.imap_unordered(convert_one, jobs, chunksize=4))
             rates[source] = len(jobs) / (time.perf_counter() - start)
         print(f"{source:>8}: {rates[source]:8.1f} files/s ({len(jobs)} files, {nproc} processes)")

@@ -7,7 +7,6 @@ tools write them; images and labels are turned by their own EXIF orientation ali
 """
 
 import dataclasses
-import multiprocessing
 import os
 import signal
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from PIL import Image
 
 from bisenet import IMAGENET_MEAN
-from cli import DataError, first_line
+from cli import DataError, first_line, process_pool
 
 IGNORE_INDEX = 255  # the label value every dataset here ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what OpenCV reads
@@ -171,7 +170,7 @@ def label_histogram(dataset, processes):
     jobs = [(label, dataset.info) for _, label in dataset.samples]
     if processes < 2:
         return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
-    with multiprocessing.get_context("fork").Pool(processes, initializer=ignore_stop_signals) as pool:
+    with process_pool(processes, initializer=ignore_stop_signals) as pool:
         return sum(pool.imap_unordered(label_pixels, jobs, chunksize=16), np.zeros(256, np.int64))
 
 

@@ -12,7 +12,6 @@ be read is named, and the check goes on; it then exits with 1. The last line pri
 import collections
 import json
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ def sample_statistics(job):
 def split_statistics(dataset, *, nproc):
     """The split's counts, sizes, label values and RGB moments; broken files as error lines."""
     jobs = [(image, label, dataset.info) for image, label in dataset.samples]
-    with Pool(nproc) as pool:
+    with cli.process_pool(nproc) as pool:
         results = pool.map(sample_statistics, jobs, chunksize=8) if nproc > 1 else list(map(sample_statistics, jobs))
     good = [r for r in results if not isinstance(r, str)]
     values = sum((r[3] for r in good), np.zeros(256, np.int64))

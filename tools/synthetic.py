@@ -8,7 +8,6 @@ Each writes only into a new or empty folder, and the same seed gives the same by
 
 import json
 import sys
-from multiprocessing import Pool
 from pathlib import Path
 
 import cv2
@@ -186,7 +185,7 @@ def synthesize_cityscapes(out_dir, train=20, *, val=6, test=0, height=512, width
         for i in range(count)
     ]
     if nproc > 1 and len(jobs) > 1:
-        with Pool(nproc) as pool:
+        with cli.process_pool(nproc) as pool:
             pool.map(synthesize_one, jobs, chunksize=1)
     else:
         for job in jobs:
