@@ -47,9 +47,8 @@ RECIPES = {
     "seed_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "r18": dict(depth=18, batch_size=16, lr=0.025, iters=160000, val_interval=16000, ckpt_interval=16000, scale="batch"),
     "demo": dict(depth=18, batch_size=8, crop=(128, 256), scale_range=(0.75, 1.5), iters=200, lr=0.05, warmup_iters=20, val_interval=100, ckpt_interval=100),
-    "learning": dict(
-        depth=18, batch_size=4, crop=(128, 256), lr=0.025, iters=300, warmup_iters=25, lr_schedule="mmengine", amp="O0"
-    ),  # tools/benchmark_learning.py
+    # tools/benchmark_learning.py: mmseg 1.x's R18 config at a CPU's scale, beside mmseg's own trainer
+    "learning": dict(depth=18, batch_size=4, crop=(128, 256), lr=0.025, iters=300, warmup_iters=25, lr_schedule="mmengine", amp="O0"),
 }
 PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZoo's throughput run of a recipe
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("seed_r50", "r18")}

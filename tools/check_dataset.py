@@ -39,8 +39,11 @@ def sample_statistics(job):
 def split_statistics(dataset, *, nproc):
     """The split's counts, sizes, label values and RGB moments; broken files as error lines."""
     jobs = [(image, label, dataset.info) for image, label in dataset.samples]
-    with cli.process_pool(nproc) as pool:
-        results = pool.map(sample_statistics, jobs, chunksize=8) if nproc > 1 else list(map(sample_statistics, jobs))
+    if nproc > 1:
+        with cli.process_pool(nproc) as pool:
+            results = pool.map(sample_statistics, jobs, chunksize=8)
+    else:
+        results = list(map(sample_statistics, jobs))
     good = [r for r in results if not isinstance(r, str)]
     values = sum((r[3] for r in good), np.zeros(256, np.int64))
     pixels = sum(r[0][0] * r[0][1] for r in good)
