@@ -75,3 +75,18 @@ def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_pat
     maps = {amp: [np.array(Image.open(p)) for p in sorted((tmp_path / f"pred_{amp}").rglob("*.png"))] for amp in ("O0", "O1")}
     assert len(maps["O0"]) == 4 and 0.9 <= val["class_map_agreement"] <= 1
     assert val["class_map_agreement"] == round(float(np.mean([(a == b).mean() for a, b in zip(maps["O0"], maps["O1"])])), 6)
+
+
+def test_learning_benchmark_gives_each_mean_with_its_standard_error():
+    """tools/benchmark_learning.py: at the iterations every seed reached, the mean and scipy's standard error of it."""
+    from scipy.stats import sem
+
+    from benchmark_learning import curve_summary
+
+    curves = {0: {100: 68.54, 200: 86.73, 300: 88.11}, 1: {100: 66.70, 200: 87.45}, 2: {100: 47.48, 200: 80.77, 300: 85.77}}
+    mean, error = curve_summary(curves)
+    assert list(mean) == list(error) == [100, 200]  # seed 1 stopped before 300
+    for it in (100, 200):
+        values = [curve[it] for curve in curves.values()]
+        assert mean[it] == round(float(np.mean(values)), 2) and error[it] == round(float(sem(values)), 2)
+    assert curve_summary({5: {100: 50.0}}) == ({100: 50.0}, {})  # one seed: no error to give

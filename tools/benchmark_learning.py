@@ -6,8 +6,8 @@ Cityscapes, with the recipe of the mmseg side-by-side comparison (README: Learni
     python tools/benchmark_learning.py --seeds 0,1,2 -- --loss-normalise valid  # anything after -- goes to train.py
 
 Each run is `train.py --recipe learning` in its own process (mmseg 1.2.2's BiSeNetV1 R18 config at a CPU's scale,
-in fp32, so every CPU computes the same curve's shape), validated every
---val-interval iterations; the last line printed is JSON with every curve and the mean at each point.
+in fp32, so every CPU computes the same curve's shape), validated every --val-interval iterations; the last line
+printed is JSON with every curve, the mean at each point and its standard error (sem).
 """
 
 import json
@@ -58,6 +58,17 @@ def parse_args(argv=None):
     return args, extra
 
 
+def curve_summary(curves):
+    """({iteration: mean mIoU over seeds}, {iteration: standard error of that mean}) at the iterations every curve
+    has; the error needs two seeds or more. Early points vary from seed to seed by several mIoU (PERFORMANCE.md),
+    so a difference of two means says little without it."""
+    points = sorted(set.intersection(*(set(c) for c in curves.values())))
+    values = {it: [c[it] for c in curves.values()] for it in points}
+    mean = {it: round(statistics.mean(v), 2) for it, v in values.items()}
+    sem = {it: round(statistics.stdev(v) / len(v) ** 0.5, 2) for it, v in values.items() if len(v) > 1}
+    return mean, sem
+
+
 def run_learning_benchmark(args, extra):
     started = time.perf_counter()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bisenet_learning_"))
@@ -70,10 +81,10 @@ def run_learning_benchmark(args, extra):
             data_root, work / f"seed{seed}_{time.time_ns()}", seed=seed, iters=args.iters, val_interval=args.val_interval, workers=args.workers, extra=extra
         )
         print(f"seed {seed}: " + ", ".join(f"@{it} {miou:.2f}" for it, miou in curves[seed].items()), flush=True)
-    points = sorted(set.intersection(*(set(c) for c in curves.values())))
-    mean = {it: round(statistics.mean(c[it] for c in curves.values()), 2) for it in points}
-    print("mean: " + ", ".join(f"@{it} {m:.2f}" for it, m in mean.items()), flush=True)
-    print(json.dumps({"train_args": RECIPE + extra, "data": args.data, "curves": curves, "mean": mean, "wall_s": round(time.perf_counter() - started, 1)}))
+    mean, sem = curve_summary(curves)
+    print("mean: " + ", ".join(f"@{it} {m:.2f}" + (f" ± {sem[it]:.2f}" if it in sem else "") for it, m in mean.items()), flush=True)
+    summary = {"train_args": RECIPE + extra, "data": args.data, "curves": curves, "mean": mean, "sem": sem}
+    print(json.dumps({**summary, "wall_s": round(time.perf_counter() - started, 1)}))
 
 
 def main(argv=None):
