@@ -234,7 +234,9 @@ def test_sigint_ends_with_one_line_and_leaves_no_temp_files(synthetic_root, tmp_
     args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "400", "--ckpt-interval", "1", "--keep-checkpoints", "3", "--work-dir", str(work_dir)]
     run = interruptible([sys.executable, "train.py", *args])
     deadline = time.time() + 120
-    while not (work_dir / "iter_3.pth").exists() and time.time() < deadline:
+    # latest.pth, not iter_3.pth: a SIGINT between writing iter_N.pth and relinking latest.pth leaves the link one
+    # behind (resume takes the newest iter_N.pth whatever the link says: test_dangling_latest_resumes_...)
+    while linked_iteration(work_dir) < 3 and time.time() < deadline:
         time.sleep(0.1)
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=120)
@@ -242,6 +244,12 @@ def test_sigint_ends_with_one_line_and_leaves_no_temp_files(synthetic_root, tmp_
     assert last.startswith("error: interrupted at iteration ") and "Run the same command with --resume to continue." in last
     assert not temp_files(work_dir)
     assert torch.load(work_dir / "latest.pth", weights_only=True)["iteration"] >= 3
+
+
+def linked_iteration(work_dir):
+    """N of the iter_N.pth that latest.pth points to, 0 before the first."""
+    latest = work_dir / "latest.pth"
+    return int(os.readlink(latest).removeprefix("iter_").removesuffix(".pth")) if latest.is_symlink() else 0
 
 
 # 4. full disks -----------------------------------------------------------------------------------------------
