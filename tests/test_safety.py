@@ -235,7 +235,7 @@ def test_sigint_ends_with_one_line_and_leaves_no_temp_files(synthetic_root, tmp_
     run = interruptible([sys.executable, "train.py", *args])
     deadline = time.time() + 120
     # latest.pth, not iter_3.pth: a SIGINT between writing iter_N.pth and relinking latest.pth leaves the link one
-    # behind (resume takes the newest iter_N.pth whatever the link says: test_dangling_latest_resumes_...)
+    # behind, by design (test_dangling_latest_resumes_from_the_newest_complete_checkpoint)
     while linked_iteration(work_dir) < 3 and time.time() < deadline:
         time.sleep(0.1)
     run.send_signal(signal.SIGINT)

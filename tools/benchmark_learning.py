@@ -83,8 +83,8 @@ def run_learning_benchmark(args, extra):
         print(f"seed {seed}: " + ", ".join(f"@{it} {miou:.2f}" for it, miou in curves[seed].items()), flush=True)
     mean, sem = curve_summary(curves)
     print("mean: " + ", ".join(f"@{it} {m:.2f}" + (f" ± {sem[it]:.2f}" if it in sem else "") for it, m in mean.items()), flush=True)
-    summary = {"train_args": RECIPE + extra, "data": args.data, "curves": curves, "mean": mean, "sem": sem}
-    print(json.dumps({**summary, "wall_s": round(time.perf_counter() - started, 1)}))
+    wall_s = round(time.perf_counter() - started, 1)
+    print(json.dumps({"train_args": RECIPE + extra, "data": args.data, "curves": curves, "mean": mean, "sem": sem, "wall_s": wall_s}))
 
 
 def main(argv=None):
