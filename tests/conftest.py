@@ -1,18 +1,24 @@
-"""What the tests share: the repository root, the synthetic datasets, the model that learned, and the checks of a
-script's last line (its JSON summary, or its one-line error)."""
+"""What the tests share: the repository root, the synthetic datasets, the model that learned, a user's own dataset
+and checkpoint, the checks of a script's last line (its JSON summary, or its one-line error) and of the user's files
+(hashes, hidden files)."""
 
 import contextlib
+import hashlib
 import importlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import traceback
 from pathlib import Path
 
 import pytest
+import torch
 
-from synthetic import trainable_cityscapes
+from bisenet import BiSeNetV1, ModelConfig
+from interop import folder_info
+from synthetic import synthesize_folder, trainable_cityscapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +73,26 @@ def in_process_error(main, argv, capsys, *, allow_warnings=False):
     return lines[0]
 
 
+def in_process_summary(main, argv, capsys):
+    """The JSON summary of a script's main(argv) run in this process."""
+    main([str(a) for a in argv])
+    return last_json(capsys.readouterr().out)
+
+
+def digest(*paths):
+    """{file: sha256} of every file at or below the paths."""
+    files = [p for path in map(Path, paths) for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def hidden_files(folder):
+    return sorted(p.name for p in Path(folder).rglob(".*"))
+
+
+def copy_of(root, tmp_path, name="data"):
+    return Path(shutil.copytree(root, tmp_path / name))
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small synthetic Cityscapes with labelTrainIds and split lists. Tests must not modify it."""
@@ -90,3 +116,15 @@ def learned(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "data", root / "wd", result
+
+
+@pytest.fixture(scope="module")
+def my7(tmp_path_factory):
+    """A user's own 7-class dataset in mmseg's layout (val in two scene folders) and a 7-class checkpoint that
+    describes its classes: (data root, checkpoint)."""
+    root = synthesize_folder(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
+    torch.manual_seed(0)
+    model = BiSeNetV1(ModelConfig(18, 7))
+    ckpt = root.parent / "m7.pth"
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": folder_info(root).to_dict()}, ckpt)
+    return root, ckpt

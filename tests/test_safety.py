@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, in_process_error, last_json, one_line_error
+from conftest import ROOT, in_process_error, in_process_summary, last_json, one_line_error
 from PIL import Image
 from test_train import SMALL, run_train
 
@@ -160,18 +160,13 @@ def test_a_work_dir_and_an_export_of_the_previous_version_go_on_unchanged(synthe
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and last_json(resumed.stdout)["iters"] == 4
     assert "settings that differ from the run's: --iters 4 (was 3)\n" in resumed.stdout  # the one real difference
-    scored = last_json(in_process_succeeded(evaluate.main, ["--ckpt", work_dir / "iter_3.pth", "--data-root", synthetic_root, "--workers", "0"], capsys))
+    scored = in_process_summary(evaluate.main, ["--ckpt", work_dir / "iter_3.pth", "--data-root", synthetic_root, "--workers", "0"], capsys)
     assert scored["dataset"] == "cityscapes" and 0 <= scored["mIoU"] <= 100
     import deploy
 
     metadata = {**export.export_metadata(*load_model(work_dir / "iter_3.pth"), size=(64, 128), precision="fp32", source="x")}
     metadata["dataset"] = {**metadata["dataset"], "ignore_index": 255}
     assert deploy.DatasetInfo.from_dict(metadata["dataset"]).class_names == tuple(scored["per_class"])
-
-
-def in_process_succeeded(main, argv, capsys):
-    main([str(a) for a in argv])
-    return capsys.readouterr().out
 
 
 # 2. only finite weights are saved ------------------------------------------------------------------------------
