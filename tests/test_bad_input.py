@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import in_process_error, one_line_error
 from test_safety import QUICK, in_small_filesystem
+from test_train import SMALL, run_train
 
 import evaluate
 import export
@@ -46,6 +47,22 @@ from bisenet import BiSeNetV1, ModelConfig
 )
 def test_bad_training_flags_give_one_line(capsys, flags, message):
     assert message in in_process_error(train.main, flags, capsys)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data-root", "/nonexistent/cityscapes"], "/nonexistent/cityscapes: data root not found"),
+        (["--device", "npu"], "--device npu needs torch_npu"),
+        (["--device", "cuda"], "--device cuda: no CUDA device"),
+        (["--batch-size", "1"], "--batch-size >= 2"),
+        (["--crop", "512x1024"], "--crop 512x1024 is larger than the 128x256 images"),
+        (["--num-classes", "7"], "--num-classes 7: "),
+    ],
+)
+def test_settings_the_data_or_device_cannot_meet_give_one_line(synthetic_root, tmp_path, extra, message):
+    args = ["--data-root", synthetic_root, *SMALL, "--iters", "2", "--no-validate", "--work-dir", tmp_path / "wd", *extra]
+    assert message in one_line_error(run_train(args))
 
 
 @pytest.mark.parametrize(

@@ -302,26 +302,6 @@ def test_validation_first_gives_every_rank_the_statistics_of_rank_0(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--data-root", "/nonexistent/cityscapes"], "/nonexistent/cityscapes: data root not found"),
-        (["--device", "npu"], "--device npu needs torch_npu"),
-        (["--device", "cuda"], "--device cuda: no CUDA device"),
-        (["--batch-size", "1"], "--batch-size >= 2"),
-        (["--crop", "512x1024"], "--crop 512x1024 is larger than the 128x256 images"),
-        (["--num-classes", "7"], "--num-classes 7: "),
-    ],
-)
-def test_bad_input_gives_one_line_errors(synthetic_root, tmp_path, extra, message):
-    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "2", "--no-validate", "--work-dir", str(tmp_path / "wd"), *extra]
-    result = run_train(args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-
-
 def test_learning_from_scratch_on_synthetic_data(learned):
     """R18 from scratch on a small synthetic set: val mIoU well above chance within about a CPU minute."""
     _, work_dir, result = learned
