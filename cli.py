@@ -204,8 +204,9 @@ class atomic_write:
             self.temp.unlink(missing_ok=True)
 
 
-def process_pool(processes, initializer=None):
+def process_pool(processes):
     """A multiprocessing Pool whose workers come from a fresh single-threaded server (forkserver), never a fork of
     this process: a fork copies any lock another thread (torch's, a test runner's) holds at that moment, and a worker
-    that then waits on it waits forever."""
-    return multiprocessing.get_context("forkserver").Pool(processes, initializer=initializer)
+    that then waits on it waits forever. Its workers keep SIGTERM's default: leaving the `with` block stops them with
+    it, and a worker that ignored it would be waited for forever."""
+    return multiprocessing.get_context("forkserver").Pool(processes)

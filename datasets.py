@@ -170,7 +170,7 @@ def label_histogram(dataset, processes):
     jobs = [(label, dataset.info) for _, label in dataset.samples]
     if processes < 2:
         return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
-    with process_pool(processes, initializer=ignore_stop_signals) as pool:
+    with process_pool(processes) as pool:
         return sum(pool.imap_unordered(label_pixels, jobs, chunksize=16), np.zeros(256, np.int64))
 
 

@@ -2,11 +2,15 @@
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import in_process, last_json, one_line_error
+from conftest import ROOT, in_process, last_json, one_line_error
 from PIL import Image
 
 import cityscapes
@@ -121,6 +125,27 @@ def test_a_class_absent_from_the_training_labels_warns_and_the_histogram_is_reus
     Image.fromarray(np.full((64, 128), 3, np.uint8)).save(label)  # a changed label file is counted again
     again = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN, "--iters", "4", "--resume")
     assert again.returncode == 0 and "label histogram of 4 labels" in again.stdout and "never occur" not in again.stdout
+
+
+def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root):
+    """A Pool's exit stops its workers with SIGTERM; while they ignored it (as loader workers must), the pool could
+    wait for them forever and train.py hung before its first step. Ten histograms in 2 processes, in a child that a
+    hang cannot take the test run with, each against PIL's counts."""
+    code = (
+        "import json, sys; from cityscapes import open_dataset; from datasets import label_histogram\n"
+        "dataset = open_dataset(sys.argv[1], 'train')\n"
+        "print(json.dumps([label_histogram(dataset, 2).tolist() for _ in range(10)]))"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(synthetic_root)], cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child, its pool's workers and the forkserver
+        child.communicate()
+        pytest.fail("label_histogram(dataset, 2) did not return within 120 s: its pool waits for workers that ignore SIGTERM")
+    assert child.returncode == 0
+    expected = independent_counts(cityscapes.open_dataset(synthetic_root, "train").samples, 19)
+    assert [counts[:19] for counts in json.loads(out)] == [expected] * 10 and sum(expected) > 0
 
 
 def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbers(tmp_path):
