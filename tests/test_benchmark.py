@@ -90,3 +90,16 @@ def test_learning_benchmark_gives_each_mean_with_its_standard_error():
         values = [curve[it] for curve in curves.values()]
         assert mean[it] == round(float(np.mean(values)), 2) and error[it] == round(float(sem(values)), 2)
     assert curve_summary({5: {100: 50.0}}) == ({100: 50.0}, {})  # one seed: no error to give
+
+
+def test_a_command_that_times_out_is_killed_with_everything_it_started():
+    """As when torchrun hangs: killing the launcher alone would leave its train.py running."""
+    from benchmark import run_json
+
+    launcher = "import subprocess, sys, time; worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    launcher += "print(worker.pid, flush=True); time.sleep(60)"
+    summary, output = run_json([sys.executable, "-c", launcher], timeout=3)
+    assert summary is None and output.startswith(f"timed out after 3 s: {sys.executable} -c ")
+    worker = output.splitlines()[1]
+    status = f"/proc/{worker}/status"
+    assert not os.path.exists(status) or "State:\tZ" in open(status).read()  # gone, or dead and not yet reaped

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -239,16 +240,23 @@ def synthetic_data(data_root, sizes, *, seed, log):
 
 
 def run_json(cmd, timeout=None):
-    """Run a command of this project; (its last JSON line, its whole output). Failures come back as text, not raised."""
+    """Run a command of this project; (its last JSON line, its whole output). Failures come back as text, not raised.
+    It runs in a process group of its own, killed whole on a timeout or Ctrl-C: killing torchrun alone would leave
+    its train.py running."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout} s: {' '.join(map(str, cmd))}"
-    output = proc.stdout + proc.stderr
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
+        return None, f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{(stdout + stderr)[-1500:]}"
+    output = stdout + stderr
     if proc.returncode != 0:
-        return None, f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n{proc.stderr[-1500:]}"
+        return None, f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n{stderr[-1500:]}"
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1]), output
+        return json.loads(stdout.strip().splitlines()[-1]), output
     except (json.JSONDecodeError, IndexError):
         return None, f"no JSON summary from {' '.join(map(str, cmd))}\n{output[-1500:]}"
 
