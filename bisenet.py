@@ -17,10 +17,25 @@ from cli import CheckpointError
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
-RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}  # the depths with a recipe and released weights
+RESNET_LAYOUTS = {
+    18: ("basic", (2, 2, 2, 2)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+}  # the depths with a recipe and released weights
 PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
-    "basic": dict(spatial_channels=(64, 64, 64, 128), context_channels=(128, 256, 512), fusion_channels=256, head_channels=256, aux_channels=64),
-    "bottleneck": dict(spatial_channels=(256, 256, 256, 512), context_channels=(512, 1024, 2048), fusion_channels=1024, head_channels=1024, aux_channels=256),
+    "basic": dict(
+        spatial_channels=(64, 64, 64, 128),
+        context_channels=(128, 256, 512),
+        fusion_channels=256,
+        head_channels=256,
+        aux_channels=64,
+    ),
+    "bottleneck": dict(
+        spatial_channels=(256, 256, 256, 512),
+        context_channels=(512, 1024, 2048),
+        fusion_channels=1024,
+        head_channels=1024,
+        aux_channels=256,
+    ),
 }
 
 
@@ -31,7 +46,9 @@ class ModelConfig:
 
     depth: int = 18
     num_classes: int = 19
-    ffm_attention_relu: bool = True  # mmseg's fusion attention has a ReLU before its sigmoid; CoinCheung's has none
+    ffm_attention_relu: bool = (
+        True  # mmseg's fusion attention has a ReLU before its sigmoid; CoinCheung's has none
+    )
     dropout: float = 0.1
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -48,17 +65,26 @@ class ModelConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             value = preset[field.name] if value is None else value
-            object.__setattr__(self, field.name, tuple(value) if isinstance(value, (list, tuple)) else value)
+            object.__setattr__(
+                self, field.name, tuple(value) if isinstance(value, (list, tuple)) else value
+            )
 
     def to_dict(self):
-        return {name: list(value) if isinstance(value, tuple) else value for name, value in dataclasses.asdict(self).items()}
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, config, source):
         names = {field.name for field in dataclasses.fields(cls)}
         if not isinstance(config, dict) or not set(config) <= names:
-            unknown = sorted(set(config) - names) if isinstance(config, dict) else type(config).__name__
-            raise CheckpointError(f"{source}: its model_config is not one this code knows ({unknown}); it comes from another program or a newer version")
+            unknown = (
+                sorted(set(config) - names) if isinstance(config, dict) else type(config).__name__
+            )
+            raise CheckpointError(
+                f"{source}: its model_config is not one this code knows ({unknown}); it comes from another program or a newer version"
+            )
         return cls(**config)
 
 
@@ -87,7 +113,9 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (self.downsample(x) if self.downsample is not None else x), inplace=True)
+        return F.relu(
+            out + (self.downsample(x) if self.downsample is not None else x), inplace=True
+        )
 
 
 class Bottleneck(nn.Module):
@@ -97,7 +125,9 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)  # stride on the 3x3: torchvision/mmseg 'pytorch'
+        self.conv2 = nn.Conv2d(
+            width, width, 3, stride, 1, bias=False
+        )  # stride on the 3x3: torchvision/mmseg 'pytorch'
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width * 4)
@@ -107,7 +137,9 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (self.downsample(x) if self.downsample is not None else x), inplace=True)
+        return F.relu(
+            out + (self.downsample(x) if self.downsample is not None else x), inplace=True
+        )
 
 
 def downsample(cin, cout, stride):
@@ -149,7 +181,9 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x):
         if self.training and x.shape[0] < 2 and not isinstance(self.bn, nn.SyncBatchNorm):
-            raise ValueError("BatchNorm on a 1x1 pooled map needs a batch of at least 2 per device: use --batch-size >= 2 (or --sync-bn on several devices)")
+            raise ValueError(
+                "BatchNorm on a 1x1 pooled map needs a batch of at least 2 per device: use --batch-size >= 2 (or --sync-bn on several devices)"
+            )
         attention = self.bn(self.conv(x.mean((2, 3), keepdim=True)))
         return x * torch.sigmoid(F.relu(attention) if self.relu else attention)
 
@@ -183,7 +217,9 @@ class SegHead(nn.Module):
         self.classifier = nn.Conv2d(mid, num_classes, 1)
 
     def forward(self, x, size):
-        logits = self.classifier(self.dropout(self.conv(x))).float()  # the loss runs in fp32 (apex O1)
+        logits = self.classifier(
+            self.dropout(self.conv(x))
+        ).float()  # the loss runs in fp32 (apex O1)
         if size is None:
             return logits
         if self.training:
@@ -194,7 +230,9 @@ class SegHead(nn.Module):
 def bilinear_taps(out_size, in_size):
     """F.interpolate(mode='bilinear', align_corners=False) along one axis: for each output position, the two source
     indices it reads and the weight of the second."""
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(
+        min=0
+    )
     low = src.floor().long().clamp(max=in_size - 1)
     return low, (low + 1).clamp(max=in_size - 1), src - low
 
@@ -213,8 +251,12 @@ def bilinear_matrix(out_size, in_size, device):
 def bilinear_resize(x, size):
     """The same values as F.interpolate(bilinear, align_corners=False) as two matrix products. Training uses it
     because its backward is two matmuls too: 2-3x faster on CPU than interpolate's scatter-add backward."""
-    with torch.autocast(x.device.type, enabled=False):  # autocast would run these matmuls in half precision
-        return bilinear_matrix(size[0], x.shape[2], x.device) @ (x @ bilinear_matrix(size[1], x.shape[3], x.device).T)
+    with torch.autocast(
+        x.device.type, enabled=False
+    ):  # autocast would run these matmuls in half precision
+        return bilinear_matrix(size[0], x.shape[2], x.device) @ (
+            x @ bilinear_matrix(size[1], x.shape[3], x.device).T
+        )
 
 
 @torch.no_grad()
@@ -225,12 +267,16 @@ def upsampled_classes(logits, size, *, rows=64):
     with torch.autocast(logits.device.type, enabled=False):
         widened = logits.float() @ bilinear_matrix(size[1], width, logits.device).T
         vertical = bilinear_matrix(size[0], height, logits.device)
-        low, high, _ = bilinear_taps(size[0], height)  # the source rows a band reads: low[top] .. high[bottom - 1]
+        low, high, _ = bilinear_taps(
+            size[0], height
+        )  # the source rows a band reads: low[top] .. high[bottom - 1]
         out = torch.empty(logits.shape[0], *size, dtype=torch.long, device=logits.device)
         for top in range(0, size[0], rows):
             bottom = min(top + rows, size[0])
             first, last = int(low[top]), int(high[bottom - 1]) + 1
-            out[:, top:bottom] = (vertical[top:bottom, first:last] @ widened[:, :, first:last]).max(1).indices
+            out[:, top:bottom] = (
+                (vertical[top:bottom, first:last] @ widened[:, :, first:last]).max(1).indices
+            )
     return out
 
 
@@ -240,12 +286,21 @@ class BiSeNetV1(nn.Module):
         super().__init__()
         self.config = config
         context_channels, s = config.context_channels, config.spatial_channels
-        fusion_channels, num_classes, dropout = config.fusion_channels, config.num_classes, config.dropout
+        fusion_channels, num_classes, dropout = (
+            config.fusion_channels,
+            config.num_classes,
+            config.dropout,
+        )
         c = context_channels[0]
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.backbone = ResNet(config.depth)
-        self.spatial_path = nn.Sequential(ConvBNReLU(3, s[0], 7, 2), ConvBNReLU(s[0], s[1], 3, 2), ConvBNReLU(s[1], s[2], 3, 2), ConvBNReLU(s[2], s[3], 1))
+        self.spatial_path = nn.Sequential(
+            ConvBNReLU(3, s[0], 7, 2),
+            ConvBNReLU(s[0], s[1], 3, 2),
+            ConvBNReLU(s[1], s[2], 3, 2),
+            ConvBNReLU(s[2], s[3], 1),
+        )
         self.arm16 = AttentionRefinement(context_channels[1], c)
         self.arm32 = AttentionRefinement(context_channels[2], c)
         self.global_context = ConvBNReLU(context_channels[2], c, 1)
@@ -253,8 +308,12 @@ class BiSeNetV1(nn.Module):
         self.refine16 = ConvBNReLU(c, c, 3)
         self.ffm = FeatureFusion(s[3] + c, fusion_channels, config.ffm_attention_relu)
         self.head = SegHead(fusion_channels, config.head_channels, num_classes, dropout)
-        self.aux_head16 = SegHead(c, config.aux_channels, num_classes, dropout)  # on the 1/16 branch, upsampled to 1/8
-        self.aux_head32 = SegHead(c, config.aux_channels, num_classes, dropout)  # on the 1/32 branch, upsampled to 1/16
+        self.aux_head16 = SegHead(
+            c, config.aux_channels, num_classes, dropout
+        )  # on the 1/16 branch, upsampled to 1/8
+        self.aux_head32 = SegHead(
+            c, config.aux_channels, num_classes, dropout
+        )  # on the 1/32 branch, upsampled to 1/16
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -286,7 +345,9 @@ class BiSeNetV1(nn.Module):
         # nearest resize to the exact size of the next feature map: any input size works, not only multiples of 32
         up32 = self.refine32(F.interpolate(context32, size=x16.shape[2:], mode="nearest"))
         spatial = self.spatial_path(x)
-        up16 = self.refine16(F.interpolate(self.arm16(x16) + up32, size=spatial.shape[2:], mode="nearest"))
+        up16 = self.refine16(
+            F.interpolate(self.arm16(x16) + up32, size=spatial.shape[2:], mode="nearest")
+        )
         fused = self.ffm(spatial, up16)
         if not self.training:
             return self.head(fused, size if upsample else None)
@@ -303,9 +364,21 @@ def fuse_bn(model):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
                 conv, scale = previous, child.weight / torch.sqrt(child.running_var + child.eps)
-                fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, bias=True)
+                fused = nn.Conv2d(
+                    conv.in_channels,
+                    conv.out_channels,
+                    conv.kernel_size,
+                    conv.stride,
+                    conv.padding,
+                    conv.dilation,
+                    conv.groups,
+                    bias=True,
+                )
                 fused.weight.data = conv.weight * scale.view(-1, 1, 1, 1)
-                fused.bias.data = child.bias + ((conv.bias if conv.bias is not None else 0) - child.running_mean) * scale
+                fused.bias.data = (
+                    child.bias
+                    + ((conv.bias if conv.bias is not None else 0) - child.running_mean) * scale
+                )
                 setattr(module, previous_name, fused.to(conv.weight.device))
                 setattr(module, name, nn.Identity())
             previous_name, previous = name, child

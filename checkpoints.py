@@ -43,35 +43,54 @@ def lock(work_dir):
         work_dir.mkdir(parents=True, exist_ok=True)
         handle = open(work_dir / ".lock", "a+")
     except OSError as e:
-        raise WorkDirError(f"{work_dir}: cannot write to the work dir ({e.strerror}); pass a writable --work-dir") from None
+        raise WorkDirError(
+            f"{work_dir}: cannot write to the work dir ({e.strerror}); pass a writable --work-dir"
+        ) from None
     try:
         fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise WorkDirError(f"{work_dir} is in use by {holder}; wait for it to end, or pass another --work-dir") from None
+        raise WorkDirError(
+            f"{work_dir} is in use by {holder}; wait for it to end, or pass another --work-dir"
+        ) from None
     handle.truncate(0)  # in append mode the write then starts the file
-    handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.write(
+        f"train.py pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    )
     handle.flush()
     return handle
 
 
 def iteration_checkpoints(work_dir):
     """[(N, path)] of work_dir/iter_N.pth, oldest first."""
-    found = [(int(m[1]), p) for p in work_dir.glob("iter_*.pth") if (m := ITERATION_NAME.match(p.name))]
+    found = [
+        (int(m[1]), p) for p in work_dir.glob("iter_*.pth") if (m := ITERATION_NAME.match(p.name))
+    ]
     return sorted(found)
 
 
 def tensor_bytes(obj):
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    return sum(map(tensor_bytes, obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()))
+    return sum(
+        map(
+            tensor_bytes,
+            obj.values()
+            if isinstance(obj, dict)
+            else obj
+            if isinstance(obj, (list, tuple))
+            else (),
+        )
+    )
 
 
 def _no_space(directory, needed):
     free = shutil.disk_usage(directory).free
-    return WorkDirError(f"no space left on {directory} (needs about {needed / MB:.0f} MB, {free / MB:.0f} MB free); free some space and resume")
+    return WorkDirError(
+        f"no space left on {directory} (needs about {needed / MB:.0f} MB, {free / MB:.0f} MB free); free some space and resume"
+    )
 
 
 def caused_by(error, matches):
@@ -100,12 +119,18 @@ def atomic_save(obj, path):
     except BaseException as e:
         if caused_by(e, lambda error: isinstance(error, KeyboardInterrupt)):
             raise KeyboardInterrupt from None
-        if caused_by(e, lambda error: getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)):
+        if caused_by(
+            e, lambda error: getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        ):
             raise _no_space(directory, needed) from None
         if isinstance(e, OSError):
-            raise WorkDirError(f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are kept") from None
+            raise WorkDirError(
+                f"{path}: could not write the checkpoint ({e.strerror or e}); the previous checkpoints are kept"
+            ) from None
         raise
-    fd = os.open(directory, os.O_RDONLY)  # makes the rename durable: without it a power loss can undo it after the old file went
+    fd = os.open(
+        directory, os.O_RDONLY
+    )  # makes the rename durable: without it a power loss can undo it after the old file went
     try:
         os.fsync(fd)
     finally:
@@ -135,7 +160,9 @@ def work_dir_contents(work_dir):
     names += ["best.pth"] if (work_dir / "best.pth").exists() else []
     latest = work_dir / "latest.pth"
     if latest.is_symlink():
-        names.append(f"latest.pth -> {os.readlink(latest)}{'' if latest.exists() else ' (missing)'}")
+        names.append(
+            f"latest.pth -> {os.readlink(latest)}{'' if latest.exists() else ' (missing)'}"
+        )
     elif latest.exists():
         names.append("latest.pth")
     return ", ".join(names)
@@ -151,11 +178,15 @@ def resume_point(work_dir):
     latest = work_dir / "latest.pth"
     if latest.exists() and not latest.is_symlink():
         found = "directory" if latest.is_dir() else "file"
-        raise WorkDirError(f"{latest}: expected the link train.py writes, found a {found}; move it out of the work dir and resume")
+        raise WorkDirError(
+            f"{latest}: expected the link train.py writes, found a {found}; move it out of the work dir and resume"
+        )
     if not saved:
         if latest.is_symlink() or (work_dir / "best.pth").exists():
             fix = "pass a new --work-dir, or move those files away to start over"
-            raise WorkDirError(f"{work_dir} holds a run ({work_dir_contents(work_dir)}) but no iter_N.pth to resume from; {fix}")
+            raise WorkDirError(
+                f"{work_dir} holds a run ({work_dir_contents(work_dir)}) but no iter_N.pth to resume from; {fix}"
+            )
         return None, None, None
     _, newest = saved[-1]
     try:
@@ -167,8 +198,14 @@ def resume_point(work_dir):
                 f"{newest}: not a training checkpoint of train.py (no optimizer state or iteration); to start from its weights use --load-from"
             )
     except CheckpointError as e:
-        older = f"move it away to resume from {saved[-2][1].name}" if len(saved) > 1 else "move it away to start over"
-        raise WorkDirError(f"{e}; the newest checkpoint of the run in {work_dir} is damaged: {older}") from None
+        older = (
+            f"move it away to resume from {saved[-2][1].name}"
+            if len(saved) > 1
+            else "move it away to start over"
+        )
+        raise WorkDirError(
+            f"{e}; the newest checkpoint of the run in {work_dir} is damaged: {older}"
+        ) from None
     note = None
     if not latest.is_symlink():
         note = "latest.pth is missing"
@@ -180,7 +217,11 @@ def resume_point(work_dir):
 # -- Reading weights: ours, released and ImageNet ones -------------------------------------------------------
 def non_finite(state):
     """Names of the floating-point tensors of a state dict that hold NaN or inf (one reduction per tensor)."""
-    return [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    return [
+        name
+        for name, value in state.items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
 
 
 def read_checkpoint(path):
@@ -188,10 +229,14 @@ def read_checkpoint(path):
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix in (".xml", ".bin", ".onnx"):
-        raise CheckpointError(f"{path}: an exported model, not a PyTorch checkpoint; python tools/deploy.py takes it as --model {path}, training needs a .pth")
+        raise CheckpointError(
+            f"{path}: an exported model, not a PyTorch checkpoint; python tools/deploy.py takes it as --model {path}, training needs a .pth"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
+    except (
+        Exception
+    ) as e:  # truncated, empty, text, or a pickle that needs more than weights_only allows
         try:  # the Python classes its pickle would build beyond weights: torch scans the file without running it
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:  # noqa: BLE001  (not a zip checkpoint at all: there is nothing to scan)
@@ -204,7 +249,9 @@ def read_checkpoint(path):
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
         reason = detail[1][:200] if detail else cli.first_line(e, 200)
         reason = type(e).__name__ if "weights_only" in reason else reason
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason != type(e).__name__ else ''})") from None
+        raise CheckpointError(
+            f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}{': ' + reason if reason != type(e).__name__ else ''})"
+        ) from None
 
 
 def load_model(path):
@@ -213,21 +260,33 @@ def load_model(path):
     released weights and older checkpoints without one, Cityscapes for 19 classes and numbered classes otherwise."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a dict of weights, got {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a dict of weights, got {type(checkpoint).__name__}"
+        )
     if "model_config" in checkpoint:
-        config, state, description = ModelConfig.from_dict(checkpoint["model_config"], path), checkpoint["model"], checkpoint.get("dataset")
+        config, state, description = (
+            ModelConfig.from_dict(checkpoint["model_config"], path),
+            checkpoint["model"],
+            checkpoint.get("dataset"),
+        )
     else:
-        from interop import foreign_state  # other repositories' layouts, read only when given one of their files
+        from interop import (
+            foreign_state,
+        )  # other repositories' layouts, read only when given one of their files
 
         config, state, description = foreign_state(checkpoint, path)
     model = BiSeNetV1(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model: {cli.first_line(e)}") from None
+        raise CheckpointError(
+            f"{path}: weights do not fit the model: {cli.first_line(e)}"
+        ) from None
     bad = non_finite(state)
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint")
+        raise CheckpointError(
+            f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); it comes from a diverged run, use an earlier checkpoint"
+        )
     return model.eval(), checkpoint_dataset(description, config.num_classes, source=path)
 
 
@@ -239,14 +298,18 @@ def checkpoint_dataset(description, num_classes, *, source):
     try:
         palette = description.get("palette") or voc_palette(len(description["class_names"]))
         info = DatasetInfo.from_dict({**description, "palette": palette})
-        if len(info.palette) != info.num_classes or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in info.palette):
+        if len(info.palette) != info.num_classes or any(
+            len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in info.palette
+        ):
             raise ValueError("palette does not fit the classes")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{source}: its dataset description is malformed ({cli.first_line(e)}); re-save it, or load it with --load-from in train.py"
         ) from None
     if info.num_classes != num_classes:
-        raise CheckpointError(f"{source}: its dataset description names {info.num_classes} classes, the model has {num_classes}")
+        raise CheckpointError(
+            f"{source}: its dataset description names {info.num_classes} classes, the model has {num_classes}"
+        )
     return info
 
 
@@ -254,8 +317,13 @@ def load_backbone(model, source, *, log=print):
     """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
     if re.match(r"^https?://", str(source)):
         try:
-            state = torch.hub.load_state_dict_from_url(str(source), map_location="cpu", weights_only=True, progress=False)
-        except (OSError, RuntimeError) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+            state = torch.hub.load_state_dict_from_url(
+                str(source), map_location="cpu", weights_only=True, progress=False
+            )
+        except (
+            OSError,
+            RuntimeError,
+        ) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
             reason = getattr(e, "reason", None) or cli.first_line(e, 200)
             raise CheckpointError(
                 f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
@@ -274,7 +342,11 @@ def load_backbone(model, source, *, log=print):
 
 def last_checkpoint_note(work_dir):
     saved = iteration_checkpoints(work_dir)
-    return f"The last good checkpoint is kept: {saved[-1][1]}" if saved else "No checkpoint had been written yet."
+    return (
+        f"The last good checkpoint is kept: {saved[-1][1]}"
+        if saved
+        else "No checkpoint had been written yet."
+    )
 
 
 # -- Training checkpoints: what a run saves and how it continues --------------------------------------------
@@ -285,9 +357,25 @@ def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings
     if bad:
         which = f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}"
         hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
-        raise CheckpointError(f"the weights hold NaN or inf after iteration {iteration} ({which}), so {path.name} was not written: {hint}")
-    checkpoint = {"model_config": model.config.to_dict(), "model": state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
-    atomic_save(checkpoint | {"iteration": iteration, "best_miou": best, "args": settings, "dataset": dataset.to_dict()}, path)
+        raise CheckpointError(
+            f"the weights hold NaN or inf after iteration {iteration} ({which}), so {path.name} was not written: {hint}"
+        )
+    checkpoint = {
+        "model_config": model.config.to_dict(),
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    atomic_save(
+        checkpoint
+        | {
+            "iteration": iteration,
+            "best_miou": best,
+            "args": settings,
+            "dataset": dataset.to_dict(),
+        },
+        path,
+    )
 
 
 def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
@@ -295,15 +383,28 @@ def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
     only with its own model and its own classes: its best mIoU would otherwise compare other data."""
     saved_config = ModelConfig.from_dict(checkpoint["model_config"], path)
     if saved_config != model.config:
-        names = sorted((f.name for f in dataclasses.fields(ModelConfig)), key=lambda name: name not in ("depth", "num_classes"))  # what the flags set first
-        changed = [f"{n} {getattr(saved_config, n)} -> {getattr(model.config, n)}" for n in names if getattr(saved_config, n) != getattr(model.config, n)]
-        changes = ", ".join(changed[:2]) + (f" and {len(changed) - 2} settings that follow from them" if len(changed) > 2 else "")
-        raise CheckpointError(f"{path}: a run of another model configuration ({changes}); pass a new --work-dir, or the flags of that run")
+        names = sorted(
+            (f.name for f in dataclasses.fields(ModelConfig)),
+            key=lambda name: name not in ("depth", "num_classes"),
+        )  # what the flags set first
+        changed = [
+            f"{n} {getattr(saved_config, n)} -> {getattr(model.config, n)}"
+            for n in names
+            if getattr(saved_config, n) != getattr(model.config, n)
+        ]
+        changes = ", ".join(changed[:2]) + (
+            f" and {len(changed) - 2} settings that follow from them" if len(changed) > 2 else ""
+        )
+        raise CheckpointError(
+            f"{path}: a run of another model configuration ({changes}); pass a new --work-dir, or the flags of that run"
+        )
     saved_classes = tuple((checkpoint.get("dataset") or {}).get("class_names") or ())
     if saved_classes and saved_classes != info.class_names:
         k = next(k for k, (a, b) in enumerate(zip(saved_classes, info.class_names)) if a != b)
         other = f"class {k} was {saved_classes[k]!r}, the data's is {info.class_names[k]!r}"
-        raise CheckpointError(f"{path}: a run on other classes ({other}); pass a new --work-dir, or --load-from {path} to fine-tune on this data")
+        raise CheckpointError(
+            f"{path}: a run on other classes ({other}); pass a new --work-dir, or --load-from {path} to fine-tune on this data"
+        )
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty when that run had no loss scaling (bf16 or fp32)
@@ -317,13 +418,24 @@ def open_work_dir(work_dir, resume, *, runtime, log=print):
     held = None
     if runtime.is_main:
         held = lock(work_dir)
-        for path in sorted(work_dir.glob(".*.tmp")):  # with the lock held, none belongs to a live process
+        for path in sorted(
+            work_dir.glob(".*.tmp")
+        ):  # with the lock held, none belongs to a live process
             path.unlink(missing_ok=True)
             log(f"removed {path.name}, left by a run that was killed while writing")
         latest = work_dir / "latest.pth"
-        if not resume and (iteration_checkpoints(work_dir) or (work_dir / "best.pth").exists() or latest.exists() or latest.is_symlink()):
-            contents = work_dir_contents(work_dir)  # a run without --resume never writes over an earlier run's checkpoints
-            raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({contents}); pass --resume to continue it, or a new --work-dir")
+        if not resume and (
+            iteration_checkpoints(work_dir)
+            or (work_dir / "best.pth").exists()
+            or latest.exists()
+            or latest.is_symlink()
+        ):
+            contents = work_dir_contents(
+                work_dir
+            )  # a run without --resume never writes over an earlier run's checkpoints
+            raise WorkDirError(
+                f"{work_dir} holds the checkpoints of a run ({contents}); pass --resume to continue it, or a new --work-dir"
+            )
     if not resume:
         return held, None, None
     checkpoint, path, note = resume_point(work_dir)

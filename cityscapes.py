@@ -14,7 +14,9 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cli import DataError
 from datasets import IGNORE_INDEX, DatasetInfo, SegmentationDataset
 
-TRAIN_LABELS = sorted((lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId)
+TRAIN_LABELS = sorted(
+    (lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId
+)
 CLASS_NAMES = [lb.name for lb in TRAIN_LABELS]
 NUM_CLASSES = len(CLASS_NAMES)
 PALETTE = np.array([lb.color for lb in TRAIN_LABELS], dtype=np.uint8)
@@ -25,9 +27,15 @@ for _label in CITYSCAPES_LABELS:
     if _label.id >= 0 and 0 <= _label.trainId < IGNORE_INDEX:
         LABELID_TO_TRAINID[_label.id] = _label.trainId
 
-LABEL_HINT = "these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT"
+LABEL_HINT = (
+    "these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT"
+)
 CITYSCAPES = DatasetInfo(
-    "cityscapes", tuple(CLASS_NAMES), tuple(map(tuple, PALETTE.tolist())), submission_ids=tuple(TRAINID_TO_LABELID.tolist()), label_hint=LABEL_HINT
+    "cityscapes",
+    tuple(CLASS_NAMES),
+    tuple(map(tuple, PALETTE.tolist())),
+    submission_ids=tuple(TRAINID_TO_LABELID.tolist()),
+    label_hint=LABEL_HINT,
 )
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -42,18 +50,27 @@ def find_samples(root, split, *, with_labels=True):
     listed_labels = None
     if list_file.is_file():
         lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-        if lines and all("," in line for line in lines):  # CoinCheung's lists: `image,label` relative to the root
+        if lines and all(
+            "," in line for line in lines
+        ):  # CoinCheung's lists: `image,label` relative to the root
             pairs = [[root / part.strip() for part in line.split(",", 1)] for line in lines]
-            images, listed_labels = [image for image, _ in pairs], dict((str(image), label) for image, label in pairs)
+            images, listed_labels = (
+                [image for image, _ in pairs],
+                dict((str(image), label) for image, label in pairs),
+            )
         else:  # mmseg's: city/city_seq_frame
             images = [image_dir / (stem + IMAGE_SUFFIX) for stem in lines]
         for image in images:
             if not image.is_file():
-                raise DataError(f"{image}: listed in {list_file} but missing; fix the list or the files")
+                raise DataError(
+                    f"{image}: listed in {list_file} but missing; fix the list or the files"
+                )
     elif image_dir.is_dir():
         images = sorted(p for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}") if p.is_file())
     else:
-        raise DataError(f"{image_dir}: split '{split}' not found; expected leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}")
+        raise DataError(
+            f"{image_dir}: split '{split}' not found; expected leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}"
+        )
     if not images:
         raise DataError(f"{image_dir}: no *{IMAGE_SUFFIX} images in split '{split}'")
     if not with_labels:
@@ -64,9 +81,13 @@ def find_samples(root, split, *, with_labels=True):
             label = listed_labels[str(image)]
         else:
             rel = image.relative_to(image_dir)
-            label = root / "gtFine" / split / rel.parent / rel.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
+            label = (
+                root / "gtFine" / split / rel.parent / rel.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
+            )
         if not label.is_file():
-            raise DataError(f"{label}: missing label for {image}; run: python convert_labels.py {root}")
+            raise DataError(
+                f"{label}: missing label for {image}; run: python convert_labels.py {root}"
+            )
         samples.append((image, label))
     return samples
 
@@ -84,12 +105,16 @@ def detect_dataset(root, dataset_type="auto"):
         return dataset_type
     if (root / "leftImg8bit").is_dir():
         return "cityscapes"
-    from interop import folder_layout  # your own data's layouts, read only for a root that is not Cityscapes
+    from interop import (
+        folder_layout,
+    )  # your own data's layouts, read only for a root that is not Cityscapes
 
     if (root / "classes.txt").is_file() or folder_layout(root):
         return "folder"
     yours = "your own data (classes.txt with img_dir/, train.txt or trainannot/)"
-    raise DataError(f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see README: Your own data")
+    raise DataError(
+        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see README: Your own data"
+    )
 
 
 def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
@@ -98,15 +123,26 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
     if root.is_file():
         raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
     if not root.is_dir():
-        raise DataError(f"{root}: data root not found; pass --data-root, or make a synthetic one: python tools/synthetic.py cityscapes {root}")
+        raise DataError(
+            f"{root}: data root not found; pass --data-root, or make a synthetic one: python tools/synthetic.py cityscapes {root}"
+        )
     if detect_dataset(root, dataset_type) == "cityscapes":
         if (root / "classes.txt").is_file():
             from interop import read_classes
 
-            if read_classes(root / "classes.txt", "cityscapes").class_names != CITYSCAPES.class_names:
+            if (
+                read_classes(root / "classes.txt", "cityscapes").class_names
+                != CITYSCAPES.class_names
+            ):
                 fix = "remove classes.txt, or put your data in one of your own layouts (README: Your own data)"
-                raise DataError(f"{root / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; {fix}")
-        return SegmentationDataset(find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform)
+                raise DataError(
+                    f"{root / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; {fix}"
+                )
+        return SegmentationDataset(
+            find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform
+        )
     from interop import folder_info, folder_samples
 
-    return SegmentationDataset(folder_samples(root, split, with_labels=with_labels), folder_info(root), transform=transform)
+    return SegmentationDataset(
+        folder_samples(root, split, with_labels=with_labels), folder_info(root), transform=transform
+    )

@@ -47,13 +47,24 @@ def main(run, *args):
     except Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; so is a DataLoader's dead worker
+    except (
+        MemoryError,
+        RuntimeError,
+    ) as e:  # torch.OutOfMemoryError is a RuntimeError; so is a DataLoader's dead worker
         text = first_line(e, 200)
-        if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
-            sys.exit(f"error: out of memory ({text}); lower --batch-size or --crop, or use --mode slide for very large images")
+        if (
+            isinstance(e, MemoryError)
+            or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text
+        ):
+            sys.exit(
+                f"error: out of memory ({text}); lower --batch-size or --crop, or use --mode slide for very large images"
+            )
         if "DataLoader worker" not in text:
             raise
-        sys.exit(f"error: {text} (killed, or out of memory); lower --workers, then run the same command again (training: with --resume)")
+        sys.exit(
+            f"error: {text} (killed, or out of memory); lower --workers, then run the same command again (training: with --resume)"
+        )
 
 
 def first_line(error, limit=300):
@@ -61,7 +72,14 @@ def first_line(error, limit=300):
     `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines, torch's load_state_dict with
     `Error(s) in loading state_dict for ...:`), or its type's name."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    telling = [line for line in lines if not re.fullmatch(r"(Exception from|Check '.*' failed at) \S+:\d+:?|Error\(s\) in loading state_dict for \w+:", line)]
+    telling = [
+        line
+        for line in lines
+        if not re.fullmatch(
+            r"(Exception from|Check '.*' failed at) \S+:\d+:?|Error\(s\) in loading state_dict for \w+:",
+            line,
+        )
+    ]
     return (telling or lines or [type(error).__name__])[0][:limit]
 
 
@@ -85,16 +103,45 @@ DATASET_TYPES, DEVICES = ("auto", "cityscapes", "folder"), ("auto", "cpu", "cuda
 def add_data_flags(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--data-root", default="data/cityscapes")
-    group.add_argument("--dataset", default="auto", choices=DATASET_TYPES, help="auto: from the data root (see README: Your own data)")
+    group.add_argument(
+        "--dataset",
+        default="auto",
+        choices=DATASET_TYPES,
+        help="auto: from the data root (see README: Your own data)",
+    )
 
 
 def add_device_flags(parser):
     """Where and in which precision a script computes (device.py decides what each choice means on each device)."""
     group = parser.add_argument_group("device")
-    group.add_argument("--device", default="auto", choices=DEVICES, help="auto: an Ascend NPU, else a CUDA GPU, else the CPU")
-    group.add_argument("--device-id", "--gpu-id", dest="device_id", type=integer(0), default=0, help="single-device runs")
-    group.add_argument("--amp", "--opt-level", dest="amp", default="O1", choices=("O0", "O1"), help="O1 = apex O1 (half-precision convolutions); O0 = fp32")
-    group.add_argument("--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"), help="O1's half precision; auto: as README: Train says")
+    group.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICES,
+        help="auto: an Ascend NPU, else a CUDA GPU, else the CPU",
+    )
+    group.add_argument(
+        "--device-id",
+        "--gpu-id",
+        dest="device_id",
+        type=integer(0),
+        default=0,
+        help="single-device runs",
+    )
+    group.add_argument(
+        "--amp",
+        "--opt-level",
+        dest="amp",
+        default="O1",
+        choices=("O0", "O1"),
+        help="O1 = apex O1 (half-precision convolutions); O0 = fp32",
+    )
+    group.add_argument(
+        "--amp-dtype",
+        default="auto",
+        choices=("auto", "float16", "bfloat16"),
+        help="O1's half precision; auto: as README: Train says",
+    )
 
 
 def _checked(name, convert, ok, expectation):
@@ -114,7 +161,9 @@ def _checked(name, convert, ok, expectation):
 def integer(low, high=None):
     """An int in [low, high]."""
     expectation = f">= {low}" if high is None else f"between {low} and {high}"
-    return _checked("an integer", int, lambda v: v >= low and (high is None or v <= high), expectation)
+    return _checked(
+        "an integer", int, lambda v: v >= low and (high is None or v <= high), expectation
+    )
 
 
 def real(low=None, high=None, low_open=False, high_open=False):
@@ -127,7 +176,9 @@ def real(low=None, high=None, low_open=False, high_open=False):
 
     lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
     upper = "" if high is None else f"{'<' if high_open else '<='} {high}"
-    return _checked("a number", float, ok, "a finite number " + " and ".join(filter(None, (lower, upper))))
+    return _checked(
+        "a number", float, ok, "a finite number " + " and ".join(filter(None, (lower, upper)))
+    )
 
 
 def size(text):
@@ -149,7 +200,11 @@ def ratios(count=None):
             values = tuple(float(v) for v in text.split(","))
         except ValueError:
             values = ()
-        if not values or (count is not None and len(values) != count) or not all(math.isfinite(v) and v > 0 for v in values):
+        if (
+            not values
+            or (count is not None and len(values) != count)
+            or not all(math.isfinite(v) and v > 0 for v in values)
+        ):
             how_many = f"{count} " if count else ""
             raise argparse.ArgumentTypeError(
                 f"{text!r}: expected {how_many}comma-separated positive numbers, e.g. {'0.5,2.0' if count == 2 else '0.75,1.0,1.25'}"
@@ -166,14 +221,20 @@ def publish_new(temp, path, *, keep_both=False):
     written is returned. A file that appeared there meanwhile is never replaced: FileExistsError, or with
     keep_both the result goes to the first free NAME_2, NAME_3, ... instead."""
     path = Path(path)
-    candidates = [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))] if keep_both else [path]
+    candidates = (
+        [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))]
+        if keep_both
+        else [path]
+    )
     for candidate in candidates:
         try:
             os.link(temp, candidate)
             return candidate
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path))
+    raise FileExistsError(
+        errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path)
+    )
 
 
 class atomic_write:
@@ -182,11 +243,18 @@ class atomic_write:
     first free NAME_2, ...). .path is where it went. On any failure the temporary file is removed."""
 
     def __init__(self, path, *, replace=True, keep_both=False, suffix=".tmp"):
-        self.path, self.replace, self.keep_both, self.suffix = Path(path), replace, keep_both, suffix
+        self.path, self.replace, self.keep_both, self.suffix = (
+            Path(path),
+            replace,
+            keep_both,
+            suffix,
+        )
 
     def __enter__(self):
         """A new unique file beside `path`, with the permissions a plain open() gives (mkstemp's are owner-only)."""
-        handle, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent)
+        handle, temp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent
+        )
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(handle, 0o666 & ~umask)

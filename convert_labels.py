@@ -40,7 +40,9 @@ def convert_one(job):
                 label_ids = cv2.imread(str(source_path), cv2.IMREAD_UNCHANGED)
                 if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
                     raise DataError("not a single-channel 8-bit labelIds PNG")
-                Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(tmp, format="PNG")  # PIL, as json2labelImg: same bytes
+                Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(
+                    tmp, format="PNG"
+                )  # PIL, as json2labelImg: same bytes
         return None
     except DataError as e:
         return f"{source_path}: {e}"
@@ -64,11 +66,16 @@ def write_split_lists(root, log=print):
     list that is there already (yours, or CoinCheung's `image,label` lines) is never replaced."""
     root = Path(root)
     for split_dir in sorted(p for p in (root / "leftImg8bit").iterdir() if p.is_dir()):
-        stems = sorted(p.relative_to(split_dir).as_posix()[: -len(IMAGE_SUFFIX)] for p in split_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        stems = sorted(
+            p.relative_to(split_dir).as_posix()[: -len(IMAGE_SUFFIX)]
+            for p in split_dir.glob(f"*/*{IMAGE_SUFFIX}")
+        )
         text, list_file = "".join(s + "\n" for s in stems), root / f"{split_dir.name}.txt"
         if list_file.exists():
             if list_file.read_text() != text:
-                log(f"kept {list_file}: it is not the list of the {len(stems)} images found; remove it to have it written")
+                log(
+                    f"kept {list_file}: it is not the list of the {len(stems)} images found; remove it to have it written"
+                )
             continue
         with atomic_write(list_file) as temp:
             temp.write_text(text)
@@ -78,9 +85,13 @@ def convert_dataset(root, source="polygons", *, nproc=1, force=False, progress=T
     """Converts every label file; returns the list of failures ('path: reason')."""
     root = Path(root)
     if not (root / "gtFine").is_dir() or not (root / "leftImg8bit").is_dir():
-        raise DataError(f"{root}: expected gtFine/ and leftImg8bit/ inside; is this the Cityscapes root?")
+        raise DataError(
+            f"{root}: expected gtFine/ and leftImg8bit/ inside; is this the Cityscapes root?"
+        )
     if not os.access(root / "gtFine", os.W_OK) or not os.access(root, os.W_OK):
-        raise DataError(f"{root}: not writable (a read-only mount?); the labels and split lists are written beside the data: convert a writable copy")
+        raise DataError(
+            f"{root}: not writable (a read-only mount?); the labels and split lists are written beside the data: convert a writable copy"
+        )
     jobs = conversion_jobs(root, source, force=force)
     bar = tqdm(total=len(jobs), desc=f"labelTrainIds from {source}", disable=not progress)
     failures = []
@@ -104,7 +115,10 @@ def benchmark(root, nproc):
     rates = {}
     for source in ("polygons", "labelIds"):
         with tempfile.TemporaryDirectory() as tmp:
-            jobs = [(src, Path(tmp) / f"{i}.png", source) for i, (src, _, _) in enumerate(conversion_jobs(root, source, force=True))]
+            jobs = [
+                (src, Path(tmp) / f"{i}.png", source)
+                for i, (src, _, _) in enumerate(conversion_jobs(root, source, force=True))
+            ]
             if not jobs:
                 raise DataError(f"{root}: no *{SOURCE_SUFFIX[source]} files to time")
             start = time.perf_counter()
@@ -114,7 +128,15 @@ def benchmark(root, nproc):
         print(f"{source:>8}: {rates[source]:8.1f} files/s ({len(jobs)} files, {nproc} processes)")
     ratio = rates["labelIds"] / rates["polygons"]
     print(f"labelIds lookup table is {ratio:.1f}x faster than json2labelImg")
-    print(json.dumps({"polygons_files_per_s": round(rates["polygons"], 1), "labelIds_files_per_s": round(rates["labelIds"], 1), "ratio": round(ratio, 2)}))
+    print(
+        json.dumps(
+            {
+                "polygons_files_per_s": round(rates["polygons"], 1),
+                "labelIds_files_per_s": round(rates["labelIds"], 1),
+                "ratio": round(ratio, 2),
+            }
+        )
+    )
 
 
 def run_conversion(argv):

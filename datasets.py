@@ -71,12 +71,16 @@ class DatasetInfo:
         return valid, index
 
     def to_dict(self):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, values):
         values = dict(values)
-        ignore = values.pop("ignore_index", IGNORE_INDEX)  # earlier checkpoints saved it, always 255
+        ignore = values.pop(
+            "ignore_index", IGNORE_INDEX
+        )  # earlier checkpoints saved it, always 255
         if ignore != IGNORE_INDEX:
             raise ValueError(f"ignore index {ignore} is not {IGNORE_INDEX}")
         values["class_names"] = tuple(values["class_names"])
@@ -88,7 +92,9 @@ class DatasetInfo:
 
 def unnamed_classes(count):
     """The classes of a model that does not say what they are: numbered names and a palette of their number."""
-    return DatasetInfo("unnamed classes", tuple(f"class{k}" for k in range(count)), tuple(voc_palette(count)))
+    return DatasetInfo(
+        "unnamed classes", tuple(f"class{k}" for k in range(count)), tuple(voc_palette(count))
+    )
 
 
 EXIF_ORIENTATION = 0x0112
@@ -109,7 +115,9 @@ def oriented(pixels, orientation):
     """The stored pixel grid as a viewer shows it: EXIF orientations 2-8 are mirrorings and quarter turns."""
     if orientation not in range(2, 9):
         return pixels
-    grid = pixels.swapaxes(0, 1) if orientation >= 5 else pixels  # 5-8 are quarter turns: a transpose, then a mirroring
+    grid = (
+        pixels.swapaxes(0, 1) if orientation >= 5 else pixels
+    )  # 5-8 are quarter turns: a transpose, then a mirroring
     flip_rows, flip_cols = orientation in (3, 4, 7, 8), orientation in (2, 3, 6, 7)
     return np.ascontiguousarray(grid[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
 
@@ -122,12 +130,25 @@ def read_image(path):
     try:
         with Image.open(path) as file:
             is_jpeg, orientation = file.format == "JPEG", exif_orientation(file)
-        image = simplejpeg.decode_jpeg(Path(path).read_bytes(), colorspace="RGB", strict=True) if is_jpeg else None
+        image = (
+            simplejpeg.decode_jpeg(Path(path).read_bytes(), colorspace="RGB", strict=True)
+            if is_jpeg
+            else None
+        )
     except (FileNotFoundError, Image.UnidentifiedImageError, Image.DecompressionBombError):
         pass  # a file OpenCV may read and PIL does not (or not at this size): no EXIF either
-    except (OSError, ValueError) as e:  # ValueError: libjpeg's complaint, e.g. "Premature end of JPEG file"
-        raise DataError(f"{path}: the image cannot be decoded whole ({first_line(e)}); re-extract or re-download this file") from None
-    if image is None and (image := cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)) is not None:
+    except (
+        OSError,
+        ValueError,
+    ) as e:  # ValueError: libjpeg's complaint, e.g. "Premature end of JPEG file"
+        raise DataError(
+            f"{path}: the image cannot be decoded whole ({first_line(e)}); re-extract or re-download this file"
+        ) from None
+    if (
+        image is None
+        and (image := cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION))
+        is not None
+    ):
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if image is None:
         raise DataError(f"{path}: unreadable image; re-extract or re-download this file")
@@ -156,7 +177,9 @@ def read_label(path, info):
     if not valid[label].all():
         bad = sorted(set(np.unique(label).tolist()) - set(np.flatnonzero(valid).tolist()))
         allowed = f"0..{info.num_classes - 1}{f', {info.void_value} (void)' if info.void_value is not None else ''} or 255 = ignore"
-        raise DataError(f"{path}: label values {bad[:8]} are not classes of {info.name} ({allowed}); {info.label_hint or 'fix the labels or classes.txt'}")
+        raise DataError(
+            f"{path}: label values {bad[:8]} are not classes of {info.name} ({allowed}); {info.label_hint or 'fix the labels or classes.txt'}"
+        )
     return index[label] if info.void_value is not None else label
 
 
@@ -184,7 +207,11 @@ def image_files(folder):
             subfolders.clear()
             continue
         seen.add(real)
-        found += [Path(directory) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [
+            Path(directory) / name
+            for name in files
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        ]
     return sorted(found)
 
 
@@ -225,10 +252,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = read_image(image_path)
         label = read_label(label_path, self.info) if label_path is not None else None
         if label is not None and label.shape != image.shape[:2]:
-            raise DataError(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image_path} is {image.shape[1]}x{image.shape[0]}")
+            raise DataError(
+                f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image_path} is {image.shape[1]}x{image.shape[0]}"
+            )
         if self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
-        sample = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), "name": str(image_path)}
+        sample = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "name": str(image_path),
+        }
         if label is not None:
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label))
         return sample
@@ -243,7 +275,9 @@ def nearest_indices(out_size, in_size, start, count):
 
 def levels(image, alpha=1.0, beta=0.0):
     """uint8 clip(image * alpha + beta) truncated, as mmseg computes it in float32, through a 256-entry table."""
-    return cv2.LUT(image, np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8))
+    return cv2.LUT(
+        image, np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+    )
 
 
 class TrainTransform:
@@ -256,10 +290,30 @@ class TrainTransform:
     (to within 1 grey level of cv2.resize, which mmseg uses). Interpolation as in mmseg: bilinear, no antialias.
     """
 
-    brightness, contrast, saturation, hue = 32, (0.5, 1.5), (0.5, 1.5), 18  # mmseg's PhotoMetricDistortion
+    brightness, contrast, saturation, hue = (
+        32,
+        (0.5, 1.5),
+        (0.5, 1.5),
+        18,
+    )  # mmseg's PhotoMetricDistortion
 
-    def __init__(self, crop=(1024, 1024), scale_range=(0.5, 2.0), *, cat_max_ratio=0.75, flip_prob=0.5, photometric=True, fill=IMAGENET_MEAN):
-        self.crop, self.scale_range, self.cat_max_ratio, self.flip_prob, self.photometric = crop, scale_range, cat_max_ratio, flip_prob, photometric
+    def __init__(
+        self,
+        crop=(1024, 1024),
+        scale_range=(0.5, 2.0),
+        *,
+        cat_max_ratio=0.75,
+        flip_prob=0.5,
+        photometric=True,
+        fill=IMAGENET_MEAN,
+    ):
+        self.crop, self.scale_range, self.cat_max_ratio, self.flip_prob, self.photometric = (
+            crop,
+            scale_range,
+            cat_max_ratio,
+            flip_prob,
+            photometric,
+        )
         self.fill = np.round(fill).astype(np.uint8)
 
     def __call__(self, image, label, rng):
@@ -286,7 +340,13 @@ class TrainTransform:
 
         sy, sx = height / scaled_h, width / scaled_w
         to_source = np.array([[sx, 0, (left + 0.5) * sx - 0.5], [0, sy, (top + 0.5) * sy - 0.5]])
-        image_crop = cv2.warpAffine(image, to_source, (crop_w, crop_h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+        image_crop = cv2.warpAffine(
+            image,
+            to_source,
+            (crop_w, crop_h),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
 
         if rng.random() < self.flip_prob:
             image_crop, label_crop = image_crop[:, ::-1], label_crop[:, ::-1]
@@ -311,9 +371,13 @@ class TrainTransform:
         if change_saturation or change_hue:
             hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
             if change_saturation:
-                hsv[..., 1] = levels(np.ascontiguousarray(hsv[..., 1]), alpha=rng.uniform(*self.saturation))
+                hsv[..., 1] = levels(
+                    np.ascontiguousarray(hsv[..., 1]), alpha=rng.uniform(*self.saturation)
+                )
             if change_hue:
-                hsv[..., 0] = ((np.arange(256) + rng.integers(-self.hue, self.hue)) % 180).astype(np.uint8)[hsv[..., 0]]
+                hsv[..., 0] = ((np.arange(256) + rng.integers(-self.hue, self.hue)) % 180).astype(
+                    np.uint8
+                )[hsv[..., 0]]
             image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first and rng.random() < 0.5:
             image = levels(image, alpha=rng.uniform(*self.contrast))

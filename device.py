@@ -22,8 +22,21 @@ PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32:
 EMULATED_BF16 = "many times slower than fp32"  # bf16 without AMX/AVX512-BF16 (PERFORMANCE.md)
 
 # oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; the AVX10 names and their aliases).
-ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI", "AVX512_CORE_BF16", "AVX10_1_512", "AVX10_1_512_AMX")
-ONEDNN_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512"} | dict.fromkeys(("AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"), "AVX10_1_512_AMX")
+ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+)
+ONEDNN_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512"} | dict.fromkeys(
+    ("AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16"), "AVX10_1_512_AMX"
+)
 
 
 @dataclass(frozen=True)
@@ -42,8 +55,15 @@ class CpuFeatures:
 
     @classmethod
     def detect(cls):
-        bf16 = dict(avx512_bf16=torch.cpu._is_avx512_bf16_supported(), amx_bf16=torch.cpu._is_amx_tile_supported())
-        return cls(torch.backends.cpu.get_cpu_capability(), **bf16, onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None)
+        bf16 = dict(
+            avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
+            amx_bf16=torch.cpu._is_amx_tile_supported(),
+        )
+        return cls(
+            torch.backends.cpu.get_cpu_capability(),
+            **bf16,
+            onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
+        )
 
 
 def onednn_allows(max_isa, isa):
@@ -60,12 +80,18 @@ def cpu_amp_dtype(features):
     if not (features.avx512_bf16 or features.amx_bf16):
         return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
     if not features.aten_avx512:
-        return torch.float32, f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions"
+        return (
+            torch.float32,
+            f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions",
+        )
     if features.amx_bf16 and onednn_allows(features.onednn_max_isa, "AVX10_1_512_AMX"):
         return torch.bfloat16, "this CPU computes bf16 natively: AMX-BF16"
     if onednn_allows(features.onednn_max_isa, "AVX512_CORE_BF16"):
         return torch.bfloat16, "this CPU computes bf16 natively: AVX512-BF16"
-    return torch.float32, f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa} keeps oneDNN from the CPU's bf16 instructions"
+    return (
+        torch.float32,
+        f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa} keeps oneDNN from the CPU's bf16 instructions",
+    )
 
 
 def cpu_trains_channels_last(features):
@@ -99,14 +125,21 @@ def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
         from torch_npu.optim import NpuFusedSGD
 
         return NpuFusedSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=kernel == "fused" or None)
+    return torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=kernel == "fused" or None
+    )
 
 
-def npu_option_error(*, compile=False, channels_last=None, torch_npu_version="0.0", triton_installed=False):
+def npu_option_error(
+    *, compile=False, channels_last=None, torch_npu_version="0.0", triton_installed=False
+):
     """Why an option cannot run on this torch_npu, or None. torch.compile has no NPU backend before torch_npu 2.6,
     which then needs triton-ascend; channels_last is left to torch_npu, which converts to its own internal formats."""
     major, minor = (torch_npu_version.split(".") + ["0"])[:2]  # '2.6.0rc1', '2.1.0.post3'
-    if compile and ((int(major), int("".join(c for c in minor if c.isdigit()) or 0)) < (2, 6) or not triton_installed):
+    if compile and (
+        (int(major), int("".join(c for c in minor if c.isdigit()) or 0)) < (2, 6)
+        or not triton_installed
+    ):
         return f"--compile: torch_npu {torch_npu_version} has no torch.compile backend (it needs torch_npu >= 2.6 with triton-ascend); leave --compile out"
     if channels_last:
         return "--channels-last: torch_npu picks its own internal memory formats on Ascend; leave --channels-last out"
@@ -127,7 +160,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     backend: str | None = None
-    amp_dtype: torch.dtype | None = None  # what O1 computes in; torch.float32: no autocast; None: the device's default
+    amp_dtype: torch.dtype | None = (
+        None  # what O1 computes in; torch.float32: no autocast; None: the device's default
+    )
     amp_reason: str = ""  # why amp_dtype, printed once at start (precision_note)
     device_reason: str = ""  # why this device, printed first (device_note)
 
@@ -135,9 +170,17 @@ class Runtime:
         if self.amp_dtype is None:
             self.amp_dtype, self.amp_reason = default_amp_dtype(self.device.type)
         elif not self.amp_reason:
-            self.amp_reason = f"--amp-dtype {next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)}"
-            if self.device.type == "cpu" and self.amp_dtype == torch.bfloat16 and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16:
-                self.amp_reason += f"; this CPU has no bf16 instructions, so it emulates bf16 {EMULATED_BF16}"
+            self.amp_reason = (
+                f"--amp-dtype {next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)}"
+            )
+            if (
+                self.device.type == "cpu"
+                and self.amp_dtype == torch.bfloat16
+                and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16
+            ):
+                self.amp_reason += (
+                    f"; this CPU has no bf16 instructions, so it emulates bf16 {EMULATED_BF16}"
+                )
 
     @property
     def is_main(self):
@@ -177,7 +220,12 @@ class Runtime:
         import torch_npu
 
         triton = importlib.util.find_spec("triton") is not None
-        error = npu_option_error(compile=compile, channels_last=channels_last, torch_npu_version=torch_npu.__version__, triton_installed=triton)
+        error = npu_option_error(
+            compile=compile,
+            channels_last=channels_last,
+            torch_npu_version=torch_npu.__version__,
+            triton_installed=triton,
+        )
         if error:
             raise UsageError(error)
 
@@ -194,8 +242,14 @@ class Runtime:
     def device_note(self):
         """The first line every script prints, e.g. `device: npu:0, Ascend910B3 (--device auto: torch_npu sees 8 NPUs)`."""
         threads = torch.get_num_threads()
-        where = f"cpu, {threads} thread{'s' if threads != 1 else ''}" if self.device.type == "cpu" else f"{self.device}, {self.name}"
-        return f"device: {where} ({self.device_reason})" if self.device_reason else f"device: {where}"
+        where = (
+            f"cpu, {threads} thread{'s' if threads != 1 else ''}"
+            if self.device.type == "cpu"
+            else f"{self.device}, {self.name}"
+        )
+        return (
+            f"device: {where} ({self.device_reason})" if self.device_reason else f"device: {where}"
+        )
 
     @property
     def pin_memory(self):
@@ -240,7 +294,11 @@ class Runtime:
         if amp == "O0":
             return "precision: fp32 (--amp O0)"
         emulated = self.device.type == "cpu" and self.amp_dtype == torch.float32
-        hint = f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}" if emulated else ""
+        hint = (
+            f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}"
+            if emulated
+            else ""
+        )
         return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
 
     def grad_scaler(self, amp, loss_scale=None):
@@ -256,7 +314,11 @@ class Runtime:
     def load_scaler_state(self, scaler, state):
         """A GradScaler state saved on any device: torch_npu's keeps a `dynamic` flag that torch's has not and needs it
         on load; scale and growth tracker carry over both ways."""
-        state = {**state, "dynamic": state.get("dynamic", True)} if self.device.type == "npu" else {k: v for k, v in state.items() if k != "dynamic"}
+        state = (
+            {**state, "dynamic": state.get("dynamic", True)}
+            if self.device.type == "npu"
+            else {k: v for k, v in state.items() if k != "dynamic"}
+        )
         scaler.load_state_dict(state)
 
     def synchronize(self):
@@ -303,7 +365,11 @@ def torch_npu_error():
     """None once torch_npu is imported (it registers the 'npu' device and the 'hccl' backend), else why it is not."""
     try:
         import torch_npu  # noqa: F401
-    except (ImportError, SystemExit, RuntimeError) as e:  # without CANN, torch_npu may call sys.exit
+    except (
+        ImportError,
+        SystemExit,
+        RuntimeError,
+    ) as e:  # without CANN, torch_npu may call sys.exit
         return f"{type(e).__name__}: {first_line(e, 160)}"
     return None
 
@@ -315,7 +381,10 @@ def npu_present():
         return False, "torch_npu is not installed"
     error = torch_npu_error()
     if error:
-        return False, f"torch_npu is installed but does not load ({error}); source CANN's set_env.sh"
+        return (
+            False,
+            f"torch_npu is installed but does not load ({error}); source CANN's set_env.sh",
+        )
     count = torch.npu.device_count() if torch.npu.is_available() else 0
     return count > 0, f"torch_npu sees {count} NPU{'s' if count != 1 else ''}"
 
@@ -330,30 +399,49 @@ def choose_device(name):
             return "cuda", "--device auto: CUDA is available"
         return "cpu", f"--device auto: no CUDA device, {why}"
     if name == "npu" and (error := torch_npu_error()):
-        raise UsageError(f"--device npu needs torch_npu and Ascend CANN ({error}); install them or use --device cpu")
+        raise UsageError(
+            f"--device npu needs torch_npu and Ascend CANN ({error}); install them or use --device cpu"
+        )
     if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available to this PyTorch build; use --device cpu (or auto)")
+        raise UsageError(
+            "--device cuda: no CUDA device is available to this PyTorch build; use --device cpu (or auto)"
+        )
     return name, f"--device {name}"
 
 
 def setup_runtime(device="auto", device_id=0, *, amp_dtype="auto"):
     """Device from --device and, under torchrun, LOCAL_RANK; joins the process group when launched by torchrun."""
     device_type, why = choose_device(device)
-    launched = all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))  # by torchrun
+    launched = all(
+        name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    )  # by torchrun
     world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
-    rank, index = (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))) if launched else (0, device_id)
+    rank, index = (
+        (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)))
+        if launched
+        else (0, device_id)
+    )
     if device_type == "cuda":
         torch.cuda.set_device(index)
-        torch.backends.cudnn.benchmark = True  # fixed crop sizes: pick the fastest convolution algorithms once
+        torch.backends.cudnn.benchmark = (
+            True  # fixed crop sizes: pick the fastest convolution algorithms once
+        )
     elif device_type == "npu":
         torch.npu.set_device(index)
         error = npu_amp_dtype_error(AMP_DTYPES.get(amp_dtype))
         if error:
             raise UsageError(error)
         if launched and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, cpu_share(os.sched_getaffinity(0), index, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+            os.sched_setaffinity(
+                0,
+                cpu_share(
+                    os.sched_getaffinity(0), index, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+                ),
+            )
     device = torch.device(device_type, index) if device_type != "cpu" else torch.device("cpu")
-    runtime = Runtime(device, rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype), device_reason=why)
+    runtime = Runtime(
+        device, rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype), device_reason=why
+    )
     if launched:
         runtime.backend = os.environ.get("DIST_BACKEND", DEFAULT_BACKEND[device_type])
         join_process_group(runtime, distributed_timeout())
@@ -375,7 +463,9 @@ def distributed_timeout():
 def join_process_group(runtime, timeout):
     if runtime.backend not in BACKENDS:
         unset = f"{DEFAULT_BACKEND[runtime.device.type]} on {runtime.device.type}"
-        raise UsageError(f"DIST_BACKEND={runtime.backend!r}: expected one of {', '.join(BACKENDS)} (or unset: {unset})")
+        raise UsageError(
+            f"DIST_BACKEND={runtime.backend!r}: expected one of {', '.join(BACKENDS)} (or unset: {unset})"
+        )
     try:
         dist.init_process_group(runtime.backend, timeout=timeout)
     except dist.DistError as e:  # rank 0 waiting for the others, or a rank that cannot reach rank 0

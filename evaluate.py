@@ -30,7 +30,14 @@ from bisenet import fuse_bn, upsampled_classes
 from checkpoints import load_model
 from cityscapes import detect_dataset, open_dataset, sample_name
 from cli import CheckpointError, atomic_write
-from datasets import IGNORE_INDEX, DataError, SegmentationDataset, find_images, ignore_stop_signals, unnamed_classes
+from datasets import (
+    IGNORE_INDEX,
+    DataError,
+    SegmentationDataset,
+    find_images,
+    ignore_stop_signals,
+    unnamed_classes,
+)
 from device import setup_runtime, teardown_runtime
 
 
@@ -51,12 +58,18 @@ class Inference:
     @property
     def name(self):
         """The exact inference flavour, e.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
-        name = ("ms" if len(self.scales) > 1 or self.scales[0] != 1.0 else "ss") + ("+flip" if self.flip else "")
+        name = ("ms" if len(self.scales) > 1 or self.scales[0] != 1.0 else "ss") + (
+            "+flip" if self.flip else ""
+        )
         name = "flip" if name == "ss+flip" else name
         if self.mode == "whole":
             return f"{name} whole"
         (ch, cw), (sh, sw) = self.crop, self.stride
-        return f"{name} slide {ch}/{sh}" if ch == cw and sh == sw else f"{name} slide {ch}x{cw}/{sh}x{sw}"
+        return (
+            f"{name} slide {ch}/{sh}"
+            if ch == cw and sh == sw
+            else f"{name} slide {ch}x{cw}/{sh}x{sw}"
+        )
 
 
 def slide_logits(model, images, *, crop, stride):
@@ -84,15 +97,25 @@ def predict(model, images, *, options=Inference()):
     total = None
     for scale, flipped in passes:
         size = (int(height * scale + 0.5), int(width * scale + 0.5))
-        x = images if scale == 1.0 else F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+        x = (
+            images
+            if scale == 1.0
+            else F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
+        )
         x = x.flip(3) if flipped else x
-        scores = model(x).float() if options.mode == "whole" else slide_logits(model, x, crop=options.crop, stride=options.stride)
+        scores = (
+            model(x).float()
+            if options.mode == "whole"
+            else slide_logits(model, x, crop=options.crop, stride=options.stride)
+        )
         if len(passes) == 1:
             return scores
         scores = scores.softmax(1)
         scores = scores.flip(3) if flipped else scores
         if scale != 1.0:
-            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+            scores = F.interpolate(
+                scores, size=(height, width), mode="bilinear", align_corners=False
+            )
         total = scores if total is None else total + scores
     return total / len(passes)
 
@@ -101,7 +124,9 @@ def predict_classes(model, images, *, options=Inference()):
     """The class map. A single whole-image pass never materialises the full-size logits (upsampled_classes)."""
     if options.single_pass:
         return upsampled_classes(model(images, upsample=False), images.shape[2:])
-    return predict(model, images, options=options).max(1).indices  # argmax's first maximum, several times faster on CPU
+    return (
+        predict(model, images, options=options).max(1).indices
+    )  # argmax's first maximum, several times faster on CPU
 
 
 def confusion_matrix(pred, label, num_classes):
@@ -109,7 +134,9 @@ def confusion_matrix(pred, label, num_classes):
     ignored ones in one extra bin, so the shapes never depend on the data (and an image without labels is fine)."""
     label = label.long()
     index = torch.where(label != IGNORE_INDEX, label * num_classes + pred.long(), num_classes**2)
-    return torch.bincount(index.flatten(), minlength=num_classes**2 + 1)[: num_classes**2].view(num_classes, num_classes)
+    return torch.bincount(index.flatten(), minlength=num_classes**2 + 1)[: num_classes**2].view(
+        num_classes, num_classes
+    )
 
 
 def metrics(confusion):
@@ -120,14 +147,27 @@ def metrics(confusion):
     tp, labelled, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
 
     def ratio(part, whole):
-        return torch.where(whole > 0, part / whole.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64))
+        return torch.where(
+            whole > 0, part / whole.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64)
+        )
 
-    per_class = {"iou": ratio(tp, labelled + predicted - tp), "dice": ratio(2 * tp, labelled + predicted), "precision": ratio(tp, predicted)}
+    per_class = {
+        "iou": ratio(tp, labelled + predicted - tp),
+        "dice": ratio(2 * tp, labelled + predicted),
+        "precision": ratio(tp, predicted),
+    }
     per_class["recall"] = ratio(tp, labelled)
     means = {"mIoU": "iou", "mAcc": "recall", "mDice": "dice"}
-    result = {name: 100 * per_class[key].nanmean().item() for name, key in means.items()} | {k: v.tolist() for k, v in per_class.items()}
-    scored = int((labelled + predicted > 0).sum())  # a class with no pixel in the labels nor the predictions is left out of the mean
-    return result | {"aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(), "classes_in_mean": scored}
+    result = {name: 100 * per_class[key].nanmean().item() for name, key in means.items()} | {
+        k: v.tolist() for k, v in per_class.items()
+    }
+    scored = int(
+        (labelled + predicted > 0).sum()
+    )  # a class with no pixel in the labels nor the predictions is left out of the mean
+    return result | {
+        "aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(),
+        "classes_in_mean": scored,
+    }
 
 
 def encode_prediction(pred, fmt, *, info, image=None, label=None):
@@ -146,14 +186,23 @@ def encode_prediction(pred, fmt, *, info, image=None, label=None):
 def comparison(image, label, pred, info):
     """image | ground truth | prediction, side by side (ignored pixels black), above a legend of the classes shown."""
     colors = np.vstack([info.colors, np.zeros((256 - info.num_classes, 3), np.uint8)])
-    width, shown = pred.shape[1], sorted((set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {IGNORE_INDEX})
+    width, shown = (
+        pred.shape[1],
+        sorted((set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {IGNORE_INDEX}),
+    )
     legend = Image.new("RGB", (3 * width, 20 * ((len(shown) + 3) // 4) + 4), "white")
     draw = ImageDraw.Draw(legend)
     for k, c in enumerate(shown):
         x, y = (k % 4) * (3 * width // 4) + 4, (k // 4) * 20 + 4
-        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in colors[c]), outline="black")
+        draw.rectangle(
+            [x, y, x + 12, y + 12], fill=tuple(int(v) for v in colors[c]), outline="black"
+        )
         draw.text((x + 18, y), info.class_names[c], fill="black")
-    return Image.fromarray(np.vstack([np.hstack([image.astype(np.uint8), colors[label], colors[pred]]), np.asarray(legend)]))
+    return Image.fromarray(
+        np.vstack(
+            [np.hstack([image.astype(np.uint8), colors[label], colors[pred]]), np.asarray(legend)]
+        )
+    )
 
 
 def prediction_paths(image_paths, source_root, *, out_dir, fmt):
@@ -171,9 +220,15 @@ def prediction_paths(image_paths, source_root, *, out_dir, fmt):
     counts = collections.Counter(keys.values())
     paths, owners = {}, {}
     for image, (folder, name) in keys.items():
-        path = Path(out_dir) / folder / f"{name}{Path(image).suffix if counts[(folder, name)] > 1 else ''}_{fmt}.png"
+        path = (
+            Path(out_dir)
+            / folder
+            / f"{name}{Path(image).suffix if counts[(folder, name)] > 1 else ''}_{fmt}.png"
+        )
         if path in owners:
-            raise DataError(f"{owners[path]} and {image} would both be written to {path}; give them different names")
+            raise DataError(
+                f"{owners[path]} and {image} would both be written to {path}; give them different names"
+            )
         paths[image], owners[path] = path, image
     return paths
 
@@ -184,9 +239,13 @@ def save_prediction(image, path):
         with atomic_write(path, replace=False, suffix=".tmp.png") as temp:
             image.save(temp, format="PNG")
     except FileExistsError:
-        raise DataError(f"{path} appeared while this run was writing predictions; it was kept, not replaced: pass another --out-dir") from None
+        raise DataError(
+            f"{path} appeared while this run was writing predictions; it was kept, not replaced: pass another --out-dir"
+        ) from None
     except OSError as e:
-        raise DataError(f"{path}: cannot write the prediction ({e.strerror or e}); pass a writable --out-dir with free space") from None
+        raise DataError(
+            f"{path}: cannot write the prediction ({e.strerror or e}); pass a writable --out-dir with free space"
+        ) from None
 
 
 def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
@@ -205,29 +264,57 @@ def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=
     data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
     segment: images -> class map (torch_segmenter, or a deployed model of tools/deploy.py). The classes are the
     dataset's (dataset.info), which must be the model's. out_paths: {image: PNG to write} (prediction_paths)."""
-    shard = torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))  # no padding: each image counts once
-    loading = dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device, worker_init_fn=ignore_stop_signals)
-    loader = torch.utils.data.DataLoader(shard, batch_size=1, num_workers=workers, generator=torch.Generator(), **loading)
+    shard = torch.utils.data.Subset(
+        dataset, range(runtime.rank, len(dataset), runtime.world_size)
+    )  # no padding: each image counts once
+    loading = dict(
+        pin_memory=runtime.pin_memory,
+        pin_memory_device=runtime.pin_memory_device,
+        worker_init_fn=ignore_stop_signals,
+    )
+    loader = torch.utils.data.DataLoader(
+        shard, batch_size=1, num_workers=workers, generator=torch.Generator(), **loading
+    )
     num_classes = dataset.info.num_classes
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=runtime.metric_device)
+    confusion = torch.zeros(
+        num_classes, num_classes, dtype=torch.int64, device=runtime.metric_device
+    )
     has_labels, data_s, model_s = True, 0.0, 0.0
     started = tick = time.perf_counter()
-    for sample in tqdm(loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False):
+    for sample in tqdm(
+        loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False
+    ):
         data_s += time.perf_counter() - tick
         tick = time.perf_counter()
         pred = segment(sample["image"].to(runtime.device, non_blocking=True))
         if "label" in sample:
-            confusion += confusion_matrix(pred.to(runtime.metric_device), sample["label"].to(runtime.metric_device, non_blocking=True), num_classes)
+            confusion += confusion_matrix(
+                pred.to(runtime.metric_device),
+                sample["label"].to(runtime.metric_device, non_blocking=True),
+                num_classes,
+            )
         else:
             has_labels = False
         runtime.synchronize()
         model_s += time.perf_counter() - tick
         if out_paths is not None:
             labels = sample["label"].numpy() if "label" in sample else [None] * len(sample["name"])
-            for name, p, image, label in zip(sample["name"], pred.byte().cpu().numpy(), sample["image"].permute(0, 2, 3, 1).numpy(), labels):
-                save_prediction(encode_prediction(p, fmt, info=dataset.info, image=image, label=label), out_paths[name])
+            for name, p, image, label in zip(
+                sample["name"],
+                pred.byte().cpu().numpy(),
+                sample["image"].permute(0, 2, 3, 1).numpy(),
+                labels,
+            ):
+                save_prediction(
+                    encode_prediction(p, fmt, info=dataset.info, image=image, label=label),
+                    out_paths[name],
+                )
         tick = time.perf_counter()
-    seconds = {"data_s": round(data_s, 3), "model_s": round(model_s, 3), "eval_s": round(time.perf_counter() - started, 3)}
+    seconds = {
+        "data_s": round(data_s, 3),
+        "model_s": round(model_s, 3),
+        "eval_s": round(time.perf_counter() - started, 3),
+    }
     if not has_labels:
         return seconds
     confusion = runtime.all_reduce_counts(confusion).cpu()
@@ -239,10 +326,19 @@ def print_table(result, mode, *, class_names):
     for k, name in enumerate(class_names):
         print(
             f"{name:>15} | "
-            + " | ".join("   n/a" if np.isnan(result[key][k]) else f"{100 * result[key][k]:6.2f}" for key in ("iou", "dice", "precision", "recall"))
+            + " | ".join(
+                "   n/a" if np.isnan(result[key][k]) else f"{100 * result[key][k]:6.2f}"
+                for key in ("iou", "dice", "precision", "recall")
+            )
         )
-    over = f" over {result['classes_in_mean']} of {len(class_names)} classes" if result["classes_in_mean"] < len(class_names) else ""
-    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mDice {result['mDice']:.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}")
+    over = (
+        f" over {result['classes_in_mean']} of {len(class_names)} classes"
+        if result["classes_in_mean"] < len(class_names)
+        else ""
+    )
+    print(
+        f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mDice {result['mDice']:.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}"
+    )
 
 
 # -- The script ----------------------------------------------------------------------------------------------
@@ -259,14 +355,28 @@ def evaluation_parser(description):
     cli.add_device_flags(parser)
     group = parser.add_argument_group("what to score or segment")
     group.add_argument("--split", default="val")
-    group.add_argument("--images", help="an image or a folder of images to segment (no labels, any size)")
+    group.add_argument(
+        "--images", help="an image or a folder of images to segment (no labels, any size)"
+    )
     group.add_argument("--out-dir", help="write one PNG per image here")
     formats = ("color", "labelIds", "trainIds", "overlay", "compare")
-    group.add_argument("--format", default="color", choices=formats, help="labelIds: Cityscapes' submission ids; compare: image | truth | prediction")
+    group.add_argument(
+        "--format",
+        default="color",
+        choices=formats,
+        help="labelIds: Cityscapes' submission ids; compare: image | truth | prediction",
+    )
     group.add_argument("--workers", type=cli.integer(0), default=2)
     group = parser.add_argument_group("inference")
-    group.add_argument("--scales", type=cli.ratios(), default="1.0", help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
-    group.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
+    group.add_argument(
+        "--scales",
+        type=cli.ratios(),
+        default="1.0",
+        help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75",
+    )
+    group.add_argument(
+        "--flip", action="store_true", help="also average horizontally flipped inputs"
+    )
     group.add_argument("--mode", default="whole", choices=("whole", "slide"))
     group.add_argument("--crop", type=cli.size, default="1024x1024", help="slide window HxW")
     group.add_argument("--stride", type=cli.size, default="768x768", help="slide stride HxW")
@@ -276,12 +386,16 @@ def evaluation_parser(description):
 def check_flags(parser, args):
     """The flag combinations that cannot work, as argparse errors."""
     if not all(0.125 <= scale <= 8 for scale in args.scales):
-        parser.error(f"argument --scales: {','.join(f'{v:g}' for v in args.scales)}: each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)")
+        parser.error(
+            f"argument --scales: {','.join(f'{v:g}' for v in args.scales)}: each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)"
+        )
     if args.mode == "slide" and (args.stride[0] > args.crop[0] or args.stride[1] > args.crop[1]):
         larger = f"{args.stride[0]}x{args.stride[1]} is larger than --crop {args.crop[0]}x{args.crop[1]}, so windows would leave pixels unscored"
         parser.error(f"argument --stride: {larger}; use a stride no larger than the crop")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        parser.error(f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)")
+        parser.error(
+            f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)"
+        )
     return args
 
 
@@ -289,18 +403,35 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
     """The split to score (or, for test, to predict), checked against the model's classes `info`."""
     dataset = open_dataset(data_root, split, dataset_type=dataset_type, with_labels=split != "test")
     if len(dataset) == 0:
-        raise DataError(f"{data_root}: the {split} split has no images; pass another --split or --data-root")
+        raise DataError(
+            f"{data_root}: the {split} split has no images; pass another --split or --data-root"
+        )
     if split == "test" and not writes:
-        raise cli.UsageError(f"--split test: {data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)")
+        raise cli.UsageError(
+            f"--split test: {data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)"
+        )
     if dataset.info.num_classes != info.num_classes:
         data = f"{data_root} ({dataset.info.name}) has {dataset.info.num_classes}"
-        raise CheckpointError(f"{model}: a model of {info.num_classes} classes, but {data}; evaluate it on the data it was trained for")
-    if is_main and info.name != unnamed_classes(info.num_classes).name and info.class_names != dataset.info.class_names:
-        k = next(k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b)
+        raise CheckpointError(
+            f"{model}: a model of {info.num_classes} classes, but {data}; evaluate it on the data it was trained for"
+        )
+    if (
+        is_main
+        and info.name != unnamed_classes(info.num_classes).name
+        and info.class_names != dataset.info.class_names
+    ):
+        k = next(
+            k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b
+        )
         differ = f"class {k}: {info.class_names[k]!r} in the model, {dataset.info.class_names[k]!r} in {data_root}"
-        print(f"warning: the model's classes are not the data's ({differ}); scores are reported under the data's names", file=sys.stderr)
+        print(
+            f"warning: the model's classes are not the data's ({differ}); scores are reported under the data's names",
+            file=sys.stderr,
+        )
     if is_main:
-        print(f"dataset: {dataset.info.name} ({detect_dataset(data_root, dataset_type)}), {dataset.info.num_classes} classes, {len(dataset)} {split} images")
+        print(
+            f"dataset: {dataset.info.name} ({detect_dataset(data_root, dataset_type)}), {dataset.info.num_classes} classes, {len(dataset)} {split} images"
+        )
     return dataset
 
 
@@ -310,24 +441,34 @@ def output_paths(dataset, args, runtime):
         return None
     one_image = bool(args.images) and Path(args.images).is_file()
     source_root = Path(args.images).parent if one_image else args.images or args.data_root
-    out_paths = prediction_paths([image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format)
-    mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])  # this rank's shard: the others may be writing theirs
+    out_paths = prediction_paths(
+        [image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format
+    )
+    mine = dict(
+        list(out_paths.items())[runtime.rank :: runtime.world_size]
+    )  # this rank's shard: the others may be writing theirs
     # predictions never go among the inputs, nor over a file this run did not create; the folder must be writable first
     out = Path(args.out_dir).resolve()
-    if not one_image and (out == Path(source_root).resolve() or Path(source_root).resolve() in out.parents):
+    if not one_image and (
+        out == Path(source_root).resolve() or Path(source_root).resolve() in out.parents
+    ):
         raise cli.UsageError(
             f"--out-dir {args.out_dir} is inside the input folder {source_root}; pass a folder outside it (predictions never go among the inputs)"
         )
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise cli.UsageError(f"--out-dir {args.out_dir}: cannot create it ({e.strerror or e}); pass a writable folder") from None
+        raise cli.UsageError(
+            f"--out-dir {args.out_dir}: cannot create it ({e.strerror or e}); pass a writable folder"
+        ) from None
     if not os.access(args.out_dir, os.W_OK):
         raise cli.UsageError(f"--out-dir {args.out_dir}: not writable; pass a writable folder")
     existing = [path for path in mine.values() if path.exists()]
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise cli.UsageError(f"--out-dir {args.out_dir}: {existing[0]} exists{more}; pass another --out-dir or remove them (they are never overwritten)")
+        raise cli.UsageError(
+            f"--out-dir {args.out_dir}: {existing[0]} exists{more}; pass another --out-dir or remove them (they are never overwritten)"
+        )
     return out_paths
 
 
@@ -340,25 +481,56 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
         dataset = labelled_dataset(
-            args.data_root, args.split, dataset_type=args.dataset, model=model_name, info=info, writes=bool(args.out_dir), is_main=runtime.is_main
+            args.data_root,
+            args.split,
+            dataset_type=args.dataset,
+            model=model_name,
+            info=info,
+            writes=bool(args.out_dir),
+            is_main=runtime.is_main,
         )
     if args.format == "compare" and (args.images or args.split == "test"):
-        raise cli.UsageError("--format compare shows the ground truth, which --images and the test split have not; use --format overlay")
+        raise cli.UsageError(
+            "--format compare shows the ground truth, which --images and the test split have not; use --format overlay"
+        )
     if args.format == "labelIds" and dataset.info.submission_ids is None:
-        raise cli.UsageError(f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds")
-    result = evaluate(segment, dataset, runtime=runtime, out_paths=output_paths(dataset, args, runtime), fmt=args.format, workers=args.workers)
+        raise cli.UsageError(
+            f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds"
+        )
+    result = evaluate(
+        segment,
+        dataset,
+        runtime=runtime,
+        out_paths=output_paths(dataset, args, runtime),
+        fmt=args.format,
+        workers=args.workers,
+    )
     if not runtime.is_main:
         return
-    summary = {"mode": options.name, "dataset": dataset.info.name, "images": len(dataset), "amp": args.amp, "precision": precision}
+    summary = {
+        "mode": options.name,
+        "dataset": dataset.info.name,
+        "images": len(dataset),
+        "amp": args.amp,
+        "precision": precision,
+    }
     summary |= {key: result[key] for key in ("data_s", "model_s", "eval_s")}
     if "mIoU" in result:
         print_table(result, options.name, class_names=dataset.info.class_names)
         per_class = {
-            key: {n: None if np.isnan(v) else round(100 * v, 2) for n, v in zip(dataset.info.class_names, result[key])}
+            key: {
+                n: None if np.isnan(v) else round(100 * v, 2)
+                for n, v in zip(dataset.info.class_names, result[key])
+            }
             for key in ("iou", "dice", "precision", "recall")
         }
-        scores = {key: None if np.isnan(result[key]) else round(result[key], 2) for key in ("mIoU", "mDice", "mAcc", "aAcc")}  # JSON has no NaN
-        per_class = {"per_class": per_class.pop("iou")} | {f"per_class_{key}": values for key, values in per_class.items()}  # "precision": the arithmetic's
+        scores = {
+            key: None if np.isnan(result[key]) else round(result[key], 2)
+            for key in ("mIoU", "mDice", "mAcc", "aAcc")
+        }  # JSON has no NaN
+        per_class = {"per_class": per_class.pop("iou")} | {
+            f"per_class_{key}": values for key, values in per_class.items()
+        }  # "precision": the arithmetic's
         summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, **per_class}
     print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
 
@@ -371,8 +543,18 @@ def run_evaluation(args):
         print(runtime.device_note, runtime.precision_note(args.amp), sep="\n", flush=True)
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
     model, info = load_model(args.ckpt)
-    segment = torch_segmenter(inference_model(model, runtime), runtime, amp=args.amp, options=options)
-    score(segment, info, precision=runtime.precision(args.amp), model_name=args.ckpt, args=args, runtime=runtime, options=options)
+    segment = torch_segmenter(
+        inference_model(model, runtime), runtime, amp=args.amp, options=options
+    )
+    score(
+        segment,
+        info,
+        precision=runtime.precision(args.amp),
+        model_name=args.ckpt,
+        args=args,
+        runtime=runtime,
+        options=options,
+    )
     teardown_runtime(runtime)
 
 

@@ -26,23 +26,37 @@ CITYSCAPES_STD = tuple(255 * v for v in (0.2112, 0.2148, 0.2115))
 
 
 # -- Your own data ----------------------------------------------------------------------------------------------
-CAMVID = DatasetInfo(  # SegNet's CamVid: 11 classes in this order, colours from its tutorial, 11 = void
-    "camvid",
-    ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian", "bicyclist"),
-    (
-        (128, 128, 128),
-        (128, 0, 0),
-        (192, 192, 128),
-        (128, 64, 128),
-        (60, 40, 222),
-        (128, 128, 0),
-        (192, 128, 128),
-        (64, 64, 128),
-        (64, 0, 128),
-        (64, 64, 0),
-        (0, 128, 192),
-    ),
-    void_value=11,
+CAMVID = (
+    DatasetInfo(  # SegNet's CamVid: 11 classes in this order, colours from its tutorial, 11 = void
+        "camvid",
+        (
+            "sky",
+            "building",
+            "pole",
+            "road",
+            "pavement",
+            "tree",
+            "sign symbol",
+            "fence",
+            "car",
+            "pedestrian",
+            "bicyclist",
+        ),
+        (
+            (128, 128, 128),
+            (128, 0, 0),
+            (192, 192, 128),
+            (128, 64, 128),
+            (60, 40, 222),
+            (128, 128, 0),
+            (192, 128, 128),
+            (64, 64, 128),
+            (64, 0, 128),
+            (64, 64, 0),
+            (0, 128, 192),
+        ),
+        void_value=11,
+    )
 )
 
 
@@ -50,7 +64,11 @@ def classes_text(path):
     """classes.txt as text: UTF-8 (a BOM allowed) or UTF-16 with its BOM; anything else is named, not guessed."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-16") if data.startswith((b"\xff\xfe", b"\xfe\xff")) else data.decode("utf-8-sig")
+        return (
+            data.decode("utf-16")
+            if data.startswith((b"\xff\xfe", b"\xfe\xff"))
+            else data.decode("utf-8-sig")
+        )
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text (Latin-1?); save it as UTF-8") from None
 
@@ -66,17 +84,36 @@ def read_classes(path, name):
         where = f"{path} line {number}"
         if re.match(r"#(\s|$)", line.lstrip()):  # `# ...` is a comment
             continue
-        if line.lstrip().startswith("#"):  # `#unlabelled`: a class or a comment? Skipping it would shift every index after it
-            raise DataError(f"{where}: {line.strip()!r}: a comment is `# text` (with a space); rename the class if it is one")
+        if line.lstrip().startswith(
+            "#"
+        ):  # `#unlabelled`: a class or a comment? Skipping it would shift every index after it
+            raise DataError(
+                f"{where}: {line.strip()!r}: a comment is `# text` (with a space); rename the class if it is one"
+            )
         words = [w.strip() for w in line.split(",")] if "," in line else line.split()
-        numbers = next((k for k in range(len(words), 0, -1) if all(re.fullmatch(r"[-+]?\d+(\.\d*)?", w) for w in words[-k:])), 0)
+        numbers = next(
+            (
+                k
+                for k in range(len(words), 0, -1)
+                if all(re.fullmatch(r"[-+]?\d+(\.\d*)?", w) for w in words[-k:])
+            ),
+            0,
+        )
         color = None
         if re.fullmatch(r"#[0-9a-fA-F]{6}", words[-1]):
             words, color = words[:-1], tuple(int(words[-1][i : i + 2], 16) for i in (1, 3, 5))
-        elif numbers >= 3 or (numbers == 2 and len(words) > 2) or ("," in line and len(words) > 1):  # a CSV header is refused here
+        elif (
+            numbers >= 3 or (numbers == 2 and len(words) > 2) or ("," in line and len(words) > 1)
+        ):  # a CSV header is refused here
             tail = words[-3:]
-            if not (len(words) > 3 and numbers >= 3 and all(re.fullmatch(r"\d+", w) and int(w) <= 255 for w in tail)):
-                raise DataError(f"{where}: {line.strip()!r}: expected `name R G B` with three whole numbers 0..255 (or `#rrggbb`)")
+            if not (
+                len(words) > 3
+                and numbers >= 3
+                and all(re.fullmatch(r"\d+", w) and int(w) <= 255 for w in tail)
+            ):
+                raise DataError(
+                    f"{where}: {line.strip()!r}: expected `name R G B` with three whole numbers 0..255 (or `#rrggbb`)"
+                )
             words, color = words[:-3], tuple(int(w) for w in tail)
         elif "#" in line:
             raise DataError(f"{where}: {line.strip()!r}: a colour is `#rrggbb` or `R G B`")
@@ -84,12 +121,16 @@ def read_classes(path, name):
         if not label:
             raise DataError(f"{where}: {line.strip()!r}: the class has no name")
         if label in lines:
-            raise DataError(f"{where}: the class name {label!r} is on line {lines[label]} already; class names must differ")
+            raise DataError(
+                f"{where}: the class name {label!r} is on line {lines[label]} already; class names must differ"
+            )
         lines[label] = number
         names.append(label)
         colors.append(color)
     if not 2 <= len(names) <= IGNORE_INDEX:
-        raise DataError(f"{path}: {len(names)} classes; expected 2 to 255, one `name [R G B]` per line")
+        raise DataError(
+            f"{path}: {len(names)} classes; expected 2 to 255, one `name [R G B]` per line"
+        )
     defaults = voc_palette(len(names))
     return DatasetInfo(name, tuple(names), tuple(c or d for c, d in zip(colors, defaults)))
 
@@ -113,7 +154,9 @@ def folder_info(root):
         return read_classes(root / "classes.txt", root.name)
     if folder_layout(root) == "camvid":
         return CAMVID
-    raise DataError(f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)")
+    raise DataError(
+        f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)"
+    )
 
 
 def pair_by_stem(images_dir, labels_dir, *, label_name):
@@ -126,8 +169,12 @@ def pair_by_stem(images_dir, labels_dir, *, label_name):
         label = labels_dir / image.relative_to(images_dir).parent / label_name(image)
         if not label.is_file():
             raise DataError(f"{label}: missing label for {image}")
-        if label in owners:  # a.jpg and a stray a.png would both be trained on and scored with one label
-            raise DataError(f"{owners[label]} and {image} both pair with {label}; keep one image per label (move the other out of {images_dir})")
+        if (
+            label in owners
+        ):  # a.jpg and a stray a.png would both be trained on and scored with one label
+            raise DataError(
+                f"{owners[label]} and {image} both pair with {label}; keep one image per label (move the other out of {images_dir})"
+            )
         owners[label] = image
         samples.append((image, label))
     return samples
@@ -140,17 +187,25 @@ def folder_samples(root, split, *, with_labels=True):
     if layout == "list":
         list_file = root / f"{split}.txt"
         if not list_file.is_file():
-            raise DataError(f"{list_file}: split '{split}' not found; expected one `image_path,label_path` per line")
+            raise DataError(
+                f"{list_file}: split '{split}' not found; expected one `image_path,label_path` per line"
+            )
         samples, seen = [], {}
         for number, line in enumerate(list_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            if split != "train" and line.strip() in seen:  # training may repeat a line to sample it more often
-                raise DataError(f"{list_file} line {number} repeats line {seen[line.strip()]}: an image scored twice counts twice; remove the repeat")
+            if (
+                split != "train" and line.strip() in seen
+            ):  # training may repeat a line to sample it more often
+                raise DataError(
+                    f"{list_file} line {number} repeats line {seen[line.strip()]}: an image scored twice counts twice; remove the repeat"
+                )
             seen.setdefault(line.strip(), number)
             parts = [p.strip() for p in line.split(",")]
             if len(parts) != 2:
-                raise DataError(f"{list_file} line {number}: expected `image_path,label_path`, got {line!r}")
+                raise DataError(
+                    f"{list_file} line {number}: expected `image_path,label_path`, got {line!r}"
+                )
             image, label = (root / p for p in parts)  # an absolute path stays absolute
             for path in (image, label):
                 if not path.is_file():
@@ -201,7 +256,10 @@ MMSEG_RULES = [
     (r"backbone\.context_path\.arm(16|32)\.atten_conv_layer\.1\.(.+)", r"arm\1.attention.\2"),
     (r"backbone\.context_path\.conv_head(16|32)\.(.+)", r"refine\1.\2"),
     (r"backbone\.context_path\.gap_conv\.1\.(.+)", r"global_context.\1"),
-    (r"backbone\.spatial_path\.layer([1-4])\.(.+)", lambda m: f"spatial_path.{int(m[1]) - 1}.{m[2]}"),
+    (
+        r"backbone\.spatial_path\.layer([1-4])\.(.+)",
+        lambda m: f"spatial_path.{int(m[1]) - 1}.{m[2]}",
+    ),
     (r"backbone\.ffm\.conv1\.(.+)", r"ffm.conv.\1"),
     (r"backbone\.ffm\.conv_atten\.0\.(.+)", r"ffm.attention.\1"),
     (r"decode_head\.convs\.0\.(.+)", r"head.conv.\1"),
@@ -231,12 +289,21 @@ def rename_keys(state, rules, source):
 
 def infer_depth(state, source):
     """ResNet depth from backbone keys: block block type from conv3, block counts from layer indices."""
-    blocks = tuple(1 + max((int(m[1]) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))), default=-1) for i in range(1, 5))
+    blocks = tuple(
+        1
+        + max(
+            (int(m[1]) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))),
+            default=-1,
+        )
+        for i in range(1, 5)
+    )
     block = "bottleneck" if any(".conv3." in k for k in state) else "basic"
     for depth, layout in RESNET_LAYOUTS.items():
         if layout == (block, blocks):
             return depth
-    raise CheckpointError(f"{source}: backbone with {block} blocks {blocks} is not a ResNet-18 or ResNet-50")
+    raise CheckpointError(
+        f"{source}: backbone with {block} blocks {blocks} is not a ResNet-18 or ResNet-50"
+    )
 
 
 def foreign_state(checkpoint, source):
@@ -245,20 +312,30 @@ def foreign_state(checkpoint, source):
     if "state_dict" in checkpoint:
         state, rules, extra = checkpoint["state_dict"], MMSEG_RULES, dict(ffm_attention_relu=True)
     elif any(k.startswith("cp.resnet.") for k in checkpoint):
-        state, rules, extra = checkpoint, COINCHEUNG_RULES, dict(ffm_attention_relu=False, dropout=0.0, mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD)
+        state, rules, extra = (
+            checkpoint,
+            COINCHEUNG_RULES,
+            dict(ffm_attention_relu=False, dropout=0.0, mean=CITYSCAPES_MEAN, std=CITYSCAPES_STD),
+        )
     else:
-        raise CheckpointError(f"{source}: unknown layout (first keys {list(checkpoint)[:5]}); expected ours, CoinCheung's or mmseg's")
+        raise CheckpointError(
+            f"{source}: unknown layout (first keys {list(checkpoint)[:5]}); expected ours, CoinCheung's or mmseg's"
+        )
     state = rename_keys({k.removeprefix("module."): v for k, v in state.items()}, rules, source)
     if "head.classifier.weight" not in state:
         raise CheckpointError(f"{source}: no segmentation head weights found")
-    config = ModelConfig(infer_depth(state, source), state["head.classifier.weight"].shape[0], **extra)
+    config = ModelConfig(
+        infer_depth(state, source), state["head.classifier.weight"].shape[0], **extra
+    )
     return config, state, mmseg_dataset(checkpoint.get("meta"))
 
 
 def backbone_state(state, source):
     """An ImageNet ResNet state dict in torchvision's format (or under 'state_dict'), fc.* dropped, for model.backbone."""
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    return rename_keys({k: v for k, v in state.items() if not k.startswith("fc.")}, TORCHVISION_RULES, source)
+    return rename_keys(
+        {k: v for k, v in state.items() if not k.startswith("fc.")}, TORCHVISION_RULES, source
+    )
 
 
 def mmseg_dataset(meta):
@@ -271,4 +348,8 @@ def mmseg_dataset(meta):
         names, palette = meta["dataset_meta"].get("classes"), meta["dataset_meta"].get("palette")
     if not names:
         return None
-    return {"name": "from the checkpoint's mmseg meta", "class_names": list(names), "palette": [list(c) for c in palette] if palette else None}
+    return {
+        "name": "from the checkpoint's mmseg meta",
+        "class_names": list(names),
+        "palette": [list(c) for c in palette] if palette else None,
+    }

@@ -37,7 +37,9 @@ def in_process(script, *args):
         except Exception:  # noqa: BLE001  (what the interpreter would print before exiting with 1)
             traceback.print_exc()
             code = 1
-    return subprocess.CompletedProcess([script, *map(str, args)], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(
+        [script, *map(str, args)], code, out.getvalue(), err.getvalue()
+    )
 
 
 def succeeded(script, *args):
@@ -68,7 +70,11 @@ def in_process_error(main, argv, capsys, *, allow_warnings=False):
         main([str(a) for a in argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
-    lines = [line for line in err.strip().splitlines() if not (allow_warnings and line.startswith("warning:"))]
+    lines = [
+        line
+        for line in err.strip().splitlines()
+        if not (allow_warnings and line.startswith("warning:"))
+    ]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     return lines[0]
 
@@ -81,7 +87,12 @@ def in_process_summary(main, argv, capsys):
 
 def digest(*paths):
     """{file: sha256} of every file at or below the paths."""
-    files = [p for path in map(Path, paths) for p in ([path] if path.is_file() else sorted(path.rglob("*"))) if p.is_file()]
+    files = [
+        p
+        for path in map(Path, paths)
+        for p in ([path] if path.is_file() else sorted(path.rglob("*")))
+        if p.is_file()
+    ]
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -106,8 +117,34 @@ def learned(tmp_path_factory):
     (data root, work dir, the finished train.py process). test_train checks the learning, test_deploy exports it."""
     root = tmp_path_factory.mktemp("learned")
     trainable_cityscapes(root / "data", train=24, val=6, height=128, width=256, seed=11)
-    args = ["--data-root", root / "data", "--work-dir", root / "wd", "--depth", "18", "--batch-size", "8", "--crop", "128x256", "--scale-range", "0.75,1.5"]
-    args += ["--iters", "150", "--lr", "0.05", "--warmup-iters", "20", "--val-interval", "50", "--log-interval", "10", "--workers", "1"]
+    args = [
+        "--data-root",
+        root / "data",
+        "--work-dir",
+        root / "wd",
+        "--depth",
+        "18",
+        "--batch-size",
+        "8",
+        "--crop",
+        "128x256",
+        "--scale-range",
+        "0.75,1.5",
+    ]
+    args += [
+        "--iters",
+        "150",
+        "--lr",
+        "0.05",
+        "--warmup-iters",
+        "20",
+        "--val-interval",
+        "50",
+        "--log-interval",
+        "10",
+        "--workers",
+        "1",
+    ]
     result = subprocess.run(
         [sys.executable, "train.py", *map(str, args)],
         cwd=ROOT,
@@ -122,9 +159,25 @@ def learned(tmp_path_factory):
 def my7(tmp_path_factory):
     """A user's own 7-class dataset in mmseg's layout (val in two scene folders) and a 7-class checkpoint that
     describes its classes: (data root, checkpoint)."""
-    root = synthesize_folder(tmp_path_factory.mktemp("data") / "my7", classes=7, train=4, val=2, test=1, height=64, width=128, seed=3)
+    root = synthesize_folder(
+        tmp_path_factory.mktemp("data") / "my7",
+        classes=7,
+        train=4,
+        val=2,
+        test=1,
+        height=64,
+        width=128,
+        seed=3,
+    )
     torch.manual_seed(0)
     model = BiSeNetV1(ModelConfig(18, 7))
     ckpt = root.parent / "m7.pth"
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": folder_info(root).to_dict()}, ckpt)
+    torch.save(
+        {
+            "model_config": model.config.to_dict(),
+            "model": model.state_dict(),
+            "dataset": folder_info(root).to_dict(),
+        },
+        ckpt,
+    )
     return root, ckpt

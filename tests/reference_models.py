@@ -16,7 +16,11 @@ class TvBasic(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else None
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else None
+        )
 
     def forward(self, x):
         y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
@@ -27,10 +31,17 @@ class TvBottleneck(nn.Module):
     def __init__(self, cin, width, stride):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = (
+            nn.Conv2d(width, width, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(width),
+        )
         self.conv3, self.bn3 = nn.Conv2d(width, 4 * width, 1, bias=False), nn.BatchNorm2d(4 * width)
         self.downsample = (
-            nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width)) if stride != 1 or cin != 4 * width else None
+            nn.Sequential(
+                nn.Conv2d(cin, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width)
+            )
+            if stride != 1 or cin != 4 * width
+            else None
         )
 
     def forward(self, x):
@@ -98,8 +109,12 @@ class CcContextPath(nn.Module):
     def forward(self, x):
         _, f16, f32 = self.resnet(x)
         avg = self.conv_avg(F.adaptive_avg_pool2d(f32, 1))
-        up32 = self.conv_head32(F.interpolate(self.arm32(f32) + avg, scale_factor=2.0, mode="nearest"))
-        up16 = self.conv_head16(F.interpolate(self.arm16(f16) + up32, scale_factor=2.0, mode="nearest"))
+        up32 = self.conv_head32(
+            F.interpolate(self.arm32(f32) + avg, scale_factor=2.0, mode="nearest")
+        )
+        up16 = self.conv_head16(
+            F.interpolate(self.arm16(f16) + up32, scale_factor=2.0, mode="nearest")
+        )
         return up16, up32
 
 
@@ -136,7 +151,12 @@ class CcOutput(nn.Module):
         self.up_factor = up_factor
 
     def forward(self, x):
-        return F.interpolate(self.conv_out(self.conv(x)), scale_factor=self.up_factor, mode="bilinear", align_corners=False)
+        return F.interpolate(
+            self.conv_out(self.conv(x)),
+            scale_factor=self.up_factor,
+            mode="bilinear",
+            align_corners=False,
+        )
 
 
 class CoinCheungBiSeNetV1(nn.Module):
@@ -172,7 +192,9 @@ class MmARM(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
         self.conv_layer = MmConvModule(cin, cout, 3, 1, 1)
-        self.atten_conv_layer = nn.Sequential(nn.AdaptiveAvgPool2d(1), MmConvModule(cout, cout, 1, act=False), nn.Sigmoid())
+        self.atten_conv_layer = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), MmConvModule(cout, cout, 1, act=False), nn.Sigmoid()
+        )
 
     def forward(self, x):
         x = self.conv_layer(x)
@@ -186,12 +208,18 @@ class MmContextPath(nn.Module):
         self.arm16, self.arm32 = MmARM(channels[1], channels[0]), MmARM(channels[2], channels[0])
         self.conv_head32 = MmConvModule(channels[0], channels[0], 3, 1, 1)
         self.conv_head16 = MmConvModule(channels[0], channels[0], 3, 1, 1)
-        self.gap_conv = nn.Sequential(nn.AdaptiveAvgPool2d(1), MmConvModule(channels[2], channels[0], 1))
+        self.gap_conv = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), MmConvModule(channels[2], channels[0], 1)
+        )
 
     def forward(self, x):
         f8, f16, f32 = self.backbone(x)
-        up32 = self.conv_head32(F.interpolate(self.arm32(f32) + self.gap_conv(f32), size=f16.shape[2:], mode="nearest"))
-        up16 = self.conv_head16(F.interpolate(self.arm16(f16) + up32, size=f8.shape[2:], mode="nearest"))
+        up32 = self.conv_head32(
+            F.interpolate(self.arm32(f32) + self.gap_conv(f32), size=f16.shape[2:], mode="nearest")
+        )
+        up16 = self.conv_head16(
+            F.interpolate(self.arm16(f16) + up32, size=f8.shape[2:], mode="nearest")
+        )
         return up16, up32
 
 
@@ -211,7 +239,9 @@ class MmFFM(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
         self.conv1 = MmConvModule(cin, cout, 1)
-        self.conv_atten = nn.Sequential(MmConvModule(cout, cout, 1), nn.Sigmoid())  # ReLU before the sigmoid
+        self.conv_atten = nn.Sequential(
+            MmConvModule(cout, cout, 1), nn.Sigmoid()
+        )  # ReLU before the sigmoid
 
     def forward(self, sp, cp):
         fuse = self.conv1(torch.cat([sp, cp], 1))
@@ -242,16 +272,24 @@ class MmsegBiSeNetV1(nn.Module):
     def __init__(self, depth=18, n_classes=19):
         super().__init__()
         r18 = depth == 18
-        spatial, context = ((64, 64, 64, 128), (128, 256, 512)) if r18 else ((256, 256, 256, 512), (512, 1024, 2048))
+        spatial, context = (
+            ((64, 64, 64, 128), (128, 256, 512))
+            if r18
+            else ((256, 256, 256, 512), (512, 1024, 2048))
+        )
         out, aux = (256, 64) if r18 else (1024, 256)
         self.backbone = MmBackbone(depth, spatial, context, out)
         self.decode_head = MmFCNHead(out, out, n_classes)
-        self.auxiliary_head = nn.ModuleList([MmFCNHead(context[0], aux, n_classes), MmFCNHead(context[0], aux, n_classes)])
+        self.auxiliary_head = nn.ModuleList(
+            [MmFCNHead(context[0], aux, n_classes), MmFCNHead(context[0], aux, n_classes)]
+        )
 
     def forward(self, x):
         cp8, _ = self.backbone.context_path(x)
         fused = self.backbone.ffm(self.backbone.spatial_path(x), cp8)
-        return F.interpolate(self.decode_head(fused), size=x.shape[2:], mode="bilinear", align_corners=False)
+        return F.interpolate(
+            self.decode_head(fused), size=x.shape[2:], mode="bilinear", align_corners=False
+        )
 
 
 def randomize_batchnorm(model, generator=None):

@@ -10,7 +10,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import copy_of, digest, in_process, in_process_error, in_process_summary, one_line_error
+from conftest import (
+    copy_of,
+    digest,
+    in_process,
+    in_process_error,
+    in_process_summary,
+    one_line_error,
+)
 from PIL import Image
 from reference_models import MmsegBiSeNetV1
 
@@ -26,23 +33,40 @@ from bisenet import BiSeNetV1, ModelConfig
 
 # -- 1. labels read wrong -------------------------------------------------------------------------------------
 def scored(ckpt, data, capsys):
-    return in_process_summary(evaluate.main, ["--ckpt", ckpt, "--data-root", data, "--workers", "0", "--amp", "O0"], capsys)
+    return in_process_summary(
+        evaluate.main,
+        ["--ckpt", ckpt, "--data-root", data, "--workers", "0", "--amp", "O0"],
+        capsys,
+    )
 
 
 def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
-    data = synthetic.synthesize_folder(tmp_path / "masks", classes=2, train=2, val=3, height=64, width=128, seed=5)
-    for label in (data / "ann_dir").rglob("*.png"):  # plain masks: 0 background, 1 object, nothing ignored
+    data = synthetic.synthesize_folder(
+        tmp_path / "masks", classes=2, train=2, val=3, height=64, width=128, seed=5
+    )
+    for label in (data / "ann_dir").rglob(
+        "*.png"
+    ):  # plain masks: 0 background, 1 object, nothing ignored
         mask = np.array(Image.open(label))
         Image.fromarray(np.where(mask == 255, 0, mask).astype(np.uint8)).save(label)
     torch.manual_seed(1)
     model = BiSeNetV1(ModelConfig(18, 2))
     ckpt = tmp_path / "m2.pth"
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "dataset": interop.folder_info(data).to_dict()}, ckpt)
+    torch.save(
+        {
+            "model_config": model.config.to_dict(),
+            "model": model.state_dict(),
+            "dataset": interop.folder_info(data).to_dict(),
+        },
+        ckpt,
+    )
     plain = scored(ckpt, data, capsys)
     for label in (data / "ann_dir").rglob("*.png"):
         indices = np.array(Image.open(label))
         Image.fromarray(indices.astype(bool)).convert("1").save(label)  # what many mask tools write
-        assert Image.open(label).mode == "1" and np.array_equal(datasets.read_label(label, interop.folder_info(data)), indices)
+        assert Image.open(label).mode == "1" and np.array_equal(
+            datasets.read_label(label, interop.folder_info(data)), indices
+        )
     assert scored(ckpt, data, capsys)["mIoU"] == plain["mIoU"]
 
 
@@ -65,7 +89,9 @@ def test_exif_orientation_turns_images_and_labels_alike(my7, tmp_path, capsys):
         palette_png = Image.fromarray(np.ascontiguousarray(np.rot90(indices))).convert("P")
         palette_png.putpalette([c for color in datasets.voc_palette(256) for c in color])
         palette_png.save(label, exif=exif)
-        assert np.array_equal(datasets.read_image(image), pixels) and np.array_equal(datasets.read_label(label, info), indices)
+        assert np.array_equal(datasets.read_image(image), pixels) and np.array_equal(
+            datasets.read_label(label, info), indices
+        )
     turned = scored(ckpt, data, capsys)
     assert turned["mIoU"] == plain["mIoU"] and turned["per_class"] == plain["per_class"]
 
@@ -80,39 +106,87 @@ def test_exif_orientations_match_pil(tmp_path):
         exif[datasets.EXIF_ORIENTATION] = orientation
         path = tmp_path / f"o{orientation}.png"
         Image.fromarray(pixels).save(path, exif=exif)
-        assert np.array_equal(datasets.read_image(path), np.array(ImageOps.exif_transpose(Image.open(path)))), orientation
+        assert np.array_equal(
+            datasets.read_image(path), np.array(ImageOps.exif_transpose(Image.open(path)))
+        ), orientation
 
 
 # -- 2. checkpoints that do not describe their classes --------------------------------------------------------
-def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own_palette(my7, tmp_path, capsys):
+def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own_palette(
+    my7, tmp_path, capsys
+):
     root, _ = my7
     palette = [[10 * k, 255 - 10 * k, 7 * k] for k in range(7)]
     torch.manual_seed(2)
     reference = MmsegBiSeNetV1(18, 7).eval()
     mmseg = tmp_path / "mmseg7.pth"
-    torch.save({"state_dict": reference.state_dict(), "meta": {"CLASSES": [f"thing{k}" for k in range(7)], "PALETTE": palette}}, mmseg)
+    torch.save(
+        {
+            "state_dict": reference.state_dict(),
+            "meta": {"CLASSES": [f"thing{k}" for k in range(7)], "PALETTE": palette},
+        },
+        mmseg,
+    )
     images = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0].parent
     for fmt in ("color", "trainIds"):
-        in_process_summary(evaluate.main, ["--ckpt", mmseg, "--images", images, "--out-dir", tmp_path / "pred", "--format", fmt, "--workers", "0"], capsys)
+        in_process_summary(
+            evaluate.main,
+            [
+                "--ckpt",
+                mmseg,
+                "--images",
+                images,
+                "--out-dir",
+                tmp_path / "pred",
+                "--format",
+                fmt,
+                "--workers",
+                "0",
+            ],
+            capsys,
+        )
     for color in (tmp_path / "pred").rglob("*_color.png"):
         indices = np.array(Image.open(str(color).replace("_color", "_trainIds")))
-        assert np.array_equal(np.array(Image.open(color)), np.array(palette, dtype=np.uint8)[indices])
-    exported = in_process_summary(export.main, ["--ckpt", mmseg, "--out", tmp_path / "mmseg7.onnx", "--size", "64x128"], capsys)
+        assert np.array_equal(
+            np.array(Image.open(color)), np.array(palette, dtype=np.uint8)[indices]
+        )
+    exported = in_process_summary(
+        export.main,
+        ["--ckpt", mmseg, "--out", tmp_path / "mmseg7.onnx", "--size", "64x128"],
+        capsys,
+    )
     assert exported["classes"] == [f"thing{k}" for k in range(7)]
 
     torch.manual_seed(3)
     coco = BiSeNetV1(ModelConfig(18, 171))  # e.g. COCO-Stuff, saved without a description
     bare = tmp_path / "coco.pth"
     torch.save({"model_config": coco.config.to_dict(), "model": coco.state_dict()}, bare)
-    result = in_process_summary(evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "coco", "--workers", "0"], capsys)
+    result = in_process_summary(
+        evaluate.main,
+        ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "coco", "--workers", "0"],
+        capsys,
+    )
     assert result["images"] == 1 and result["dataset"] == "unnamed classes"
     assert "no submission ids" in in_process_error(
-        evaluate.main, ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "x", "--format", "labelIds"], capsys, allow_warnings=True
+        evaluate.main,
+        ["--ckpt", bare, "--images", images, "--out-dir", tmp_path / "x", "--format", "labelIds"],
+        capsys,
+        allow_warnings=True,
     )
     broken = tmp_path / "broken.pth"
-    torch.save({"model_config": coco.config.to_dict(), "model": coco.state_dict(), "dataset": {"class_names": 5}}, broken)
+    torch.save(
+        {
+            "model_config": coco.config.to_dict(),
+            "model": coco.state_dict(),
+            "dataset": {"class_names": 5},
+        },
+        broken,
+    )
     assert "its dataset description is malformed" in in_process_error(
-        evaluate.main, ["--ckpt", broken, "--images", images, "--out-dir", tmp_path / "y"], capsys, allow_warnings=True
+        evaluate.main,
+        ["--ckpt", broken, "--images", images, "--out-dir", tmp_path / "y"],
+        capsys,
+        allow_warnings=True,
     )
 
 
@@ -122,7 +196,10 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
     [
         ("name,r,g,b\nroad,128,64,128\nsky,0,0,255\n", "'name,r,g,b': expected `name R G B`"),
         ("#unlabelled\nroad\nsky\n", "'#unlabelled': a comment is `# text` (with a space)"),
-        ("road -1 0 0\nsky\n", "'road -1 0 0': expected `name R G B` with three whole numbers 0..255"),
+        (
+            "road -1 0 0\nsky\n",
+            "'road -1 0 0': expected `name R G B` with three whole numbers 0..255",
+        ),
         ("road 128 64\nsky\n", "'road 128 64': expected `name R G B`"),
         ("road #ff00\nsky\n", "a colour is `#rrggbb` or `R G B`"),
         ("road\nsky\nroad\n", "the class name 'road' is on line 1 already"),
@@ -131,7 +208,12 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
 def test_malformed_classes_txt_is_named_by_line(my7, tmp_path, capsys, text, message):
     data = copy_of(my7[0], tmp_path)
     (data / "classes.txt").write_text(text)
-    error = in_process_error(evaluate.main, ["--ckpt", my7[1], "--data-root", data, "--workers", "0"], capsys, allow_warnings=True)
+    error = in_process_error(
+        evaluate.main,
+        ["--ckpt", my7[1], "--data-root", data, "--workers", "0"],
+        capsys,
+        allow_warnings=True,
+    )
     assert f"{data / 'classes.txt'} line" in error and message in error, error
 
 
@@ -157,7 +239,9 @@ def test_symlinked_sub_folders_are_followed_once(my7, tmp_path, capsys):
         scene = data / kind / "val" / "scene1"
         shutil.move(scene, tmp_path / f"{kind}_scene1")
         scene.symlink_to(tmp_path / f"{kind}_scene1", target_is_directory=True)
-        (tmp_path / f"{kind}_scene1" / "loop").symlink_to(tmp_path / f"{kind}_scene1", target_is_directory=True)
+        (tmp_path / f"{kind}_scene1" / "loop").symlink_to(
+            tmp_path / f"{kind}_scene1", target_is_directory=True
+        )
     assert scored(ckpt, data, capsys)["images"] == 2 == scored(ckpt, root, capsys)["images"]
     assert len(datasets.find_images(data / "img_dir" / "val")) == 2
 
@@ -166,17 +250,31 @@ def test_symlinked_sub_folders_are_followed_once(my7, tmp_path, capsys):
 def test_slide_stride_beyond_the_crop_and_tiny_scales_are_refused(my7, capsys):
     args = ["--ckpt", my7[1], "--data-root", my7[0]]
     assert "--stride: 96x96 is larger than --crop 64x64" in in_process_error(
-        evaluate.main, [*args, "--mode", "slide", "--crop", "64x64", "--stride", "96x96"], capsys, allow_warnings=True
+        evaluate.main,
+        [*args, "--mode", "slide", "--crop", "64x64", "--stride", "96x96"],
+        capsys,
+        allow_warnings=True,
     )
-    assert "each scale must be 0.125 to 8" in in_process_error(evaluate.main, [*args, "--scales", "0.001"], capsys, allow_warnings=True)
+    assert "each scale must be 0.125 to 8" in in_process_error(
+        evaluate.main, [*args, "--scales", "0.001"], capsys, allow_warnings=True
+    )
 
 
 def test_unlabelled_splits_repeats_and_nan_scores(my7, tmp_path, capsys):
     root, ckpt = my7
-    assert "--split test: " in in_process_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--split", "test"], capsys, allow_warnings=True)
-    listed = synthetic.synthesize_folder(tmp_path / "listed", classes=7, train=2, val=2, layout="list", seed=2)
+    assert "--split test: " in in_process_error(
+        evaluate.main,
+        ["--ckpt", ckpt, "--data-root", root, "--split", "test"],
+        capsys,
+        allow_warnings=True,
+    )
+    listed = synthetic.synthesize_folder(
+        tmp_path / "listed", classes=7, train=2, val=2, layout="list", seed=2
+    )
     (listed / "val.txt").write_text((listed / "val.txt").read_text() * 2)
-    assert "val.txt line 3 repeats line 1" in in_process_error(evaluate.main, ["--ckpt", ckpt, "--data-root", listed], capsys, allow_warnings=True)
+    assert "val.txt line 3 repeats line 1" in in_process_error(
+        evaluate.main, ["--ckpt", ckpt, "--data-root", listed], capsys, allow_warnings=True
+    )
     ignored = copy_of(root, tmp_path)
     for label in (ignored / "ann_dir" / "val").rglob("*.png"):
         png = Image.open(label)
@@ -191,21 +289,62 @@ def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, 
     import train
 
     root, ckpt = my7
-    small = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--iters", "1", "--no-validate", "--amp", "O0"]
-    in_process_summary(train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small], capsys)
+    small = [
+        "--depth",
+        "18",
+        "--batch-size",
+        "2",
+        "--crop",
+        "64x128",
+        "--workers",
+        "0",
+        "--iters",
+        "1",
+        "--no-validate",
+        "--amp",
+        "O0",
+    ]
+    in_process_summary(
+        train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small], capsys
+    )
     other = copy_of(root, tmp_path, "other")
     (other / "classes.txt").write_text("".join(f"animal{k}\n" for k in range(7)))
     before = digest(tmp_path / "wd")
-    error = in_process_error(train.main, ["--data-root", other, "--work-dir", tmp_path / "wd", *small, "--iters", "2", "--resume"], capsys, allow_warnings=True)
+    error = in_process_error(
+        train.main,
+        ["--data-root", other, "--work-dir", tmp_path / "wd", *small, "--iters", "2", "--resume"],
+        capsys,
+        allow_warnings=True,
+    )
     assert "a run on other classes (class 0 was 'class0', the data's is 'animal0')" in error
     checkpoints = lambda state: {k: v for k, v in state.items() if k.endswith(".pth")}  # noqa: E731  (the lock and log are the run's own)
-    assert checkpoints(digest(tmp_path / "wd")) == checkpoints(before) and len(checkpoints(before)) == 2  # iter_1.pth and latest.pth
+    assert (
+        checkpoints(digest(tmp_path / "wd")) == checkpoints(before)
+        and len(checkpoints(before)) == 2
+    )  # iter_1.pth and latest.pth
     error = in_process_error(
-        train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small, "--depth", "50", "--iters", "2", "--resume"], capsys, allow_warnings=True
+        train.main,
+        [
+            "--data-root",
+            root,
+            "--work-dir",
+            tmp_path / "wd",
+            *small,
+            "--depth",
+            "50",
+            "--iters",
+            "2",
+            "--resume",
+        ],
+        capsys,
+        allow_warnings=True,
     )
     assert "another model configuration (depth 18 -> 50" in error
     evaluate.main([str(a) for a in ["--ckpt", ckpt, "--data-root", other, "--workers", "0"]])
-    assert "warning: the model's classes are not the data's (class 0: 'class0' in the model, 'animal0'" in capsys.readouterr().err
+    assert (
+        "warning: the model's classes are not the data's (class 0: 'class0' in the model, 'animal0'"
+        in capsys.readouterr().err
+    )
     cs = synthetic.synthesize_cityscapes(tmp_path / "cs", train=1, val=1, height=64, width=128)
     (cs / "classes.txt").write_text("a\nb\n")
     assert "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes" in in_process_error(
@@ -220,28 +359,69 @@ def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
     in_process_summary(export.main, ["--ckpt", ckpt, "--out", onnx, "--size", "64x128"], capsys)
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(onnx.read_bytes()[:5000])
-    assert "not a readable .onnx model" in in_process_error(deploy.main, ["--model", truncated, "--data-root", root], capsys, allow_warnings=True)
+    assert "not a readable .onnx model" in in_process_error(
+        deploy.main, ["--model", truncated, "--data-root", root], capsys, allow_warnings=True
+    )
     (tmp_path / "empty.onnx").write_bytes(b"")
-    assert "the file is empty" in in_process_error(deploy.main, ["--model", tmp_path / "empty.onnx", "--data-root", root], capsys, allow_warnings=True)
+    assert "the file is empty" in in_process_error(
+        deploy.main,
+        ["--model", tmp_path / "empty.onnx", "--data-root", root],
+        capsys,
+        allow_warnings=True,
+    )
     for flag, script in (("--ckpt", evaluate.main), ("--load-from", None)):
         if script is None:
             import train
 
             error = in_process_error(
                 train.main,
-                ["--data-root", root, "--work-dir", tmp_path / "wd", "--load-from", onnx, "--iters", "1", "--crop", "64x128", "--workers", "0"],
+                [
+                    "--data-root",
+                    root,
+                    "--work-dir",
+                    tmp_path / "wd",
+                    "--load-from",
+                    onnx,
+                    "--iters",
+                    "1",
+                    "--crop",
+                    "64x128",
+                    "--workers",
+                    "0",
+                ],
                 capsys,
                 allow_warnings=True,
             )
         else:
-            error = in_process_error(script, [flag, onnx, "--data-root", root], capsys, allow_warnings=True)
-        assert "an exported model, not a PyTorch checkpoint" in error and "--model" in error and "weights_only" not in error
+            error = in_process_error(
+                script, [flag, onnx, "--data-root", root], capsys, allow_warnings=True
+            )
+        assert (
+            "an exported model, not a PyTorch checkpoint" in error
+            and "--model" in error
+            and "weights_only" not in error
+        )
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert "--out-dir" in in_process_error(evaluate.main, ["--ckpt", ckpt, "--data-root", root, "--out-dir", blocker / "sub"], capsys, allow_warnings=True)
+    assert "--out-dir" in in_process_error(
+        evaluate.main,
+        ["--ckpt", ckpt, "--data-root", root, "--out-dir", blocker / "sub"],
+        capsys,
+        allow_warnings=True,
+    )
     assert "is a file; pass the data root" in in_process_error(
         export.main,
-        ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "q.xml", "--int8", "--calib-data", root / "classes.txt"],
+        [
+            "--ckpt",
+            ckpt,
+            "--format",
+            "openvino",
+            "--out",
+            tmp_path / "q.xml",
+            "--int8",
+            "--calib-data",
+            root / "classes.txt",
+        ],
         capsys,
         allow_warnings=True,
     )
@@ -258,8 +438,12 @@ def test_two_images_of_one_stem_are_refused_with_both_names(my7, tmp_path):
     shutil.copy(image, image.with_suffix(".png"))
     with pytest.raises(datasets.DataError) as error:
         cityscapes.open_dataset(root, "val")
-    label = root / "ann_dir" / "val" / image.relative_to(root / "img_dir" / "val").with_suffix(".png")
-    assert str(error.value).startswith(f"{image} and {image.with_suffix('.png')} both pair with {label}; keep one image per label")
+    label = (
+        root / "ann_dir" / "val" / image.relative_to(root / "img_dir" / "val").with_suffix(".png")
+    )
+    assert str(error.value).startswith(
+        f"{image} and {image.with_suffix('.png')} both pair with {label}; keep one image per label"
+    )
 
 
 def test_a_truncated_jpeg_is_named_in_training_and_for_images(my7, tmp_path, capsys):
@@ -269,11 +453,43 @@ def test_a_truncated_jpeg_is_named_in_training_and_for_images(my7, tmp_path, cap
     whole = datasets.read_image(image)
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
     assert cv2.imread(str(image)) is not None  # the reason: OpenCV reads it
-    with pytest.raises(datasets.DataError, match=rf"^{image}: the image cannot be decoded whole \(Premature end of JPEG file"):
+    with pytest.raises(
+        datasets.DataError,
+        match=rf"^{image}: the image cannot be decoded whole \(Premature end of JPEG file",
+    ):
         datasets.read_image(image)
-    args = ["--data-root", root, "--work-dir", tmp_path / "wd", "--depth", "18", "--batch-size", "4", "--crop", "64x128", "--iters", "2", "--workers", "0"]
-    assert f"{image}: the image cannot be decoded whole" in one_line_error(in_process("train.py", *args, "--no-validate"))
-    error = one_line_error(in_process("evaluate.py", "--ckpt", my7[1], "--images", image.parent, "--out-dir", tmp_path / "p", "--workers", "0"))
+    args = [
+        "--data-root",
+        root,
+        "--work-dir",
+        tmp_path / "wd",
+        "--depth",
+        "18",
+        "--batch-size",
+        "4",
+        "--crop",
+        "64x128",
+        "--iters",
+        "2",
+        "--workers",
+        "0",
+    ]
+    assert f"{image}: the image cannot be decoded whole" in one_line_error(
+        in_process("train.py", *args, "--no-validate")
+    )
+    error = one_line_error(
+        in_process(
+            "evaluate.py",
+            "--ckpt",
+            my7[1],
+            "--images",
+            image.parent,
+            "--out-dir",
+            tmp_path / "p",
+            "--workers",
+            "0",
+        )
+    )
     assert f"{image}: the image cannot be decoded whole" in error
     assert whole.shape[2] == 3
 
@@ -286,12 +502,21 @@ def test_a_jpeg_with_a_flipped_bit_is_named_not_read_garbled(my7, tmp_path):
     image = sorted((root / "img_dir" / "train").rglob("*.jpg"))[0]
     whole, data = cv2.imread(str(image)), bytearray(image.read_bytes())
     scan_header = data.index(b"\xff\xda") + 2
-    data[scan_header + int.from_bytes(data[scan_header : scan_header + 2], "big")] ^= 0x10  # the first byte of compressed data
+    data[scan_header + int.from_bytes(data[scan_header : scan_header + 2], "big")] ^= (
+        0x10  # the first byte of compressed data
+    )
     image.write_bytes(bytes(data))
     garbled = cv2.imread(str(image))
-    assert garbled is not None and np.asarray(Image.open(image).convert("RGB")).shape == whole.shape  # the reason: both decoders read it
-    assert (np.abs(garbled.astype(int) - whole).max(axis=2) > 40).mean() > 0.01  # and it is not the image any more
-    with pytest.raises(datasets.DataError, match=rf"^{image}: the image cannot be decoded whole \(Corrupt JPEG data"):
+    assert (
+        garbled is not None and np.asarray(Image.open(image).convert("RGB")).shape == whole.shape
+    )  # the reason: both decoders read it
+    assert (
+        np.abs(garbled.astype(int) - whole).max(axis=2) > 40
+    ).mean() > 0.01  # and it is not the image any more
+    with pytest.raises(
+        datasets.DataError,
+        match=rf"^{image}: the image cannot be decoded whole \(Corrupt JPEG data",
+    ):
         datasets.read_image(image)
 
 
@@ -303,24 +528,43 @@ def test_images_in_other_formats_are_read_not_skipped(my7, tmp_path, suffix):
     for jpeg in jpegs[:2]:
         bgr = cv2.imread(str(jpeg))
         other = jpeg.with_suffix(suffix)
-        assert cv2.imwrite(str(other), bgr, [cv2.IMWRITE_WEBP_QUALITY, 101] if suffix == ".webp" else [])  # lossless
+        assert cv2.imwrite(
+            str(other), bgr, [cv2.IMWRITE_WEBP_QUALITY, 101] if suffix == ".webp" else []
+        )  # lossless
         jpeg.unlink()
         pixels[other] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     dataset = cityscapes.open_dataset(root, "train")
     assert len(dataset) == len(jpegs)
     for path, rgb in pixels.items():
-        assert (path, root / "ann_dir" / "train" / path.relative_to(root / "img_dir" / "train").with_suffix(".png")) in dataset.samples
+        assert (
+            path,
+            root
+            / "ann_dir"
+            / "train"
+            / path.relative_to(root / "img_dir" / "train").with_suffix(".png"),
+        ) in dataset.samples
         assert np.array_equal(datasets.read_image(path), rgb)
 
 
 @pytest.mark.parametrize("where", ["missing", "outside its folder"])
-def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(my7, tmp_path, capsys, where):
+def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(
+    my7, tmp_path, capsys, where
+):
     onnx = pytest.importorskip("onnx")
     root, ckpt = my7
-    in_process_summary(export.main, ["--ckpt", ckpt, "--out", tmp_path / "m.onnx", "--size", "64x128"], capsys)
+    in_process_summary(
+        export.main, ["--ckpt", ckpt, "--out", tmp_path / "m.onnx", "--size", "64x128"], capsys
+    )
     proto = onnx.load(tmp_path / "m.onnx")
     (tmp_path / "model").mkdir()
-    onnx.save_model(proto, tmp_path / "model" / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="weights.data", size_threshold=0)
+    onnx.save_model(
+        proto,
+        tmp_path / "model" / "m.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.data",
+        size_threshold=0,
+    )
     if where == "missing":
         (tmp_path / "model" / "weights.data").unlink()
     else:  # the file names its data as ../weights.data (onnx's own writer refuses to; a hand-edited file may)
@@ -330,10 +574,15 @@ def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(my7
             for entry in tensor.external_data:
                 entry.value = "../weights.data" if entry.key == "location" else entry.value
         onnx.save(proto, tmp_path / "model" / "m.onnx")
-    error = in_process_error(deploy.main, ["--model", tmp_path / "model" / "m.onnx", "--data-root", root], capsys, allow_warnings=True)
-    assert error.startswith(f"error: --model {tmp_path / 'model' / 'm.onnx'}: ONNX Runtime cannot load it (") and error.endswith(
-        "export it again with python tools/export.py"
+    error = in_process_error(
+        deploy.main,
+        ["--model", tmp_path / "model" / "m.onnx", "--data-root", root],
+        capsys,
+        allow_warnings=True,
     )
+    assert error.startswith(
+        f"error: --model {tmp_path / 'model' / 'm.onnx'}: ONNX Runtime cannot load it ("
+    ) and error.endswith("export it again with python tools/export.py")
 
 
 def test_an_image_over_pils_pixel_limit_is_read_not_a_traceback(tmp_path):

@@ -34,20 +34,31 @@ def readme_recipes():
 def launched(script, **env):
     """train.py's parsed arguments of a launch script's command on the devices it starts, and their number; the
     settings the script prints are those."""
-    result = subprocess.run(["bash", script, "full"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DRY_RUN": "1", "DEVICE": "cpu", **env})
+    result = subprocess.run(
+        ["bash", script, "full"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DRY_RUN": "1", "DEVICE": "cpu", **env},
+    )
     assert result.returncode == 0, result.stderr
     command, printed = result.stdout.strip().splitlines()[-2:]
     words = shlex.split(command)
     nproc = int(words[words.index("--nproc-per-node") + 1]) if "--nproc-per-node" in words else 1
     with mock.patch.dict(os.environ, {"WORLD_SIZE": str(nproc)}):
         args = parse_args(words[words.index("train.py") + 1 :])
-    assert all(getattr(args, name) == (tuple(value) if isinstance(value, list) else value) for name, value in json.loads(printed).items())
+    assert all(
+        getattr(args, name) == (tuple(value) if isinstance(value, list) else value)
+        for name, value in json.loads(printed).items()
+    )
     return args, nproc
 
 
 def count(text):
     """'8 x 8' -> 64, '16' -> 16, '40k' -> 40000, '1k' -> 1000."""
-    return math.prod(int(float(v[:-1]) * 1000) if v.endswith("k") else int(v) for v in text.split(" x "))
+    return math.prod(
+        int(float(v[:-1]) * 1000) if v.endswith("k") else int(v) for v in text.split(" x ")
+    )
 
 
 @pytest.mark.parametrize(
@@ -68,10 +79,21 @@ def test_each_launch_script_trains_the_readme_recipe(recipe, script, env):
     assert f"ResNet-{args.depth}, from scratch" == row["context path"] and args.pretrained is None
     if recipe.startswith("R18"):
         assert images == count(row["images"])  # mmseg's R18: the same 16 images on any device count
-    assert math.isclose(args.lr, float(row["lr"]) * images / count(row["images"]))  # linear scaling, as the recipe's own
+    assert math.isclose(
+        args.lr, float(row["lr"]) * images / count(row["images"])
+    )  # linear scaling, as the recipe's own
     assert args.iters == count(row["iterations"])
-    warmup = re.fullmatch(r"linear warmup (\S+) from (\S+)x, poly (\S+) to (\S+), SGD m (\S+) wd (\S+)", row["schedule"]).groups()
-    assert (args.warmup, args.warmup_iters, args.warmup_ratio) == ("linear", count(warmup[0]), float(warmup[1]))
-    assert (args.poly_power, args.min_lr, args.momentum, args.weight_decay) == tuple(float(v) for v in warmup[2:])
+    warmup = re.fullmatch(
+        r"linear warmup (\S+) from (\S+)x, poly (\S+) to (\S+), SGD m (\S+) wd (\S+)",
+        row["schedule"],
+    ).groups()
+    assert (args.warmup, args.warmup_iters, args.warmup_ratio) == (
+        "linear",
+        count(warmup[0]),
+        float(warmup[1]),
+    )
+    assert (args.poly_power, args.min_lr, args.momentum, args.weight_decay) == tuple(
+        float(v) for v in warmup[2:]
+    )
     assert row["loss"] == f"CE main + 2 aux (weight {args.aux_weight:g})" and args.loss == "ce"
     assert row["precision"] == f"AMP {args.amp}"

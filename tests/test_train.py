@@ -20,9 +20,27 @@ from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import open_dataset
 from datasets import IGNORE_INDEX, TrainTransform
 from device import Runtime
-from train import IterationSampler, learning_rate, ohem_cross_entropy, parse_args, segmentation_loss, train_step
+from train import (
+    IterationSampler,
+    learning_rate,
+    ohem_cross_entropy,
+    parse_args,
+    segmentation_loss,
+    train_step,
+)
 
-SMALL = ["--depth", "18", "--batch-size", "2", "--crop", "64x128", "--workers", "0", "--log-interval", "1"]
+SMALL = [
+    "--depth",
+    "18",
+    "--batch-size",
+    "2",
+    "--crop",
+    "64x128",
+    "--workers",
+    "0",
+    "--log-interval",
+    "1",
+]
 
 
 def run_train(args):
@@ -31,7 +49,16 @@ def run_train(args):
 
 @pytest.mark.parametrize("warmup", ["linear", "exp"])
 def test_learning_rate_follows_mmcv_poly_with_warmup(warmup):
-    schedule = functools.partial(learning_rate, base_lr=0.2, iters=40000, min_lr=1e-4, power=0.9, warmup_iters=1000, warmup=warmup, warmup_ratio=0.1)
+    schedule = functools.partial(
+        learning_rate,
+        base_lr=0.2,
+        iters=40000,
+        min_lr=1e-4,
+        power=0.9,
+        warmup_iters=1000,
+        warmup=warmup,
+        warmup_ratio=0.1,
+    )
     for it in (0, 1, 500, 999, 1000, 20000, 39999):
         poly = (0.2 - 1e-4) * (1 - it / 40000) ** 0.9 + 1e-4
         if it < 1000:
@@ -43,8 +70,19 @@ def test_learning_rate_follows_mmcv_poly_with_warmup(warmup):
 
 # lr printed by mmengine 0.10.7 for LinearLR(start_factor=0.1, begin=0, end=25) + PolyLR(eta_min=1e-4, power=0.9,
 # begin=25, end=300) on SGD(lr=0.025), stepped once per iteration as its ParamSchedulerHook does (mmseg 1.x's R18 schedule)
-MMENGINE_LRS = {0: 0.0025000000000000005, 1: 0.0034375000000000005, 12: 0.013749999999999998, 24: 0.024999999999999998, 25: 0.024999999999999998,
-                26: 0.024918196733945172, 49: 0.02302819403387269, 99: 0.018856458334480037, 199: 0.010151337147031696, 298: 0.00025930295819462054, 299: 0.0001}  # fmt: skip
+MMENGINE_LRS = {
+    0: 0.0025000000000000005,
+    1: 0.0034375000000000005,
+    12: 0.013749999999999998,
+    24: 0.024999999999999998,
+    25: 0.024999999999999998,
+    26: 0.024918196733945172,
+    49: 0.02302819403387269,
+    99: 0.018856458334480037,
+    199: 0.010151337147031696,
+    298: 0.00025930295819462054,
+    299: 0.0001,
+}
 
 
 def chained_mmengine_lrs(base_lr, iters, warmup_iters, *, ratio=0.1, min_lr=1e-4, power=0.9):
@@ -63,16 +101,29 @@ def chained_mmengine_lrs(base_lr, iters, warmup_iters, *, ratio=0.1, min_lr=1e-4
 
 
 def test_mmengine_schedule_is_linear_warmup_then_poly_over_the_rest():
-    schedule = functools.partial(learning_rate, base_lr=0.025, iters=300, warmup_iters=25, schedule="mmengine")
+    schedule = functools.partial(
+        learning_rate, base_lr=0.025, iters=300, warmup_iters=25, schedule="mmengine"
+    )
     for it, lr in MMENGINE_LRS.items():
         assert math.isclose(schedule(it), lr, rel_tol=1e-9), it
     chained = chained_mmengine_lrs(0.025, 300, 25)
     assert all(math.isclose(schedule(it), chained[it], rel_tol=1e-9) for it in range(300))
-    long = functools.partial(learning_rate, base_lr=0.025, iters=160000, warmup_iters=1000)  # mmseg 1.x's R18 against the seed's form
+    long = functools.partial(
+        learning_rate, base_lr=0.025, iters=160000, warmup_iters=1000
+    )  # mmseg 1.x's R18 against the seed's form
     assert all(
-        math.isclose(long(it, schedule="mmengine"), lr, rel_tol=1e-9) for it, lr in enumerate(chained_mmengine_lrs(0.025, 160000, 1000)) if it % 997 == 0
+        math.isclose(long(it, schedule="mmengine"), lr, rel_tol=1e-9)
+        for it, lr in enumerate(chained_mmengine_lrs(0.025, 160000, 1000))
+        if it % 997 == 0
     )
-    assert max(abs(long(it, schedule="mmengine") / long(it) - 1) for it in range(1000, 160000, 1000) if it < 150000) < 0.01
+    assert (
+        max(
+            abs(long(it, schedule="mmengine") / long(it) - 1)
+            for it in range(1000, 160000, 1000)
+            if it < 150000
+        )
+        < 0.01
+    )
 
 
 def test_mmengine_schedule_refuses_an_exponential_warmup(capsys):
@@ -90,7 +141,9 @@ def test_loss_normalise_all_is_mmseg_mean_over_every_pixel():
     valid = labels != IGNORE_INDEX
 
     def per_pixel(logits):
-        return -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=4)[:, None]).squeeze(1) * valid
+        return (
+            -torch.log_softmax(logits, 1).gather(1, labels.clamp(max=4)[:, None]).squeeze(1) * valid
+        )
 
     every_pixel = sum(per_pixel(o).mean() for o in outputs)
     labelled = sum(per_pixel(o).sum() / valid.sum() for o in outputs)
@@ -111,10 +164,14 @@ def test_ohem_keeps_hard_pixels_or_the_hardest_sixteenth():
     for thresh in (0.7, 0.999999, 1e-9):
         hard = values[values > -math.log(thresh)]
         expected = hard.mean() if len(hard) >= n_min else values[:n_min].mean()
-        assert math.isclose(ohem_cross_entropy(logits, labels, thresh=thresh).item(), expected, rel_tol=1e-5)
+        assert math.isclose(
+            ohem_cross_entropy(logits, labels, thresh=thresh).item(), expected, rel_tol=1e-5
+        )
 
 
-@pytest.mark.parametrize("loss_type, normalise", [("ce", "valid"), ("ce", "all"), ("ohem", "valid")])
+@pytest.mark.parametrize(
+    "loss_type, normalise", [("ce", "valid"), ("ce", "all"), ("ohem", "valid")]
+)
 def test_a_batch_without_labelled_pixels_adds_zero_loss_and_finite_gradients(loss_type, normalise):
     logits = [torch.randn(2, 5, 8, 8, requires_grad=True) for _ in range(3)]
     labels = torch.full((2, 8, 8), IGNORE_INDEX)
@@ -127,22 +184,32 @@ def test_loss_sums_main_and_weighted_aux_heads():
     torch.manual_seed(1)
     outputs = [torch.randn(2, 4, 8, 8) for _ in range(3)]
     labels = torch.randint(0, 4, (2, 8, 8))
-    expected = F.cross_entropy(outputs[0], labels) + 0.4 * (F.cross_entropy(outputs[1], labels) + F.cross_entropy(outputs[2], labels))
+    expected = F.cross_entropy(outputs[0], labels) + 0.4 * (
+        F.cross_entropy(outputs[1], labels) + F.cross_entropy(outputs[2], labels)
+    )
     assert torch.allclose(segmentation_loss(outputs, labels, aux_weight=0.4), expected)
 
 
 def test_sampler_shards_are_disjoint_and_resumable():
-    full = [list(IterationSampler(20, batch_size=2, rank=r, world_size=2, seed=7, start=0, iters=10)) for r in range(2)]
+    full = [
+        list(IterationSampler(20, batch_size=2, rank=r, world_size=2, seed=7, start=0, iters=10))
+        for r in range(2)
+    ]
     for it in range(5):  # one epoch = 5 iterations of 2 x 2 images
         indices = [i for r in range(2) for i, _ in full[r][it]]
         assert len(set(indices)) == 4
     epoch = {i for r in range(2) for batch in full[r][:5] for i, _ in batch}
     assert len(epoch) == 20
-    assert list(IterationSampler(20, batch_size=2, rank=1, world_size=2, seed=7, start=6, iters=10)) == full[1][6:]
+    assert (
+        list(IterationSampler(20, batch_size=2, rank=1, world_size=2, seed=7, start=6, iters=10))
+        == full[1][6:]
+    )
 
 
 def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
-    runtime = Runtime(torch.device("cpu"), amp_dtype=torch.bfloat16)  # the default on CPUs with native bf16
+    runtime = Runtime(
+        torch.device("cpu"), amp_dtype=torch.bfloat16
+    )  # the default on CPUs with native bf16
     torch.manual_seed(0)
     model = BiSeNetV1(ModelConfig(18)).train()
     dtypes = []
@@ -175,35 +242,80 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = runtime.grad_scaler("O1")
     assert scaler.is_enabled() and runtime.precision("O1") == "fp16 autocast"
-    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**60})  # scaled gradients cannot fit in fp16
+    scaler.load_state_dict(
+        {**scaler.state_dict(), "scale": 2.0**60}
+    )  # scaled gradients cannot fit in fp16
     before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    images, labels = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8), torch.randint(0, 19, (2, 64, 96))
+    images, labels = (
+        torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8),
+        torch.randint(0, 19, (2, 64, 96)),
+    )
     autocast = functools.partial(runtime.autocast, "O1")
-    train_step(model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss, autocast=autocast)
+    train_step(
+        model,
+        optimizer,
+        scaler=scaler,
+        images=images,
+        labels=labels,
+        loss_fn=segmentation_loss,
+        autocast=autocast,
+    )
     assert dtypes == [torch.float16]
-    assert scaler.get_scale() == 2.0**59 and not optimizer.state  # skipped: no momentum buffers were created
+    assert (
+        scaler.get_scale() == 2.0**59 and not optimizer.state
+    )  # skipped: no momentum buffers were created
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
     scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**8})
-    train_step(model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss, autocast=autocast)
+    train_step(
+        model,
+        optimizer,
+        scaler=scaler,
+        images=images,
+        labels=labels,
+        loss_fn=segmentation_loss,
+        autocast=autocast,
+    )
     assert scaler.get_scale() == 2.0**8 and scaler.state_dict()["_growth_tracker"] == 1
     assert not torch.equal(model.head.conv.conv.weight, before["head.conv.conv.weight"])
 
 
 def test_fp16_overflows_are_logged_and_a_diverged_run_stops(synthetic_root, tmp_path):
-    args = ["--data-root", str(synthetic_root), *SMALL, "--crop", "32x64", "--iters", "40", "--no-validate", "--amp-dtype", "float16", "--lr", "1e12"]
+    args = [
+        "--data-root",
+        str(synthetic_root),
+        *SMALL,
+        "--crop",
+        "32x64",
+        "--iters",
+        "40",
+        "--no-validate",
+        "--amp-dtype",
+        "float16",
+        "--lr",
+        "1e12",
+    ]
     args += ["--warmup-iters", "0"]
     result = run_train([*args, "--work-dir", str(tmp_path / "wd")])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "fp16 gradients overflowed, step skipped, loss scale 65536 -> 32768" in result.stderr + result.stdout
+    assert (
+        "fp16 gradients overflowed, step skipped, loss scale 65536 -> 32768"
+        in result.stderr + result.stdout
+    )
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the fp16 loss scale fell to 0.5 at iteration"), last
-    overflows = [e for e in map(json.loads, (tmp_path / "wd" / "log.jsonl").read_text().splitlines()) if e.get("overflow")]
+    overflows = [
+        e
+        for e in map(json.loads, (tmp_path / "wd" / "log.jsonl").read_text().splitlines())
+        if e.get("overflow")
+    ]
     assert [e["loss_scale"] for e in overflows] == [2.0**k for k in range(15, -2, -1)]
     assert overflows[-1]["iter"] == int(last.split("at iteration ")[1].split(":")[0])
 
 
-@pytest.mark.parametrize("amp_dtype", ["bfloat16", "float16"])  # auto is one of them, or fp32 (no autocast)
+@pytest.mark.parametrize(
+    "amp_dtype", ["bfloat16", "float16"]
+)  # auto is one of them, or fp32 (no autocast)
 def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
     common = [
         "--amp-dtype",
@@ -244,14 +356,47 @@ def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     assert a["scaler"] == b["scaler"]
-    assert bool(b["scaler"]) == (amp_dtype == "float16")  # fp16: scale and growth tracker (overflows included) travel
+    assert bool(b["scaler"]) == (
+        amp_dtype == "float16"
+    )  # fp16: scale and growth tracker (overflows included) travel
 
 
-def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synthetic_root, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "train.py"]
-    cmd += ["--data-root", str(synthetic_root), *SMALL, "--iters", "1", "--no-validate", "--dropout", "0", "--amp", "O0", "--lr", "0.05", "--channels-last"]
+def test_two_process_ddp_update_equals_single_process_gradient_accumulation(
+    synthetic_root, tmp_path
+):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+        "train.py",
+    ]
+    cmd += [
+        "--data-root",
+        str(synthetic_root),
+        *SMALL,
+        "--iters",
+        "1",
+        "--no-validate",
+        "--dropout",
+        "0",
+        "--amp",
+        "O0",
+        "--lr",
+        "0.05",
+        "--channels-last",
+    ]
     cmd += ["--work-dir", str(tmp_path / "ddp"), "--warmup-iters", "0"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"})
+    result = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_json(result.stdout)["world_size"] == 2
     ddp = torch.load(tmp_path / "ddp" / "iter_1.pth", weights_only=True)
@@ -263,18 +408,38 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(synt
     seed = parse_args([]).seed
     torch.manual_seed(seed)
     model = BiSeNetV1(ModelConfig(18, dropout=0.0)).train().to(memory_format=torch.channels_last)
-    dataset = open_dataset(synthetic_root, "train", dataset_type="cityscapes", transform=TrainTransform((64, 128), (0.5, 2.0), cat_max_ratio=0.75))
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate(0, base_lr=0.05, iters=1), momentum=0.9, weight_decay=5e-4)
+    dataset = open_dataset(
+        synthetic_root,
+        "train",
+        dataset_type="cityscapes",
+        transform=TrainTransform((64, 128), (0.5, 2.0), cat_max_ratio=0.75),
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=learning_rate(0, base_lr=0.05, iters=1),
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
     for rank in range(2):
-        batch = next(iter(IterationSampler(len(dataset), batch_size=2, rank=rank, world_size=2, seed=seed, start=0, iters=1)))
+        batch = next(
+            iter(
+                IterationSampler(
+                    len(dataset), batch_size=2, rank=rank, world_size=2, seed=seed, start=0, iters=1
+                )
+            )
+        )
         samples = [dataset[item] for item in batch]
-        images = torch.stack([s["image"] for s in samples]).contiguous(memory_format=torch.channels_last)
+        images = torch.stack([s["image"] for s in samples]).contiguous(
+            memory_format=torch.channels_last
+        )
         labels = torch.stack([s["label"] for s in samples]).long()
         (segmentation_loss(model(images), labels) / 2).backward()
     optimizer.step()
     torch.set_num_threads(threads)
     for name, value in model.named_parameters():
-        torch.testing.assert_close(ddp["model"][name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            ddp["model"][name], value.detach(), rtol=1e-5, atol=1e-6, msg=name
+        )
 
 
 def share_buffers_in_rank(rank, port, out):
@@ -291,14 +456,20 @@ def test_validation_first_gives_every_rank_the_statistics_of_rank_0(tmp_path):
     """DDP keeps buffers per rank (broadcast_buffers=False, as Ascend's port); before validation each rank takes rank
     0's BatchNorm statistics, so the sharded val mIoU is that of the checkpoint rank 0 saves."""
     context, port = multiprocessing.get_context("fork"), free_port()
-    ranks = [context.Process(target=share_buffers_in_rank, args=(rank, port, tmp_path)) for rank in range(2)]
+    ranks = [
+        context.Process(target=share_buffers_in_rank, args=(rank, port, tmp_path))
+        for rank in range(2)
+    ]
     for process in ranks:
         process.start()
     for process in ranks:
         process.join(60)
     assert [process.exitcode for process in ranks] == [0, 0]
     states = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
-    assert torch.equal(states[1]["running_mean"], torch.ones(3)) and states[1]["num_batches_tracked"] == 10
+    assert (
+        torch.equal(states[1]["running_mean"], torch.ones(3))
+        and states[1]["num_batches_tracked"] == 10
+    )
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
@@ -320,23 +491,58 @@ def test_default_inference_path_agrees_with_fp32_on_the_trained_model(learned, t
     results, predictions = {}, {}
     for amp in ("O0", "O1"):
         out = tmp_path / amp
-        results[amp] = last_json(succeeded("evaluate.py", "--ckpt", checkpoint, "--data-root", root, "--amp", amp, "--out-dir", out, "--format", "trainIds"))
+        results[amp] = last_json(
+            succeeded(
+                "evaluate.py",
+                "--ckpt",
+                checkpoint,
+                "--data-root",
+                root,
+                "--amp",
+                amp,
+                "--out-dir",
+                out,
+                "--format",
+                "trainIds",
+            )
+        )
         predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.rglob("*.png"))])
     agreement = (predictions["O0"] == predictions["O1"]).mean()
-    print(f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}")
+    print(
+        f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}"
+    )
     assert agreement >= 0.995
     assert abs(results["O1"]["mIoU"] - results["O0"]["mIoU"]) <= 0.3
 
 
 def test_non_finite_fp32_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
-    args = ["--data-root", str(synthetic_root), *SMALL, "--iters", "6", "--no-validate", "--amp", "O0", "--lr", "1e15", "--warmup-iters", "0"]
+    args = [
+        "--data-root",
+        str(synthetic_root),
+        *SMALL,
+        "--iters",
+        "6",
+        "--no-validate",
+        "--amp",
+        "O0",
+        "--lr",
+        "1e15",
+        "--warmup-iters",
+        "0",
+    ]
     result = run_train([*args, "--ckpt-interval", "1", "--work-dir", str(tmp_path / "wd")])
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: loss is") and "last good checkpoint is kept" in last and "Traceback" not in result.stderr
+    assert (
+        last.startswith("error: loss is")
+        and "last good checkpoint is kept" in last
+        and "Traceback" not in result.stderr
+    )
     failed_at = int(last.split("at iteration ")[1].split(";")[0])
     kept = torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)
-    assert kept["iteration"] == failed_at - 1  # iterations are 1-based in errors as in logs: the one before is the last good
+    assert (
+        kept["iteration"] == failed_at - 1
+    )  # iterations are 1-based in errors as in logs: the one before is the last good
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
@@ -353,10 +559,18 @@ def test_launch_scripts_run_and_resume(synthetic_root, tmp_path, script):
         "MASTER_PORT": str(free_port()),
     }
     overrides = ["perf", *SMALL, "--iters", "2", "--ckpt-interval", "1"]
-    first = subprocess.run(["bash", script, *overrides], cwd=ROOT, capture_output=True, text=True, env=env)
+    first = subprocess.run(
+        ["bash", script, *overrides], cwd=ROOT, capture_output=True, text=True, env=env
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert last_json(first.stdout)["world_size"] == (2 if script == "run_8p.sh" else 1)
-    again = subprocess.run(["bash", script, *overrides[:-2], "--iters", "3"], cwd=ROOT, capture_output=True, text=True, env=env)
+    again = subprocess.run(
+        ["bash", script, *overrides[:-2], "--iters", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr + again.stdout and last_json(again.stdout)["iters"] == 3
 
@@ -374,7 +588,14 @@ def test_class_weights_scale_each_pixels_term_in_every_head(normalise):
     def manual(logits):
         valid = labels != 255
         nll = -logits.log_softmax(1).gather(1, labels.clamp(max=4)[:, None])[:, 0]
-        return (weight[labels.clamp(max=4)] * nll)[valid].sum() / (valid.sum() if normalise == "valid" else labels.numel())
+        return (weight[labels.clamp(max=4)] * nll)[valid].sum() / (
+            valid.sum() if normalise == "valid" else labels.numel()
+        )
 
     expected = manual(outputs[0]) + 0.4 * (manual(outputs[1]) + manual(outputs[2]))
-    torch.testing.assert_close(segmentation_loss(outputs, labels, aux_weight=0.4, normalise=normalise, class_weight=weight), expected)
+    torch.testing.assert_close(
+        segmentation_loss(
+            outputs, labels, aux_weight=0.4, normalise=normalise, class_weight=weight
+        ),
+        expected,
+    )

@@ -46,13 +46,29 @@ ROOT = Path(__file__).resolve().parents[1]
 def timed_recipe(name, recipe, *, small):
     """(name, depth, images per device, crop) of a train.py recipe on one device; small: 2 images of 64x128."""
     settings = train_flags(["--recipe", recipe])
-    return (name, settings.depth, 2, (64, 128)) if small else (name, settings.depth, settings.batch_size, settings.crop)
+    return (
+        (name, settings.depth, 2, (64, 128))
+        if small
+        else (name, settings.depth, settings.batch_size, settings.crop)
+    )
 
 
 # Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
-RECIPES = {size: [timed_recipe("r50", "seed_r50", small=size == "small"), timed_recipe("r18", "r18", small=size == "small")] for size in ("full", "small")}
-DATA = {"full": dict(train=32, val=4, height=1024, width=2048), "small": dict(train=8, val=2, height=128, width=256)}
-TORCHRUN_RECIPE = {"full": ["--batch-size", "4", "--crop", "512x1024"], "small": ["--batch-size", "2", "--crop", "64x128"]}
+RECIPES = {
+    size: [
+        timed_recipe("r50", "seed_r50", small=size == "small"),
+        timed_recipe("r18", "r18", small=size == "small"),
+    ]
+    for size in ("full", "small")
+}
+DATA = {
+    "full": dict(train=32, val=4, height=1024, width=2048),
+    "small": dict(train=8, val=2, height=128, width=256),
+}
+TORCHRUN_RECIPE = {
+    "full": ["--batch-size", "4", "--crop", "512x1024"],
+    "small": ["--batch-size", "2", "--crop", "64x128"],
+}
 
 # What each variant changes from this device's default training path (train.py's defaults).
 VARIANTS = {
@@ -79,7 +95,14 @@ class Setup:
 
 
 def variant_options(runtime, changes):
-    options = dict(amp="O1", amp_dtype="auto", channels_last=runtime.prefers_channels_last, sgd_kernel=runtime.sgd_kernel, ddp=False, compile=False)
+    options = dict(
+        amp="O1",
+        amp_dtype="auto",
+        channels_last=runtime.prefers_channels_last,
+        sgd_kernel=runtime.sgd_kernel,
+        ddp=False,
+        compile=False,
+    )
     return {**options, **changes}
 
 
@@ -87,8 +110,17 @@ def build_setup(runtime, depth, *, images, labels, options):
     dtype = AMP_DTYPES.get(options["amp_dtype"])
     runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
     torch.manual_seed(0)
-    model = create_model(runtime, depth=depth, num_classes=NUM_CLASSES, dropout=0.1, channels_last=options["channels_last"], log=lambda _: None).train()
-    optimizer = sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=options["sgd_kernel"])
+    model = create_model(
+        runtime,
+        depth=depth,
+        num_classes=NUM_CLASSES,
+        dropout=0.1,
+        channels_last=options["channels_last"],
+        log=lambda _: None,
+    ).train()
+    optimizer = sgd(
+        model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=options["sgd_kernel"]
+    )
     stepped = data_parallel(model, runtime) if options["ddp"] else model
     stepped = torch.compile(stepped) if options["compile"] else stepped
     scaler = runtime.grad_scaler(options["amp"])
@@ -96,11 +128,25 @@ def build_setup(runtime, depth, *, images, labels, options):
     x = images.contiguous(memory_format=torch.channels_last) if options["channels_last"] else images
 
     def step():
-        return train_step(stepped, optimizer, scaler=scaler, images=x, labels=labels, loss_fn=segmentation_loss, autocast=autocast).item()
+        return train_step(
+            stepped,
+            optimizer,
+            scaler=scaler,
+            images=x,
+            labels=labels,
+            loss_fn=segmentation_loss,
+            autocast=autocast,
+        ).item()
 
     def state_bytes():
-        tensors = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
-        tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        tensors = [
+            *model.parameters(),
+            *model.buffers(),
+            *(p.grad for p in model.parameters() if p.grad is not None),
+        ]
+        tensors += [
+            v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     return Setup(step, state_bytes)
@@ -115,7 +161,12 @@ def free_port():
 def join_single_process_group(runtime):
     """DDP needs a process group; outside torchrun this process forms a group of one."""
     if not dist.is_initialized():
-        dist.init_process_group(DEFAULT_BACKEND[runtime.device.type], init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group(
+            DEFAULT_BACKEND[runtime.device.type],
+            init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0,
+            world_size=1,
+        )
 
 
 def time_variants(setups, runtime, *, warmup, steps):
@@ -143,14 +194,21 @@ def time_variants(setups, runtime, *, warmup, steps):
             if i >= warmup:
                 times[name].append(elapsed)
             if cuda:
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(runtime.device) - before + setup.state_bytes())
+                peak[name] = max(
+                    peak.get(name, 0),
+                    torch.cuda.max_memory_allocated(runtime.device) - before + setup.state_bytes(),
+                )
     results = {}
     for name in setups:
         if name in errors:
             results[name] = {"error": errors[name]}
             continue
         ms = 1000 * statistics.median(times[name])
-        results[name] = {"step_ms": round(ms, 2), "first_step_s": round(first[name], 2), "peak_gb": round(peak[name] / 1e9, 2) if name in peak else None}
+        results[name] = {
+            "step_ms": round(ms, 2),
+            "first_step_s": round(first[name], 2),
+            "peak_gb": round(peak[name] / 1e9, 2) if name in peak else None,
+        }
     return results
 
 
@@ -168,14 +226,25 @@ def step_benchmarks(runtime, recipes, *, variants, warmup, steps, log):
         setups, failed = {}, {}
         for variant in variants:
             try:
-                setups[variant] = build_setup(runtime, depth, images=images, labels=labels, options=variant_options(runtime, VARIANTS[variant]))
+                setups[variant] = build_setup(
+                    runtime,
+                    depth,
+                    images=images,
+                    labels=labels,
+                    options=variant_options(runtime, VARIANTS[variant]),
+                )
             except Exception as e:
                 failed[variant] = {"error": cli.first_line(e)}
         results = {**time_variants(setups, runtime, warmup=warmup, steps=steps), **failed}
         for result in results.values():
             if "step_ms" in result:
                 result["img_s"] = round(batch / result["step_ms"] * 1000, 2)
-        out[name] = {"depth": depth, "batch": batch, "crop": f"{crop[0]}x{crop[1]}", "variants": results}
+        out[name] = {
+            "depth": depth,
+            "batch": batch,
+            "crop": f"{crop[0]}x{crop[1]}",
+            "variants": results,
+        }
         del setups
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -187,11 +256,15 @@ def profile_default_step(runtime, recipes, *, log, steps=3):
     """The kernels that bound the default step: top operators by device time (CPU time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if runtime.device.type == "cuda" else []
+    )
     sort_by = "device_time_total" if runtime.device.type == "cuda" else "cpu_time_total"
     for name, depth, batch, crop in recipes:
         images, labels = random_batch(runtime, batch, crop=crop)
-        setup = build_setup(runtime, depth, images=images, labels=labels, options=variant_options(runtime, {}))
+        setup = build_setup(
+            runtime, depth, images=images, labels=labels, options=variant_options(runtime, {})
+        )
         setup.step()
         runtime.synchronize()
         with profile(activities=activities) as prof:
@@ -213,7 +286,9 @@ def log_recipe(name, result, *, log):
             continue
         ratio = f"{base / r['step_ms']:.2f}x default" if base else ""
         memory = f", peak {r['peak_gb']} GB" if r["peak_gb"] is not None else ""
-        log(f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first step {r['first_step_s']} s{memory})")
+        log(
+            f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first step {r['first_step_s']} s{memory})"
+        )
     warning = slower_than_fp32(variants)
     if warning:
         log(f"warning: {name.upper()}: {warning}")
@@ -243,7 +318,9 @@ def run_json(cmd, timeout=None):
     """Run a command of this project; (its last JSON line, its whole output). Failures come back as text, not raised.
     It runs in a process group of its own, killed whole on a timeout or Ctrl-C: killing torchrun alone would leave
     its train.py running."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except BaseException as e:
@@ -251,7 +328,10 @@ def run_json(cmd, timeout=None):
         stdout, stderr = proc.communicate()
         if not isinstance(e, subprocess.TimeoutExpired):
             raise
-        return None, f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{(stdout + stderr)[-1500:]}"
+        return (
+            None,
+            f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{(stdout + stderr)[-1500:]}",
+        )
     output = stdout + stderr
     if proc.returncode != 0:
         return None, f"exit {proc.returncode}: {' '.join(map(str, cmd))}\n{stderr[-1500:]}"
@@ -263,8 +343,29 @@ def run_json(cmd, timeout=None):
 
 def end_to_end(data_root, work_dir, *, device, depth, batch, crop, iters, workers):
     """train.py as a user runs it (data loading, augmentation, copies, logging), throughput after its warm-up."""
-    cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", str(depth)]
-    cmd += ["--batch-size", str(batch), "--crop", f"{crop[0]}x{crop[1]}", "--iters", str(iters), "--no-validate", "--ckpt-interval", str(iters)]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--data-root",
+        data_root,
+        "--work-dir",
+        work_dir,
+        "--device",
+        device,
+        "--depth",
+        str(depth),
+    ]
+    cmd += [
+        "--batch-size",
+        str(batch),
+        "--crop",
+        f"{crop[0]}x{crop[1]}",
+        "--iters",
+        str(iters),
+        "--no-validate",
+        "--ckpt-interval",
+        str(iters),
+    ]
     cmd += ["--log-interval", "10", "--workers", str(workers), "--warmup-iters", "0"]
     summary, output = run_json(cmd, timeout=300)
     if summary is None:
@@ -280,9 +381,39 @@ def end_to_end(data_root, work_dir, *, device, depth, batch, crop, iters, worker
 
 def torchrun_check(data_root, work_dir, *, device, recipe):
     """One process under torchrun with the device's default backend: train, resume, evaluate (distributed)."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(free_port())]
-    train = [*launch, "train.py", "--data-root", data_root, "--work-dir", work_dir, "--device", device, "--depth", "18", *recipe]
-    train += ["--no-validate", "--ckpt-interval", "2", "--workers", "2", "--warmup-iters", "2", "--log-interval", "1"]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "1",
+        "--master-port",
+        str(free_port()),
+    ]
+    train = [
+        *launch,
+        "train.py",
+        "--data-root",
+        data_root,
+        "--work-dir",
+        work_dir,
+        "--device",
+        device,
+        "--depth",
+        "18",
+        *recipe,
+    ]
+    train += [
+        "--no-validate",
+        "--ckpt-interval",
+        "2",
+        "--workers",
+        "2",
+        "--warmup-iters",
+        "2",
+        "--log-interval",
+        "1",
+    ]
     first, output = run_json([*train, "--iters", "4"], timeout=120)
     if first is None:
         return {"error": output}
@@ -291,7 +422,19 @@ def torchrun_check(data_root, work_dir, *, device, recipe):
         return {"error": output}
     resumed = "resumed from" in output and "at iteration 4" in output
     val, output = run_json(
-        [*launch, "evaluate.py", "--ckpt", second["checkpoint"], "--data-root", data_root, "--device", device, "--workers", "2"], timeout=120
+        [
+            *launch,
+            "evaluate.py",
+            "--ckpt",
+            second["checkpoint"],
+            "--data-root",
+            data_root,
+            "--device",
+            device,
+            "--workers",
+            "2",
+        ],
+        timeout=120,
     )
     if val is None:
         return {"error": output}
@@ -305,10 +448,18 @@ def torchrun_check(data_root, work_dir, *, device, recipe):
 
 
 def environment(runtime):
-    info = {"device": runtime.name, "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": None, "cpus": os.cpu_count()}
+    info = {
+        "device": runtime.name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": None,
+        "cpus": os.cpu_count(),
+    }
     if runtime.device.type == "cuda":
         info["cudnn"] = torch.backends.cudnn.version()
-        info["device_memory_gb"] = round(torch.cuda.get_device_properties(runtime.device).total_memory / 1e9, 1)
+        info["device_memory_gb"] = round(
+            torch.cuda.get_device_properties(runtime.device).total_memory / 1e9, 1
+        )
     return info
 
 
@@ -316,46 +467,102 @@ def transform_speed(samples, crop, *, log):
     """`python tools/benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
     with tempfile.TemporaryDirectory() as tmp:
         trainable_cityscapes(tmp, train=4, val=0, height=1024, width=2048)
-        dataset = open_dataset(tmp, "train", dataset_type="cityscapes", transform=TrainTransform(crop=crop))
+        dataset = open_dataset(
+            tmp, "train", dataset_type="cityscapes", transform=TrainTransform(crop=crop)
+        )
         dataset[(0, 0)]
         start = time.perf_counter()
         for i in range(samples):
             dataset[(i % len(dataset), i)]
         rate = samples / (time.perf_counter() - start)
-    log(f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: {rate:.1f} samples/s")
+    log(
+        f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: {rate:.1f} samples/s"
+    )
     print(json.dumps({"transform_samples_per_s": round(rate, 2)}), flush=True)
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--device", default="auto", choices=cli.DEVICES)
-    p.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
     p.add_argument(
-        "--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="time this one recipe instead of the two published ones (with --batch-size, --crop)"
+        "--small",
+        action="store_true",
+        default=os.environ.get("BENCH_SMALL") == "1",
+        help="small sizes (also BENCH_SMALL=1)",
     )
-    p.add_argument("--batch-size", type=cli.integer(2), default=8, help="with --depth: images per device (BatchNorm on the pooled attention maps needs 2)")
-    p.add_argument("--crop", type=cli.size, default="1024x1024", help="with --depth: HxW, both sides >= 32")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, or 'all': {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--depth",
+        type=int,
+        choices=sorted(RESNET_LAYOUTS),
+        help="time this one recipe instead of the two published ones (with --batch-size, --crop)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=cli.integer(2),
+        default=8,
+        help="with --depth: images per device (BatchNorm on the pooled attention maps needs 2)",
+    )
+    p.add_argument(
+        "--crop", type=cli.size, default="1024x1024", help="with --depth: HxW, both sides >= 32"
+    )
+    p.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, or 'all': {', '.join(VARIANTS)}",
+    )
     p.add_argument("--warmup", type=cli.integer(1), default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=cli.integer(1), default=15, help="timed steps per variant")
-    p.add_argument("--e2e-iters", type=cli.integer(2), default=None, help="train.py iterations per end-to-end run (default 60; small: 12)")
-    p.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers in the end-to-end runs (default: CPUs - 2)")
-    p.add_argument("--profile", action="store_true", help="also print the top operators of each recipe's default step")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun")
-    p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
-    p.add_argument("--transform", action="store_true", help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)")
+    p.add_argument(
+        "--e2e-iters",
+        type=cli.integer(2),
+        default=None,
+        help="train.py iterations per end-to-end run (default 60; small: 12)",
+    )
+    p.add_argument(
+        "--workers",
+        type=cli.integer(0),
+        default=None,
+        help="loader workers in the end-to-end runs (default: CPUs - 2)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the top operators of each recipe's default step",
+    )
+    p.add_argument(
+        "--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun"
+    )
+    p.add_argument(
+        "--work-dir",
+        help="where the synthetic data and runs go (default: a temporary folder, removed)",
+    )
+    p.add_argument(
+        "--transform",
+        action="store_true",
+        help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)",
+    )
     args = p.parse_args(argv)
-    variants = list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    variants = (
+        list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
+    )
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise cli.UsageError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'")
+        raise cli.UsageError(
+            f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'"
+        )
     crop = args.crop
     if min(crop) < 32:
         raise cli.UsageError(f"--crop {crop[0]}x{crop[1]}: both sides must be >= 32")
-    recipes = [(f"r{args.depth}", args.depth, args.batch_size, crop)] if args.depth else RECIPES["small" if args.small else "full"]
+    recipes = (
+        [(f"r{args.depth}", args.depth, args.batch_size, crop)]
+        if args.depth
+        else RECIPES["small" if args.small else "full"]
+    )
     skip = {s for s in args.skip.split(",") if s}
     if skip - {"steps", "e2e", "torchrun"}:
-        raise cli.UsageError(f"--skip: unknown {sorted(skip - {'steps', 'e2e', 'torchrun'})}; choose from steps, e2e, torchrun")
+        raise cli.UsageError(
+            f"--skip: unknown {sorted(skip - {'steps', 'e2e', 'torchrun'})}; choose from steps, e2e, torchrun"
+        )
     return args, recipes, variants, skip
 
 
@@ -365,14 +572,22 @@ def run_training_benchmark(args, recipes, *, variants, skip):
     runtime = setup_runtime(args.device)
     device = runtime.device.type
     log = functools.partial(print, flush=True)
-    result = {**environment(runtime), "size": size, "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved"}
-    log(f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes")
+    result = {
+        **environment(runtime),
+        "size": size,
+        "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved",
+    }
+    log(
+        f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes"
+    )
     log(runtime.device_note)
     log(runtime.precision_note("O1"))
     if "ddp" in variants:
         join_single_process_group(runtime)
     if "steps" not in skip:
-        result["steps"] = step_benchmarks(runtime, recipes, variants=variants, warmup=args.warmup, steps=args.steps, log=log)
+        result["steps"] = step_benchmarks(
+            runtime, recipes, variants=variants, warmup=args.warmup, steps=args.steps, log=log
+        )
     if args.profile:
         try:
             profile_default_step(runtime, recipes, log=log)
@@ -388,11 +603,22 @@ def run_training_benchmark(args, recipes, *, variants, skip):
             result["e2e"] = {}
             for name, depth, batch, crop in recipes:
                 r = result["e2e"][name] = end_to_end(
-                    data_root, work / f"e2e_{name}", device=device, depth=depth, batch=batch, crop=crop, iters=iters, workers=workers
+                    data_root,
+                    work / f"e2e_{name}",
+                    device=device,
+                    depth=depth,
+                    batch=batch,
+                    crop=crop,
+                    iters=iters,
+                    workers=workers,
                 )
-                log(f"end-to-end train.py {name.upper()} {batch} x {crop[0]}x{crop[1]}, {workers} workers: {r}")
+                log(
+                    f"end-to-end train.py {name.upper()} {batch} x {crop[0]}x{crop[1]}, {workers} workers: {r}"
+                )
         if "torchrun" not in skip:
-            result["torchrun"] = torchrun_check(data_root, work / "torchrun", device=device, recipe=TORCHRUN_RECIPE[size])
+            result["torchrun"] = torchrun_check(
+                data_root, work / "torchrun", device=device, recipe=TORCHRUN_RECIPE[size]
+            )
             log(f"torchrun, 1 process: {result['torchrun']}")
     finally:
         if not args.work_dir:

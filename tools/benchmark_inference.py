@@ -41,8 +41,14 @@ from evaluate import inference_model, torch_segmenter
 # Sizes timed, batches tried for throughput, the val split that is timed and the training that precedes it.
 INFER_SIZES = {"full": [(1024, 2048), (512, 1024)], "small": [(128, 256), (64, 128)]}
 INFER_BATCHES = {"full": (2, 4, 8, 16), "small": (2,)}
-INFER_DATA = {"full": dict(train=16, val=100, height=1024, width=2048), "small": dict(train=8, val=4, height=128, width=256)}
-INFER_TRAIN = {"full": ["--batch-size", "8", "--crop", "512x1024", "--iters", "80"], "small": ["--batch-size", "2", "--crop", "64x128", "--iters", "6"]}
+INFER_DATA = {
+    "full": dict(train=16, val=100, height=1024, width=2048),
+    "small": dict(train=8, val=4, height=128, width=256),
+}
+INFER_TRAIN = {
+    "full": ["--batch-size", "8", "--crop", "512x1024", "--iters", "80"],
+    "small": ["--batch-size", "2", "--crop", "64x128", "--iters", "6"],
+}
 
 # Inference variants of R18 at the first size, batch 1: what each changes from the default path (evaluate.py's).
 INFER_VARIANTS = {
@@ -59,7 +65,10 @@ INFER_VARIANTS = {
 def baseline_model(deployed, ckpt):
     """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
     hand, else the same architecture with random weights (the same speed)."""
-    config, source = ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model"), ckpt or deployed.metadata["source"]
+    config, source = (
+        ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model"),
+        ckpt or deployed.metadata["source"],
+    )
     if source and Path(source).is_file():
         model = load_model(source)[0]
         if (model.config.depth, model.config.num_classes) != (config.depth, config.num_classes):
@@ -67,7 +76,10 @@ def baseline_model(deployed, ckpt):
                 f"--ckpt {source}: R{model.config.depth}, {model.config.num_classes} classes; the exported model is R{config.depth}, {config.num_classes} classes"
             )
         return model, f"eager fp32 of {source}"
-    return BiSeNetV1(config).eval(), "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)"
+    return (
+        BiSeNetV1(config).eval(),
+        "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)",
+    )
 
 
 def time_runs(segment, images, *, runtime, runs):
@@ -118,11 +130,19 @@ def compare_with_eager(segment, model, *, runtime, size, runs, warmup, batch, pa
         "baseline_ms_median": round(plain_ms, 2),
         "speedup": round(plain_ms / fast_ms, 2),
     }
-    print(f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs")
-    print(f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS")
-    print(f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x")
+    print(
+        f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs"
+    )
+    print(
+        f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS"
+    )
+    print(
+        f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x"
+    )
     if fast_ms > plain_ms:
-        print(f"warning: this path ({path}) is slower than eager fp32 here; the faster variant is --amp O0 (fp32)")
+        print(
+            f"warning: this path ({path}) is slower than eager fp32 here; the faster variant is --amp O0 (fp32)"
+        )
     return result
 
 
@@ -134,13 +154,31 @@ def benchmark(model, runtime, *, size, amp, runs, warmup, batch=1, compile_mode=
     precision = runtime.precision(amp)
     path = f"{precision}, BN folded, {str(runtime.memory_format).removeprefix('torch.')}"
     warmup = max(warmup, 1 if compile_mode else 0)
-    result = compare_with_eager(torch_segmenter(fast, runtime, amp=amp), model, runtime=runtime, size=size, runs=runs, warmup=warmup, batch=batch, path=path)
+    result = compare_with_eager(
+        torch_segmenter(fast, runtime, amp=amp),
+        model,
+        runtime=runtime,
+        size=size,
+        runs=runs,
+        warmup=warmup,
+        batch=batch,
+        path=path,
+    )
     return {**result, "precision": precision, "compile_mode": compile_mode}
 
 
 def benchmark_deployed(deployed, path, *, model, source, runtime, size, runs, warmup, batch=1):
     """An exported model against eager fp32 of `model` (its source checkpoint, or the same architecture)."""
-    result = compare_with_eager(deployed, model, runtime=runtime, size=size, runs=runs, warmup=warmup, batch=batch, path=f"{deployed.precision} ({path})")
+    result = compare_with_eager(
+        deployed,
+        model,
+        runtime=runtime,
+        size=size,
+        runs=runs,
+        warmup=warmup,
+        batch=batch,
+        path=f"{deployed.precision} ({path})",
+    )
     return {**result, "precision": deployed.precision, "model": str(path), "baseline": source}
 
 
@@ -151,13 +189,28 @@ def inference_variants(runtime, size, *, variants, runs, warmup, log):
     for name in variants:
         options = dict(INFER_VARIANTS[name])
         dtype = options.pop("amp_dtype", None)
-        variant_runtime = dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
+        variant_runtime = (
+            dataclasses.replace(runtime, amp_dtype=dtype, amp_reason="") if dtype else runtime
+        )
         try:
-            result = benchmark(model, variant_runtime, size=size, amp="O1", runs=runs, warmup=warmup, compile_mode=options.get("compile_mode"))
-        except Exception as e:  # one variant failing (a compiler error) must not cost the other measurements
+            result = benchmark(
+                model,
+                variant_runtime,
+                size=size,
+                amp="O1",
+                runs=runs,
+                warmup=warmup,
+                compile_mode=options.get("compile_mode"),
+            )
+        except (
+            Exception
+        ) as e:  # one variant failing (a compiler error) must not cost the other measurements
             out[name] = {"error": cli.first_line(e)}
             continue
-        out[name] = {key: result[key] for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")}
+        out[name] = {
+            key: result[key]
+            for key in ("fps", "latency_ms_median", "speedup", "precision", "warmup_s")
+        }
         log(f"R18 {size[0]}x{size[1]} {name}: {out[name]}")
     return out
 
@@ -167,7 +220,11 @@ def default_infer_variants(runtime):
     computes it natively (device.cpu_amp_dtype), none on other CPUs, where bf16 is many times slower than fp32."""
     if runtime.device.type == "cuda":
         return list(INFER_VARIANTS)
-    return ["default", "bf16"] if cpu_amp_dtype(CpuFeatures.detect())[0] == torch.bfloat16 else ["default"]
+    return (
+        ["default", "bf16"]
+        if cpu_amp_dtype(CpuFeatures.detect())[0] == torch.bfloat16
+        else ["default"]
+    )
 
 
 def inference_speeds(runtime, sizes, *, batches, runs, warmup, log):
@@ -179,7 +236,9 @@ def inference_speeds(runtime, sizes, *, batches, runs, warmup, log):
             single = benchmark(model, runtime, size=size, amp="O1", runs=runs, warmup=warmup)
             best = single
             for batch in batches:
-                result = benchmark(model, runtime, size=size, amp="O1", runs=runs, warmup=warmup, batch=batch)
+                result = benchmark(
+                    model, runtime, size=size, amp="O1", runs=runs, warmup=warmup, batch=batch
+                )
                 best = result if result["fps"] > best["fps"] else best
             out[f"r{depth}_{size[0]}x{size[1]}"] = {
                 "fps": single["fps"],
@@ -200,12 +259,45 @@ def class_maps(folder):
 def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
     """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps, mIoU), and the wall
     time of a whole val pass, split into data loading and model time."""
-    train_cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir / "r18", "--device", device, "--depth", "18"]
-    train_cmd += [*train_recipe, "--lr", "0.05", "--warmup-iters", "5", "--no-validate", "--workers", str(workers), "--log-interval", "10"]
+    train_cmd = [
+        sys.executable,
+        "train.py",
+        "--data-root",
+        data_root,
+        "--work-dir",
+        work_dir / "r18",
+        "--device",
+        device,
+        "--depth",
+        "18",
+    ]
+    train_cmd += [
+        *train_recipe,
+        "--lr",
+        "0.05",
+        "--warmup-iters",
+        "5",
+        "--no-validate",
+        "--workers",
+        str(workers),
+        "--log-interval",
+        "10",
+    ]
     trained, output = run_json(train_cmd, timeout=600)
     if trained is None:
         return {"error": output}
-    evaluate_cmd = [sys.executable, "evaluate.py", "--ckpt", trained["checkpoint"], "--data-root", data_root, "--device", device, "--workers", str(workers)]
+    evaluate_cmd = [
+        sys.executable,
+        "evaluate.py",
+        "--ckpt",
+        trained["checkpoint"],
+        "--data-root",
+        data_root,
+        "--device",
+        device,
+        "--workers",
+        str(workers),
+    ]
     start = time.perf_counter()
     timed, output = run_json(evaluate_cmd, timeout=600)
     wall = time.perf_counter() - start
@@ -213,7 +305,18 @@ def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
         return {"error": output}
     results = {}
     for amp in ("O0", "O1"):
-        results[amp], output = run_json([*evaluate_cmd, "--amp", amp, "--out-dir", work_dir / f"pred_{amp}", "--format", "trainIds"], timeout=600)
+        results[amp], output = run_json(
+            [
+                *evaluate_cmd,
+                "--amp",
+                amp,
+                "--out-dir",
+                work_dir / f"pred_{amp}",
+                "--format",
+                "trainIds",
+            ],
+            timeout=600,
+        )
         if results[amp] is None:
             return {"error": output}
     agreement = float((class_maps(work_dir / "pred_O0") == class_maps(work_dir / "pred_O1")).mean())
@@ -247,17 +350,46 @@ def run_suite(args):
         "size": size,
         "protocol": f"median of {args.runs} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
     }
-    log(f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes")
+    log(
+        f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes"
+    )
     log(runtime.device_note)
     log(runtime.precision_note("O1"))
-    result["speed"] = inference_speeds(runtime, INFER_SIZES[size], batches=INFER_BATCHES[size], runs=args.runs, warmup=args.warmup, log=log)
-    variants = args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
-    result["variants"] = inference_variants(runtime, INFER_SIZES[size][0], variants=variants, runs=args.runs, warmup=args.warmup, log=log)
+    result["speed"] = inference_speeds(
+        runtime,
+        INFER_SIZES[size],
+        batches=INFER_BATCHES[size],
+        runs=args.runs,
+        warmup=args.warmup,
+        log=log,
+    )
+    variants = (
+        args.infer_variants.split(",") if args.infer_variants else default_infer_variants(runtime)
+    )
+    result["variants"] = inference_variants(
+        runtime,
+        INFER_SIZES[size][0],
+        variants=variants,
+        runs=args.runs,
+        warmup=args.warmup,
+        log=log,
+    )
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
+    work = (
+        Path(args.work_dir)
+        if args.work_dir
+        else Path(tempfile.mkdtemp(prefix="bisenet_bench_infer_"))
+    )
     try:
         data_root = synthetic_data(work / "data", INFER_DATA[size], seed=2, log=log)
-        result["val"] = validation_pass(data_root, work, device=runtime.device.type, train_recipe=INFER_TRAIN[size], workers=workers, log=log)
+        result["val"] = validation_pass(
+            data_root,
+            work,
+            device=runtime.device.type,
+            train_recipe=INFER_TRAIN[size],
+            workers=workers,
+            log=log,
+        )
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -268,10 +400,14 @@ def run_suite(args):
 
 def run_one(args):
     """A checkpoint's (or a random model's) default path, or an exported model, against eager fp32."""
-    runtime = setup_runtime("cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype)
+    runtime = setup_runtime(
+        "cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype
+    )
     print(runtime.device_note, flush=True)
     print(runtime.precision_note(args.amp), flush=True)
-    timing = dict(runtime=runtime, size=args.size, runs=args.runs, warmup=args.warmup, batch=args.batch)
+    timing = dict(
+        runtime=runtime, size=args.size, runs=args.runs, warmup=args.warmup, batch=args.batch
+    )
     if args.model:
         from deploy import open_deployed, openvino_precision
 
@@ -279,7 +415,11 @@ def run_one(args):
         model, source = baseline_model(deployed, args.ckpt)
         result = benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
     else:
-        model = load_model(args.ckpt)[0] if args.ckpt else BiSeNetV1(ModelConfig(args.depth, args.num_classes)).eval()
+        model = (
+            load_model(args.ckpt)[0]
+            if args.ckpt
+            else BiSeNetV1(ModelConfig(args.depth, args.num_classes)).eval()
+        )
         result = benchmark(model, amp=args.amp, **timing)
     print(json.dumps(result))
 
@@ -287,29 +427,72 @@ def run_one(args):
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     cli.add_device_flags(p)
-    p.add_argument("--warmup", type=cli.integer(0), default=3, help="untimed runs per measurement (compiling happens here)")
+    p.add_argument(
+        "--warmup",
+        type=cli.integer(0),
+        default=3,
+        help="untimed runs per measurement (compiling happens here)",
+    )
     p.add_argument("--runs", type=cli.integer(1), default=10, help="timed runs per measurement")
     one = p.add_argument_group("one model")
-    one.add_argument("--ckpt", help="a checkpoint (default: random weights of --depth); with --model: the eager fp32 baseline")
-    one.add_argument("--model", help="an OpenVINO .xml or ONNX .onnx file of tools/export.py (runs on the CPU)")
-    one.add_argument("--depth", type=int, default=18, choices=sorted(RESNET_LAYOUTS), help="without --ckpt: random weights of this depth")
-    one.add_argument("--num-classes", type=cli.integer(2, 255), default=NUM_CLASSES, help="without --ckpt: classes of the random model")
+    one.add_argument(
+        "--ckpt",
+        help="a checkpoint (default: random weights of --depth); with --model: the eager fp32 baseline",
+    )
+    one.add_argument(
+        "--model", help="an OpenVINO .xml or ONNX .onnx file of tools/export.py (runs on the CPU)"
+    )
+    one.add_argument(
+        "--depth",
+        type=int,
+        default=18,
+        choices=sorted(RESNET_LAYOUTS),
+        help="without --ckpt: random weights of this depth",
+    )
+    one.add_argument(
+        "--num-classes",
+        type=cli.integer(2, 255),
+        default=NUM_CLASSES,
+        help="without --ckpt: classes of the random model",
+    )
     one.add_argument("--size", type=cli.size, default="1024x2048", help="input HxW")
     one.add_argument("--batch", type=cli.integer(1), default=1, help="images per run")
     suite = p.add_argument_group("the suite")
-    suite.add_argument("--suite", action="store_true", help="every measurement above the flags (bash run_1p.sh bench-infer)")
-    suite.add_argument("--small", action="store_true", default=os.environ.get("BENCH_SMALL") == "1", help="small sizes (also BENCH_SMALL=1)")
-    suite.add_argument("--workers", type=cli.integer(0), default=None, help="loader workers of train.py and evaluate.py (default: CPUs - 2)")
     suite.add_argument(
-        "--infer-variants", help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 on a CPU with native bf16, else default)"
+        "--suite",
+        action="store_true",
+        help="every measurement above the flags (bash run_1p.sh bench-infer)",
     )
-    suite.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder, removed)")
+    suite.add_argument(
+        "--small",
+        action="store_true",
+        default=os.environ.get("BENCH_SMALL") == "1",
+        help="small sizes (also BENCH_SMALL=1)",
+    )
+    suite.add_argument(
+        "--workers",
+        type=cli.integer(0),
+        default=None,
+        help="loader workers of train.py and evaluate.py (default: CPUs - 2)",
+    )
+    suite.add_argument(
+        "--infer-variants",
+        help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 on a CPU with native bf16, else default)",
+    )
+    suite.add_argument(
+        "--work-dir",
+        help="where the synthetic data and runs go (default: a temporary folder, removed)",
+    )
     args = p.parse_args(argv)
     unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
     if unknown:
-        p.error(f"argument --infer-variants: unknown {unknown}; choose from {', '.join(INFER_VARIANTS)}")
+        p.error(
+            f"argument --infer-variants: unknown {unknown}; choose from {', '.join(INFER_VARIANTS)}"
+        )
     if args.model and args.device not in ("auto", "cpu"):
-        p.error(f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}")
+        p.error(
+            f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}"
+        )
     return args
 
 

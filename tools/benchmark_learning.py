@@ -26,16 +26,43 @@ from synthetic import trainable_cityscapes
 RECIPE = ["--recipe", "learning"]
 # standard: scenes with lighting, texture and thin classes, where early differences hide in slow progress;
 # fast: plain colours without the thin classes, learnt well above 60 mIoU by 300 iterations (PERFORMANCE.md)
-DATASETS = {"standard": dict(train=48, val=12, height=256, width=512, seed=3), "fast": dict(train=48, val=12, height=256, width=512, seed=3, plain=True)}
+DATASETS = {
+    "standard": dict(train=48, val=12, height=256, width=512, seed=3),
+    "fast": dict(train=48, val=12, height=256, width=512, seed=3, plain=True),
+}
 
 
 def learning_curve(data_root, work_dir, *, seed, iters, val_interval, workers, extra):
     """{iteration: val mIoU} of one from-scratch run."""
-    cmd = [sys.executable, "train.py", "--data-root", data_root, "--work-dir", work_dir, *RECIPE, "--iters", str(iters), "--seed", str(seed)]
-    cmd += ["--val-interval", str(val_interval), "--ckpt-interval", str(iters), "--workers", str(workers), "--log-interval", "50", *extra]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--data-root",
+        data_root,
+        "--work-dir",
+        work_dir,
+        *RECIPE,
+        "--iters",
+        str(iters),
+        "--seed",
+        str(seed),
+    ]
+    cmd += [
+        "--val-interval",
+        str(val_interval),
+        "--ckpt-interval",
+        str(iters),
+        "--workers",
+        str(workers),
+        "--log-interval",
+        "50",
+        *extra,
+    ]
     summary, output = run_json(cmd)
     if summary is None:
-        raise cli.UsageError(f"train.py failed: {output.strip().splitlines()[-1] if output.strip() else 'no output'}")
+        raise cli.UsageError(
+            f"train.py failed: {output.strip().splitlines()[-1] if output.strip() else 'no output'}"
+        )
     entries = [json.loads(line) for line in (Path(work_dir) / "log.jsonl").read_text().splitlines()]
     return {e["iter"]: round(e["val_mIoU"], 2) for e in entries if "val_mIoU" in e}
 
@@ -44,12 +71,16 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     p = cli.ArgumentParser(__doc__)
-    p.add_argument("--data", default="standard", choices=sorted(DATASETS), help="which synthetic Cityscapes")
+    p.add_argument(
+        "--data", default="standard", choices=sorted(DATASETS), help="which synthetic Cityscapes"
+    )
     p.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     p.add_argument("--iters", type=cli.integer(1), default=300)
     p.add_argument("--val-interval", type=cli.integer(1), default=100)
     p.add_argument("--workers", type=cli.integer(0), default=2)
-    p.add_argument("--work-dir", help="where the synthetic data and runs go (default: a temporary folder)")
+    p.add_argument(
+        "--work-dir", help="where the synthetic data and runs go (default: a temporary folder)"
+    )
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -65,7 +96,9 @@ def curve_summary(curves):
     points = sorted(set.intersection(*(set(c) for c in curves.values())))
     values = {it: [c[it] for c in curves.values()] for it in points}
     mean = {it: round(statistics.mean(v), 2) for it, v in values.items()}
-    sem = {it: round(statistics.stdev(v) / len(v) ** 0.5, 2) for it, v in values.items() if len(v) > 1}
+    sem = {
+        it: round(statistics.stdev(v) / len(v) ** 0.5, 2) for it, v in values.items() if len(v) > 1
+    }
     return mean, sem
 
 
@@ -78,13 +111,39 @@ def run_learning_benchmark(args, extra):
     curves = {}
     for seed in args.seeds:
         curves[seed] = learning_curve(
-            data_root, work / f"seed{seed}_{time.time_ns()}", seed=seed, iters=args.iters, val_interval=args.val_interval, workers=args.workers, extra=extra
+            data_root,
+            work / f"seed{seed}_{time.time_ns()}",
+            seed=seed,
+            iters=args.iters,
+            val_interval=args.val_interval,
+            workers=args.workers,
+            extra=extra,
         )
-        print(f"seed {seed}: " + ", ".join(f"@{it} {miou:.2f}" for it, miou in curves[seed].items()), flush=True)
+        print(
+            f"seed {seed}: " + ", ".join(f"@{it} {miou:.2f}" for it, miou in curves[seed].items()),
+            flush=True,
+        )
     mean, sem = curve_summary(curves)
-    print("mean: " + ", ".join(f"@{it} {m:.2f}" + (f" ± {sem[it]:.2f}" if it in sem else "") for it, m in mean.items()), flush=True)
+    print(
+        "mean: "
+        + ", ".join(
+            f"@{it} {m:.2f}" + (f" ± {sem[it]:.2f}" if it in sem else "") for it, m in mean.items()
+        ),
+        flush=True,
+    )
     wall_s = round(time.perf_counter() - started, 1)
-    print(json.dumps({"train_args": RECIPE + extra, "data": args.data, "curves": curves, "mean": mean, "sem": sem, "wall_s": wall_s}))
+    print(
+        json.dumps(
+            {
+                "train_args": RECIPE + extra,
+                "data": args.data,
+                "curves": curves,
+                "mean": mean,
+                "sem": sem,
+                "wall_s": wall_s,
+            }
+        )
+    )
 
 
 def main(argv=None):

@@ -29,7 +29,11 @@ def sample_statistics(job):
     image_path, label_path, info = job
     try:
         image = read_image(image_path).astype(np.float64)
-        values = np.bincount(read_label(label_path, info).ravel(), minlength=256) if label_path else np.zeros(256, np.int64)
+        values = (
+            np.bincount(read_label(label_path, info).ravel(), minlength=256)
+            if label_path
+            else np.zeros(256, np.int64)
+        )
     except cli.DataError as e:
         return f"{e}"
     pixels = image.reshape(-1, 3)
@@ -50,7 +54,14 @@ def split_statistics(dataset, *, nproc):
     mean = sum((r[1] for r in good), np.zeros(3)) / max(pixels, 1)
     std = np.sqrt(np.maximum(sum((r[2] for r in good), np.zeros(3)) / max(pixels, 1) - mean**2, 0))
     sizes = collections.Counter(f"{h}x{w}" for (h, w), *_ in good)
-    return {"images": len(jobs), "sizes": dict(sizes), "values": values, "mean": mean, "std": std, "errors": [r for r in results if isinstance(r, str)]}
+    return {
+        "images": len(jobs),
+        "sizes": dict(sizes),
+        "values": values,
+        "mean": mean,
+        "std": std,
+        "errors": [r for r in results if isinstance(r, str)],
+    }
 
 
 def report(split, stats, info):
@@ -58,19 +69,29 @@ def report(split, stats, info):
     counts = stats["values"][: info.num_classes]
     labelled = int(counts.sum())
     absent = [name for name, count in zip(info.class_names, counts) if count == 0]
-    print(f"{split}: {stats['images']} images, sizes {stats['sizes']}, label values {np.flatnonzero(stats['values']).tolist()}")
+    print(
+        f"{split}: {stats['images']} images, sizes {stats['sizes']}, label values {np.flatnonzero(stats['values']).tolist()}"
+    )
     print(f"{'class':>20} | {'pixels':>12} | share of labelled")
     for name, count in zip(info.class_names, counts):
         print(f"{name:>20} | {int(count):>12} | {100 * count / max(labelled, 1):6.2f}%")
     print(f"{'ignored (255)':>20} | {int(stats['values'][IGNORE_INDEX]):>12} |")
     if absent and stats["values"].any():
-        print(f"warning: {split}: {len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}", file=sys.stderr)
+        print(
+            f"warning: {split}: {len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}",
+            file=sys.stderr,
+        )
     if info.num_classes == 2 and absent == [info.class_names[1]] and stats["values"][IGNORE_INDEX]:
         print(
             f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1 (tools/map_labels.py)",
             file=sys.stderr,
         )
-    part = {"images": stats["images"], "sizes": stats["sizes"], "pixels": dict(zip(info.class_names, map(int, counts))), "absent": absent}
+    part = {
+        "images": stats["images"],
+        "sizes": stats["sizes"],
+        "pixels": dict(zip(info.class_names, map(int, counts))),
+        "absent": absent,
+    }
     return part | {"ignored_pixels": int(stats["values"][IGNORE_INDEX]), "broken": stats["errors"]}
 
 
@@ -85,8 +106,15 @@ def plot_class_pixels(parts, info, out):
     figure, axis = plt.subplots(figsize=(max(6, 0.45 * info.num_classes), 4))
     width = 0.8 / max(len(parts), 1)
     for k, (split, part) in enumerate(parts.items()):
-        axis.bar(np.arange(info.num_classes) + k * width, [part["pixels"][name] for name in info.class_names], width, label=split)
-    axis.set_xticks(np.arange(info.num_classes) + 0.4 - width / 2, info.class_names, rotation=60, ha="right")
+        axis.bar(
+            np.arange(info.num_classes) + k * width,
+            [part["pixels"][name] for name in info.class_names],
+            width,
+            label=split,
+        )
+    axis.set_xticks(
+        np.arange(info.num_classes) + 0.4 - width / 2, info.class_names, rotation=60, ha="right"
+    )
     axis.set_yscale("symlog")
     axis.set_ylabel("pixels")
     axis.set_title(f"{info.name}: pixels per class")
@@ -97,11 +125,15 @@ def plot_class_pixels(parts, info, out):
 def plot_samples(dataset, split, out, *, count, crop):
     """Rows: image with its label overlaid | the same after the training augmentation."""
     plt = pyplot()
-    chosen = [(i, (image, label)) for i, (image, label) in enumerate(dataset.samples) if label is not None][:count]
+    chosen = [
+        (i, (image, label)) for i, (image, label) in enumerate(dataset.samples) if label is not None
+    ][:count]
     figure, axes = plt.subplots(len(chosen), 2, figsize=(10, 2.8 * len(chosen)), squeeze=False)
     for row, (index, (image_path, label_path)) in enumerate(chosen):
         image, label = read_image(image_path), read_label(label_path, dataset.info)
-        seen, seen_label = TrainTransform(crop or image.shape[:2])(image, label, np.random.default_rng(index))
+        seen, seen_label = TrainTransform(crop or image.shape[:2])(
+            image, label, np.random.default_rng(index)
+        )
         for axis, picture, title in (
             (axes[row, 0], overlay(image, label, dataset.info), Path(image_path).name),
             (axes[row, 1], overlay(seen, seen_label, dataset.info), "training augmentation"),
@@ -113,7 +145,10 @@ def plot_samples(dataset, split, out, *, count, crop):
 
 
 def check(args):
-    root, out = Path(args.data_root), Path(args.out or f"work_dirs/check_{Path(args.data_root).resolve().name}")
+    root, out = (
+        Path(args.data_root),
+        Path(args.out or f"work_dirs/check_{Path(args.data_root).resolve().name}"),
+    )
     out.mkdir(parents=True, exist_ok=True)
     parts, info, moments = {}, None, None
     print(f"dataset: {detect_dataset(root, args.dataset)} at {root}")
@@ -133,9 +168,17 @@ def check(args):
     if info is None:
         raise cli.DataError(f"{root}: neither a train nor a val split could be opened")
     plot_class_pixels(parts, info, out)
-    summary = {"dataset": info.name, "classes": list(info.class_names), "splits": parts, "out": str(out)}
+    summary = {
+        "dataset": info.name,
+        "classes": list(info.class_names),
+        "splits": parts,
+        "out": str(out),
+    }
     if moments:
-        summary |= {"rgb_mean": [round(float(v), 2) for v in moments["mean"]], "rgb_std": [round(float(v), 2) for v in moments["std"]]}
+        summary |= {
+            "rgb_mean": [round(float(v), 2) for v in moments["mean"]],
+            "rgb_std": [round(float(v), 2) for v in moments["std"]],
+        }
         print(f"train RGB mean {summary['rgb_mean']}, std {summary['rgb_std']} (0..255)")
     print(json.dumps(summary))
     if any(part["broken"] for part in parts.values()) or len(parts) < 2:
@@ -147,9 +190,17 @@ def main(argv=None):
     parser.add_argument("data_root")
     parser.add_argument("--dataset", default="auto", choices=cli.DATASET_TYPES)
     parser.add_argument("--out", help="where the PNGs go (default: work_dirs/check_<root name>)")
-    parser.add_argument("--samples", type=cli.integer(0), default=4, help="images per split in samples_SPLIT.png")
-    parser.add_argument("--crop", type=cli.size, help="the augmentation's crop, as train.py --crop (default: each image's size)")
-    parser.add_argument("--nproc", type=cli.integer(1), default=2, help="processes reading the files")
+    parser.add_argument(
+        "--samples", type=cli.integer(0), default=4, help="images per split in samples_SPLIT.png"
+    )
+    parser.add_argument(
+        "--crop",
+        type=cli.size,
+        help="the augmentation's crop, as train.py --crop (default: each image's size)",
+    )
+    parser.add_argument(
+        "--nproc", type=cli.integer(1), default=2, help="processes reading the files"
+    )
     cli.main(check, parser.parse_args(argv))
 
 

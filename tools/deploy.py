@@ -29,12 +29,26 @@ from bisenet import ModelConfig, fuse_bn
 from checkpoints import load_model
 from datasets import DatasetInfo
 from device import setup_runtime, teardown_runtime
-from evaluate import Inference, check_flags, evaluation_parser, inference_model, score, torch_segmenter
+from evaluate import (
+    Inference,
+    check_flags,
+    evaluation_parser,
+    inference_model,
+    score,
+    torch_segmenter,
+)
 from video import CODECS, default_output, segment_video
 
 METADATA_KEY = "bisenet"
-INSTALL = {"openvino": "pip install openvino nncf", "nncf": "pip install openvino nncf", "onnxruntime": "pip install onnxruntime"}
-TRACE_SIZE = (64, 128)  # OpenVINO's graph has dynamic height and width, so tracing on a small image is enough (and fast)
+INSTALL = {
+    "openvino": "pip install openvino nncf",
+    "nncf": "pip install openvino nncf",
+    "onnxruntime": "pip install onnxruntime",
+}
+TRACE_SIZE = (
+    64,
+    128,
+)  # OpenVINO's graph has dynamic height and width, so tracing on a small image is enough (and fast)
 
 
 def openvino_installed():
@@ -45,7 +59,9 @@ def optional_import(name):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        raise cli.UsageError(f"this needs {name}, which is not installed ({e}); {INSTALL[name]}") from None
+        raise cli.UsageError(
+            f"this needs {name}, which is not installed ({e}); {INSTALL[name]}"
+        ) from None
 
 
 class DeployGraph(torch.nn.Module):
@@ -68,7 +84,9 @@ def to_openvino(model):
     ov = optional_import("openvino")
     sample = torch.randint(0, 256, (1, 3, *TRACE_SIZE)).float()
     with torch.no_grad():
-        ov_model = ov.convert_model(DeployGraph(model), example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])])
+        ov_model = ov.convert_model(
+            DeployGraph(model), example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])]
+        )
     ov_model.inputs[0].get_tensor().set_names({"images"})
     ov_model.outputs[0].get_tensor().set_names({"classes"})
     ov_model.outputs[1].get_tensor().set_names({"logits"})
@@ -97,13 +115,20 @@ class OpenVinoModel:
                     if os.environ.get("ONEDNN_MAX_CPU_ISA")
                     else ""
                 )
-                raise cli.UsageError(f"OpenVINO cannot compile the model for this CPU: {cli.first_line(e)}{limit}") from None
+                raise cli.UsageError(
+                    f"OpenVINO cannot compile the model for this CPU: {cli.first_line(e)}{limit}"
+                ) from None
         return self.compiled[shape]
 
     @property
     def precision(self):
-        runtime = self.properties.get("INFERENCE_PRECISION_HINT") or self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
-        return f"OpenVINO {'int8 + ' + runtime if self.metadata['precision'] == 'int8' else runtime}"
+        runtime = (
+            self.properties.get("INFERENCE_PRECISION_HINT")
+            or self.core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+        )
+        return (
+            f"OpenVINO {'int8 + ' + runtime if self.metadata['precision'] == 'int8' else runtime}"
+        )
 
     def run(self, images):
         """(class map, logits at 1/8 size) as numpy arrays."""
@@ -126,22 +151,32 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001  (ONNX Runtime's own error kinds: external data missing or outside the folder, ...)
-            raise cli.UsageError(f"--model {path}: ONNX Runtime cannot load it ({cli.first_line(e)}); export it again with python tools/export.py") from None
+            raise cli.UsageError(
+                f"--model {path}: ONNX Runtime cannot load it ({cli.first_line(e)}); export it again with python tools/export.py"
+            ) from None
         self.input = self.session.get_inputs()[0]
 
     def __call__(self, images):
         static = self.input.shape[2:]
         if all(isinstance(d, int) for d in static) and tuple(static) != tuple(images.shape[2:]):
             h, w = images.shape[2:]
-            raise cli.UsageError(f"{self.path} was exported for {static[0]}x{static[1]} images, this one is {h}x{w}; export with --dynamic or --size {h}x{w}")
-        output = torch.from_numpy(self.session.run(None, {self.input.name: images.float().cpu().numpy()})[0])
+            raise cli.UsageError(
+                f"{self.path} was exported for {static[0]}x{static[1]} images, this one is {h}x{w}; export with --dynamic or --size {h}x{w}"
+            )
+        output = torch.from_numpy(
+            self.session.run(None, {self.input.name: images.float().cpu().numpy()})[0]
+        )
         return output.long() if output.dtype == torch.uint8 else output.max(1).indices
 
 
 def read_metadata(path):
     if path.suffix == ".xml":
         ov_model = optional_import("openvino").Core().read_model(path)
-        text = ov_model.get_rt_info([METADATA_KEY]).astype(str) if ov_model.has_rt_info([METADATA_KEY]) else None
+        text = (
+            ov_model.get_rt_info([METADATA_KEY]).astype(str)
+            if ov_model.has_rt_info([METADATA_KEY])
+            else None
+        )
         return ov_model, json.loads(text) if text else None
     onnx = optional_import("onnx")
     props = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
@@ -158,19 +193,27 @@ def open_deployed(path, precision=None):
     """--model PATH.xml or PATH.onnx. precision: OpenVINO's hint (openvino_precision)."""
     path = Path(path)
     if path.suffix not in (".xml", ".onnx"):
-        raise cli.UsageError(f"--model {path}: expected an OpenVINO .xml or an .onnx file written by export.py")
+        raise cli.UsageError(
+            f"--model {path}: expected an OpenVINO .xml or an .onnx file written by export.py"
+        )
     if not path.is_file():
         raise cli.UsageError(f"--model {path}: no such file")
     if path.stat().st_size == 0:
-        raise cli.UsageError(f"--model {path}: the file is empty (an interrupted copy or export?); export it again with python tools/export.py")
+        raise cli.UsageError(
+            f"--model {path}: the file is empty (an interrupted copy or export?); export it again with python tools/export.py"
+        )
     try:
         ov_model, metadata = read_metadata(path)
     except cli.UsageError:  # the runtime is not installed: its own message says what to install
         raise
     except Exception as e:  # noqa: BLE001  (each parser has its own errors: protobuf's DecodeError, OpenVINO's RuntimeError, ...)
-        raise cli.UsageError(f"--model {path}: not a readable {path.suffix} model ({cli.first_line(e)}); export it again with python tools/export.py") from None
+        raise cli.UsageError(
+            f"--model {path}: not a readable {path.suffix} model ({cli.first_line(e)}); export it again with python tools/export.py"
+        ) from None
     if metadata is None:
-        raise cli.UsageError(f"--model {path}: it does not describe its classes (not written by tools/export.py); export it again with python tools/export.py")
+        raise cli.UsageError(
+            f"--model {path}: it does not describe its classes (not written by tools/export.py); export it again with python tools/export.py"
+        )
     if ov_model is not None:
         return OpenVinoModel(ov_model, metadata, precision=precision)
     return OnnxModel(path, metadata)
@@ -180,28 +223,45 @@ def open_deployed(path, precision=None):
 def parse_args(argv=None):
     parser = evaluation_parser(__doc__)
     group = parser.add_argument_group("exported model and video")
-    group.add_argument("--model", help="an OpenVINO .xml or ONNX .onnx file of tools/export.py (runs on the CPU)")
-    group.add_argument("--video", help="a video file or a camera index (0, 1, ...) to segment frame by frame")
-    group.add_argument("--out", help="with --video: the overlay video to write, .mp4 or .avi (default: NAME_bisenet.mp4 here)")
+    group.add_argument(
+        "--model", help="an OpenVINO .xml or ONNX .onnx file of tools/export.py (runs on the CPU)"
+    )
+    group.add_argument(
+        "--video", help="a video file or a camera index (0, 1, ...) to segment frame by frame"
+    )
+    group.add_argument(
+        "--out",
+        help="with --video: the overlay video to write, .mp4 or .avi (default: NAME_bisenet.mp4 here)",
+    )
     args = check_flags(parser, parser.parse_args(argv))
     if not (args.model or args.video):
-        parser.error("pass --model (an exported model) or --video; a checkpoint alone is scored by python evaluate.py")
+        parser.error(
+            "pass --model (an exported model) or --video; a checkpoint alone is scored by python evaluate.py"
+        )
     if args.ckpt and args.model:
         parser.error("pass --ckpt or --model, not both")
     if args.model and args.device not in ("auto", "cpu"):
-        parser.error(f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}")
+        parser.error(
+            f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}"
+        )
     if args.out and not args.video:
-        parser.error("argument --out: it names the overlay video of --video; for images use --out-dir")
+        parser.error(
+            "argument --out: it names the overlay video of --video; for images use --out-dir"
+        )
     if args.video:
         args.out = Path(args.out) if args.out else default_output(args.video)
         if args.out.suffix not in CODECS:
             parser.error(f"argument --out: {args.out} must end in {' or '.join(CODECS)}")
         if args.out.exists():
-            parser.error(f"argument --out: {args.out} exists; pass another --out or remove it (it is never overwritten)")
+            parser.error(
+                f"argument --out: {args.out} exists; pass another --out or remove it (it is never overwritten)"
+            )
         if not args.out.parent.is_dir():
             parser.error(f"argument --out: the folder of {args.out} does not exist")
         if args.images or args.out_dir:
-            parser.error(f"argument {'--images' if args.images else '--out-dir'}: not used with --video, which writes one video to --out; drop it")
+            parser.error(
+                f"argument {'--images' if args.images else '--out-dir'}: not used with --video, which writes one video to --out; drop it"
+            )
     return args
 
 
@@ -210,35 +270,69 @@ def open_model(ckpt, model_file, *, runtime, amp, options):
     fastest path there is (one whole-image pass: OpenVINO converted in memory, when it is installed)."""
     if model_file:
         if not options.single_pass:
-            raise cli.UsageError("--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass")
+            raise cli.UsageError(
+                "--scales, --flip and --mode slide need --ckpt: an exported model runs one whole-image pass"
+            )
         deployed = open_deployed(model_file, openvino_precision(runtime, amp))
-        info, config = DatasetInfo.from_dict(deployed.metadata["dataset"]), ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model")
+        info, config = (
+            DatasetInfo.from_dict(deployed.metadata["dataset"]),
+            ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model"),
+        )
         if config.num_classes != info.num_classes:
-            raise cli.UsageError(f"--model {model_file}: its metadata names {info.num_classes} classes for a model of {config.num_classes}; export it again")
+            raise cli.UsageError(
+                f"--model {model_file}: its metadata names {info.num_classes} classes for a model of {config.num_classes}; export it again"
+            )
         return deployed, info, deployed.precision
     if not ckpt:
         raise cli.UsageError("--video needs --model or --ckpt")
     model, info = load_model(ckpt)
     if options.single_pass and runtime.device.type == "cpu" and openvino_installed():
-        deployed = OpenVinoModel(to_openvino(model), {"precision": "fp32"}, precision=openvino_precision(runtime, amp))
+        deployed = OpenVinoModel(
+            to_openvino(model), {"precision": "fp32"}, precision=openvino_precision(runtime, amp)
+        )
         return deployed, info, f"{deployed.precision} (converted in memory)"
-    return torch_segmenter(inference_model(model, runtime), runtime, amp=amp, options=options), info, runtime.precision(amp)
+    return (
+        torch_segmenter(inference_model(model, runtime), runtime, amp=amp, options=options),
+        info,
+        runtime.precision(amp),
+    )
 
 
 def run(args):
-    runtime = setup_runtime("cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype)
+    runtime = setup_runtime(
+        "cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype
+    )
     if not args.model:
         print(runtime.device_note, flush=True)
         print(runtime.precision_note(args.amp), flush=True)
     options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
-    segment, info, precision = open_model(args.ckpt, args.model, runtime=runtime, amp=args.amp, options=options)
+    segment, info, precision = open_model(
+        args.ckpt, args.model, runtime=runtime, amp=args.amp, options=options
+    )
     if args.model:
         print(f"precision: {precision}", flush=True)
     if args.video:
         print(f"segmenting {args.video} with {precision} into {args.out}")
-        print(json.dumps({**segment_video(segment, args.video, out=args.out, info=info, device=runtime.device), "precision": precision}))
+        print(
+            json.dumps(
+                {
+                    **segment_video(
+                        segment, args.video, out=args.out, info=info, device=runtime.device
+                    ),
+                    "precision": precision,
+                }
+            )
+        )
     else:
-        score(segment, info, precision=precision, model_name=args.model, args=args, runtime=runtime, options=options)
+        score(
+            segment,
+            info,
+            precision=precision,
+            model_name=args.model,
+            args=args,
+            runtime=runtime,
+            options=options,
+        )
     teardown_runtime(runtime)
 
 

@@ -35,7 +35,9 @@ def value_map(text):
                 raise ValueError
             table[source] = target
     except ValueError:
-        raise cli.UsageError(f"--map {text}: expected FROM=TO pairs of values 0..255, e.g. 255=1 or 1=0,2=1") from None
+        raise cli.UsageError(
+            f"--map {text}: expected FROM=TO pairs of values 0..255, e.g. 255=1 or 1=0,2=1"
+        ) from None
     return table
 
 
@@ -44,13 +46,19 @@ def label_files(root, dataset_type):
     labels = []
     for split in ("train", "val", "test"):
         try:
-            labels += [label for _, label in open_dataset(root, split, dataset_type=dataset_type).samples if label]
+            labels += [
+                label
+                for _, label in open_dataset(root, split, dataset_type=dataset_type).samples
+                if label
+            ]
         except DataError as e:
             if f"split '{split}' not found" not in str(e):
                 raise
     outside = [label for label in labels if not label.resolve().is_relative_to(root.resolve())]
     if outside:
-        raise DataError(f"{outside[0]}: a label outside {root}; map_labels.py writes labels inside the data root only")
+        raise DataError(
+            f"{outside[0]}: a label outside {root}; map_labels.py writes labels inside the data root only"
+        )
     if not labels:
         raise DataError(f"{root}: no labelled split (train, val or test) found")
     return sorted(set(labels))
@@ -73,7 +81,9 @@ def map_labels(root, out, table, *, dataset_type="auto"):
         with Image.open(label) as png:
             values = np.array(png).astype(np.uint8)
         if values.ndim != 2:
-            raise DataError(f"{label}: not a single-channel label PNG; map_labels.py maps class indices")
+            raise DataError(
+                f"{label}: not a single-channel label PNG; map_labels.py maps class indices"
+            )
         target = out / label.relative_to(root)
         target.unlink()  # a hard link to the original: write a new file, never through the link
         Image.fromarray(table[values]).save(target, format="PNG")
@@ -86,9 +96,20 @@ def main(argv=None):
     parser.add_argument("root", type=Path, help="the dataset to copy")
     parser.add_argument("out", type=Path, help="a new folder for the copy")
     parser.add_argument("--map", required=True, help="FROM=TO pairs, comma-separated")
-    parser.add_argument("--dataset", default="auto", choices=cli.DATASET_TYPES, help="the layout, as train.py's --dataset")
+    parser.add_argument(
+        "--dataset",
+        default="auto",
+        choices=cli.DATASET_TYPES,
+        help="the layout, as train.py's --dataset",
+    )
     args = parser.parse_args(argv)
-    cli.main(lambda: print(json.dumps(map_labels(args.root, args.out, value_map(args.map), dataset_type=args.dataset))))
+    cli.main(
+        lambda: print(
+            json.dumps(
+                map_labels(args.root, args.out, value_map(args.map), dataset_type=args.dataset)
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,11 @@ from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 
 
 def count_parameters(model, with_aux=True):
-    return sum(p.numel() for name, p in model.named_parameters() if with_aux or not name.startswith("aux_head"))
+    return sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if with_aux or not name.startswith("aux_head")
+    )
 
 
 def count_flops(model, size):

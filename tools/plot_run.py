@@ -58,9 +58,17 @@ def plot_curves(plt, entries, path):
     train = [e for e in entries if "loss" in e]
     val = [e for e in entries if "val_mIoU" in e]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    series = (("loss", train, "training loss"), ("lr", train, "learning rate"), ("val_mIoU", val, "val mIoU"))
+    series = (
+        ("loss", train, "training loss"),
+        ("lr", train, "learning rate"),
+        ("val_mIoU", val, "val mIoU"),
+    )
     for axis, (key, rows, title) in zip(axes, series):
-        axis.plot([e["iter"] for e in rows], [np.nan if e[key] is None else e[key] for e in rows], marker="o" if key == "val_mIoU" else None)
+        axis.plot(
+            [e["iter"] for e in rows],
+            [np.nan if e[key] is None else e[key] for e in rows],
+            marker="o" if key == "val_mIoU" else None,
+        )
         axis.set_title(title)
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
@@ -86,24 +94,44 @@ def write_confusion(plt, entry, work_dir):
     axis.set_ylabel("ground truth")
     for (row, column), share in np.ndenumerate(shares):
         if share >= 0.005:
-            axis.text(column, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=7, color="white" if share > 0.5 else "black")
+            axis.text(
+                column,
+                row,
+                f"{100 * share:.0f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share > 0.5 else "black",
+            )
     figure.colorbar(image, fraction=0.046, label="share of the class's labelled pixels")
     axis.set_title(f"confusion at iteration {entry['iter']} (percent of each row)")
     save_figure(plt, figure, work_dir / "confusion.png")
 
 
 def plot_per_class(plt, entry, path):
-    names, values = list(entry["val_iou"]), [np.nan if v is None else v for v in entry["val_iou"].values()]
+    names, values = (
+        list(entry["val_iou"]),
+        [np.nan if v is None else v for v in entry["val_iou"].values()],
+    )
     figure, axis = plt.subplots(figsize=(8, max(3, 0.3 * len(names))))
     axis.barh(range(len(names)), values, color="tab:blue")
     axis.set_yticks(range(len(names)), names)
     axis.invert_yaxis()
     for row, value in enumerate(values):
-        axis.text(0 if np.isnan(value) else value, row, " n/a (no pixel)" if np.isnan(value) else f" {value:.1f}", va="center", fontsize=8)
+        axis.text(
+            0 if np.isnan(value) else value,
+            row,
+            " n/a (no pixel)" if np.isnan(value) else f" {value:.1f}",
+            va="center",
+            fontsize=8,
+        )
     axis.set_xlim(0, 105)
     axis.set_xlabel("IoU (%)")
     mean = entry["val_mIoU"]
-    axis.set_title(f"per-class IoU at iteration {entry['iter']}" + (f", mIoU {mean:.2f}" if mean is not None else ""))
+    axis.set_title(
+        f"per-class IoU at iteration {entry['iter']}"
+        + (f", mIoU {mean:.2f}" if mean is not None else "")
+    )
     save_figure(plt, figure, path)
 
 
@@ -116,8 +144,15 @@ def plot_run(work_dir):
     if validations:
         write_confusion(plt, validations[-1], work_dir)
         plot_per_class(plt, validations[-1], work_dir / "per_class_iou.png")
-        written += [work_dir / "confusion.csv", work_dir / "confusion.png", work_dir / "per_class_iou.png"]
-    return {"written": [str(p) for p in written], "validation_iter": validations[-1]["iter"] if validations else None}
+        written += [
+            work_dir / "confusion.csv",
+            work_dir / "confusion.png",
+            work_dir / "per_class_iou.png",
+        ]
+    return {
+        "written": [str(p) for p in written],
+        "validation_iter": validations[-1]["iter"] if validations else None,
+    }
 
 
 def main(argv=None):

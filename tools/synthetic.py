@@ -28,7 +28,9 @@ def new_dataset_folder(out):
     """A synthesizer writes only into a new or empty folder: over a dataset it would mix its files with the user's."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)")
+        raise DataError(
+            f"{out} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -59,7 +61,17 @@ APPEARANCE = {  # label -> (base RGB, per-object color jitter)
 
 
 # what a plain scene leaves out: thin or small things, which take a model thousands of iterations to find
-THIN = ("pole", "traffic sign", "traffic light", "wall", "fence", "rider", "bicycle", "license plate", "static")
+THIN = (
+    "pole",
+    "traffic sign",
+    "traffic light",
+    "wall",
+    "fence",
+    "rider",
+    "bicycle",
+    "license plate",
+    "static",
+)
 
 
 def _box(x0, y0, x1, y1):
@@ -84,14 +96,55 @@ def synthetic_scene(rng, height, *, width):
         objects.append(("building", _box(x, H * rng.uniform(0.03, 0.3), x + w, horizon + H * 0.05)))
         x += w * rng.uniform(0.8, 1.05)
     for _ in range(rng.integers(1, 4)):
-        objects.append(("vegetation", _blob(rng, rng.uniform(0, W), horizon - H * 0.05, W * 0.08, H * 0.12)))
+        objects.append(
+            ("vegetation", _blob(rng, rng.uniform(0, W), horizon - H * 0.05, W * 0.08, H * 0.12))
+        )
     if rng.random() < 0.6:
         x0 = rng.uniform(0, 0.6) * W
-        objects.append((rng.choice(["wall", "fence"]), _box(x0, horizon - H * 0.06, x0 + W * 0.3, horizon + H * 0.04)))
-    objects.append(("terrain", [[0, horizon + H * 0.03], [W * 0.25, horizon + H * 0.03], [0, H * 0.75]]))
-    objects.append(("sidewalk", [[0, H], [0, H * 0.7], [vanish_x - W * 0.05, horizon], [vanish_x, horizon], [W * 0.15, H]]))
-    objects.append(("sidewalk", [[W, H], [W, H * 0.7], [vanish_x + W * 0.05, horizon], [vanish_x, horizon], [W * 0.85, H]]))
-    objects.append(("road", [[W * 0.12, H], [vanish_x - W * 0.02, horizon], [vanish_x + W * 0.02, horizon], [W * 0.88, H]]))
+        objects.append(
+            (
+                rng.choice(["wall", "fence"]),
+                _box(x0, horizon - H * 0.06, x0 + W * 0.3, horizon + H * 0.04),
+            )
+        )
+    objects.append(
+        ("terrain", [[0, horizon + H * 0.03], [W * 0.25, horizon + H * 0.03], [0, H * 0.75]])
+    )
+    objects.append(
+        (
+            "sidewalk",
+            [
+                [0, H],
+                [0, H * 0.7],
+                [vanish_x - W * 0.05, horizon],
+                [vanish_x, horizon],
+                [W * 0.15, H],
+            ],
+        )
+    )
+    objects.append(
+        (
+            "sidewalk",
+            [
+                [W, H],
+                [W, H * 0.7],
+                [vanish_x + W * 0.05, horizon],
+                [vanish_x, horizon],
+                [W * 0.85, H],
+            ],
+        )
+    )
+    objects.append(
+        (
+            "road",
+            [
+                [W * 0.12, H],
+                [vanish_x - W * 0.02, horizon],
+                [vanish_x + W * 0.02, horizon],
+                [W * 0.88, H],
+            ],
+        )
+    )
     for _ in range(rng.integers(2, 5)):
         px = rng.choice([rng.uniform(0, 0.2), rng.uniform(0.8, 1.0)]) * W
         base, top = H * rng.uniform(0.62, 0.85), H * rng.uniform(0.15, 0.3)
@@ -99,7 +152,12 @@ def synthetic_scene(rng, height, *, width):
         if rng.random() < 0.7:
             label = rng.choice(["traffic sign", "traffic light"])
             s = W * 0.02
-            objects.append((label, _box(px - s / 2, top, px + s, top + (s if label == "traffic sign" else 2 * s))))
+            objects.append(
+                (
+                    label,
+                    _box(px - s / 2, top, px + s, top + (s if label == "traffic sign" else 2 * s)),
+                )
+            )
     for _ in range(rng.integers(1, 5)):
         y = rng.uniform(horizon + H * 0.05, H * 0.85)
         scale = (y - horizon) / (H - horizon)
@@ -107,11 +165,18 @@ def synthetic_scene(rng, height, *, width):
         label = rng.choice(["car", "car", "car", "truck", "bus"])
         w = W * 0.25 * scale * (1.6 if label != "car" else 1.0)
         h = w * (0.55 if label == "car" else 0.9)
-        body = [[cx - w / 2, y], [cx - w / 2, y - h * 0.55], [cx - w * 0.3, y - h], [cx + w * 0.3, y - h]]
+        body = [
+            [cx - w / 2, y],
+            [cx - w / 2, y - h * 0.55],
+            [cx - w * 0.3, y - h],
+            [cx + w * 0.3, y - h],
+        ]
         body += [[cx + w / 2, y - h * 0.55], [cx + w / 2, y]]
         objects.append((label, body))
         if rng.random() < 0.3:
-            objects.append(("license plate", _box(cx - w * 0.08, y - h * 0.25, cx + w * 0.08, y - h * 0.15)))
+            objects.append(
+                ("license plate", _box(cx - w * 0.08, y - h * 0.25, cx + w * 0.08, y - h * 0.15))
+            )
     for _ in range(rng.integers(1, 5)):
         y = rng.uniform(horizon + H * 0.1, H * 0.95)
         scale = (y - horizon) / (H - horizon)
@@ -122,12 +187,27 @@ def synthetic_scene(rng, height, *, width):
             objects.append(("bicycle", _box(cx - 2.5 * w, y - h * 0.35, cx + 2.5 * w, y)))
             objects.append(("rider", _blob(rng, cx, y - h * 0.65, w, h * 0.35, 10)))
         else:
-            objects.append(("person", [[cx - w, y], [cx - w, y - h * 0.8], [cx, y - h], [cx + w, y - h * 0.8], [cx + w, y]]))
+            objects.append(
+                (
+                    "person",
+                    [
+                        [cx - w, y],
+                        [cx - w, y - h * 0.8],
+                        [cx, y - h],
+                        [cx + w, y - h * 0.8],
+                        [cx + w, y],
+                    ],
+                )
+            )
     if rng.random() < 0.5:
         x0 = rng.uniform(0, W * 0.9)
         objects.append(("static", _box(x0, H * 0.8, x0 + W * 0.04, H * 0.9)))
-    objects.append(("ego vehicle", [[0, H], [0, H * 0.93], [W / 2, H * 0.9], [W, H * 0.93], [W, H]]))
-    return [(label, [[int(round(px)), int(round(py))] for px, py in poly]) for label, poly in objects]
+    objects.append(
+        ("ego vehicle", [[0, H], [0, H * 0.93], [W / 2, H * 0.9], [W, H * 0.93], [W, H]])
+    )
+    return [
+        (label, [[int(round(px)), int(round(py))] for px, py in poly]) for label, poly in objects
+    ]
 
 
 def render_image(objects, rng, *, height, width, plain=False):
@@ -144,7 +224,9 @@ def render_image(objects, rng, *, height, width, plain=False):
     if plain:
         return np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    light = rng.uniform(0.75, 1.2) * (1 + 0.25 * (xs / width - 0.5) * rng.uniform(-1, 1) + 0.1 * np.sin(ys / 37.0))
+    light = rng.uniform(0.75, 1.2) * (
+        1 + 0.25 * (xs / width - 0.5) * rng.uniform(-1, 1) + 0.1 * np.sin(ys / 37.0)
+    )
     texture = rng.normal(0, rng.uniform(4, 12), (height, width, 1)) + rng.normal(0, 4, pixels.shape)
     return np.clip(pixels * light[..., None] + texture, 0, 255).astype(np.uint8)
 
@@ -162,12 +244,23 @@ def synthesize_one(job):
     image_dir, label_dir = out / "leftImg8bit" / split / city, out / "gtFine" / split / city
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(render_image(objects, rng, height=height, width=width, plain=plain)).save(image_dir / f"{stem}{IMAGE_SUFFIX}")
+    Image.fromarray(render_image(objects, rng, height=height, width=width, plain=plain)).save(
+        image_dir / f"{stem}{IMAGE_SUFFIX}"
+    )
     annotation = {
         "imgHeight": height,
         "imgWidth": width,
         "objects": [
-            {"date": "", "deleted": 0, "id": k, "label": label, "polygon": poly, "user": "synthetic", "verified": 0} for k, (label, poly) in enumerate(objects)
+            {
+                "date": "",
+                "deleted": 0,
+                "id": k,
+                "label": label,
+                "polygon": poly,
+                "user": "synthetic",
+                "verified": 0,
+            }
+            for k, (label, poly) in enumerate(objects)
         ],
     }
     json_path = label_dir / f"{stem}_gtFine_polygons.json"
@@ -175,7 +268,9 @@ def synthesize_one(job):
     json2labelImg(str(json_path), str(label_dir / f"{stem}_gtFine_labelIds.png"), "ids")
 
 
-def synthesize_cityscapes(out_dir, train=20, *, val=6, test=0, height=512, width=1024, seed=0, nproc=1, plain=False):
+def synthesize_cityscapes(
+    out_dir, train=20, *, val=6, test=0, height=512, width=1024, seed=0, nproc=1, plain=False
+):
     """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)
     (plain: see render_image)."""
     out = new_dataset_folder(out_dir)
@@ -198,7 +293,9 @@ def trainable_cityscapes(out_dir, *, nproc=1, **sizes):
     synthesize_cityscapes(out_dir, nproc=nproc, **sizes)
     failures = convert_dataset(out_dir, source="labelIds", nproc=nproc, progress=False)
     if failures:
-        raise DataError(f"{out_dir}: {len(failures)} synthetic labels did not convert (first: {failures[0]})")
+        raise DataError(
+            f"{out_dir}: {len(failures)} synthetic labels did not convert (first: {failures[0]})"
+        )
     return Path(out_dir)
 
 
@@ -209,7 +306,10 @@ def synthetic_pair(rng, info, *, height, width):
     for _ in range(int(rng.integers(4, 10))):
         cls = int(rng.integers(info.num_classes))
         center = (int(rng.integers(width)), int(rng.integers(height)))
-        axes = (int(rng.integers(width // 10, width // 3)), int(rng.integers(height // 10, height // 3)))
+        axes = (
+            int(rng.integers(width // 10, width // 3)),
+            int(rng.integers(height // 10, height // 3)),
+        )
         cv2.ellipse(label, center, axes, float(rng.uniform(0, 180)), 0, 360, cls, -1)
     edges = cv2.morphologyEx(label, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
     image = info.colors[label].astype(np.int16) + rng.integers(-25, 26, (height, width, 3))
@@ -217,13 +317,23 @@ def synthetic_pair(rng, info, *, height, width):
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def synthesize_folder(out_dir, classes=7, *, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0):
+def synthesize_folder(
+    out_dir, classes=7, *, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0
+):
     """A dataset of `classes` classes in a generic layout, classes.txt included; the same seed gives the same bytes.
     mmseg's layout gets palette PNG labels (as VOC-style tools write them), the others grey ones."""
     out = new_dataset_folder(out_dir)
-    info = CAMVID if layout == "camvid" else DatasetInfo(out.name, tuple(f"class{k}" for k in range(classes)), tuple(voc_palette(classes)))
+    info = (
+        CAMVID
+        if layout == "camvid"
+        else DatasetInfo(
+            out.name, tuple(f"class{k}" for k in range(classes)), tuple(voc_palette(classes))
+        )
+    )
     if layout != "camvid":
-        (out / "classes.txt").write_text("".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in zip(info.class_names, info.palette)))
+        (out / "classes.txt").write_text(
+            "".join(f"{n} {r} {g} {b}\n" for n, (r, g, b) in zip(info.class_names, info.palette))
+        )
     for split_number, (split, count) in enumerate((("train", train), ("val", val), ("test", test))):
         lines = []
         for i in range(count):
@@ -232,13 +342,18 @@ def synthesize_folder(out_dir, classes=7, *, train=12, val=4, test=0, height=128
             if layout == "camvid":
                 label[label == IGNORE_INDEX] = info.void_value
             image_rel, label_rel = {
-                "mmseg": (f"img_dir/{split}/scene{i % 2}/{split}_{i:04d}.jpg", f"ann_dir/{split}/scene{i % 2}/{split}_{i:04d}.png"),
+                "mmseg": (
+                    f"img_dir/{split}/scene{i % 2}/{split}_{i:04d}.jpg",
+                    f"ann_dir/{split}/scene{i % 2}/{split}_{i:04d}.png",
+                ),
                 "list": (f"images/{split}_{i:04d}.png", f"labels/{split}_{i:04d}.png"),
                 "camvid": (f"{split}/{split}_{i:04d}.png", f"{split}annot/{split}_{i:04d}.png"),
             }[layout]
             for rel in (image_rel, label_rel):
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(out / image_rel, quality=95) if image_rel.endswith(".jpg") else Image.fromarray(image).save(out / image_rel)
+            Image.fromarray(image).save(out / image_rel, quality=95) if image_rel.endswith(
+                ".jpg"
+            ) else Image.fromarray(image).save(out / image_rel)
             png = Image.fromarray(label)
             if layout == "mmseg":
                 png = png.convert("P")
@@ -269,17 +384,28 @@ def run(argv):
     street.add_argument("--nproc", type=cli.integer(1), default=1, help="parallel processes")
     folder = commands.add_parser("folder", help="class regions in one of your own data's layouts")
     add_dataset_flags(folder, min_train=1, train=12, val=4, height=128, width=256)
-    folder.add_argument("--classes", type=cli.integer(2, 255), default=7, help="class count (CamVid: always its 11)")
+    folder.add_argument(
+        "--classes", type=cli.integer(2, 255), default=7, help="class count (CamVid: always its 11)"
+    )
     folder.add_argument("--layout", default="mmseg", choices=LAYOUTS)
     args = parser.parse_args(argv)
-    sizes = dict(train=args.train, val=args.val, test=args.test, height=args.height, width=args.width, seed=args.seed)
+    sizes = dict(
+        train=args.train,
+        val=args.val,
+        test=args.test,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+    )
     if args.command == "cityscapes":
         synthesize_cityscapes(args.out_dir, **sizes, nproc=args.nproc)
         layout = "Cityscapes"
     else:
         synthesize_folder(args.out_dir, classes=args.classes, layout=args.layout, **sizes)
         layout = args.layout
-    print(f"wrote {args.train} train, {args.val} val, {args.test} test images ({layout} layout) to {args.out_dir}")
+    print(
+        f"wrote {args.train} train, {args.val} val, {args.test} test images ({layout} layout) to {args.out_dir}"
+    )
 
 
 def main(argv=None):

@@ -28,12 +28,18 @@ def open_source(source):
     """A video file, or a camera index (0, 1, ...)."""
     capture = cv2.VideoCapture(int(source) if str(source).isdigit() else str(source))
     if not capture.isOpened():
-        raise DataError(f"--video {source}: cannot open it (no such file, not a video OpenCV reads, or no such camera)")
+        raise DataError(
+            f"--video {source}: cannot open it (no such file, not a video OpenCV reads, or no such camera)"
+        )
     return capture
 
 
 def default_output(source):
-    return Path(f"camera{source}_bisenet.mp4" if str(source).isdigit() else f"{Path(source).stem}_bisenet.mp4")
+    return Path(
+        f"camera{source}_bisenet.mp4"
+        if str(source).isdigit()
+        else f"{Path(source).stem}_bisenet.mp4"
+    )
 
 
 def overlay(frame, pred, colors):
@@ -47,14 +53,19 @@ def segment_video(segment, source, *, out, info, device="cpu", progress=True):
     meanwhile is kept, and the video goes to OUT_2); Ctrl-C ends a camera stream and keeps what was written."""
     capture = open_source(source)
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may not say
-    width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    width, height = (
+        int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+        int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+    )
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     colors = np.ascontiguousarray(info.colors[:, ::-1])
     latencies, interrupted = [], False
     bar = tqdm(total=total if total > 0 else None, unit="frame", desc="video", disable=not progress)
     output = atomic_write(out, replace=False, keep_both=True, suffix=f".tmp{out.suffix}")
     with output as temp:
-        writer = cv2.VideoWriter(str(temp), cv2.VideoWriter_fourcc(*CODECS[out.suffix]), fps, (width, height))
+        writer = cv2.VideoWriter(
+            str(temp), cv2.VideoWriter_fourcc(*CODECS[out.suffix]), fps, (width, height)
+        )
         started = time.perf_counter()
         try:
             if not writer.isOpened():
@@ -64,12 +75,19 @@ def segment_video(segment, source, *, out, info, device="cpu", progress=True):
                 if not ok:
                     break
                 tick = time.perf_counter()
-                images = torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)[None].to(device)
+                images = (
+                    torch.from_numpy(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                    .permute(2, 0, 1)[None]
+                    .to(device)
+                )
                 pred = segment(images)[0].to(torch.uint8).cpu().numpy()
                 latencies.append(time.perf_counter() - tick)
                 writer.write(overlay(frame, pred, colors))
                 bar.update()
-                bar.set_postfix(latency_ms=f"{1000 * latencies[-1]:.0f}", fps=f"{len(latencies) / (time.perf_counter() - started):.1f}")
+                bar.set_postfix(
+                    latency_ms=f"{1000 * latencies[-1]:.0f}",
+                    fps=f"{len(latencies) / (time.perf_counter() - started):.1f}",
+                )
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -80,7 +98,15 @@ def segment_video(segment, source, *, out, info, device="cpu", progress=True):
         if not latencies:
             raise DataError(f"--video {source}: no frame could be read")
     return video_summary(
-        source, output.path, out=out, total=total, latencies=latencies, elapsed=elapsed, fps=fps, size=(height, width), interrupted=interrupted
+        source,
+        output.path,
+        out=out,
+        total=total,
+        latencies=latencies,
+        elapsed=elapsed,
+        fps=fps,
+        size=(height, width),
+        interrupted=interrupted,
     )
 
 
@@ -92,11 +118,20 @@ def video_summary(source, written, *, out, total, latencies, elapsed, fps, size,
     probe.release()
     truncated = total > 0 and len(latencies) < total and not interrupted
     if written != out:
-        print(f"warning: {out} appeared while the video was written; it was kept, and the video is {written}", file=sys.stderr)
+        print(
+            f"warning: {out} appeared while the video was written; it was kept, and the video is {written}",
+            file=sys.stderr,
+        )
     if out_size != f"{height}x{width}":
-        print(f"warning: {written} is {out_size}, the input {height}x{width} (its codec rounds odd sizes down)", file=sys.stderr)
+        print(
+            f"warning: {written} is {out_size}, the input {height}x{width} (its codec rounds odd sizes down)",
+            file=sys.stderr,
+        )
     if truncated:
-        print(f"warning: {source} ended after {len(latencies)} of its {total} frames (a truncated file?)", file=sys.stderr)
+        print(
+            f"warning: {source} ended after {len(latencies)} of its {total} frames (a truncated file?)",
+            file=sys.stderr,
+        )
     latency_ms = 1000 * statistics.median(latencies)
     return {
         "video": str(source),

@@ -19,9 +19,22 @@ COUNT = int(os.environ.get("STAND_IN_NPU_COUNT", "8"))
 class GradScaler(torch.amp.GradScaler):
     """torch_npu's scaler keeps `dynamic` in its state and reads it back on load (KeyError without it)."""
 
-    def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000, dynamic=True, enabled=True):
+    def __init__(
+        self,
+        init_scale=2.0**16,
+        growth_factor=2.0,
+        backoff_factor=0.5,
+        growth_interval=2000,
+        dynamic=True,
+        enabled=True,
+    ):
         super().__init__(
-            "cpu", init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor, growth_interval=growth_interval, enabled=enabled
+            "cpu",
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            enabled=enabled,
         )
         self._dynamic = dynamic
 
@@ -47,4 +60,6 @@ npu.set_device = lambda device: None
 npu.synchronize = lambda device=None: None
 npu.amp = types.SimpleNamespace(GradScaler=GradScaler)
 torch.npu = npu
-torch.utils.rename_privateuse1_backend("npu")  # torch.device("npu", 0), as the real package registers it
+torch.utils.rename_privateuse1_backend(
+    "npu"
+)  # torch.device("npu", 0), as the real package registers it
