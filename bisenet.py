@@ -181,9 +181,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x):
         if self.training and x.shape[0] < 2 and not isinstance(self.bn, nn.SyncBatchNorm):
-            raise ValueError(
-                "BatchNorm on a 1x1 pooled map needs a batch of at least 2 per device: use --batch-size >= 2 (or --sync-bn on several devices)"
-            )
+            raise ValueError("BatchNorm on a 1x1 pooled map trains on at least 2 images per device")
         attention = self.bn(self.conv(x.mean((2, 3), keepdim=True)))
         return x * torch.sigmoid(F.relu(attention) if self.relu else attention)
 
@@ -280,17 +278,24 @@ def upsampled_classes(logits, size, *, rows=64):
     return out
 
 
+def segmentation_heads(config):
+    """{name: (the feature it reads, head)}: the main head first, then the auxiliary heads, which only training
+    runs (each loss weighted by --aux-weight). Features: 'fused' (1/8), 'spatial' (1/8), 'context16' (the 1/16
+    branch, upsampled to 1/8), 'context32' (the 1/32 branch, upsampled to 1/16). A new head is a new entry here."""
+    context, classes, dropout = config.context_channels[0], config.num_classes, config.dropout
+    return {
+        "head": ("fused", SegHead(config.fusion_channels, config.head_channels, classes, dropout)),
+        "aux_head16": ("context16", SegHead(context, config.aux_channels, classes, dropout)),
+        "aux_head32": ("context32", SegHead(context, config.aux_channels, classes, dropout)),
+    }
+
+
 class BiSeNetV1(nn.Module):
     def __init__(self, config):
         """config: a ModelConfig, which the model keeps (self.config) and checkpoints store."""
         super().__init__()
         self.config = config
         context_channels, s = config.context_channels, config.spatial_channels
-        fusion_channels, num_classes, dropout = (
-            config.fusion_channels,
-            config.num_classes,
-            config.dropout,
-        )
         c = context_channels[0]
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
@@ -306,22 +311,23 @@ class BiSeNetV1(nn.Module):
         self.global_context = ConvBNReLU(context_channels[2], c, 1)
         self.refine32 = ConvBNReLU(c, c, 3)
         self.refine16 = ConvBNReLU(c, c, 3)
-        self.ffm = FeatureFusion(s[3] + c, fusion_channels, config.ffm_attention_relu)
-        self.head = SegHead(fusion_channels, config.head_channels, num_classes, dropout)
-        self.aux_head16 = SegHead(
-            c, config.aux_channels, num_classes, dropout
-        )  # on the 1/16 branch, upsampled to 1/8
-        self.aux_head32 = SegHead(
-            c, config.aux_channels, num_classes, dropout
-        )  # on the 1/32 branch, upsampled to 1/16
+        self.ffm = FeatureFusion(s[3] + c, config.fusion_channels, config.ffm_attention_relu)
+        self.head_inputs = {}
+        for name, (feature, head) in segmentation_heads(config).items():
+            self.add_module(name, head)
+            self.head_inputs[name] = feature
         self.reset_parameters()
 
+    def classifiers(self):
+        """The parameter name prefixes of every head's classifier: what fine-tuning on other classes replaces."""
+        return tuple(f"{name}.classifier." for name in self.head_inputs)
+
     def reset_parameters(self):
-        """mmseg's from-scratch initialisation as it runs: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1 and
-        0, the last BatchNorm of every residual block at 0 (zero_init_residual), so each block starts as the identity
-        (Goyal et al. 2017), and the main classifier normal(0, 0.01). The auxiliary classifiers keep PyTorch's default
-        (Kaiming uniform, a=sqrt(5)): mmseg holds those heads in an nn.ModuleList, which mmcv's init_weights never
-        enters, so their configured normal(0, 0.01) never runs."""
+        """mmseg's from-scratch initialisation as it runs: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1
+        and 0, the last BatchNorm of every residual block at 0 (zero_init_residual), so each block starts as the
+        identity (Goyal et al. 2017), and the main classifier normal(0, 0.01). The auxiliary classifiers keep
+        PyTorch's default (Kaiming uniform, a=sqrt(5)): mmseg holds those heads in an nn.ModuleList, which mmcv's
+        init_weights never enters, so their configured normal(0, 0.01) never runs."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -331,13 +337,15 @@ class BiSeNetV1(nn.Module):
         for block in self.backbone.modules():
             if isinstance(block, (BasicBlock, Bottleneck)):
                 nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
-        nn.init.normal_(self.head.classifier.weight, std=0.01)
-        nn.init.zeros_(self.head.classifier.bias)
-        self.aux_head16.classifier.reset_parameters()
-        self.aux_head32.classifier.reset_parameters()
+        main, *auxiliary = (getattr(self, name).classifier for name in self.head_inputs)
+        nn.init.normal_(main.weight, std=0.01)
+        nn.init.zeros_(main.bias)
+        for classifier in auxiliary:
+            classifier.reset_parameters()
 
     def forward(self, images, upsample=True):
-        """upsample=False (eval only): the main logits at 1/8 resolution, for upsampled_classes()."""
+        """Training: every head's logits at input size, the main head's first. Eval: the main head's;
+        upsample=False gives them at 1/8 resolution, for upsampled_classes()."""
         size = images.shape[2:]
         x = (images.to(self.mean.dtype) - self.mean) / self.std
         x16, x32 = self.backbone(x)
@@ -345,13 +353,13 @@ class BiSeNetV1(nn.Module):
         # nearest resize to the exact size of the next feature map: any input size works, not only multiples of 32
         up32 = self.refine32(F.interpolate(context32, size=x16.shape[2:], mode="nearest"))
         spatial = self.spatial_path(x)
-        up16 = self.refine16(
-            F.interpolate(self.arm16(x16) + up32, size=spatial.shape[2:], mode="nearest")
-        )
+        up16 = F.interpolate(self.arm16(x16) + up32, size=spatial.shape[2:], mode="nearest")
+        up16 = self.refine16(up16)
         fused = self.ffm(spatial, up16)
         if not self.training:
             return self.head(fused, size if upsample else None)
-        return self.head(fused, size), self.aux_head16(up16, size), self.aux_head32(up32, size)
+        features = {"fused": fused, "spatial": spatial, "context16": up16, "context32": up32}
+        return tuple(getattr(self, name)(features[f], size) for name, f in self.head_inputs.items())
 
 
 # -- Inference helpers ----------------------------------------------------------------------------------------

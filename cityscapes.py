@@ -1,9 +1,8 @@
-"""Cityscapes, the default dataset: its class table (from cityscapesscripts) and file layout, and open_dataset, which
-opens a data root: Cityscapes, or your own data in one of the layouts of interop.py (README: Your own data).
+"""Cityscapes, the default dataset: its class table (from cityscapesscripts) and its file layout.
 
-    ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
-    ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png    (python convert_labels.py ROOT)
-    ROOT/{split}.txt    optional: mmseg's `city/city_seq_frame` lines, or CoinCheung's `image,label` lines
+ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
+ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png    (python convert_labels.py ROOT)
+ROOT/{split}.txt    optional: mmseg's `city/city_seq_frame` lines, or CoinCheung's `image,label` lines
 """
 
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cli import DataError
-from datasets import IGNORE_INDEX, DatasetInfo, SegmentationDataset
+from datasets import IGNORE_INDEX, DatasetInfo
 
 TRAIN_LABELS = sorted(
     (lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId
@@ -98,51 +97,16 @@ def sample_name(image_path):
     return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else Path(image_path).stem
 
 
-def detect_dataset(root, dataset_type="auto"):
-    """'cityscapes' or 'folder': from --dataset, else from the root (leftImg8bit/ -> Cityscapes, else your own layout)."""
-    root = Path(root)
-    if dataset_type != "auto":
-        return dataset_type
-    if (root / "leftImg8bit").is_dir():
-        return "cityscapes"
-    from interop import (
-        folder_layout,
-    )  # your own data's layouts, read only for a root that is not Cityscapes
+def info(root):
+    """The classes of a Cityscapes root: Cityscapes' 19, refusing a classes.txt that names others."""
+    if (Path(root) / "classes.txt").is_file():
+        from interop import read_classes
 
-    if (root / "classes.txt").is_file() or folder_layout(root):
-        return "folder"
-    yours = "your own data (classes.txt with img_dir/, train.txt or trainannot/)"
-    raise DataError(
-        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see README: Your own data"
-    )
-
-
-def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
-    """Cityscapes (the default) or your own data (interop.py); dataset.info describes its classes."""
-    root = Path(root)
-    if root.is_file():
-        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
-    if not root.is_dir():
-        raise DataError(
-            f"{root}: data root not found; pass --data-root, or make a synthetic one: python tools/synthetic.py cityscapes {root}"
-        )
-    if detect_dataset(root, dataset_type) == "cityscapes":
-        if (root / "classes.txt").is_file():
-            from interop import read_classes
-
-            if (
-                read_classes(root / "classes.txt", "cityscapes").class_names
-                != CITYSCAPES.class_names
-            ):
-                fix = "remove classes.txt, or put your data in one of your own layouts (README: Your own data)"
-                raise DataError(
-                    f"{root / 'classes.txt'}: a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these; {fix}"
-                )
-        return SegmentationDataset(
-            find_samples(root, split, with_labels=with_labels), CITYSCAPES, transform=transform
-        )
-    from interop import folder_info, folder_samples
-
-    return SegmentationDataset(
-        folder_samples(root, split, with_labels=with_labels), folder_info(root), transform=transform
-    )
+        if (
+            read_classes(Path(root) / "classes.txt", "cityscapes").class_names
+            != CITYSCAPES.class_names
+        ):
+            fix = "remove classes.txt, or put your data in one of your own layouts (docs/your-data.md)"
+            not_these = "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these"
+            raise DataError(f"{Path(root) / 'classes.txt'}: {not_these}; {fix}")
+    return CITYSCAPES

@@ -272,6 +272,19 @@ class atomic_write:
             self.temp.unlink(missing_ok=True)
 
 
+def sync_directory(directory):
+    """Makes a rename in `directory` durable: without it a power loss can undo the rename after the old file went.
+    Windows cannot open a folder as a file, and its renames need no such step."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def process_pool(processes):
     """A multiprocessing Pool whose workers come from a fresh single-threaded server (forkserver), never a fork of
     this process: a fork copies any lock another thread (torch's, a test runner's) holds at that moment, and a worker

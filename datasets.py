@@ -1,14 +1,18 @@
-"""Data from PNG files to samples, for every dataset: the description of its classes that travels with every
-checkpoint (DatasetInfo), reading images and labels, the dataset class and the training augmentation. Which files
-a data root holds: cityscapes.py (Cityscapes, and open_dataset) and interop.py (your own data's layouts).
+"""Data from files on disk to batches, for every dataset: the description of its classes that travels with every
+checkpoint (DatasetInfo), reading images and labels, the dataset and which one a data root holds, the training
+augmentation, the sampler that makes resume exact, and the label statistics. The file layouts: cityscapes.py
+(Cityscapes) and interop.py (your own data).
 
 Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as VOC-style and mask
 tools write them; images and labels are turned by their own EXIF orientation alike.
 """
 
+import contextlib
 import dataclasses
-import os
+import hashlib
+import json
 import signal
+import time
 from pathlib import Path
 
 import cv2
@@ -18,10 +22,12 @@ import torch
 from PIL import Image
 
 from bisenet import IMAGENET_MEAN
-from cli import DataError, first_line, process_pool
+from cli import DataError, atomic_write, first_line, process_pool
 
-IGNORE_INDEX = 255  # the label value every dataset here ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
+# the label value every dataset ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
+IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what OpenCV reads
+EXIF_ORIENTATION = 0x0112
 
 cv2.setNumThreads(0)  # parallelism comes from DataLoader workers, as in mmseg
 
@@ -42,9 +48,8 @@ def voc_palette(count):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a model's outputs mean: class names and colours in index order, a label value read as ignore (CamVid's
-    void), and the ids the benchmark server wants per class (Cityscapes' labelIds). Every dataset ignores the label
-    value IGNORE_INDEX (255), in the loss, the metric and the crop padding alike."""
+    """What a model's outputs mean: class names and colours in index order, a label value read as ignore
+    (CamVid's void), and the ids the benchmark server wants per class (Cityscapes' labelIds)."""
 
     name: str
     class_names: tuple
@@ -62,7 +67,7 @@ class DatasetInfo:
         return np.array(self.palette, dtype=np.uint8)
 
     def label_table(self):
-        """(valid, index): which 8-bit label values are allowed, and the class index (or ignore) each one means."""
+        """(valid, index): which 8-bit label values are allowed, and the class (or ignore) each one means."""
         valid = np.zeros(256, dtype=bool)
         valid[: self.num_classes] = valid[IGNORE_INDEX] = True
         index = np.arange(256, dtype=np.uint8)
@@ -91,18 +96,24 @@ class DatasetInfo:
 
 
 def unnamed_classes(count):
-    """The classes of a model that does not say what they are: numbered names and a palette of their number."""
+    """The classes of a model that does not say what they are: numbered names, a palette of their number."""
     return DatasetInfo(
         "unnamed classes", tuple(f"class{k}" for k in range(count)), tuple(voc_palette(count))
     )
 
 
-EXIF_ORIENTATION = 0x0112
+def class_difference(ours, theirs, whose):
+    """Where two class lists first differ, e.g. "class 3 was 'wall', the data's is 'fence'"."""
+    for k, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return f"class {k} was {a!r}, {whose} is {b!r}"
+    return f"{len(ours)} classes, {whose} has {len(theirs)}"
 
 
+# -- Reading images and labels --------------------------------------------------------------------------------
 def exif_orientation(file):
-    """The EXIF orientation (1-8; 1: as stored) of an opened PIL image, from the header only (PIL's getexif would
-    decode a whole PNG to look for it)."""
+    """The EXIF orientation (1-8; 1: as stored) of an opened PIL image, from the header only (PIL's getexif
+    would decode a whole PNG to look for it)."""
     data = file.info.get("exif")
     if not data:
         return 1
@@ -117,37 +128,43 @@ def oriented(pixels, orientation):
         return pixels
     grid = (
         pixels.swapaxes(0, 1) if orientation >= 5 else pixels
-    )  # 5-8 are quarter turns: a transpose, then a mirroring
-    flip_rows, flip_cols = orientation in (3, 4, 7, 8), orientation in (2, 3, 6, 7)
-    return np.ascontiguousarray(grid[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
+    )  # 5-8: a transpose, then a mirroring
+    rows = -1 if orientation in (3, 4, 7, 8) else 1
+    cols = -1 if orientation in (2, 3, 6, 7) else 1
+    return np.ascontiguousarray(grid[::rows, ::cols])
+
+
+def decode(data, flags):
+    """OpenCV's decoding of a file's bytes. cv2.imread takes a str path, which it cannot open (and may crash on)
+    for names that are not valid UTF-8; the bytes are read by Python, which takes any name."""
+    return cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
 
 
 def read_image(path):
-    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. libjpeg-turbo (simplejpeg) decodes
-    JPEGs strictly: one it cannot decode cleanly (cut short, a flipped bit) is refused, where OpenCV and PIL return
-    it with a part grey or garbled and at most a warning that names no file. OpenCV decodes the rest."""
-    image, orientation = None, 1
+    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. libjpeg-turbo (simplejpeg)
+    decodes JPEGs strictly: one it cannot decode cleanly (cut short, a flipped bit) is refused, where OpenCV and
+    PIL return it with a part grey or garbled and at most a warning that names no file. OpenCV decodes the rest."""
+    image, orientation, data = None, 1, b""
     try:
+        data = Path(path).read_bytes()
         with Image.open(path) as file:
             is_jpeg, orientation = file.format == "JPEG", exif_orientation(file)
-        image = (
-            simplejpeg.decode_jpeg(Path(path).read_bytes(), colorspace="RGB", strict=True)
-            if is_jpeg
-            else None
-        )
-    except (FileNotFoundError, Image.UnidentifiedImageError, Image.DecompressionBombError):
-        pass  # a file OpenCV may read and PIL does not (or not at this size): no EXIF either
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True) if is_jpeg else None
     except (
-        OSError,
-        ValueError,
-    ) as e:  # ValueError: libjpeg's complaint, e.g. "Premature end of JPEG file"
+        FileNotFoundError,
+        IsADirectoryError,
+        Image.UnidentifiedImageError,
+        Image.DecompressionBombError,
+    ):
+        pass  # a file OpenCV may read and PIL does not (or not at this size): no EXIF either
+    except (OSError, ValueError) as e:  # ValueError: libjpeg's, e.g. "Premature end of JPEG file"
+        fix = "re-extract or re-download this file"
         raise DataError(
-            f"{path}: the image cannot be decoded whole ({first_line(e)}); re-extract or re-download this file"
+            f"{path}: the image cannot be decoded whole ({first_line(e)}); {fix}"
         ) from None
     if (
         image is None
-        and (image := cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION))
-        is not None
+        and (image := decode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)) is not None
     ):
         image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if image is None:
@@ -156,17 +173,18 @@ def read_image(path):
 
 
 def read_label(path, info):
-    """Class indices uint8 HxW (ignore = 255), from a grey, palette or 1-bit PNG, turned by its EXIF orientation as
-    read_image turns images; values outside the dataset's are an error."""
+    """Class indices uint8 HxW (ignore = 255), from a grey, palette or 1-bit PNG, turned by its EXIF orientation
+    as read_image turns images; values outside the dataset's are an error."""
+    label, orientation, data = None, 1, b""
     try:
+        data = Path(path).read_bytes()
         with Image.open(path) as png:
             mode, orientation = png.mode, exif_orientation(png)
             # PIL keeps palette indices (OpenCV expands them to colours) and 1-bit values as 0/1 (OpenCV: 0/255)
             label = np.array(png).astype(np.uint8) if mode in ("P", "1") else None
     except (OSError, Image.DecompressionBombError):
-        label, orientation = None, 1
-    if label is None:
-        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        pass
+    label = decode(data, cv2.IMREAD_UNCHANGED) if label is None else label
     if label is None:
         raise DataError(f"{path}: unreadable label PNG; re-create or re-convert it")
     label = oriented(label, orientation)
@@ -176,62 +194,20 @@ def read_label(path, info):
     valid, index = info.label_table()
     if not valid[label].all():
         bad = sorted(set(np.unique(label).tolist()) - set(np.flatnonzero(valid).tolist()))
-        allowed = f"0..{info.num_classes - 1}{f', {info.void_value} (void)' if info.void_value is not None else ''} or 255 = ignore"
+        void = f", {info.void_value} (void)" if info.void_value is not None else ""
+        allowed = f"0..{info.num_classes - 1}{void} or 255 = ignore"
+        fix = info.label_hint or "fix the labels or classes.txt"
         raise DataError(
-            f"{path}: label values {bad[:8]} are not classes of {info.name} ({allowed}); {info.label_hint or 'fix the labels or classes.txt'}"
+            f"{path}: label values {bad[:8]} are not classes of {info.name} ({allowed}); {fix}"
         )
     return index[label] if info.void_value is not None else label
 
 
-def label_pixels(job):
-    """Pixels per label value (256 counts) of one (label path, DatasetInfo)."""
-    return np.bincount(read_label(*job).ravel(), minlength=256)
-
-
-def label_histogram(dataset, processes):
-    """Pixels per label value (0..255) over every label of the dataset, read in `processes` processes."""
-    jobs = [(label, dataset.info) for _, label in dataset.samples]
-    if processes < 2:
-        return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
-    with process_pool(processes) as pool:
-        return sum(pool.imap_unordered(label_pixels, jobs, chunksize=16), np.zeros(256, np.int64))
-
-
-def image_files(folder):
-    """Every image file below folder, symlinked sub-folders followed; each real folder is read once, so a link
-    loop ends and a folder linked twice is not counted twice."""
-    found, seen = [], set()
-    for directory, subfolders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(directory)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        found += [
-            Path(directory) / name
-            for name in files
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS
-        ]
-    return sorted(found)
-
-
-def find_images(path):
-    """Images for label-free inference: one file, or every image below a folder."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise DataError(f"{path}: no such image or folder")
-    images = image_files(path)
-    if not images:
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    return images
-
-
 def ignore_stop_signals(_worker_id=None):
     """Loader workers leave SIGTERM and SIGUSR1 to their script (train.py stops the run cleanly on them)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -252,18 +228,60 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image = read_image(image_path)
         label = read_label(label_path, self.info) if label_path is not None else None
         if label is not None and label.shape != image.shape[:2]:
+            sizes = f"label is {label.shape[1]}x{label.shape[0]}"
             raise DataError(
-                f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but image {image_path} is {image.shape[1]}x{image.shape[0]}"
+                f"{label_path}: {sizes} but image {image_path} is {image.shape[1]}x{image.shape[0]}"
             )
         if self.transform is not None:
             image, label = self.transform(image, label, np.random.default_rng(seed))
-        sample = {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "name": str(image_path),
-        }
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        sample = {"image": image, "name": str(image_path)}
         if label is not None:
             sample["label"] = torch.from_numpy(np.ascontiguousarray(label))
         return sample
+
+
+def detect_dataset(root, dataset_type="auto"):
+    """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else your own)."""
+    root = Path(root)
+    if dataset_type != "auto":
+        return dataset_type
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    from interop import (
+        folder_layout,
+    )  # your own data's layouts, read only for a root that is not Cityscapes
+
+    if (root / "classes.txt").is_file() or folder_layout(root):
+        return "folder"
+    yours = "your own data (classes.txt with img_dir/, train.txt or trainannot/)"
+    raise DataError(
+        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see docs/your-data.md"
+    )
+
+
+def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
+    """Cityscapes (cityscapes.py) or your own data (interop.py); dataset.info describes its classes."""
+    root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
+    if not root.is_dir():
+        make = f"python tools/synthetic.py cityscapes {root}"
+        raise DataError(
+            f"{root}: data root not found; pass --data-root, or make a synthetic one: {make}"
+        )
+    if detect_dataset(root, dataset_type) == "cityscapes":
+        import cityscapes  # it imports this module
+
+        samples, info = (
+            cityscapes.find_samples(root, split, with_labels=with_labels),
+            cityscapes.info(root),
+        )
+    else:
+        from interop import folder_info, folder_samples
+
+        samples, info = folder_samples(root, split, with_labels=with_labels), folder_info(root)
+    return SegmentationDataset(samples, info, transform=transform)
 
 
 # -- Training augmentation ------------------------------------------------------------------------------------
@@ -290,12 +308,9 @@ class TrainTransform:
     (to within 1 grey level of cv2.resize, which mmseg uses). Interpolation as in mmseg: bilinear, no antialias.
     """
 
-    brightness, contrast, saturation, hue = (
-        32,
-        (0.5, 1.5),
-        (0.5, 1.5),
-        18,
-    )  # mmseg's PhotoMetricDistortion
+    # mmseg's PhotoMetricDistortion
+    brightness, contrast, hue = 32, (0.5, 1.5), 18
+    saturation = (0.5, 1.5)
 
     def __init__(
         self,
@@ -307,13 +322,8 @@ class TrainTransform:
         photometric=True,
         fill=IMAGENET_MEAN,
     ):
-        self.crop, self.scale_range, self.cat_max_ratio, self.flip_prob, self.photometric = (
-            crop,
-            scale_range,
-            cat_max_ratio,
-            flip_prob,
-            photometric,
-        )
+        self.crop, self.scale_range, self.cat_max_ratio = crop, scale_range, cat_max_ratio
+        self.flip_prob, self.photometric = flip_prob, photometric
         self.fill = np.round(fill).astype(np.uint8)
 
     def __call__(self, image, label, rng):
@@ -382,3 +392,117 @@ class TrainTransform:
         if not contrast_first and rng.random() < 0.5:
             image = levels(image, alpha=rng.uniform(*self.contrast))
         return image
+
+
+# -- Sampling: which images each iteration of each rank trains on ---------------------------------------------
+class IterationSampler(torch.utils.data.Sampler):
+    """Batches of (index, augmentation seed) for iterations start..iters-1. Epoch e is a permutation seeded by
+    (seed, e), of which iteration i of rank r takes its own slice (drop_last). Augmentation seeds are (seed,
+    iteration, rank, slot): nothing depends on worker processes, so a resumed run sees exactly the samples an
+    uninterrupted one would."""
+
+    def __init__(self, size, *, batch_size, rank, world_size, seed, start, iters):
+        self.per_epoch = size // (batch_size * world_size)
+        if self.per_epoch == 0:
+            batch = f"one batch of {batch_size} x {world_size} devices"
+            raise DataError(f"{size} training images cannot fill {batch}; lower --batch-size")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start, self.iters = start, iters
+
+    def __iter__(self):
+        epoch, order = None, None
+        for it in range(self.start, self.iters):
+            if it // self.per_epoch != epoch:
+                epoch = it // self.per_epoch
+                generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+                order = torch.randperm(self.size, generator=generator).tolist()
+            first = ((it % self.per_epoch) * self.world_size + self.rank) * self.batch_size
+            yield [
+                (order[first + k], (self.seed, it, self.rank, k)) for k in range(self.batch_size)
+            ]
+
+
+def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
+    """One pass over all iterations, so no persistent workers; its own generator keeps the loader off the
+    dropout RNG."""
+    rank, world_size = runtime.rank, runtime.world_size
+    sampler = IterationSampler(
+        len(dataset),
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        start=start,
+        iters=iters,
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator(),
+        pin_memory=runtime.pin_memory,
+        pin_memory_device=runtime.pin_memory_device,
+    )
+
+
+# -- Label statistics: what the labels hold, before a run trains on them ------------------------------------
+def label_pixels(job):
+    """Pixels per label value (256 counts) of one (label path, DatasetInfo)."""
+    return np.bincount(read_label(*job).ravel(), minlength=256)
+
+
+def label_histogram(dataset, processes):
+    """Pixels per label value (0..255) over every label of the dataset, read in `processes` processes."""
+    jobs = [(label, dataset.info) for _, label in dataset.samples]
+    if processes < 2:
+        return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
+    with process_pool(processes) as pool:
+        return sum(pool.imap_unordered(label_pixels, jobs, chunksize=16), np.zeros(256, np.int64))
+
+
+def training_label_counts(dataset, cache, *, source, processes, log):
+    """Pixels per label value (0..255) of every training label, read in `processes` processes and kept in the
+    file `cache` under a digest of the labels' contents (a label rewritten with its size and time kept is read
+    again; a cache that does not parse is rebuilt). Labels that cannot train what the classes say are refused,
+    classes that never occur warned about."""
+    digest = hashlib.sha256()
+    for _, label in dataset.samples:
+        digest.update(hashlib.sha256(Path(label).read_bytes()).digest())
+    key, counts = digest.hexdigest(), None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(cache.read_text())
+        counts = np.array(saved["pixels"], dtype=np.int64) if saved["key"] == key else None
+    if counts is None or counts.shape != (256,):
+        started = time.perf_counter()
+        counts = label_histogram(dataset, processes)
+        with (
+            contextlib.suppress(OSError),
+            atomic_write(cache) as temp,
+        ):  # only a cache: a full disk is said later
+            temp.write_text(json.dumps({"key": key, "pixels": counts.tolist()}))
+        took = f"{time.perf_counter() - started:.1f} s in {processes} processes"
+        log(f"label histogram of {len(dataset)} labels: {took}, cached in {cache.name}")
+    error, warning = label_findings(dataset.info, counts, source)
+    if error:
+        raise DataError(error)
+    if warning:
+        log(f"warning: training labels: {warning}")
+    return counts
+
+
+def label_findings(info, counts, source):
+    """(error, warning) about what labels hold, each a text or None: a 2-class set whose labels hold only 0 and
+    255 never sees class 1 (255 is ignored: neither trained nor scored); classes that never occur."""
+    error = warning = None
+    if info.num_classes == 2 and not counts[1:IGNORE_INDEX].any() and counts[IGNORE_INDEX]:
+        fix = f"python tools/map_labels.py {source} NEW_ROOT --map 255=1"
+        trap = f"the labels hold only 0 and 255, and 255 is the ignore value, so {info.class_names[1]!r} never occurs"
+        error = f"{source}: {trap}; if 255 marks your foreground, write it as 1 into a copy: {fix}"
+    absent = [name for name, count in zip(info.class_names, counts) if count == 0]
+    if absent:
+        check = f"check the class list and label values (python tools/check_dataset.py {source})"
+        warning = f"{len(absent)} of {info.num_classes} classes never occur in the labels: {', '.join(absent)}; {check}"
+    return error, warning

@@ -28,14 +28,15 @@ from tqdm import tqdm
 import cli
 from bisenet import fuse_bn, upsampled_classes
 from checkpoints import load_model
-from cityscapes import detect_dataset, open_dataset, sample_name
+from cityscapes import sample_name
 from cli import CheckpointError, atomic_write
 from datasets import (
     IGNORE_INDEX,
     DataError,
     SegmentationDataset,
-    find_images,
+    detect_dataset,
     ignore_stop_signals,
+    open_dataset,
     unnamed_classes,
 )
 from device import setup_runtime, teardown_runtime
@@ -478,6 +479,8 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
     if args.images:
         if not args.out_dir:
             raise cli.UsageError("--images needs --out-dir to write the predictions to")
+        from interop import find_images
+
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
         dataset = labelled_dataset(

@@ -12,12 +12,15 @@ repositories (with classes.txt), and other repositories' weights.
 cityscapes.open_dataset and checkpoints.py import it when a data root is not Cityscapes or a file is not ours.
 """
 
+import os
 import re
 from pathlib import Path
 
+import torch
+
 from bisenet import RESNET_LAYOUTS, ModelConfig
-from cli import CheckpointError, DataError
-from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, DatasetInfo, image_files, voc_palette
+from cli import CheckpointError, DataError, first_line
+from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, DatasetInfo, voc_palette
 
 LAYOUTS = ("mmseg", "list", "camvid")
 # CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, so they are scaled by 255 here
@@ -157,6 +160,37 @@ def folder_info(root):
     raise DataError(
         f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)"
     )
+
+
+def image_files(folder):
+    """Every image file below folder, symlinked sub-folders followed; each real folder is read once, so a link
+    loop ends and a folder linked twice is not counted twice."""
+    found, seen = [], set()
+    for directory, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found += [
+            Path(directory) / name
+            for name in files
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        ]
+    return sorted(found)
+
+
+def find_images(path):
+    """Images for label-free inference: one file, or every image below a folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"{path}: no such image or folder")
+    images = image_files(path)
+    if not images:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return images
 
 
 def pair_by_stem(images_dir, labels_dir, *, label_name):
@@ -353,3 +387,30 @@ def mmseg_dataset(meta):
         "class_names": list(names),
         "palette": [list(c) for c in palette] if palette else None,
     }
+
+
+def load_backbone(model, source, *, log=print):
+    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
+    if re.match(r"^https?://", str(source)):
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                str(source), map_location="cpu", weights_only=True, progress=False
+            )
+        except (
+            OSError,
+            RuntimeError,
+        ) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+            reason = getattr(e, "reason", None) or first_line(e, 200)
+            raise CheckpointError(
+                f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
+            ) from None
+    else:
+        from checkpoints import read_checkpoint
+
+        state = read_checkpoint(source)
+    state = backbone_state(state, source)
+    try:
+        model.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: backbone does not fit: {first_line(e)}") from None
+    log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")

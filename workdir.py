@@ -1,0 +1,645 @@
+"""A training run's work dir and its bookkeeping, so that no run is ever lost: one training process per work dir
+(a lock), the newest complete checkpoint found to resume from, a log that only grows, and the loop's periodic work
+(progress, checkpoints, stop signals), each a `.step(it)`.
+
+    work_dir/iter_N.pth    a complete training checkpoint after N iterations (model, optimizer, scaler, ...)
+    work_dir/latest.pth    a link to the newest iter_N.pth (a hard link where symbolic ones are refused)
+    work_dir/best.pth      the checkpoint of the best validation mIoU
+    work_dir/log.jsonl     one JSON line per log interval and validation; the pictures are drawn from it
+    work_dir/.lock         held by the training process that uses the work dir
+"""
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import cli
+from checkpoints import TRAINING_KEYS, non_finite, read_checkpoint
+from cli import CheckpointError, atomic_write
+from datasets import IGNORE_INDEX
+from evaluate import evaluate, inference_model, torch_segmenter
+
+ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
+RUN_FILES = ("log.jsonl", "curves.png", "confusion.png", "confusion.csv", "per_class_iou.png", "tb")
+MB = 2**20
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
+
+
+class WorkDirError(cli.Error):
+    """The work dir cannot be used as asked (in use, not writable, full, holds another run)."""
+
+
+class TrainingError(cli.Error):
+    """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
+
+
+class LogUnwritable(TrainingError):
+    """log.jsonl or TensorBoard's file cannot be written (a full disk)."""
+
+
+class Stopped(TrainingError):
+    """Ctrl-C, SIGTERM or SIGUSR1 stopped the run; the exit code is 128 + the signal."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def hold_lock(handle):
+    """An exclusive lock on the open file, which the OS drops when the process dies: POSIX record locks (which
+    also hold across machines on NFS with a lock manager), or msvcrt's on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def lock(work_dir):
+    """Creates work_dir and holds its lock for the life of this process. The lock file says who holds it."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(work_dir / ".lock", "a+")
+    except OSError as e:
+        fix = "pass a writable --work-dir"
+        raise WorkDirError(
+            f"{work_dir}: cannot write to the work dir ({e.strerror}); {fix}"
+        ) from None
+    try:
+        hold_lock(handle)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        fix = "wait for it to end, or pass another --work-dir"
+        raise WorkDirError(f"{work_dir} is in use by {holder}; {fix}") from None
+    handle.seek(0)
+    handle.truncate(0)
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()} since {since}\n")
+    handle.flush()
+    return handle
+
+
+def iteration_checkpoints(work_dir):
+    """[(N, path)] of work_dir/iter_N.pth, oldest first."""
+    found = [
+        (int(m[1]), p) for p in work_dir.glob("iter_*.pth") if (m := ITERATION_NAME.match(p.name))
+    ]
+    return sorted(found)
+
+
+def last_checkpoint_note(work_dir):
+    saved = iteration_checkpoints(work_dir)
+    if saved:
+        return f"The last good checkpoint is kept: {saved[-1][1]}"
+    return "No checkpoint had been written yet."
+
+
+def tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(tensor_bytes, obj))
+    return 0
+
+
+def no_space(directory, needed):
+    free = shutil.disk_usage(directory).free
+    sizes = f"needs about {needed / MB:.0f} MB, {free / MB:.0f} MB free"
+    return WorkDirError(f"no space left on {directory} ({sizes}); free some space and resume")
+
+
+def caused_by(error, matches):
+    """Whether `error` or an error it was raised while handling matches: torch.save reports what went wrong in
+    its Python file writes (ENOSPC, Ctrl-C) as a RuntimeError raised during their handling."""
+    while error is not None:
+        if matches(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, rename: `path` is the old file or the complete new one, never a
+    part. A full disk is said as such (checked first, and on failure), and the partial file is deleted."""
+    directory, needed = path.parent, tensor_bytes(obj) + MB
+    if shutil.disk_usage(directory).free < needed:
+        raise no_space(directory, needed)
+    try:
+        with atomic_write(path) as temp, open(temp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        if caused_by(e, lambda error: isinstance(error, KeyboardInterrupt)):
+            raise KeyboardInterrupt from None
+        if caused_by(
+            e, lambda error: getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        ):
+            raise no_space(directory, needed) from None
+        if isinstance(e, OSError):
+            kept = "the previous checkpoints are kept"
+            raise WorkDirError(
+                f"{path}: could not write the checkpoint ({e.strerror or e}); {kept}"
+            ) from None
+        raise
+    cli.sync_directory(directory)
+
+
+def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings, dataset):
+    """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
+    state = model.state_dict()
+    bad = non_finite(state)
+    if bad:
+        which = f"{bad[0]} and {len(bad) - 1} more" if len(bad) > 1 else bad[0]
+        hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
+        where = f"the weights hold NaN or inf after iteration {iteration} ({which})"
+        raise CheckpointError(f"{where}, so {path.name} was not written: {hint}")
+    checkpoint = {
+        "model_config": model.config.to_dict(),
+        "model": state,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iteration": iteration,
+        "best_miou": best,
+        "args": settings,
+        "dataset": dataset.to_dict(),
+    }
+    atomic_save(checkpoint, path)
+
+
+def point_latest(work_dir, target):
+    """latest.pth -> target, replaced atomically: a relative symbolic link, so the work dir can be moved, or a
+    hard link where symbolic ones are refused (an ordinary Windows user)."""
+    with atomic_write(work_dir / "latest.pth") as temp:
+        temp.unlink()  # the unique name stays ours: only this process writes the work dir (lock)
+        try:
+            temp.symlink_to(target.name)
+        except OSError:
+            os.link(target, temp)
+
+
+def latest_target(work_dir):
+    """The name latest.pth points to (None: no latest.pth), checked to be what train.py writes."""
+    latest = work_dir / "latest.pth"
+    if latest.is_symlink():
+        return os.readlink(latest)
+    if not latest.exists():
+        return None
+    if latest.is_file():
+        twins = [p.name for _, p in iteration_checkpoints(work_dir) if os.path.samefile(p, latest)]
+        if twins:
+            return twins[-1]
+    found = "directory" if latest.is_dir() else "file"
+    fix = "move it out of the work dir and resume"
+    raise WorkDirError(f"{latest}: expected the link train.py writes, found a {found}; {fix}")
+
+
+def prune(work_dir, keep):
+    """Deletes the oldest iter_N.pth beyond the newest `keep` (0: keep all); best.pth stays."""
+    if keep <= 0:
+        return []
+    removed = [path for _, path in iteration_checkpoints(work_dir)[:-keep]]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def work_dir_contents(work_dir):
+    """What of an earlier run a work dir holds, e.g. 'iter_4.pth, best.pth, latest.pth -> iter_4.pth'."""
+    names = [path.name for _, path in iteration_checkpoints(work_dir)]
+    names += ["best.pth"] if (work_dir / "best.pth").exists() else []
+    latest = work_dir / "latest.pth"
+    if latest.is_symlink():
+        missing = "" if latest.exists() else " (missing)"
+        names.append(f"latest.pth -> {os.readlink(latest)}{missing}")
+    elif latest.exists():
+        names.append("latest.pth")
+    return ", ".join(names)
+
+
+def resume_point(work_dir):
+    """(checkpoint dict, path, note) to continue the run in work_dir from, or (None, None, None) for an unused one.
+
+    The newest iter_N.pth is the resume point whatever latest.pth says: a run killed between writing iter_N.pth
+    and relinking latest.pth goes on from its newest complete checkpoint. A damaged newest checkpoint stops the
+    run with its name (continuing from an older one would later overwrite it)."""
+    saved = iteration_checkpoints(work_dir)
+    target = latest_target(work_dir)
+    if not saved:
+        if target or (work_dir / "best.pth").exists():
+            contents = work_dir_contents(work_dir)
+            fix = "pass a new --work-dir, or move those files away to start over"
+            raise WorkDirError(
+                f"{work_dir} holds a run ({contents}) but no iter_N.pth to resume from; {fix}"
+            )
+        return None, None, None
+    newest = saved[-1][1]
+    try:
+        if newest.is_dir():
+            raise CheckpointError(f"{newest}: a directory, not a checkpoint")
+        checkpoint = read_checkpoint(newest)
+        if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in TRAINING_KEYS):
+            what = "not a training checkpoint of train.py (no optimizer state or iteration)"
+            raise CheckpointError(f"{newest}: {what}; to start from its weights use --load-from")
+    except CheckpointError as e:
+        older = f"resume from {saved[-2][1].name}" if len(saved) > 1 else "start over"
+        damaged = f"the newest checkpoint of the run in {work_dir} is damaged"
+        raise WorkDirError(f"{e}; {damaged}: move it away to {older}") from None
+    note = None
+    if target is None:
+        note = "latest.pth is missing"
+    elif target != newest.name:
+        missing = "" if (work_dir / "latest.pth").exists() else ", which is missing"
+        note = f"latest.pth points to {target}{missing}"
+    return checkpoint, newest, note
+
+
+def open_work_dir(work_dir, resume, *, runtime, log=print):
+    """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds the same resume
+    checkpoint (None for a fresh run), reading the work dir that rank 0 writes (shared storage across machines)."""
+    held = None
+    if runtime.is_main:
+        held = lock(work_dir)
+        for path in sorted(work_dir.glob(".*.tmp")):  # with the lock held, none is a live process's
+            path.unlink(missing_ok=True)
+            log(f"removed {path.name}, left by a run that was killed while writing")
+        if not resume and work_dir_contents(work_dir):  # a fresh run never writes over checkpoints
+            contents = work_dir_contents(work_dir)
+            fix = "pass --resume to continue it, or a new --work-dir"
+            raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({contents}); {fix}")
+    if not resume:
+        return held, None, None
+    checkpoint, path, note = resume_point(work_dir)
+    if note and runtime.is_main:
+        log(f"{note}: resuming from {path.name}, the newest complete checkpoint")
+    return held, checkpoint, path
+
+
+def set_aside(work_dir):
+    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/, so that a fresh run (one whose
+    checkpoints were moved away) never cuts or replaces them. Returns the folder, or None."""
+    found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
+    if not found:
+        return None
+    k = 1
+    while (work_dir / f"earlier_run_{k}").exists():
+        k += 1
+    folder = work_dir / f"earlier_run_{k}"
+    folder.mkdir()
+    for path in found:
+        path.rename(folder / path.name)
+    return folder
+
+
+def read_log_lines(path, *, until, note):
+    """The lines of log.jsonl up to iteration `until`. A last line without its newline (a full disk or a kill cut
+    it short) is replayed by the resumed run; a garbled line is skipped, and said."""
+    kept, garbled = [], []
+    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            garbled += [number] if line.endswith("\n") else []
+        elif line.endswith("\n") and entry.get("iter", 0) <= until:
+            kept.append(line)
+    if garbled:
+        note(f"warning: {path}: skipped {len(garbled)} garbled lines (first: line {garbled[0]})")
+    return kept
+
+
+class RunLog:
+    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
+
+    def __init__(self, work_dir, enabled):
+        self.enabled, self.path = enabled, work_dir / "log.jsonl"
+        self.file = self.writer = self.plotter = None
+
+    def start(self, iteration):
+        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`: what the stopped
+        run logged after its checkpoint is replayed by this one, so those lines give way to the replayed ones."""
+        if not self.enabled:
+            return
+        try:
+            if iteration == 0 and (folder := set_aside(self.path.parent)):
+                self.message(f"an earlier run's log and pictures were moved to {folder}")
+            lines = read_log_lines(self.path, until=iteration, note=self.message)
+            with atomic_write(self.path) as temp:
+                temp.write_text("".join(lines))
+            self.file = open(self.path, "a")
+            from torch.utils.tensorboard import SummaryWriter
+
+            # its writer thread's errors (a full disk) come back through record(): no second traceback
+            threading.excepthook = tensorboard_quiet
+            self.writer = SummaryWriter(str(self.path.parent / "tb"))
+        except ImportError:
+            self.message(
+                "TensorBoard is not installed: scalars go to log.jsonl only (pip install tensorboard)"
+            )
+        except OSError as e:
+            raise self.failed(e) from None
+
+    def message(self, text):
+        if self.enabled:
+            tqdm.write(text)
+
+    def record(self, entry, **scalars):
+        entry = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in entry.items()
+        }
+        try:
+            if self.file:
+                self.file.write(json.dumps(entry) + "\n")
+                self.file.flush()
+            for name, value in scalars.items() if self.writer else ():
+                self.writer.add_scalar(name, value, entry["iter"])
+        except OSError as e:
+            raise self.failed(e) from None
+
+    def failed(self, error):
+        reason = error.strerror or error
+        return LogUnwritable(
+            f"{self.path.parent}: cannot write the run's log ({reason}); free some space"
+        )
+
+    def draw(self, *, wait=False):
+        """Redraws the run's pictures (tools/plot_run.py) in a process of their own, so that training neither
+        waits for matplotlib nor fails with it. At the end (wait) the drawing is waited for, a failure said."""
+        if not self.enabled or (self.plotter and self.plotter.poll() is None and not wait):
+            return
+        if self.plotter and self.plotter.poll() is None:
+            self.plotter.terminate()  # its files are written atomically: the final drawing replaces them
+            self.plotter.wait()
+        plot = [sys.executable, str(Path(__file__).resolve().parent / "tools" / "plot_run.py")]
+        self.plotter = subprocess.Popen(
+            [*plot, str(self.path.parent)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if wait and self.plotter.wait():
+            said = self.plotter.stderr.read().strip().splitlines() or [
+                f"exit code {self.plotter.returncode}"
+            ]
+            retry = f"python tools/plot_run.py {self.path.parent} retries"
+            self.message(f"warning: the run's pictures were not drawn ({said[-1]}); {retry}")
+
+    def close(self):
+        for handle in (self.file, self.writer):
+            if handle:
+                handle.close()
+
+
+def tensorboard_quiet(hook):
+    if "tensorboard" not in type(hook.thread).__module__:
+        threading.__excepthook__(hook)
+
+
+def due(it, interval, iters):
+    """Whether the periodic work of 0-based iteration `it` runs: every `interval` iterations and at the end."""
+    return (it + 1) % interval == 0 or it + 1 == iters
+
+
+class Progress:
+    """The progress bar every step, a log line every `interval` iterations and at the end; training images per
+    second and the share of time spent waiting for data, over the steps after the first few (warm-up)."""
+
+    def __init__(self, bar, run_log, *, interval, start, iters, images_per_iter):
+        self.bar, self.run_log, self.interval = bar, run_log, interval
+        self.iters, self.images_per_iter = iters, images_per_iter
+        self.first_timed = start + min(10, max((iters - start) // 10, 1))
+        self.images, self.seconds, self.data_seconds = 0, 0.0, 0.0
+
+    def step(self, it, *, loss, lr, data_time, step_time):
+        if it >= self.first_timed:
+            self.images += self.images_per_iter
+            self.seconds += step_time
+            self.data_seconds += data_time
+        self.bar.update()
+        if due(it, self.interval, self.iters):
+            img_s = self.images / self.seconds if self.seconds else self.images_per_iter / step_time
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.1f}")
+            entry = dict(
+                iter=it + 1, loss=loss, lr=lr, img_s=img_s, data_wait_s=data_time, step_s=step_time
+            )
+            self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
+
+    def summary(self):
+        if not self.seconds:
+            return {"train_fps": None, "data_wait_frac": None}
+        fps, wait = self.images / self.seconds, self.data_seconds / self.seconds
+        return {"train_fps": round(fps, 2), "data_wait_frac": round(wait, 3)}
+
+
+class Checkpointer:
+    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, old ones pruned to
+    `keep`; only rank 0 writes. `contents`: what a checkpoint holds besides the model; `best`: the best mIoU."""
+
+    def __init__(
+        self, work_dir, model, *, contents, interval, iters, keep, is_main, log, path, best
+    ):
+        self.work_dir, self.model, self.contents = work_dir, model, contents
+        self.interval, self.iters, self.keep = interval, iters, keep
+        self.is_main, self.log, self.best = is_main, log, best
+        self.path = (
+            path  # the newest iteration checkpoint: the resumed one until this run writes its own
+        )
+
+    def save(self, path, iteration):
+        if self.is_main:
+            save_checkpoint(path, self.model, iteration=iteration, best=self.best, **self.contents)
+
+    def step(self, it, *, now=False):
+        path = self.work_dir / f"iter_{it + 1}.pth"
+        if not (now or due(it, self.interval, self.iters)) or self.path == path:
+            return
+        self.path = path
+        self.save(path, it + 1)
+        if self.is_main:
+            point_latest(self.work_dir, path)
+            for old in prune(self.work_dir, self.keep):
+                self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
+
+
+class Preemption:
+    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1 (SLURM's --signal; not
+    on Windows) stop the run. Before the loop a signal stops it at once; in the loop every rank finishes its step,
+    they agree on the iteration, rank 0 saves it, and the run ends (Stopped)."""
+
+    def __init__(self, work_dir):
+        self.work_dir, self.signum, self.in_loop = work_dir, None, False
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self.received)
+
+    def received(self, signum, _frame):
+        self.signum = signum
+        if not self.in_loop:
+            name, saved = signal.Signals(signum).name, last_checkpoint_note(self.work_dir)
+            raise Stopped(f"stopped by {name} before the first step. {saved}", signum)
+
+    def step(self, it, runtime, checkpointer):
+        self.in_loop = True
+        if runtime.any_rank(self.signum is not None):
+            checkpointer.step(it, now=True)
+            signum = self.signum or signal.SIGTERM  # another rank's signal
+            if not runtime.is_main:
+                sys.exit(128 + signum)  # rank 0 says it, once
+            resume = "run the same command with --resume (the launch scripts do) to continue"
+            name = signal.Signals(signum).name
+            raise Stopped(
+                f"stopped by {name} after iteration {it + 1}; saved {checkpointer.path}; {resume}",
+                signum,
+            )
+
+
+def setting_text(value):
+    if isinstance(value, (tuple, list)):
+        joiner = "x" if all(isinstance(v, int) for v in value) else ","
+        return joiner.join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def changed_settings(saved, current, names):
+    """'--lr 0.01 (was 0.02), ...': the settings `names` of this command that differ from the resumed run's."""
+    changes = []
+    for name in names:
+        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
+            flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
+            changes.append(
+                f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})"
+            )
+    return ", ".join(changes)
+
+
+@contextlib.contextmanager
+def saved_on_error(checkpointer, it):
+    """Risky periodic work (validation): an error there first saves the iteration reached, as a stop does."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(cli.Error, OSError):
+            checkpointer.step(it, now=True)
+        raise
+
+
+# -- The loop's checks: each step's health, and validation -------------------------------------------------------
+class StepCheck:
+    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a non-finite
+    loss anywhere else, or a scale below 1, ends the run with the last good checkpoint kept."""
+
+    def __init__(self, scaler, *, static_scale, run_log, work_dir):
+        self.scaler, self.static_scale, self.run_log, self.work_dir = (
+            scaler,
+            static_scale,
+            run_log,
+            work_dir,
+        )
+        self.scale_before = scaler.get_scale()
+        self.unlabelled = (
+            0  # batches without a labelled pixel: they train nothing (loss 0), and are counted
+        )
+
+    def step(self, it, loss, labels):
+        if not (labels != IGNORE_INDEX).any():
+            self.unlabelled += 1
+            self.run_log.record(
+                {"iter": it + 1, "unlabelled_batch": True, "unlabelled_batches": self.unlabelled}
+            )
+        before, self.scale_before = self.scale_before, self.scaler.get_scale()
+        saved = last_checkpoint_note(self.work_dir)
+        if self.scaler.is_enabled() and self.scaler.get_scale() < before:
+            if self.static_scale:
+                self.scaler.update(float(self.static_scale))
+            scale = self.scale_before = self.scaler.get_scale()
+            skipped = f"fp16 gradients overflowed, step skipped, loss scale {before:g} -> {scale:g}"
+            self.run_log.message(f"iter {it + 1}: {skipped}")
+            self.run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
+            if scale < 1:
+                fix = f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {saved}"
+                fell = f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}"
+                raise TrainingError(
+                    f"{fell}: gradients overflow at any scale, so training diverged; {fix}"
+                )
+        elif not math.isfinite(loss):
+            raise TrainingError(
+                f"loss is {loss} at iteration {it + 1}; lower --lr or check the data. {saved}"
+            )
+
+
+class Validation:
+    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics, through the path
+    evaluate.py scores a checkpoint with (BatchNorm folded): one checkpoint, one number. A new best is saved as
+    best.pth."""
+
+    def __init__(
+        self, val_set, model, *, runtime, amp, workers, interval, iters, run_log, checkpointer
+    ):
+        self.val_set, self.model, self.runtime, self.amp, self.workers = (
+            val_set,
+            model,
+            runtime,
+            amp,
+            workers,
+        )
+        self.interval, self.iters, self.run_log, self.checkpointer = (
+            interval,
+            iters,
+            run_log,
+            checkpointer,
+        )
+        self.result = None
+
+    def step(self, it):
+        if self.val_set is None or not due(it, self.interval, self.iters):
+            return
+        self.runtime.share_buffers(self.model)
+        segment = torch_segmenter(
+            inference_model(self.model, self.runtime), self.runtime, amp=self.amp
+        )
+        self.result = evaluate(segment, self.val_set, runtime=self.runtime, workers=self.workers)
+        miou, best = self.result["mIoU"], self.checkpointer.best
+        improved = math.isfinite(miou) and (best is None or miou > best)
+        best = self.checkpointer.best = miou if improved else best
+        shown = (
+            f"{miou:.2f} (ss whole)"
+            if math.isfinite(miou)
+            else "undefined: no val pixel is labelled"
+        )
+        self.run_log.message(
+            f"iter {it + 1}: val mIoU {shown}, " + (f"best {best:.2f}" if best else "no best yet")
+        )
+        names, iou = self.val_set.info.class_names, self.result["iou"]
+        per_class = {name: None if math.isnan(v) else 100 * v for name, v in zip(names, iou)}
+        entry = {f"val_{key}": self.result[key] for key in ("mIoU", "mDice", "mAcc", "aAcc")}
+        entry |= {"val_iou": per_class, "val_confusion": self.result["confusion"]}
+        self.run_log.record({"iter": it + 1, **entry}, **{"val/mIoU": miou})
+        self.run_log.draw()
+        if improved:
+            self.checkpointer.save(self.checkpointer.work_dir / "best.pth", it + 1)
