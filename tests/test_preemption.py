@@ -262,7 +262,7 @@ def test_sigterm_to_every_process_of_the_run_still_saves(synthetic_root, tmp_pat
 
 def readme_slurm_script():
     """The README's SLURM job script, as written."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "training.md").read_text()
     return next(
         block for block in text.split("```bash\n")[1:] if block.startswith("#!/bin/bash\n#SBATCH")
     ).split("```")[0]
