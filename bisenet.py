@@ -17,6 +17,11 @@ from cli import CheckpointError
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
+# the model's one limit on training batches, said the same wherever it is met (train.py checks it first)
+BATCH_OF_TWO = (
+    "BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; "
+    "use --batch-size >= 2 (or --sync-bn on several devices)"
+)
 RESNET_LAYOUTS = {
     18: ("basic", (2, 2, 2, 2)),
     50: ("bottleneck", (3, 4, 6, 3)),
@@ -181,7 +186,7 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x):
         if self.training and x.shape[0] < 2 and not isinstance(self.bn, nn.SyncBatchNorm):
-            raise ValueError("BatchNorm on a 1x1 pooled map trains on at least 2 images per device")
+            raise ValueError(BATCH_OF_TWO)
         attention = self.bn(self.conv(x.mean((2, 3), keepdim=True)))
         return x * torch.sigmoid(F.relu(attention) if self.relu else attention)
 

@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -40,31 +41,52 @@ class CheckpointError(Error):
 
 
 def main(run, *args):
-    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its exit code; so do
-    running out of memory and a data loading process that died (exit 1: not the input's fault, a rerun may pass)."""
+    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its exit code; so
+    do running out of memory and a data loading process that died (exit 1: not the input's fault, a rerun may
+    pass). Every process it started ends with it."""
     try:
         return run(*args)
     except Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        code, text = e.exit_code, f"error: {e}"
     except (
         MemoryError,
         RuntimeError,
-    ) as e:  # torch.OutOfMemoryError is a RuntimeError; so is a DataLoader's dead worker
-        text = first_line(e, 200)
-        if (
-            isinstance(e, MemoryError)
-            or type(e).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in text
-        ):
-            sys.exit(
-                f"error: out of memory ({text}); lower --batch-size or --crop, or use --mode slide for very large images"
-            )
-        if "DataLoader worker" not in text:
+    ) as e:  # torch's OutOfMemoryError and a dead DataLoader worker are these
+        code, text = 1, failure_text(e)
+        if text is None:
             raise
-        sys.exit(
-            f"error: {text} (killed, or out of memory); lower --workers, then run the same command again (training: with --resume)"
-        )
+    end_children()
+    print(
+        text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr
+    )  # any file name prints
+    sys.exit(code)
+
+
+def end_children():
+    """Ends the processes this one started (DataLoader workers, pools): the exit would stop them with SIGTERM,
+    which loader workers ignore (it is their script's), and wait for them forever."""
+    if hasattr(
+        signal, "SIGCHLD"
+    ):  # torch's handler would report its workers' end as an error of its own
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+def failure_text(error):
+    """The one line for running out of memory or a data loading process that died, or None for other errors."""
+    text = first_line(error, 200)
+    if (
+        isinstance(error, MemoryError)
+        or type(error).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+    ):
+        fix = "lower --batch-size or --crop, or use --mode slide for very large images"
+        return f"error: out of memory ({text}); {fix}"
+    if "DataLoader worker" in text:
+        fix = "lower --workers, then run the same command again (training: with --resume)"
+        return f"error: {text} (killed, or out of memory); {fix}"
+    return None
 
 
 def first_line(error, limit=300):

@@ -1,10 +1,11 @@
-"""Data from files on disk to batches, for every dataset: the description of its classes that travels with every
-checkpoint (DatasetInfo), reading images and labels, the dataset and which one a data root holds, the training
-augmentation, the sampler that makes resume exact, and the label statistics. The file layouts: cityscapes.py
-(Cityscapes) and interop.py (your own data).
+"""Data from files on disk to batches, for every dataset: the description of its classes that
+travels with every checkpoint (DatasetInfo), reading images and labels, the dataset and which one a
+data root holds, the training augmentation, the sampler that makes resume exact, and the label
+statistics. The file layouts: cityscapes.py (Cityscapes) and interop.py (your own data).
 
-Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as VOC-style and mask
-tools write them; images and labels are turned by their own EXIF orientation alike.
+Labels hold class indices (0..C-1, 255 = ignore) as 8-bit grey, palette ("P") or 1-bit PNGs, as
+VOC-style and mask tools write them; images and labels are turned by their own EXIF orientation
+alike.
 """
 
 import contextlib
@@ -24,7 +25,8 @@ from PIL import Image
 from bisenet import IMAGENET_MEAN
 from cli import DataError, atomic_write, first_line, process_pool
 
-# the label value every dataset ignores in the loss, the metric and the crop padding, as mmseg and CoinCheung do
+# the label value every dataset ignores in the loss, the metric and the crop padding, as mmseg and
+# CoinCheung do
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what OpenCV reads
 EXIF_ORIENTATION = 0x0112
@@ -33,7 +35,8 @@ cv2.setNumThreads(0)  # parallelism comes from DataLoader workers, as in mmseg
 
 
 def voc_palette(count):
-    """PASCAL VOC's colour for class k (bits of k spread over R, G, B): distinct, and familiar from VOC tools."""
+    """PASCAL VOC's colour for class k (bits of k spread over R, G, B): distinct, and familiar
+    from VOC tools."""
     colors = []
     for k in range(count):
         r = g = b = 0
@@ -48,8 +51,9 @@ def voc_palette(count):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a model's outputs mean: class names and colours in index order, a label value read as ignore
-    (CamVid's void), and the ids the benchmark server wants per class (Cityscapes' labelIds)."""
+    """What a model's outputs mean: class names and colours in index order, a label value read as
+    ignore (CamVid's void), and the ids the benchmark server wants per class (Cityscapes'
+    labelIds)."""
 
     name: str
     class_names: tuple
@@ -67,7 +71,8 @@ class DatasetInfo:
         return np.array(self.palette, dtype=np.uint8)
 
     def label_table(self):
-        """(valid, index): which 8-bit label values are allowed, and the class (or ignore) each one means."""
+        """(valid, index): which 8-bit label values are allowed, and the class (or ignore) each
+        one means."""
         valid = np.zeros(256, dtype=bool)
         valid[: self.num_classes] = valid[IGNORE_INDEX] = True
         index = np.arange(256, dtype=np.uint8)
@@ -96,7 +101,8 @@ class DatasetInfo:
 
 
 def unnamed_classes(count):
-    """The classes of a model that does not say what they are: numbered names, a palette of their number."""
+    """The classes of a model that does not say what they are: numbered names, a palette of their
+    number."""
     return DatasetInfo(
         "unnamed classes", tuple(f"class{k}" for k in range(count)), tuple(voc_palette(count))
     )
@@ -110,10 +116,11 @@ def class_difference(ours, theirs, whose):
     return f"{len(ours)} classes, {whose} has {len(theirs)}"
 
 
-# -- Reading images and labels --------------------------------------------------------------------------------
+# -- Reading images and labels
+# --------------------------------------------------------------------------------
 def exif_orientation(file):
-    """The EXIF orientation (1-8; 1: as stored) of an opened PIL image, from the header only (PIL's getexif
-    would decode a whole PNG to look for it)."""
+    """The EXIF orientation (1-8; 1: as stored) of an opened PIL image, from the header only
+    (PIL's getexif would decode a whole PNG to look for it)."""
     data = file.info.get("exif")
     if not data:
         return 1
@@ -123,7 +130,8 @@ def exif_orientation(file):
 
 
 def oriented(pixels, orientation):
-    """The stored pixel grid as a viewer shows it: EXIF orientations 2-8 are mirrorings and quarter turns."""
+    """The stored pixel grid as a viewer shows it: EXIF orientations 2-8 are mirrorings and
+    quarter turns."""
     if orientation not in range(2, 9):
         return pixels
     grid = (
@@ -135,15 +143,17 @@ def oriented(pixels, orientation):
 
 
 def decode(data, flags):
-    """OpenCV's decoding of a file's bytes. cv2.imread takes a str path, which it cannot open (and may crash on)
-    for names that are not valid UTF-8; the bytes are read by Python, which takes any name."""
+    """OpenCV's decoding of a file's bytes. cv2.imread takes a str path, which it cannot open
+    (and may crash on) for names that are not valid UTF-8; the bytes are read by Python, which
+    takes any name."""
     return cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
 
 
 def read_image(path):
-    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. libjpeg-turbo (simplejpeg)
-    decodes JPEGs strictly: one it cannot decode cleanly (cut short, a flipped bit) is refused, where OpenCV and
-    PIL return it with a part grey or garbled and at most a warning that names no file. OpenCV decodes the rest."""
+    """RGB uint8 HxWx3, turned by its EXIF orientation as read_label turns labels. libjpeg-turbo
+    (simplejpeg) decodes JPEGs strictly: one it cannot decode cleanly (cut short, a flipped bit)
+    is refused, where OpenCV and PIL return it with a part grey or garbled and at most a warning
+    that names no file. OpenCV decodes the rest."""
     image, orientation, data = None, 1, b""
     try:
         data = Path(path).read_bytes()
@@ -173,14 +183,15 @@ def read_image(path):
 
 
 def read_label(path, info):
-    """Class indices uint8 HxW (ignore = 255), from a grey, palette or 1-bit PNG, turned by its EXIF orientation
-    as read_image turns images; values outside the dataset's are an error."""
+    """Class indices uint8 HxW (ignore = 255), from a grey, palette or 1-bit PNG, turned by its
+    EXIF orientation as read_image turns images; values outside the dataset's are an error."""
     label, orientation, data = None, 1, b""
     try:
         data = Path(path).read_bytes()
         with Image.open(path) as png:
             mode, orientation = png.mode, exif_orientation(png)
-            # PIL keeps palette indices (OpenCV expands them to colours) and 1-bit values as 0/1 (OpenCV: 0/255)
+            # PIL keeps palette indices (OpenCV expands them to colours) and 1-bit
+            # values as 0/1 (OpenCV: 0/255)
             label = np.array(png).astype(np.uint8) if mode in ("P", "1") else None
     except (OSError, Image.DecompressionBombError):
         pass
@@ -189,7 +200,8 @@ def read_label(path, info):
         raise DataError(f"{path}: unreadable label PNG; re-create or re-convert it")
     label = oriented(label, orientation)
     if label.ndim != 2 or label.dtype != np.uint8:
-        what = "a label must be a single-channel 8-bit PNG of class indices (grey or palette), not colours"
+        what = "a label must be a single-channel 8-bit PNG of class indices (grey or palette)"
+        what += ", not colours"
         raise DataError(f"{path}: {what}; {info.label_hint or 'convert it'}")
     valid, index = info.label_table()
     if not valid[label].all():
@@ -204,17 +216,20 @@ def read_label(path, info):
 
 
 def ignore_stop_signals(_worker_id=None):
-    """Loader workers leave SIGTERM and SIGUSR1 to their script (train.py stops the run cleanly on them)."""
+    """Loader workers leave SIGTERM and SIGUSR1 to their script (train.py stops the run cleanly
+    on them)."""
     for name in ("SIGTERM", "SIGUSR1"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """(image, label) pairs, or bare images when a sample's label is None; `info` says what the classes are.
+    """(image, label) pairs, or bare images when a sample's label is None; `info` says what the
+    classes are.
 
-    An item is an index, or (index, seed) for random transforms: the seed makes augmentation a function of the
-    sample's place in the run rather than of the worker process, which is what makes resume exact."""
+    An item is an index, or (index, seed) for random transforms: the seed makes augmentation a
+    function of the sample's place in the run rather than of the worker process, which is what
+    makes resume exact."""
 
     def __init__(self, samples, info, *, transform=None):
         self.samples, self.info, self.transform = samples, info, transform
@@ -242,7 +257,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 def detect_dataset(root, dataset_type="auto"):
-    """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else your own)."""
+    """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else
+    your own)."""
     root = Path(root)
     if dataset_type != "auto":
         return dataset_type
@@ -261,7 +277,8 @@ def detect_dataset(root, dataset_type="auto"):
 
 
 def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
-    """Cityscapes (cityscapes.py) or your own data (interop.py); dataset.info describes its classes."""
+    """Cityscapes (cityscapes.py) or your own data (interop.py); dataset.info describes its
+    classes."""
     root = Path(root)
     if root.is_file():
         raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
@@ -284,28 +301,33 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
     return SegmentationDataset(samples, info, transform=transform)
 
 
-# -- Training augmentation ------------------------------------------------------------------------------------
+# -- Training augmentation
+# ------------------------------------------------------------------------------------
 def nearest_indices(out_size, in_size, start, count):
-    """Source indices of nearest-neighbour resizing in_size -> out_size, for output positions start..start+count."""
+    """Source indices of nearest-neighbour resizing in_size -> out_size, for output positions
+    start..start+count."""
     positions = np.arange(start, start + count)
     return np.minimum(((positions + 0.5) * in_size / out_size).astype(np.int64), in_size - 1)
 
 
 def levels(image, alpha=1.0, beta=0.0):
-    """uint8 clip(image * alpha + beta) truncated, as mmseg computes it in float32, through a 256-entry table."""
+    """uint8 clip(image * alpha + beta) truncated, as mmseg computes it in float32, through a
+    256-entry table."""
     return cv2.LUT(
         image, np.clip(np.arange(256, dtype=np.float32) * alpha + beta, 0, 255).astype(np.uint8)
     )
 
 
 class TrainTransform:
-    """mmseg's Cityscapes recipe: random rescale, random crop with cat_max_ratio, pad, flip, photometric distortion.
-    A crop larger than the rescaled image is padded with ignore and, in the image, the mean colour: mmseg pads after
-    its Normalize with 0, which is the mean (`fill`, rounded to uint8, since the model normalises inside).
+    """mmseg's Cityscapes recipe: random rescale, random crop with cat_max_ratio, pad, flip,
+    photometric distortion. A crop larger than the rescaled image is padded with ignore and, in the
+    image, the mean colour: mmseg pads after its Normalize with 0, which is the mean (`fill`,
+    rounded to uint8, since the model normalises inside).
 
-    Only the crop is ever resampled: the label crop is read through nearest-neighbour indices and the image crop
-    through an affine warp with the rescale's own pixel mapping, which equal the crops of fully resized images
-    (to within 1 grey level of cv2.resize, which mmseg uses). Interpolation as in mmseg: bilinear, no antialias.
+    Only the crop is ever resampled: the label crop is read through nearest-neighbour indices and
+    the image crop through an affine warp with the rescale's own pixel mapping, which equal the
+    crops of fully resized images (to within 1 grey level of cv2.resize, which mmseg uses).
+    Interpolation as in mmseg: bilinear, no antialias.
     """
 
     # mmseg's PhotoMetricDistortion
@@ -370,7 +392,8 @@ class TrainTransform:
         return out_image, out_label
 
     def distort(self, image, rng):
-        """mmseg's PhotoMetricDistortion: every step rounds to uint8, hue in OpenCV's 0..180 circle, as there."""
+        """mmseg's PhotoMetricDistortion: every step rounds to uint8, hue in OpenCV's 0..180
+        circle, as there."""
 
         if rng.random() < 0.5:
             image = levels(image, beta=rng.uniform(-self.brightness, self.brightness))
@@ -394,12 +417,13 @@ class TrainTransform:
         return image
 
 
-# -- Sampling: which images each iteration of each rank trains on ---------------------------------------------
+# -- Sampling: which images each iteration of each rank trains on
+# ---------------------------------------------
 class IterationSampler(torch.utils.data.Sampler):
-    """Batches of (index, augmentation seed) for iterations start..iters-1. Epoch e is a permutation seeded by
-    (seed, e), of which iteration i of rank r takes its own slice (drop_last). Augmentation seeds are (seed,
-    iteration, rank, slot): nothing depends on worker processes, so a resumed run sees exactly the samples an
-    uninterrupted one would."""
+    """Batches of (index, augmentation seed) for iterations start..iters-1. Epoch e is a
+    permutation seeded by (seed, e), of which iteration i of rank r takes its own slice
+    (drop_last). Augmentation seeds are (seed, iteration, rank, slot): nothing depends on worker
+    processes, so a resumed run sees exactly the samples an uninterrupted one would."""
 
     def __init__(self, size, *, batch_size, rank, world_size, seed, start, iters):
         self.per_epoch = size // (batch_size * world_size)
@@ -424,8 +448,8 @@ class IterationSampler(torch.utils.data.Sampler):
 
 
 def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime):
-    """One pass over all iterations, so no persistent workers; its own generator keeps the loader off the
-    dropout RNG."""
+    """One pass over all iterations, so no persistent workers; its own generator keeps the loader
+    off the dropout RNG."""
     rank, world_size = runtime.rank, runtime.world_size
     sampler = IterationSampler(
         len(dataset),
@@ -448,14 +472,16 @@ def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime
     )
 
 
-# -- Label statistics: what the labels hold, before a run trains on them ------------------------------------
+# -- Label statistics: what the labels hold, before a run trains on them
+# ------------------------------------
 def label_pixels(job):
     """Pixels per label value (256 counts) of one (label path, DatasetInfo)."""
     return np.bincount(read_label(*job).ravel(), minlength=256)
 
 
 def label_histogram(dataset, processes):
-    """Pixels per label value (0..255) over every label of the dataset, read in `processes` processes."""
+    """Pixels per label value (0..255) over every label of the dataset, read in `processes`
+    processes."""
     jobs = [(label, dataset.info) for _, label in dataset.samples]
     if processes < 2:
         return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
@@ -464,10 +490,10 @@ def label_histogram(dataset, processes):
 
 
 def training_label_counts(dataset, cache, *, source, processes, log):
-    """Pixels per label value (0..255) of every training label, read in `processes` processes and kept in the
-    file `cache` under a digest of the labels' contents (a label rewritten with its size and time kept is read
-    again; a cache that does not parse is rebuilt). Labels that cannot train what the classes say are refused,
-    classes that never occur warned about."""
+    """Pixels per label value (0..255) of every training label, read in `processes` processes and
+    kept in the file `cache` under a digest of the labels' contents (a label rewritten with its
+    size and time kept is read again; a cache that does not parse is rebuilt). Labels that cannot
+    train what the classes say are refused, classes that never occur warned about."""
     digest = hashlib.sha256()
     for _, label in dataset.samples:
         digest.update(hashlib.sha256(Path(label).read_bytes()).digest())
@@ -494,15 +520,18 @@ def training_label_counts(dataset, cache, *, source, processes, log):
 
 
 def label_findings(info, counts, source):
-    """(error, warning) about what labels hold, each a text or None: a 2-class set whose labels hold only 0 and
-    255 never sees class 1 (255 is ignored: neither trained nor scored); classes that never occur."""
+    """(error, warning) about what labels hold, each a text or None: a 2-class set whose labels
+    hold only 0 and 255 never sees class 1 (255 is ignored: neither trained nor scored); classes
+    that never occur."""
     error = warning = None
     if info.num_classes == 2 and not counts[1:IGNORE_INDEX].any() and counts[IGNORE_INDEX]:
         fix = f"python tools/map_labels.py {source} NEW_ROOT --map 255=1"
-        trap = f"the labels hold only 0 and 255, and 255 is the ignore value, so {info.class_names[1]!r} never occurs"
+        trap = "the labels hold only 0 and 255, and 255 is the ignore value"
+        trap += f", so {info.class_names[1]!r} never occurs"
         error = f"{source}: {trap}; if 255 marks your foreground, write it as 1 into a copy: {fix}"
     absent = [name for name, count in zip(info.class_names, counts) if count == 0]
     if absent:
         check = f"check the class list and label values (python tools/check_dataset.py {source})"
-        warning = f"{len(absent)} of {info.num_classes} classes never occur in the labels: {', '.join(absent)}; {check}"
+        some = f"{len(absent)} of {info.num_classes} classes"
+        warning = f"{some} never occur in the labels: {', '.join(absent)}; {check}"
     return error, warning

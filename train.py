@@ -1,10 +1,10 @@
-"""Train BiSeNetV1. `--recipe` picks a published recipe from RECIPES (default: Ascend ModelZoo's R50 from scratch);
-any flag given on the command line overrides it.
+"""Train BiSeNetV1. `--recipe` picks a published recipe from RECIPES (default: Ascend ModelZoo's R50
+from scratch); any flag given on the command line overrides it.
 
-    python train.py --data-root data/cityscapes                           # Ascend ModelZoo's recipe, one device
-    python train.py --recipe mmseg_r18 --data-root data/cityscapes        # mmseg's real-time R18 recipe
-    torchrun --nproc-per-node 8 train.py                                  # DDP; backend from DIST_BACKEND
-    python train.py --recipe mmseg_r18 --print-recipe                     # the settings of this launch
+    python train.py --data-root data/cityscapes                     # Ascend ModelZoo's recipe
+    python train.py --recipe mmseg_r18 --data-root data/cityscapes  # mmseg's real-time R18 recipe
+    torchrun --nproc-per-node 8 train.py                            # DDP; backend: DIST_BACKEND
+    python train.py --recipe mmseg_r18 --print-recipe               # this launch's settings
 
 A run ends with one JSON line: {"iters", "train_fps", "mIoU", "checkpoint", ...}.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
-from bisenet import RESNET_LAYOUTS, BiSeNetV1, ModelConfig
+from bisenet import BATCH_OF_TWO, RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import initial_weights, restore
 from datasets import (
     IGNORE_INDEX,
@@ -54,10 +54,14 @@ from workdir import (
     saved_on_error,
 )
 
-# Every recipe: its model, images, lr and length for one device, and what else it changes from the flags'
-# defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs on N devices:
-# "lr" keeps the images per device and multiplies lr by N (linear scaling: Ascend's 8 x 8 images at lr 0.2);
-# "batch" keeps the images in all and splits them, lr unchanged (mmseg's R18: 16 images at lr 0.025 on any count).
+# Every recipe: its model, images, lr and length for one device, and what else it changes from the
+# flags'
+# defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs on N
+# devices:
+# "lr" keeps the images per device and multiplies lr by N (linear scaling: Ascend's 8 x 8 images
+# at lr 0.2);
+# "batch" keeps the images in all and splits them, lr unchanged (mmseg's R18: 16 images at lr
+# 0.025 on any count).
 RECIPES = {
     "ascend_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "mmseg_r18": dict(
@@ -80,7 +84,8 @@ RECIPES = {
         val_interval=100,
         ckpt_interval=100,
     ),
-    # tools/benchmark_learning.py: mmseg 1.x's R18 config at a CPU's scale, beside mmseg's own trainer
+    # tools/benchmark_learning.py: mmseg 1.x's R18 config at a CPU's scale, beside mmseg's own
+    # trainer
     "learning": dict(
         depth=18,
         batch_size=4,
@@ -99,10 +104,11 @@ RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("ascend_r
 EARLIER_NAMES = {"seed_r50": "ascend_r50", "seed_r50_perf": "ascend_r50_perf", "r18": "mmseg_r18"}
 EARLIER_NAMES["r18_perf"] = "mmseg_r18_perf"
 
-# the settings of a run whose change on --resume is worth a warning (the recipe, not where or how fast it runs)
-RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum weight_decay warmup_iters warmup
-    warmup_ratio lr_schedule poly_power min_lr loss loss_normalise ohem_thresh aux_weight class_weight amp
-    amp_dtype loss_scale seed diff_seed sync_bn world_size data_root""".split()
+# the settings of a run whose change on --resume is worth a warning (what it learns, not how fast)
+RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum weight_decay
+    warmup_iters warmup warmup_ratio lr_schedule poly_power min_lr loss loss_normalise ohem_thresh
+    aux_weight class_weight amp amp_dtype loss_scale seed diff_seed sync_bn world_size
+    data_root""".split()
 
 
 def recipe_settings(name, devices):
@@ -159,7 +165,8 @@ def add_training_flags(p):
     s.add_argument(
         "--warmup", default="linear", choices=("linear", "exp"), help="the warmup's shape"
     )
-    schedules = "mmcv: poly over all iterations x warmup (Ascend ModelZoo's); mmengine: warmup, then poly (mmseg 1.x)"
+    schedules = "mmcv: poly over all iterations x warmup (Ascend ModelZoo's); "
+    schedules += "mmengine: warmup, then poly (mmseg 1.x)"
     s.add_argument("--lr-schedule", default="mmcv", choices=("mmcv", "mmengine"), help=schedules)
     s.add_argument(
         "--warmup-ratio",
@@ -178,9 +185,10 @@ def add_training_flags(p):
     s.add_argument(
         "--aux-weight", type=cli.real(0), default=1.0, help="each auxiliary head's loss weight"
     )
-    weights = "CE weight per class: a text file of one number per class, or auto (ENet's 1/ln(1.02 + share))"
+    weights = "CE weight per class: a text file of one number per class, "
+    weights += "or auto (ENet's 1/ln(1.02 + share))"
     s.add_argument("--class-weight", help=weights)
-    divisor = "CE's divisor: every pixel (Ascend ModelZoo's and mmseg's; the default), or the labelled ones"
+    divisor = "CE's divisor: every pixel (Ascend ModelZoo's and mmseg's), or the labelled ones"
     s.add_argument("--loss-normalise", choices=("all", "valid"), help=divisor)
     s.add_argument("--seed", type=cli.integer(0), default=36436756, help="the random seed")
     diff = "different dropout seed per rank"
@@ -206,7 +214,8 @@ def add_training_flags(p):
 
 
 def parse_args(argv=None):
-    """The recipe's values become the defaults (scaled to this launch's WORLD_SIZE), then the command line."""
+    """The recipe's values become the defaults (scaled to this launch's WORLD_SIZE), then the
+    command line."""
     pre = cli.ArgumentParser(
         add_help=False
     )  # reads --recipe first, so that -h shows the recipe's values
@@ -241,7 +250,8 @@ def parse_args(argv=None):
         )
     if args.loss == "ohem" and args.loss_normalise:
         p.error(
-            "argument --loss-normalise: OHEM averages over the hard pixels it keeps; it applies to --loss ce"
+            "argument --loss-normalise: OHEM averages over the hard pixels it keeps; "
+            "--loss-normalise applies to --loss ce"
         )
     args.loss_normalise = args.loss_normalise or "all"
     if args.lr_schedule == "mmengine" and args.warmup == "exp":
@@ -253,13 +263,15 @@ def parse_args(argv=None):
     return args
 
 
-# -- Schedule and loss ------------------------------------------------------------------------------------------
+# -- Schedule and loss
+# ------------------------------------------------------------------------------------------
 def learning_rate(
     it, *, base_lr, iters, min_lr, power, warmup_iters, warmup, warmup_ratio, schedule
 ):
-    """The lr at 0-based iteration `it`. mmcv (Ascend ModelZoo's, mmseg 0.x): poly over all iterations, times
-    the warmup factor while warming up. mmengine (mmseg 1.x's configs): LinearLR from warmup_ratio to 1 over the
-    warmup, then PolyLR from base_lr over the iterations after it."""
+    """The lr at 0-based iteration `it`. mmcv (Ascend ModelZoo's, mmseg 0.x): poly over all
+    iterations, times the warmup factor while warming up. mmengine (mmseg 1.x's configs):
+    LinearLR from warmup_ratio to 1 over the warmup, then PolyLR from base_lr over the iterations
+    after it."""
     if schedule == "mmengine":
         if it < warmup_iters:  # LinearLR(begin=0, end=W) reaches 1 at W - 1
             return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
@@ -273,38 +285,57 @@ def learning_rate(
     return lr
 
 
+def ohem_cross_entropy(logits, labels, *, thresh, weight=None):
+    """CoinCheung's OHEM: mean loss of pixels harder than -log(thresh), at least a 16th of the
+    labelled ones."""
+    loss = F.cross_entropy(
+        logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
+    ).flatten()
+    n_min = int((labels != IGNORE_INDEX).sum()) // 16
+    hard = loss[loss > -math.log(thresh)]
+    if hard.numel() < n_min:
+        hard = loss.topk(n_min).values
+    return (
+        hard.mean() if hard.numel() else loss.sum() * 0
+    )  # a batch without labelled pixels adds nothing
+
+
 def segmentation_loss(
-    outputs, labels, *, loss="ce", ohem_thresh=0.7, aux_weight=1.0, normalise="all", weight=None
+    outputs,
+    labels,
+    *,
+    loss_type="ce",
+    ohem_thresh=0.7,
+    aux_weight=1.0,
+    normalise="all",
+    class_weight=None,
 ):
-    """Main head + aux_weight x each auxiliary head, on the fp32 logits the heads return (O1's loss in fp32).
-    ce: the labelled pixels' sum divided by all pixels (all: mmseg's avg_non_ignore=False, as Ascend ModelZoo
-    ran), or by the labelled ones (valid: CoinCheung's). ohem: CoinCheung's, the mean loss of the pixels harder
-    than -log(thresh), at least a 16th of the labelled ones. weight scales each class's pixels (mmseg's)."""
-    labelled = labels != IGNORE_INDEX
+    """Main head + aux_weight x each auxiliary head, on the fp32 logits the heads return (O1's
+    loss in fp32). CE is the labelled pixels' sum divided by all pixels (all: mmseg's
+    avg_non_ignore=False, as Ascend ModelZoo ran), or by the labelled ones (valid: CoinCheung's);
+    class_weight scales each class's pixels (mmseg's)."""
 
     def head_loss(logits):
-        pixel = F.cross_entropy(
-            logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
+        if loss_type == "ohem":
+            return ohem_cross_entropy(logits, labels, thresh=ohem_thresh, weight=class_weight)
+        # no labelled pixel: loss 0
+        pixels = (
+            (labels != IGNORE_INDEX).sum().clamp(min=1) if normalise == "valid" else labels.numel()
         )
-        if loss == "ohem":
-            pixel, n_min = pixel.flatten(), int(labelled.sum()) // 16
-            hard = pixel[pixel > -math.log(ohem_thresh)]
-            hard = pixel.topk(n_min).values if hard.numel() < n_min else hard
-            return (
-                hard.mean() if hard.numel() else pixel.sum() * 0
-            )  # no labelled pixel: adds nothing
-        pixels = labelled.sum().clamp(min=1) if normalise == "valid" else labels.numel()
-        return pixel.sum() / pixels
+        ce = F.cross_entropy(
+            logits, labels, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return ce / pixels
 
     main, *auxiliary = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in auxiliary)
 
 
 def class_weights(spec, counts, num_classes, *, runtime, resumed):
-    """--class-weight as a tensor on the device, or None: a text file of one weight per class, or auto: ENet's
-    1 / ln(1.02 + p) of each class's share p of the labelled training pixels (rank 0's histogram, sent to all).
-    A resumed run keeps the weights it began with (`resumed`): auto is never recomputed, and a file that changed
-    since is refused."""
+    """--class-weight as a tensor on the device, or None: a text file of one weight per class, or
+    auto: ENet's 1 / ln(1.02 + p) of each class's share p of the labelled training pixels (rank
+    0's histogram, sent to all). A resumed run keeps the weights it began with (`resumed`): auto
+    is never recomputed, and a file that changed since is refused."""
     if spec is None:
         return None
     if spec == "auto":
@@ -328,24 +359,37 @@ def class_weights(spec, counts, num_classes, *, runtime, resumed):
     if resumed and weights.tolist() != resumed:
         fix = "restore the file, or start a new run from its weights with --load-from"
         raise cli.UsageError(
-            f"--class-weight {spec}: changed since the run began ({resumed} -> {weights.tolist()}); {fix}"
+            f"--class-weight {spec}: changed since the run began "
+            f"({resumed} -> {weights.tolist()}); {fix}"
         )
     return weights.to(runtime.device)
 
 
-# -- Model ------------------------------------------------------------------------------------------------------
-def create_model(args, runtime, num_classes, channels_last, *, log):
-    config, state = ModelConfig(args.depth, num_classes, dropout=args.dropout), None
-    if args.load_from:
-        config, state = initial_weights(args.load_from, config, log=log)
+# -- Model ---------------------------------------------------------------------------------------
+# ---------------
+def create_model(
+    runtime,
+    *,
+    depth,
+    num_classes,
+    dropout,
+    channels_last,
+    load_from=None,
+    pretrained=None,
+    sync_bn=False,
+    log=print,
+):
+    config, state = ModelConfig(depth, num_classes, dropout=dropout), None
+    if load_from:
+        config, state = initial_weights(load_from, config, log=log)
     model = BiSeNetV1(config)
     if state is not None:
         model.load_state_dict(state, strict=False)
-    if args.pretrained:
+    if pretrained:
         from interop import load_backbone  # torchvision's layout, read only with --pretrained
 
-        load_backbone(model, args.pretrained, log=log)
-    if args.sync_bn and runtime.distributed:
+        load_backbone(model, pretrained, log=log)
+    if sync_bn and runtime.distributed:
         if runtime.backend == "gloo":
             raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -355,8 +399,17 @@ def create_model(args, runtime, num_classes, channels_last, *, log):
     )
 
 
+def data_parallel(model, runtime):
+    """Buffers stay per rank, as in Ascend's port and mmengine; validation first shares rank 0's
+    (share_buffers)."""
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=runtime.ddp_device_ids, broadcast_buffers=False
+    )
+
+
 def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
-    """One SGD step. loss_fn(outputs, labels) -> loss; autocast() -> the precision context (Runtime.autocast)."""
+    """One SGD step. loss_fn(outputs, labels) -> loss; autocast() -> the precision context
+    (Runtime.autocast)."""
     with autocast():
         outputs = model(images)
     loss = loss_fn(outputs, labels)
@@ -368,12 +421,13 @@ def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
 
 
 def seed_for(seed, diff_seed, *, rank, iteration):
-    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) before every step, so a run resumed from
-    any iteration continues exactly, on any world size."""
+    """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) before every step, so a run
+    resumed from any iteration continues exactly, on any world size."""
     return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
-# -- Building a run, then running it ---------------------------------------------------------------------------
+# -- Building a run, then running it
+# ---------------------------------------------------------------------------
 def build_runtime(args):
     """The device, checked against the flags before anything is loaded."""
     runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
@@ -386,9 +440,7 @@ def build_runtime(args):
             f"--loss-scale {args.loss_scale:g}: {precision}; leave --loss-scale out"
         )
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
-        fix = "use --batch-size >= 2 (or --sync-bn on several devices)"
-        needs = "BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device"
-        raise cli.UsageError(f"--batch-size 1: {needs}; {fix}")
+        raise cli.UsageError(f"--batch-size 1: {BATCH_OF_TWO}")
     return runtime
 
 
@@ -412,9 +464,20 @@ def build_data(args):
 
 
 def build_state(args, runtime, info, channels_last, *, checkpoint, resumed_from, log):
-    """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as the resumed checkpoint left them."""
+    """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as the resumed
+    checkpoint left them."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(args, runtime, info.num_classes, channels_last, log=log)
+    model = create_model(
+        runtime,
+        depth=args.depth,
+        num_classes=info.num_classes,
+        dropout=args.dropout,
+        channels_last=channels_last,
+        load_from=args.load_from,
+        pretrained=args.pretrained,
+        sync_bn=args.sync_bn,
+        log=log,
+    )
     optimizer = sgd(
         model.parameters(),
         lr=args.lr,
@@ -470,7 +533,8 @@ def finish(args, runtime, *, progress, validation, checkpointer, step_check, run
 
 
 def label_counts(args, dataset, work_dir, run_log):
-    """Says what the run trains on; on rank 0, the training labels' pixels per label value (checked, cached)."""
+    """Says what the run trains on; on rank 0, the training labels' pixels per label value
+    (checked, cached)."""
     info, layout = dataset.info, detect_dataset(args.data_root, args.dataset)
     images = f"{info.num_classes} classes, {len(dataset)} training images"
     run_log.message(f"dataset: {info.name} ({layout}), {images}")
@@ -483,7 +547,8 @@ def label_counts(args, dataset, work_dir, run_log):
 
 
 def train(args):
-    """Builds everything (runtime, data, work dir, model, the loop's periodic work), then runs the loop."""
+    """Builds everything (runtime, data, work dir, model, the loop's periodic work), then runs
+    the loop."""
     runtime = build_runtime(args)
     dataset, val_set = build_data(args)
     work_dir, info = Path(args.work_dir), dataset.info
@@ -546,11 +611,11 @@ def train(args):
     )
     loss_fn = functools.partial(
         segmentation_loss,
-        loss=args.loss,
+        loss_type=args.loss,
         ohem_thresh=args.ohem_thresh,
         aux_weight=args.aux_weight,
         normalise=args.loss_normalise,
-        weight=weights,
+        class_weight=weights,
     )
     try:
         progress = run_loop(
@@ -599,8 +664,8 @@ def run_loop(
     validation,
     preemption,
 ):
-    """One step per batch, then each periodic work (the checkpoint first: a validation that fails never costs
-    the interval). Returns the Progress that timed it."""
+    """One step per batch, then each periodic work (the checkpoint first: a validation that fails
+    never costs the interval). Returns the Progress that timed it."""
     schedule = functools.partial(
         learning_rate,
         base_lr=args.lr,
@@ -612,13 +677,7 @@ def run_loop(
         warmup_ratio=args.warmup_ratio,
         schedule=args.lr_schedule,
     )
-    stepped = model
-    if (
-        runtime.distributed
-    ):  # buffers stay per rank, as in Ascend's port and mmengine (Runtime.share_buffers)
-        stepped = nn.parallel.DistributedDataParallel(
-            model, device_ids=runtime.ddp_device_ids, broadcast_buffers=False
-        )
+    stepped = data_parallel(model, runtime) if runtime.distributed else model
     stepped = torch.compile(stepped) if args.compile else stepped
     loader = training_loader(
         dataset,
@@ -676,8 +735,8 @@ def run_loop(
 
 @contextlib.contextmanager
 def stopping(runtime, checkpointer, preemption, iteration):
-    """How the loop ends early: a collective broken by a peer that the launcher stopped first (which said why)
-    quietly, a full disk after saving what fits, Ctrl-C with where to resume."""
+    """How the loop ends early: a collective broken by a peer that the launcher stopped first
+    (which said why) quietly, a full disk after saving what fits, Ctrl-C with where to resume."""
     saved = lambda: last_checkpoint_note(checkpointer.work_dir)  # noqa: E731
     try:
         yield

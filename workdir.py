@@ -1,12 +1,12 @@
-"""A training run's work dir and its bookkeeping, so that no run is ever lost: one training process per work dir
-(a lock), the newest complete checkpoint found to resume from, a log that only grows, and the loop's periodic work
-(progress, checkpoints, stop signals), each a `.step(it)`.
+"""A training run's work dir and its bookkeeping, so that no run is ever lost: one training process
+per work dir (a lock), the newest complete checkpoint found to resume from, a log that only grows,
+and the loop's periodic work (progress, checkpoints, validation, stop signals), each a `.step(it)`.
 
-    work_dir/iter_N.pth    a complete training checkpoint after N iterations (model, optimizer, scaler, ...)
-    work_dir/latest.pth    a link to the newest iter_N.pth (a hard link where symbolic ones are refused)
-    work_dir/best.pth      the checkpoint of the best validation mIoU
-    work_dir/log.jsonl     one JSON line per log interval and validation; the pictures are drawn from it
-    work_dir/.lock         held by the training process that uses the work dir
+    work_dir/iter_N.pth   a complete training checkpoint after N iterations (model, optimizer...)
+    work_dir/latest.pth   a link to the newest iter_N.pth (a hard one where symbolic links are refused)
+    work_dir/best.pth     the checkpoint of the best validation mIoU
+    work_dir/log.jsonl    a JSON line per log interval and validation; the pictures come from it
+    work_dir/.lock        held by the training process that uses the work dir
 """
 
 import contextlib
@@ -46,7 +46,8 @@ class WorkDirError(cli.Error):
 
 
 class TrainingError(cli.Error):
-    """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to do."""
+    """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to
+    do."""
 
 
 class LogUnwritable(TrainingError):
@@ -62,8 +63,8 @@ class Stopped(TrainingError):
 
 
 def hold_lock(handle):
-    """An exclusive lock on the open file, which the OS drops when the process dies: POSIX record locks (which
-    also hold across machines on NFS with a lock manager), or msvcrt's on Windows."""
+    """An exclusive lock on the open file, which the OS drops when the process dies: POSIX record
+    locks (which also hold across machines on NFS with a lock manager), or msvcrt's on Windows."""
     try:
         import fcntl
     except ImportError:
@@ -76,7 +77,8 @@ def hold_lock(handle):
 
 
 def lock(work_dir):
-    """Creates work_dir and holds its lock for the life of this process. The lock file says who holds it."""
+    """Creates work_dir and holds its lock for the life of this process. The lock file says who
+    holds it."""
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
         handle = open(work_dir / ".lock", "a+")
@@ -133,8 +135,9 @@ def no_space(directory, needed):
 
 
 def caused_by(error, matches):
-    """Whether `error` or an error it was raised while handling matches: torch.save reports what went wrong in
-    its Python file writes (ENOSPC, Ctrl-C) as a RuntimeError raised during their handling."""
+    """Whether `error` or an error it was raised while handling matches: torch.save reports what
+    went wrong in its Python file writes (ENOSPC, Ctrl-C) as a RuntimeError raised during their
+    handling."""
     while error is not None:
         if matches(error):
             return True
@@ -143,8 +146,9 @@ def caused_by(error, matches):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, rename: `path` is the old file or the complete new one, never a
-    part. A full disk is said as such (checked first, and on failure), and the partial file is deleted."""
+    """torch.save to a temporary file, fsync, rename: `path` is the old file or the complete new
+    one, never a part. A full disk is said as such (checked first, and on failure), and the
+    partial file is deleted."""
     directory, needed = path.parent, tensor_bytes(obj) + MB
     if shutil.disk_usage(directory).free < needed:
         raise no_space(directory, needed)
@@ -170,7 +174,8 @@ def atomic_save(obj, path):
 
 
 def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings, dataset):
-    """Only finite weights are written: a diverged step must never replace the last good checkpoint."""
+    """Only finite weights are written: a diverged step must never replace the last good
+    checkpoint."""
     state = model.state_dict()
     bad = non_finite(state)
     if bad:
@@ -192,8 +197,8 @@ def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings
 
 
 def point_latest(work_dir, target):
-    """latest.pth -> target, replaced atomically: a relative symbolic link, so the work dir can be moved, or a
-    hard link where symbolic ones are refused (an ordinary Windows user)."""
+    """latest.pth -> target, replaced atomically: a relative symbolic link, so the work dir can
+    be moved, or a hard link where symbolic ones are refused (an ordinary Windows user)."""
     with atomic_write(work_dir / "latest.pth") as temp:
         temp.unlink()  # the unique name stays ours: only this process writes the work dir (lock)
         try:
@@ -229,7 +234,8 @@ def prune(work_dir, keep):
 
 
 def work_dir_contents(work_dir):
-    """What of an earlier run a work dir holds, e.g. 'iter_4.pth, best.pth, latest.pth -> iter_4.pth'."""
+    """What of an earlier run a work dir holds, e.g. 'iter_4.pth, best.pth, latest.pth ->
+    iter_4.pth'."""
     names = [path.name for _, path in iteration_checkpoints(work_dir)]
     names += ["best.pth"] if (work_dir / "best.pth").exists() else []
     latest = work_dir / "latest.pth"
@@ -242,11 +248,13 @@ def work_dir_contents(work_dir):
 
 
 def resume_point(work_dir):
-    """(checkpoint dict, path, note) to continue the run in work_dir from, or (None, None, None) for an unused one.
+    """(checkpoint dict, path, note) to continue the run in work_dir from, or (None, None, None) for
+    an unused one.
 
-    The newest iter_N.pth is the resume point whatever latest.pth says: a run killed between writing iter_N.pth
-    and relinking latest.pth goes on from its newest complete checkpoint. A damaged newest checkpoint stops the
-    run with its name (continuing from an older one would later overwrite it)."""
+    The newest iter_N.pth is the resume point whatever latest.pth says: a run killed between
+    writing iter_N.pth and relinking latest.pth goes on from its newest complete checkpoint. A
+    damaged newest checkpoint stops the run with its name (continuing from an older one would
+    later overwrite it)."""
     saved = iteration_checkpoints(work_dir)
     target = latest_target(work_dir)
     if not saved:
@@ -279,8 +287,9 @@ def resume_point(work_dir):
 
 
 def open_work_dir(work_dir, resume, *, runtime, log=print):
-    """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds the same resume
-    checkpoint (None for a fresh run), reading the work dir that rank 0 writes (shared storage across machines)."""
+    """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds
+    the same resume checkpoint (None for a fresh run), reading the work dir that rank 0 writes
+    (shared storage across machines)."""
     held = None
     if runtime.is_main:
         held = lock(work_dir)
@@ -300,8 +309,9 @@ def open_work_dir(work_dir, resume, *, runtime, log=print):
 
 
 def set_aside(work_dir):
-    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/, so that a fresh run (one whose
-    checkpoints were moved away) never cuts or replaces them. Returns the folder, or None."""
+    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/, so that a fresh run
+    (one whose checkpoints were moved away) never cuts or replaces them. Returns the folder, or
+    None."""
     found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
     if not found:
         return None
@@ -316,8 +326,9 @@ def set_aside(work_dir):
 
 
 def read_log_lines(path, *, until, note):
-    """The lines of log.jsonl up to iteration `until`. A last line without its newline (a full disk or a kill cut
-    it short) is replayed by the resumed run; a garbled line is skipped, and said."""
+    """The lines of log.jsonl up to iteration `until`. A last line without its newline (a full
+    disk or a kill cut it short) is replayed by the resumed run; a garbled line is skipped, and
+    said."""
     kept, garbled = [], []
     lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
     for number, line in enumerate(lines, 1):
@@ -335,15 +346,17 @@ def read_log_lines(path, *, until, note):
 
 
 class RunLog:
-    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars if installed."""
+    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars
+    if installed."""
 
     def __init__(self, work_dir, enabled):
         self.enabled, self.path = enabled, work_dir / "log.jsonl"
         self.file = self.writer = self.plotter = None
 
     def start(self, iteration):
-        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`: what the stopped
-        run logged after its checkpoint is replayed by this one, so those lines give way to the replayed ones."""
+        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`:
+        what the stopped run logged after its checkpoint is replayed by this one, so those lines
+        give way to the replayed ones."""
         if not self.enabled:
             return
         try:
@@ -355,12 +368,14 @@ class RunLog:
             self.file = open(self.path, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            # its writer thread's errors (a full disk) come back through record(): no second traceback
+            # its writer thread's errors (a full disk) come back through record(): no
+            # second traceback
             threading.excepthook = tensorboard_quiet
             self.writer = SummaryWriter(str(self.path.parent / "tb"))
         except ImportError:
             self.message(
-                "TensorBoard is not installed: scalars go to log.jsonl only (pip install tensorboard)"
+                "TensorBoard is not installed: scalars go to log.jsonl only "
+                "(pip install tensorboard)"
             )
         except OSError as e:
             raise self.failed(e) from None
@@ -390,12 +405,14 @@ class RunLog:
         )
 
     def draw(self, *, wait=False):
-        """Redraws the run's pictures (tools/plot_run.py) in a process of their own, so that training neither
-        waits for matplotlib nor fails with it. At the end (wait) the drawing is waited for, a failure said."""
+        """Redraws the run's pictures (tools/plot_run.py) in a process of their own, so that
+        training neither waits for matplotlib nor fails with it. At the end (wait) the drawing is
+        waited for, a failure said."""
         if not self.enabled or (self.plotter and self.plotter.poll() is None and not wait):
             return
         if self.plotter and self.plotter.poll() is None:
-            self.plotter.terminate()  # its files are written atomically: the final drawing replaces them
+            # its files are written atomically: the final drawing replaces them
+            self.plotter.terminate()
             self.plotter.wait()
         plot = [sys.executable, str(Path(__file__).resolve().parent / "tools" / "plot_run.py")]
         self.plotter = subprocess.Popen(
@@ -423,13 +440,15 @@ def tensorboard_quiet(hook):
 
 
 def due(it, interval, iters):
-    """Whether the periodic work of 0-based iteration `it` runs: every `interval` iterations and at the end."""
+    """Whether the periodic work of 0-based iteration `it` runs: every `interval` iterations and
+    at the end."""
     return (it + 1) % interval == 0 or it + 1 == iters
 
 
 class Progress:
-    """The progress bar every step, a log line every `interval` iterations and at the end; training images per
-    second and the share of time spent waiting for data, over the steps after the first few (warm-up)."""
+    """The progress bar every step, a log line every `interval` iterations and at the end;
+    training images per second and the share of time spent waiting for data, over the steps after
+    the first few (warm-up)."""
 
     def __init__(self, bar, run_log, *, interval, start, iters, images_per_iter):
         self.bar, self.run_log, self.interval = bar, run_log, interval
@@ -459,8 +478,9 @@ class Progress:
 
 
 class Checkpointer:
-    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, old ones pruned to
-    `keep`; only rank 0 writes. `contents`: what a checkpoint holds besides the model; `best`: the best mIoU."""
+    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, old ones
+    pruned to `keep`; only rank 0 writes. `contents`: what a checkpoint holds besides the model;
+    `best`: the best mIoU."""
 
     def __init__(
         self, work_dir, model, *, contents, interval, iters, keep, is_main, log, path, best
@@ -489,9 +509,10 @@ class Checkpointer:
 
 
 class Preemption:
-    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1 (SLURM's --signal; not
-    on Windows) stop the run. Before the loop a signal stops it at once; in the loop every rank finishes its step,
-    they agree on the iteration, rank 0 saves it, and the run ends (Stopped)."""
+    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1
+    (SLURM's --signal; not on Windows) stop the run. Before the loop a signal stops it at once;
+    in the loop every rank finishes its step, they agree on the iteration, rank 0 saves it, and
+    the run ends (Stopped)."""
 
     def __init__(self, work_dir):
         self.work_dir, self.signum, self.in_loop = work_dir, None, False
@@ -527,7 +548,8 @@ def setting_text(value):
 
 
 def changed_settings(saved, current, names):
-    """'--lr 0.01 (was 0.02), ...': the settings `names` of this command that differ from the resumed run's."""
+    """'--lr 0.01 (was 0.02), ...': the settings `names` of this command that differ from the
+    resumed run's."""
     changes = []
     for name in names:
         if name in saved and setting_text(saved[name]) != setting_text(current[name]):
@@ -540,7 +562,8 @@ def changed_settings(saved, current, names):
 
 @contextlib.contextmanager
 def saved_on_error(checkpointer, it):
-    """Risky periodic work (validation): an error there first saves the iteration reached, as a stop does."""
+    """Risky periodic work (validation): an error there first saves the iteration reached, as a
+    stop does."""
     try:
         yield
     except BaseException:
@@ -549,10 +572,12 @@ def saved_on_error(checkpointer, it):
         raise
 
 
-# -- The loop's checks: each step's health, and validation -------------------------------------------------------
+# -- The loop's checks: each step's health, and validation
+# -------------------------------------------------------
 class StepCheck:
-    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a non-finite
-    loss anywhere else, or a scale below 1, ends the run with the last good checkpoint kept."""
+    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back);
+    a non-finite loss anywhere else, or a scale below 1, ends the run with the last good
+    checkpoint kept."""
 
     def __init__(self, scaler, *, static_scale, run_log, work_dir):
         self.scaler, self.static_scale, self.run_log, self.work_dir = (
@@ -594,9 +619,9 @@ class StepCheck:
 
 
 class Validation:
-    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics, through the path
-    evaluate.py scores a checkpoint with (BatchNorm folded): one checkpoint, one number. A new best is saved as
-    best.pth."""
+    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics,
+    through the path evaluate.py scores a checkpoint with (BatchNorm folded): one checkpoint, one
+    number. A new best is saved as best.pth."""
 
     def __init__(
         self, val_set, model, *, runtime, amp, workers, interval, iters, run_log, checkpointer

@@ -13,7 +13,6 @@ import torch
 from conftest import ROOT, in_process, last_json, one_line_error
 from PIL import Image
 
-import cityscapes
 import interop
 import synthetic
 
@@ -60,7 +59,7 @@ def test_check_counts_every_class_and_draws_the_pictures(layout, synthetic_root,
     summary = last_json(result.stdout)
 
     for split in ("train", "val"):
-        dataset = cityscapes.open_dataset(root, split)
+        dataset = datasets.open_dataset(root, split)
         counts = independent_counts(
             dataset.samples, dataset.info.num_classes, CAMVID_VOID if layout == "camvid" else None
         )
@@ -73,7 +72,7 @@ def test_check_counts_every_class_and_draws_the_pictures(layout, synthetic_root,
             assert picture.width > 400 and picture.height > 200
     images = [
         np.array(Image.open(image).convert("RGB"), np.float64).reshape(-1, 3)
-        for image, _ in cityscapes.open_dataset(root, "train").samples
+        for image, _ in datasets.open_dataset(root, "train").samples
     ]
     pixels = np.concatenate(images)
     assert np.allclose(summary["rgb_mean"], pixels.mean(0), atol=0.01) and np.allclose(
@@ -192,7 +191,7 @@ def test_masks_of_0_and_255_are_refused_and_train_after_mapping(tmp_path):
     histogram = json.loads((tmp_path / "wd2" / "label_histogram.json").read_text())["pixels"]
     assert (
         histogram[:2]
-        == independent_counts(cityscapes.open_dataset(tmp_path / "mapped", "train").samples, 2)
+        == independent_counts(datasets.open_dataset(tmp_path / "mapped", "train").samples, 2)
         and histogram[1] > 0
     )
 
@@ -252,7 +251,7 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
     wait for them forever and train.py hung before its first step. Ten histograms in 2 processes, in a child that a
     hang cannot take the test run with, each against PIL's counts."""
     code = (
-        "import json, sys; from cityscapes import open_dataset; from datasets import label_histogram\n"
+        "import json, sys; from datasets import label_histogram, open_dataset\n"
         "dataset = open_dataset(sys.argv[1], 'train')\n"
         "print(json.dumps([label_histogram(dataset, 2).tolist() for _ in range(10)]))"
     )
@@ -272,7 +271,7 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
             "label_histogram(dataset, 2) did not return within 120 s: its pool waits for workers that ignore SIGTERM"
         )
     assert child.returncode == 0
-    expected = independent_counts(cityscapes.open_dataset(synthetic_root, "train").samples, 19)
+    expected = independent_counts(datasets.open_dataset(synthetic_root, "train").samples, 19)
     assert [counts[:19] for counts in json.loads(out)] == [expected] * 10 and sum(expected) > 0
 
 
@@ -312,7 +311,7 @@ def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbe
             "0",
         ).stdout
     )
-    labelled = independent_counts(cityscapes.open_dataset(root, "val").samples, 5)
+    labelled = independent_counts(datasets.open_dataset(root, "val").samples, 5)
     assert (
         confusion.sum(1).tolist() == labelled
     )  # every labelled val pixel counted once, by its ground truth
@@ -343,7 +342,7 @@ def test_class_weight_auto_is_enets_formula_of_the_training_histogram_and_a_bad_
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     counts = np.array(
-        independent_counts(cityscapes.open_dataset(root, "train").samples, 5), dtype=np.float64
+        independent_counts(datasets.open_dataset(root, "train").samples, 5), dtype=np.float64
     )
     enet = 1 / np.log(1.02 + counts / counts.sum())  # Paszke et al. 2016, ENet, section 5.2
     settings = torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)["args"]

@@ -495,7 +495,7 @@ def test_a_write_that_runs_out_of_space_deletes_its_partial_file(tmp_path):
     script = f"""
 import torch, sys
 sys.path.insert(0, {str(ROOT)!r})
-from checkpoints import WorkDirError, atomic_save
+from workdir import WorkDirError, atomic_save
 from pathlib import Path
 target = Path({str(mount)!r}) / "iter_1.pth"
 atomic_save({{"weights": torch.ones(1000)}}, target)

@@ -17,11 +17,9 @@ from torch import nn
 
 from benchmark import free_port
 from bisenet import BiSeNetV1, ModelConfig
-from cityscapes import open_dataset
-from datasets import IGNORE_INDEX, TrainTransform
+from datasets import IGNORE_INDEX, IterationSampler, TrainTransform, open_dataset
 from device import Runtime
 from train import (
-    IterationSampler,
     learning_rate,
     ohem_cross_entropy,
     parse_args,

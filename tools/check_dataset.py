@@ -19,8 +19,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
-from cityscapes import detect_dataset, open_dataset
-from datasets import IGNORE_INDEX, TrainTransform, read_image, read_label
+from datasets import (
+    IGNORE_INDEX,
+    TrainTransform,
+    detect_dataset,
+    open_dataset,
+    read_image,
+    read_label,
+)
 from plot_run import pyplot, save_figure
 
 

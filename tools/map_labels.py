@@ -21,8 +21,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
-from cityscapes import open_dataset
-from datasets import DataError
+from datasets import DataError, open_dataset
 
 
 def value_map(text):
