@@ -105,8 +105,12 @@ def first_line(error, limit=300):
     return (telling or lines or [type(error).__name__])[0][:limit]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every flag's default, help text or not."""
+
+    def _get_help_string(self, action):
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return (action.help or "") + (" (default: %(default)s)" if shown else "")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -124,12 +128,12 @@ DATASET_TYPES, DEVICES = ("auto", "cityscapes", "folder"), ("auto", "cpu", "cuda
 
 def add_data_flags(parser):
     group = parser.add_argument_group("data")
-    group.add_argument("--data-root", default="data/cityscapes")
+    group.add_argument("--data-root", default="data/cityscapes", help="the dataset's folder")
     group.add_argument(
         "--dataset",
         default="auto",
         choices=DATASET_TYPES,
-        help="auto: from the data root (see README: Your own data)",
+        help="auto: from the data root (docs/your-data.md)",
     )
 
 
@@ -162,7 +166,7 @@ def add_device_flags(parser):
         "--amp-dtype",
         default="auto",
         choices=("auto", "float16", "bfloat16"),
-        help="O1's half precision; auto: as README: Train says",
+        help="O1's half precision; auto: as docs/training.md says (Precision)",
     )
 
 
@@ -279,8 +283,8 @@ class atomic_write:
         )
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)
         os.close(handle)
+        os.chmod(temp, 0o666 & ~umask)
         self.temp = Path(temp)
         return self.temp
 
@@ -312,4 +316,5 @@ def process_pool(processes):
     this process: a fork copies any lock another thread (torch's, a test runner's) holds at that moment, and a worker
     that then waits on it waits forever. Its workers keep SIGTERM's default: leaving the `with` block stops them with
     it, and a worker that ignored it would be waited for forever."""
-    return multiprocessing.get_context("forkserver").Pool(processes)
+    methods = multiprocessing.get_all_start_methods()  # Windows has spawn only, and no fork to fear
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(processes)
