@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device.  bash run_1p.sh [full|perf|demo|bench|bench-infer] [extra train.py / tools/benchmark*.py args]
-#   full  train.py --recipe seed_r50: Ascend ModelZoo's recipe on one device (R50 from scratch, AMP O1)
-#   perf  train.py --recipe seed_r50_perf: Ascend ModelZoo's 400-iteration throughput run, no validation
+#   full  train.py --recipe ascend_r50: Ascend ModelZoo's recipe on one device (R50 from scratch, AMP O1)
+#   perf  train.py --recipe ascend_r50_perf: Ascend ModelZoo's 400-iteration throughput run, no validation
 #   demo  offline: synthetic Cityscapes, train.py --recipe demo (R18, a few minutes on whatever device exists),
 #         evaluate, predictions, inference speed
 #   bench training speed of the R50 and R18 recipes on this device, end to end, and a torchrun check
@@ -9,7 +9,7 @@
 #   bench-infer  inference (tools/benchmark_inference.py --suite): R18/R50 at 1024x2048 and 512x1024 (batch 1 and the
 #         best batch), the fast path's class maps against eager fp32 on a trained synthetic R18, a timed val pass
 #         split into data and model time; BENCH_SMALL=1 for small sizes; ends with one JSON line
-# DEPTH=18 switches full/perf to the R18 real-time recipe (train.py --recipe r18 / r18_perf).
+# DEPTH=18 switches full/perf to the R18 real-time recipe (train.py --recipe mmseg_r18 / mmseg_r18_perf).
 # The recipes' numbers live in train.py's RECIPES; DRY_RUN=1 prints the command and the settings it trains with.
 # DATA_ROOT (default data/cityscapes) and WORK_DIR override the paths. Re-running resumes from WORK_DIR.
 # DEVICE (npu, cuda or cpu) overrides the device; by default an Ascend NPU, else a CUDA GPU, else the CPU.
@@ -39,7 +39,8 @@ if [ "$MODE" = demo ]; then
 import json, sys
 last = lambda name: json.loads(open(f"{sys.argv[1]}/{name}.out").read().strip().splitlines()[-1])
 train, val, bench = last("train"), last("eval"), last("bench")
-print(f"demo: val mIoU {val['mIoU']:.2f} ({val['mode']}), training {train['train_fps']} img/s ({train['precision']}), inference {bench['fps']} FPS "
+trained = f"training {train['train_fps']} img/s ({train['precision']})" if train["train_fps"] else "nothing left to train (the run was complete)"
+print(f"demo: val mIoU {val['mIoU']:.2f} ({val['mode']}), {trained}, inference {bench['fps']} FPS "
       f"at {bench['size']} ({bench['precision']}, {bench['device']}); colorized predictions in {sys.argv[1]}/predictions/")
 print(json.dumps({"mIoU": val["mIoU"], "train_fps": train["train_fps"], "inference_fps": bench["fps"], "precision": train["precision"], "checkpoint": train["checkpoint"]}))
 PY
@@ -54,8 +55,8 @@ if [ "$MODE" = bench-infer ]; then
 fi
 
 case "$DEPTH" in
-  18) RECIPE=r18 ;;
-  50) RECIPE=seed_r50 ;;
+  18) RECIPE=mmseg_r18 ;;
+  50) RECIPE=ascend_r50 ;;
   *) echo "error: DEPTH=$DEPTH: the recipes are for DEPTH=18 and DEPTH=50" >&2; exit 2 ;;
 esac
 case "$MODE" in

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Several devices through torchrun.  bash run_8p.sh [full|perf] [extra train.py args]
-#   full  train.py --recipe seed_r50: Ascend ModelZoo's recipe (R50 from scratch, 8 devices x 8 images, lr 0.2, AMP O1)
-#   perf  train.py --recipe seed_r50_perf: its 400-iteration throughput run, no validation
-# DEPTH=18 switches to the R18 real-time recipe (train.py --recipe r18: 16 images in all, split across the devices).
+#   full  train.py --recipe ascend_r50: Ascend ModelZoo's recipe (R50 from scratch, 8 devices x 8 images, lr 0.2, AMP O1)
+#   perf  train.py --recipe ascend_r50_perf: its 400-iteration throughput run, no validation
+# DEPTH=18 switches to the R18 real-time recipe (train.py --recipe mmseg_r18: 16 images in all, split across the devices).
 # The recipes' numbers, and how each adapts to the device count, live in train.py's RECIPES.
 # NPROC (devices per machine, default 8), NNODES (machines, default 1), MASTER_ADDR:MASTER_PORT (where the
 # rendezvous runs, default 127.0.0.1:29500): run the same command on every machine, with WORK_DIR on storage they
@@ -31,8 +31,8 @@ TIMEOUT=${TIMEOUT%%.*}
 export HCCL_CONNECT_TIMEOUT=${HCCL_CONNECT_TIMEOUT:-$((TIMEOUT < 120 ? 120 : TIMEOUT > 7200 ? 7200 : TIMEOUT))}
 
 case "$DEPTH" in
-  18) RECIPE=r18 ;;
-  50) RECIPE=seed_r50 ;;
+  18) RECIPE=mmseg_r18 ;;
+  50) RECIPE=ascend_r50 ;;
   *) echo "error: DEPTH=$DEPTH: the recipes are for DEPTH=18 and DEPTH=50" >&2; exit 2 ;;
 esac
 case "$MODE" in
@@ -40,7 +40,7 @@ case "$MODE" in
   perf) RECIPE+=_perf ;;
   *) echo "usage: bash run_8p.sh [full|perf] [extra train.py args]" >&2; exit 2 ;;
 esac
-# the recipe's settings on this many devices, checked before any process starts (e.g. r18 needs 1, 2, 4 or 8)
+# the recipe's settings on this many devices, checked before any process starts (e.g. mmseg_r18 needs 1, 2, 4 or 8)
 SETTINGS=$(WORLD_SIZE=$DEVICES python train.py --recipe "$RECIPE" --print-recipe "$@")
 WORK_DIR=${WORK_DIR:-work_dirs/bisenetv1_r${DEPTH}_${MODE}_${DEVICES}p}
 # A fresh store for each restart: with the shared one, restarted gloo ranks can read the dead ranks' addresses and
@@ -71,4 +71,6 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "$SETTINGS"
   exit 0
 fi
+# data that every rank would refuse is said once, before any rank starts
+python -c 'import sys, cli, datasets; cli.main(datasets.open_dataset, sys.argv[1], "train")' "$DATA_ROOT"
 exec python -c "$TORCHRUN" "${LAUNCH[@]}"

@@ -266,7 +266,16 @@ def parse_args(argv=None):
 # -- Schedule and loss
 # ------------------------------------------------------------------------------------------
 def learning_rate(
-    it, *, base_lr, iters, min_lr, power, warmup_iters, warmup, warmup_ratio, schedule
+    it,
+    *,
+    base_lr,
+    iters,
+    min_lr=1e-4,
+    power=0.9,
+    warmup_iters=0,
+    warmup="linear",
+    warmup_ratio=0.1,
+    schedule="mmcv",
 ):
     """The lr at 0-based iteration `it`. mmcv (Ascend ModelZoo's, mmseg 0.x): poly over all
     iterations, times the warmup factor while warming up. mmengine (mmseg 1.x's configs):
