@@ -1,5 +1,5 @@
-"""Reading weights: this project's checkpoints and other repositories' (interop.py), and the state a training
-checkpoint carries into a resumed or fine-tuned run. Writing them is the work dir's (workdir.py)."""
+"""Reading weights: this project's checkpoints and other repositories' (interop.py), and the state a
+training checkpoint carries into a resumed or fine-tuned run. Writing them is workdir.py's."""
 
 import dataclasses
 import re
@@ -35,15 +35,18 @@ def read_checkpoint(path):
 
 
 def unloadable(path, error):
-    """Why torch.load refused a file. torch's own text advises weights_only=False, which would run the file's
-    code: that advice is never passed on."""
+    """Why torch.load refused a file. torch's own text advises weights_only=False, which would run
+    the file's code: that advice is never passed on."""
     try:  # the Python classes its pickle would build: torch scans the file without running it
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001  (not a zip checkpoint at all: nothing to scan)
+    except Exception:  # not a zip checkpoint at all: nothing to scan
         unsafe = []
     if unsafe:
         objects = ", ".join(unsafe[:3])
-        return f"holds Python objects ({objects}) besides weights, which are never unpickled here; re-save its state_dict"
+        return (
+            f"holds Python objects ({objects}) besides weights, which are never unpickled here; "
+            "re-save its state_dict"
+        )
     kind = type(error).__name__
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
     reason = detail[1][:200] if detail else cli.first_line(error, 200)
@@ -52,9 +55,10 @@ def unloadable(path, error):
 
 
 def load_model(path):
-    """(model in eval mode, the DatasetInfo of its classes) of our checkpoints, CoinCheung's released state dict
-    or mmseg's {'state_dict', 'meta'}, loaded strictly. The classes: the description saved with it, mmseg's meta,
-    or for weights without one, Cityscapes for 19 classes and numbered classes otherwise."""
+    """(model in eval mode, the DatasetInfo of its classes) of our checkpoints, CoinCheung's
+    released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly. The classes: the
+    description saved with it, mmseg's meta, or for weights without one, Cityscapes for 19 classes
+    and numbered classes otherwise."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         kind = type(checkpoint).__name__
@@ -76,15 +80,14 @@ def load_model(path):
     bad = non_finite(state)
     if bad:
         where = f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})"
-        raise CheckpointError(
-            f"{path}: {where}; it comes from a diverged run, use an earlier checkpoint"
-        )
+        fix = "it comes from a diverged run, use an earlier checkpoint"
+        raise CheckpointError(f"{path}: {where}; {fix}")
     return model.eval(), checkpoint_dataset(description, config.num_classes, source=path)
 
 
 def checkpoint_dataset(description, num_classes, *, source):
-    """The DatasetInfo of a dataset description saved with a checkpoint; without one, a 19-class model is a
-    Cityscapes one and others get numbered class names and a palette of their size."""
+    """The DatasetInfo of a dataset description saved with a checkpoint; without one, a 19-class
+    model is a Cityscapes one and others get numbered class names and a palette of their size."""
     if not description:
         return CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
     try:
@@ -105,13 +108,13 @@ def checkpoint_dataset(description, num_classes, *, source):
 
 
 def initial_weights(path, config, *, log):
-    """(ModelConfig, state dict) for --load-from: a checkpoint's model with the dropout and classes of `config`.
-    On other classes every classifier the model names (BiSeNetV1.classifiers) starts afresh; the rest is kept."""
+    """(ModelConfig, state dict) for --load-from: a checkpoint's model with the dropout and classes
+    of `config`. On other classes every classifier the model names (BiSeNetV1.classifiers) starts
+    afresh; the rest is kept."""
     source = load_model(path)[0]
-    if source.config.depth != config.depth:
-        raise CheckpointError(
-            f"{path}: a ResNet-{source.config.depth} model; pass --depth {source.config.depth}"
-        )
+    depth = source.config.depth
+    if depth != config.depth:
+        raise CheckpointError(f"{path}: a ResNet-{depth} model; pass --depth {depth}")
     # keeps its fusion variant and input normalisation
     config = dataclasses.replace(
         source.config, dropout=config.dropout, num_classes=config.num_classes
@@ -127,13 +130,13 @@ def initial_weights(path, config, *, log):
 
 
 def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
-    """(iteration, best mIoU) of a training checkpoint, its state loaded into model/optimizer/scaler. A run goes
-    on only with its own model and its own classes: its best mIoU would otherwise compare other data."""
+    """(iteration, best mIoU) of a training checkpoint, its state loaded into the model, optimizer
+    and scaler. A run goes on only with its own model and classes: its best mIoU would otherwise
+    compare other data."""
     saved_config = ModelConfig.from_dict(checkpoint["model_config"], path)
     if saved_config != model.config:
-        fields = [
-            f.name for f in dataclasses.fields(ModelConfig)
-        ]  # depth and classes first: flags set them
+        # depth and classes come first in ModelConfig: flags set them
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
         changed = [
             f"{n} {getattr(saved_config, n)} -> {getattr(model.config, n)}"
             for n in fields

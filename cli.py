@@ -1,9 +1,9 @@
-"""What the command-line scripts share: one-line errors, flags checked for their range, the flags several scripts take,
-and atomic file writes.
+"""What the command-line scripts share: one-line errors, flags checked for their range, the flags
+several scripts take, and atomic file writes.
 
-Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2: argparse's own errors
-(ArgumentParser) and every Error the code raises (main): UsageError, DataError, CheckpointError, WorkDirError
-(checkpoints.py), TrainingError (train.py)."""
+Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2:
+argparse's own errors (ArgumentParser) and every Error the code raises (main): UsageError,
+DataError, CheckpointError, WorkDirError (checkpoints.py), TrainingError (train.py)."""
 
 import argparse
 import errno
@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 class Error(Exception):
-    """What a user can fix: the message names the file or flag and what to do; the script exits with exit_code."""
+    """What a user can fix: the message names the file or flag and what to do."""
 
     exit_code = 2
 
@@ -31,7 +31,7 @@ class DataError(Error):
     """Bad input data. The message names the file and the fix."""
 
     def __str__(self):
-        # DataLoader workers re-raise with their traceback prepended; the message proper is the last line.
+        # DataLoader workers re-raise with their traceback prepended; the message is the last line.
         text = super().__str__().strip().splitlines()[-1]
         return re.sub(r"^[\w.]*DataError: ", "", text)
 
@@ -41,46 +41,39 @@ class CheckpointError(Error):
 
 
 def main(run, *args):
-    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its exit code; so
-    do running out of memory and a data loading process that died (exit 1: not the input's fault, a rerun may
-    pass). Every process it started ends with it."""
+    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its
+    exit code; so do running out of memory and a data loading process that died (exit 1: not the
+    input's fault, a rerun may pass). Every process it started ends with it."""
     try:
         return run(*args)
     except Error as e:
         code, text = e.exit_code, f"error: {e}"
-    except (
-        MemoryError,
-        RuntimeError,
-    ) as e:  # torch's OutOfMemoryError and a dead DataLoader worker are these
+    # torch's OutOfMemoryError and a dead DataLoader worker are these
+    except (MemoryError, RuntimeError) as e:
         code, text = 1, failure_text(e)
         if text is None:
             raise
     end_children()
-    print(
-        text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr
-    )  # any file name prints
+    # any file name prints
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     sys.exit(code)
 
 
 def end_children():
-    """Ends the processes this one started (DataLoader workers, pools): the exit would stop them with SIGTERM,
-    which loader workers ignore (it is their script's), and wait for them forever."""
-    if hasattr(
-        signal, "SIGCHLD"
-    ):  # torch's handler would report its workers' end as an error of its own
+    """Ends the processes this one started (DataLoader workers, pools): the exit would stop them
+    with SIGTERM, which loader workers ignore (it is their script's), and wait for them forever."""
+    # torch's handler would report its workers' end as an error of its own
+    if hasattr(signal, "SIGCHLD"):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         child.kill()
 
 
 def failure_text(error):
-    """The one line for running out of memory or a data loading process that died, or None for other errors."""
+    """The one line for running out of memory or a dead data loading process; None for others."""
     text = first_line(error, 200)
-    if (
-        isinstance(error, MemoryError)
-        or type(error).__name__ == "OutOfMemoryError"
-        or "can't allocate memory" in text
-    ):
+    oom = isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+    if oom or "can't allocate memory" in text:
         fix = "lower --batch-size or --crop, or use --mode slide for very large images"
         return f"error: out of memory ({text}); {fix}"
     if "DataLoader worker" in text:
@@ -90,18 +83,15 @@ def failure_text(error):
 
 
 def first_line(error, limit=300):
-    """An exception in one line: the first line of its message that says something (OpenVINO's messages start with
-    `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines, torch's load_state_dict with
-    `Error(s) in loading state_dict for ...:`), or its type's name."""
+    """An exception in one line: the first line of its message that says something (OpenVINO's
+    messages start with `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines,
+    torch's load_state_dict with `Error(s) in loading state_dict for ...:`), or its type's name."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    telling = [
-        line
-        for line in lines
-        if not re.fullmatch(
-            r"(Exception from|Check '.*' failed at) \S+:\d+:?|Error\(s\) in loading state_dict for \w+:",
-            line,
-        )
-    ]
+    preamble = (
+        r"(Exception from|Check '.*' failed at) \S+:\d+:?"
+        r"|Error\(s\) in loading state_dict for \w+:"
+    )
+    telling = [line for line in lines if not re.fullmatch(preamble, line)]
     return (telling or lines or [type(error).__name__])[0][:limit]
 
 
@@ -114,7 +104,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the module docstring as help, defaults shown, and errors on one line (no usage block)."""
+    """argparse with the docstring as help, defaults shown, one-line errors (no usage block)."""
 
     def __init__(self, description=None, **kwargs):
         super().__init__(description=description, **{"formatter_class": HelpFormatter, **kwargs})
@@ -138,7 +128,7 @@ def add_data_flags(parser):
 
 
 def add_device_flags(parser):
-    """Where and in which precision a script computes (device.py decides what each choice means on each device)."""
+    """Where and in which precision a script computes (device.py: what each choice means where)."""
     group = parser.add_argument_group("device")
     group.add_argument(
         "--device",
@@ -219,7 +209,7 @@ def size(text):
 
 
 def ratios(count=None):
-    """Comma-separated positive ratios, e.g. '0.5,2.0' -> (0.5, 2.0); count: how many there must be."""
+    """Comma-separated positive ratios, e.g. '0.5,2.0' -> (0.5, 2.0); count: how many must be."""
 
     def parse(text):
         try:
@@ -232,8 +222,9 @@ def ratios(count=None):
             or not all(math.isfinite(v) and v > 0 for v in values)
         ):
             how_many = f"{count} " if count else ""
+            example = "0.5,2.0" if count == 2 else "0.75,1.0,1.25"
             raise argparse.ArgumentTypeError(
-                f"{text!r}: expected {how_many}comma-separated positive numbers, e.g. {'0.5,2.0' if count == 2 else '0.75,1.0,1.25'}"
+                f"{text!r}: expected {how_many}comma-separated positive numbers, e.g. {example}"
             )
         return values
 
@@ -241,11 +232,11 @@ def ratios(count=None):
     return parse
 
 
-# -- Files: what a script writes appears whole or not at all ---------------------------------------------------
+# -- Files: what a script writes appears whole or not at all ---------------------------------------
 def publish_new(temp, path, *, keep_both=False):
-    """temp becomes `path` only if no file is there (atomically: a link fails on an existing name), and the path
-    written is returned. A file that appeared there meanwhile is never replaced: FileExistsError, or with
-    keep_both the result goes to the first free NAME_2, NAME_3, ... instead."""
+    """temp becomes `path` only if no file is there (atomically: a link fails on an existing name),
+    and the path written is returned. A file that appeared there meanwhile is never replaced:
+    FileExistsError, or with keep_both the result goes to the first free NAME_2, NAME_3, ..."""
     path = Path(path)
     candidates = (
         [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))]
@@ -264,20 +255,19 @@ def publish_new(temp, path, *, keep_both=False):
 
 
 class atomic_write:
-    """`with atomic_write(path) as temp:` yields a temporary path beside `path` to write; once the block ends it
-    becomes `path` in one step, replacing the old file, or with replace=False never (publish_new; keep_both: the
-    first free NAME_2, ...). .path is where it went. On any failure the temporary file is removed."""
+    """`with atomic_write(path) as temp:` yields a temporary path beside `path` to write; once the
+    block ends it becomes `path` in one step, replacing the old file, or with replace=False never
+    (publish_new; keep_both: the first free NAME_2, ...). .path is where it went. On any failure the
+    temporary file is removed."""
 
     def __init__(self, path, *, replace=True, keep_both=False, suffix=".tmp"):
-        self.path, self.replace, self.keep_both, self.suffix = (
-            Path(path),
-            replace,
-            keep_both,
-            suffix,
-        )
+        self.path = Path(path)
+        self.replace = replace
+        self.keep_both = keep_both
+        self.suffix = suffix
 
     def __enter__(self):
-        """A new unique file beside `path`, with the permissions a plain open() gives (mkstemp's are owner-only)."""
+        """A new file beside `path` with the permissions open() gives (mkstemp's are owner-only)."""
         handle, temp = tempfile.mkstemp(
             prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent
         )
@@ -299,8 +289,8 @@ class atomic_write:
 
 
 def sync_directory(directory):
-    """Makes a rename in `directory` durable: without it a power loss can undo the rename after the old file went.
-    Windows cannot open a folder as a file, and its renames need no such step."""
+    """Makes a rename in `directory` durable: without it a power loss can undo the rename after the
+    old file went. Windows cannot open a folder as a file, and its renames need no such step."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -312,9 +302,12 @@ def sync_directory(directory):
 
 
 def process_pool(processes):
-    """A multiprocessing Pool whose workers come from a fresh single-threaded server (forkserver), never a fork of
-    this process: a fork copies any lock another thread (torch's, a test runner's) holds at that moment, and a worker
-    that then waits on it waits forever. Its workers keep SIGTERM's default: leaving the `with` block stops them with
-    it, and a worker that ignored it would be waited for forever."""
-    methods = multiprocessing.get_all_start_methods()  # Windows has spawn only, and no fork to fear
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn").Pool(processes)
+    """A multiprocessing Pool whose workers come from a fresh single-threaded server (forkserver),
+    never a fork of this process: a fork copies any lock another thread (torch's, a test runner's)
+    holds at that moment, and a worker that then waits on it waits forever. Its workers keep
+    SIGTERM's default: leaving the `with` block stops them with it, and a worker that ignored it
+    would be waited for forever."""
+    # Windows has spawn only, and no fork to fear
+    methods = multiprocessing.get_all_start_methods()
+    method = "forkserver" if "forkserver" in methods else "spawn"
+    return multiprocessing.get_context(method).Pool(processes)

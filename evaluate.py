@@ -1,14 +1,14 @@
 """Evaluate a BiSeNetV1 checkpoint on Cityscapes or your own data, or write its predictions.
 
-    python evaluate.py --ckpt work_dirs/r18/latest.pth --data-root data/cityscapes            # ss whole, val
-    python evaluate.py --ckpt model.pth --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip            # ms+flip
-    python evaluate.py --ckpt model.pth --split test --out-dir preds --format labelIds         # test-server files
-    python evaluate.py --ckpt model.pth --images my_photos/ --out-dir out --format overlay     # any images
+    python evaluate.py --ckpt work_dirs/r18/latest.pth --data-root data/cityscapes    # ss whole
+    python evaluate.py --ckpt model.pth --scales 0.5,0.75,1.0,1.25,1.5,1.75 --flip    # ms+flip
+    python evaluate.py --ckpt model.pth --split test --out-dir preds --format labelIds  # server
+    python evaluate.py --ckpt model.pth --images photos/ --out-dir out --format overlay  # images
 
 Exported models, video and inference speed: tools/deploy.py and tools/benchmark_inference.py.
 
-IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, as cityscapesscripts computes it;
-a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
+IoU = tp / (tp + fp + fn) per class over pixels whose ground truth is not 255, as cityscapesscripts
+computes it; a class with tp + fp + fn = 0 is left out of the mean. The last line printed is JSON.
 """
 
 import collections
@@ -34,6 +34,7 @@ from datasets import (
     IGNORE_INDEX,
     DataError,
     SegmentationDataset,
+    class_difference,
     detect_dataset,
     ignore_stop_signals,
     open_dataset,
@@ -44,7 +45,7 @@ from device import setup_runtime, teardown_runtime
 
 @dataclasses.dataclass(frozen=True)
 class Inference:
-    """How the class scores of an image are computed: scales, horizontal flip, whole image or sliding window."""
+    """How class scores are computed: scales, horizontal flip, whole image or sliding window."""
 
     scales: tuple = (1.0,)
     flip: bool = False
@@ -58,19 +59,15 @@ class Inference:
 
     @property
     def name(self):
-        """The exact inference flavour, e.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
-        name = ("ms" if len(self.scales) > 1 or self.scales[0] != 1.0 else "ss") + (
-            "+flip" if self.flip else ""
-        )
-        name = "flip" if name == "ss+flip" else name
+        """E.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
+        name = "ms" if len(self.scales) > 1 or self.scales[0] != 1.0 else "ss"
+        if self.flip:
+            name = "ms+flip" if name == "ms" else "flip"
         if self.mode == "whole":
             return f"{name} whole"
         (ch, cw), (sh, sw) = self.crop, self.stride
-        return (
-            f"{name} slide {ch}/{sh}"
-            if ch == cw and sh == sw
-            else f"{name} slide {ch}x{cw}/{sh}x{sw}"
-        )
+        window = f"{ch}/{sh}" if ch == cw and sh == sw else f"{ch}x{cw}/{sh}x{sw}"
+        return f"{name} slide {window}"
 
 
 def slide_logits(model, images, *, crop, stride):
@@ -92,17 +89,15 @@ def slide_logits(model, images, *, crop, stride):
 
 
 def predict(model, images, *, options=Inference()):
-    """Class scores at input size: logits for a single pass, else softmax probabilities averaged over scales/flips."""
+    """Class scores at input size: logits for one pass, else softmax averaged over scales/flips."""
     height, width = images.shape[2:]
     passes = [(s, f) for s in options.scales for f in ((False, True) if options.flip else (False,))]
     total = None
     for scale, flipped in passes:
-        size = (int(height * scale + 0.5), int(width * scale + 0.5))
-        x = (
-            images
-            if scale == 1.0
-            else F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
-        )
+        x = images
+        if scale != 1.0:
+            size = (int(height * scale + 0.5), int(width * scale + 0.5))
+            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
         x = x.flip(3) if flipped else x
         scores = (
             model(x).float()
@@ -122,57 +117,49 @@ def predict(model, images, *, options=Inference()):
 
 
 def predict_classes(model, images, *, options=Inference()):
-    """The class map. A single whole-image pass never materialises the full-size logits (upsampled_classes)."""
+    """The class map. A single whole-image pass never materialises full-size logits."""
     if options.single_pass:
         return upsampled_classes(model(images, upsample=False), images.shape[2:])
-    return (
-        predict(model, images, options=options).max(1).indices
-    )  # argmax's first maximum, several times faster on CPU
+    # max(1).indices: argmax's first maximum, several times faster on CPU
+    return predict(model, images, options=options).max(1).indices
 
 
 def confusion_matrix(pred, label, num_classes):
-    """rows = ground truth, columns = prediction; pixels labelled 255 are ignored. Every pixel is counted, the
-    ignored ones in one extra bin, so the shapes never depend on the data (and an image without labels is fine)."""
+    """rows = ground truth, columns = prediction; pixels labelled 255 are ignored. They are counted
+    in one extra bin, so shapes never depend on the data (and an image without labels is fine)."""
     label = label.long()
     index = torch.where(label != IGNORE_INDEX, label * num_classes + pred.long(), num_classes**2)
-    return torch.bincount(index.flatten(), minlength=num_classes**2 + 1)[: num_classes**2].view(
-        num_classes, num_classes
-    )
+    counts = torch.bincount(index.flatten(), minlength=num_classes**2 + 1)
+    return counts[: num_classes**2].view(num_classes, num_classes)
 
 
 def metrics(confusion):
-    """Per class, from one confusion matrix: IoU tp / (tp + fp + fn), Dice (F1) 2tp / (2tp + fp + fn), precision
-    tp / (tp + fp) and recall (Acc) tp / (tp + fn). A ratio whose pixels are all absent (a class neither labelled
-    nor predicted; precision of a class never predicted, recall of one never labelled) is NaN, left out of its mean."""
+    """Per class, from one confusion matrix: IoU tp / (tp + fp + fn), Dice (F1) 2tp / (2tp + fp +
+    fn), precision tp / (tp + fp) and recall (Acc) tp / (tp + fn). A ratio whose pixels are all
+    absent (a class neither labelled nor predicted; precision of a class never predicted, recall of
+    one never labelled) is NaN, left out of its mean."""
     confusion = confusion.double()
     tp, labelled, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
 
     def ratio(part, whole):
-        return torch.where(
-            whole > 0, part / whole.clamp(min=1), torch.tensor(float("nan"), dtype=torch.float64)
-        )
+        return torch.where(whole > 0, part / whole.clamp(min=1), torch.nan)
 
     per_class = {
         "iou": ratio(tp, labelled + predicted - tp),
         "dice": ratio(2 * tp, labelled + predicted),
         "precision": ratio(tp, predicted),
+        "recall": ratio(tp, labelled),
     }
-    per_class["recall"] = ratio(tp, labelled)
     means = {"mIoU": "iou", "mAcc": "recall", "mDice": "dice"}
-    result = {name: 100 * per_class[key].nanmean().item() for name, key in means.items()} | {
-        k: v.tolist() for k, v in per_class.items()
-    }
-    scored = int(
-        (labelled + predicted > 0).sum()
-    )  # a class with no pixel in the labels nor the predictions is left out of the mean
-    return result | {
-        "aAcc": 100 * (tp.sum() / confusion.sum().clamp(min=1)).item(),
-        "classes_in_mean": scored,
-    }
+    result = {name: 100 * per_class[key].nanmean().item() for name, key in means.items()}
+    result |= {k: v.tolist() for k, v in per_class.items()}
+    result["aAcc"] = 100 * (tp.sum() / confusion.sum().clamp(min=1)).item()
+    result["classes_in_mean"] = int((labelled + predicted > 0).sum())
+    return result
 
 
 def encode_prediction(pred, fmt, *, info, image=None, label=None):
-    """pred: HxW class indices (uint8 numpy) -> PIL image in the requested format, coloured by the dataset's palette."""
+    """pred: HxW class indices (uint8 numpy) -> PIL image in format `fmt`, the dataset's colours."""
     if fmt == "compare":
         return comparison(image, label, pred, info)
     if fmt == "trainIds":
@@ -185,31 +172,28 @@ def encode_prediction(pred, fmt, *, info, image=None, label=None):
 
 
 def comparison(image, label, pred, info):
-    """image | ground truth | prediction, side by side (ignored pixels black), above a legend of the classes shown."""
+    """image | ground truth | prediction (ignored pixels black) above a legend of their classes."""
     colors = np.vstack([info.colors, np.zeros((256 - info.num_classes, 3), np.uint8)])
-    width, shown = (
-        pred.shape[1],
-        sorted((set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {IGNORE_INDEX}),
+    width = pred.shape[1]
+    shown = sorted(
+        (set(np.unique(label).tolist()) | set(np.unique(pred).tolist())) - {IGNORE_INDEX}
     )
     legend = Image.new("RGB", (3 * width, 20 * ((len(shown) + 3) // 4) + 4), "white")
     draw = ImageDraw.Draw(legend)
     for k, c in enumerate(shown):
         x, y = (k % 4) * (3 * width // 4) + 4, (k // 4) * 20 + 4
-        draw.rectangle(
-            [x, y, x + 12, y + 12], fill=tuple(int(v) for v in colors[c]), outline="black"
-        )
+        fill = tuple(int(v) for v in colors[c])
+        draw.rectangle([x, y, x + 12, y + 12], fill=fill, outline="black")
         draw.text((x + 18, y), info.class_names[c], fill="black")
-    return Image.fromarray(
-        np.vstack(
-            [np.hstack([image.astype(np.uint8), colors[label], colors[pred]]), np.asarray(legend)]
-        )
-    )
+    panels = np.hstack([image.astype(np.uint8), colors[label], colors[pred]])
+    return Image.fromarray(np.vstack([panels, np.asarray(legend)]))
 
 
 def prediction_paths(image_paths, source_root, *, out_dir, fmt):
-    """{image: out_dir/<its folder below source_root>/<name>_<fmt>.png}. Where two images of one folder share a
-    name (a.jpg and a.png), the extension stays in it; images outside source_root (absolute list entries) go to
-    out_dir itself. Two images that would still share a file are an error, never one prediction over another."""
+    """{image: out_dir/<its folder below source_root>/<name>_<fmt>.png}. Where two images of one
+    folder share a name (a.jpg and a.png), the extension stays in it; images outside source_root
+    (absolute list entries) go to out_dir itself. Two images that would still share a file are an
+    error, never one prediction over another."""
     source_root = Path(source_root).resolve()
     keys = {}
     for image in map(Path, image_paths):
@@ -221,14 +205,12 @@ def prediction_paths(image_paths, source_root, *, out_dir, fmt):
     counts = collections.Counter(keys.values())
     paths, owners = {}, {}
     for image, (folder, name) in keys.items():
-        path = (
-            Path(out_dir)
-            / folder
-            / f"{name}{Path(image).suffix if counts[(folder, name)] > 1 else ''}_{fmt}.png"
-        )
+        suffix = Path(image).suffix if counts[(folder, name)] > 1 else ""
+        path = Path(out_dir) / folder / f"{name}{suffix}_{fmt}.png"
         if path in owners:
             raise DataError(
-                f"{owners[path]} and {image} would both be written to {path}; give them different names"
+                f"{owners[path]} and {image} would both be written to {path}; "
+                "give them different names"
             )
         paths[image], owners[path] = path, image
     return paths
@@ -241,16 +223,18 @@ def save_prediction(image, path):
             image.save(temp, format="PNG")
     except FileExistsError:
         raise DataError(
-            f"{path} appeared while this run was writing predictions; it was kept, not replaced: pass another --out-dir"
+            f"{path} appeared while this run was writing predictions; it was kept, not replaced: "
+            "pass another --out-dir"
         ) from None
     except OSError as e:
         raise DataError(
-            f"{path}: cannot write the prediction ({e.strerror or e}); pass a writable --out-dir with free space"
+            f"{path}: cannot write the prediction ({e.strerror or e}); "
+            "pass a writable --out-dir with free space"
         ) from None
 
 
 def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
-    """images -> class map through a PyTorch model in eval mode: what evaluate() and tools/video.py call."""
+    """images -> class map through a PyTorch model in eval mode (evaluate(), tools/video.py)."""
 
     def segment(images):
         with torch.no_grad(), runtime.autocast(amp):
@@ -261,13 +245,13 @@ def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
 
 @torch.no_grad()
 def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=2, progress=True):
-    """Metrics over the dataset (all ranks together; none for label-free data) and this rank's seconds: waiting for
-    data (decoding, copies), in the model (prediction and confusion matrix, synchronised) and in all.
-    segment: images -> class map (torch_segmenter, or a deployed model of tools/deploy.py). The classes are the
-    dataset's (dataset.info), which must be the model's. out_paths: {image: PNG to write} (prediction_paths)."""
-    shard = torch.utils.data.Subset(
-        dataset, range(runtime.rank, len(dataset), runtime.world_size)
-    )  # no padding: each image counts once
+    """Metrics over the dataset (all ranks together; none for label-free data) and this rank's
+    seconds: waiting for data (decoding, copies), in the model (prediction and confusion matrix,
+    synchronised) and in all. segment: images -> class map (torch_segmenter, or a deployed model of
+    tools/deploy.py). The classes are the dataset's (dataset.info), which must be the model's.
+    out_paths: {image: PNG to write} (prediction_paths)."""
+    # no padding: each image counts once
+    shard = torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
     loading = dict(
         pin_memory=runtime.pin_memory,
         pin_memory_device=runtime.pin_memory_device,
@@ -282,9 +266,8 @@ def evaluate(segment, dataset, *, runtime, out_paths=None, fmt="color", workers=
     )
     has_labels, data_s, model_s = True, 0.0, 0.0
     started = tick = time.perf_counter()
-    for sample in tqdm(
-        loader, desc="evaluate", disable=not (progress and runtime.is_main), leave=False
-    ):
+    quiet = not (progress and runtime.is_main)
+    for sample in tqdm(loader, desc="evaluate", disable=quiet, leave=False):
         data_s += time.perf_counter() - tick
         tick = time.perf_counter()
         pred = segment(sample["image"].to(runtime.device, non_blocking=True))
@@ -338,18 +321,19 @@ def print_table(result, mode, *, class_names):
         else ""
     )
     print(
-        f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mDice {result['mDice']:.2f}    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}"
+        f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mDice {result['mDice']:.2f}"
+        f"    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}"
     )
 
 
-# -- The script ----------------------------------------------------------------------------------------------
+# -- The script ------------------------------------------------------------------------------------
 def inference_model(model, runtime):
-    """The deployed path: BatchNorm folded into convolutions, the device's preferred memory format."""
+    """As deployed: BatchNorm folded into convolutions, the device's preferred memory format."""
     return fuse_bn(model).to(runtime.device, memory_format=runtime.memory_format)
 
 
 def evaluation_parser(description):
-    """The flags of scoring a model and writing its predictions; tools/deploy.py adds its own to them."""
+    """The flags of scoring a model and writing its predictions; tools/deploy.py adds its own."""
     parser = cli.ArgumentParser(description)
     parser.add_argument("--ckpt", help="our checkpoint, CoinCheung's or mmseg's released weights")
     cli.add_data_flags(parser)
@@ -387,16 +371,19 @@ def evaluation_parser(description):
 def check_flags(parser, args):
     """The flag combinations that cannot work, as argparse errors."""
     if not all(0.125 <= scale <= 8 for scale in args.scales):
+        scales = ",".join(f"{v:g}" for v in args.scales)
         parser.error(
-            f"argument --scales: {','.join(f'{v:g}' for v in args.scales)}: each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)"
+            f"argument --scales: {scales}: each scale must be 0.125 to 8 "
+            "(mmseg's ms is 0.5 to 1.75)"
         )
     if args.mode == "slide" and (args.stride[0] > args.crop[0] or args.stride[1] > args.crop[1]):
-        larger = f"{args.stride[0]}x{args.stride[1]} is larger than --crop {args.crop[0]}x{args.crop[1]}, so windows would leave pixels unscored"
+        stride = f"{args.stride[0]}x{args.stride[1]}"
+        crop = f"{args.crop[0]}x{args.crop[1]}"
+        larger = f"{stride} is larger than --crop {crop}, so windows would leave pixels unscored"
         parser.error(f"argument --stride: {larger}; use a stride no larger than the crop")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        parser.error(
-            f"argument --out-dir: {args.out_dir} is a file; pass a folder (it is created if missing)"
-        )
+        folder = "pass a folder (it is created if missing)"
+        parser.error(f"argument --out-dir: {args.out_dir} is a file; {folder}")
     return args
 
 
@@ -409,35 +396,33 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
         )
     if split == "test" and not writes:
         raise cli.UsageError(
-            f"--split test: {data_root} has no labels to score it with; pass --out-dir to write the predictions (e.g. for the test server)"
+            f"--split test: {data_root} has no labels to score it with; "
+            "pass --out-dir to write the predictions (e.g. for the test server)"
         )
     if dataset.info.num_classes != info.num_classes:
         data = f"{data_root} ({dataset.info.name}) has {dataset.info.num_classes}"
         raise CheckpointError(
-            f"{model}: a model of {info.num_classes} classes, but {data}; evaluate it on the data it was trained for"
+            f"{model}: a model of {info.num_classes} classes, but {data}; "
+            "evaluate it on the data it was trained for"
         )
-    if (
-        is_main
-        and info.name != unnamed_classes(info.num_classes).name
-        and info.class_names != dataset.info.class_names
-    ):
-        k = next(
-            k for k, (a, b) in enumerate(zip(info.class_names, dataset.info.class_names)) if a != b
-        )
-        differ = f"class {k}: {info.class_names[k]!r} in the model, {dataset.info.class_names[k]!r} in {data_root}"
+    if not is_main:
+        return dataset
+    # numbered classes (weights saved without names) are no names to compare
+    named = info.name != unnamed_classes(info.num_classes).name
+    if named and info.class_names != dataset.info.class_names:
+        differ = class_difference(info.class_names, dataset.info.class_names, "the data's")
         print(
-            f"warning: the model's classes are not the data's ({differ}); scores are reported under the data's names",
+            f"warning: the model's classes are not the data's ({differ}); "
+            "scores are reported under the data's names",
             file=sys.stderr,
         )
-    if is_main:
-        print(
-            f"dataset: {dataset.info.name} ({detect_dataset(data_root, dataset_type)}), {dataset.info.num_classes} classes, {len(dataset)} {split} images"
-        )
+    found = f"{dataset.info.name} ({detect_dataset(data_root, dataset_type)})"
+    print(f"dataset: {found}, {dataset.info.num_classes} classes, {len(dataset)} {split} images")
     return dataset
 
 
 def output_paths(dataset, args, runtime):
-    """{image: prediction PNG} with --out-dir (checked before the first image is segmented), else None."""
+    """{image: prediction PNG} with --out-dir (checked before any image is segmented), else None."""
     if not args.out_dir:
         return None
     one_image = bool(args.images) and Path(args.images).is_file()
@@ -445,22 +430,23 @@ def output_paths(dataset, args, runtime):
     out_paths = prediction_paths(
         [image for image, _ in dataset.samples], source_root, out_dir=args.out_dir, fmt=args.format
     )
-    mine = dict(
-        list(out_paths.items())[runtime.rank :: runtime.world_size]
-    )  # this rank's shard: the others may be writing theirs
-    # predictions never go among the inputs, nor over a file this run did not create; the folder must be writable first
+    # this rank's shard: the others may be writing theirs
+    mine = dict(list(out_paths.items())[runtime.rank :: runtime.world_size])
+    # predictions never go among the inputs, nor over a file this run did not create; the folder
+    # must be writable first
     out = Path(args.out_dir).resolve()
-    if not one_image and (
-        out == Path(source_root).resolve() or Path(source_root).resolve() in out.parents
-    ):
+    source = Path(source_root).resolve()
+    if not one_image and (out == source or source in out.parents):
         raise cli.UsageError(
-            f"--out-dir {args.out_dir} is inside the input folder {source_root}; pass a folder outside it (predictions never go among the inputs)"
+            f"--out-dir {args.out_dir} is inside the input folder {source_root}; "
+            "pass a folder outside it (predictions never go among the inputs)"
         )
     try:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise cli.UsageError(
-            f"--out-dir {args.out_dir}: cannot create it ({e.strerror or e}); pass a writable folder"
+            f"--out-dir {args.out_dir}: cannot create it ({e.strerror or e}); "
+            "pass a writable folder"
         ) from None
     if not os.access(args.out_dir, os.W_OK):
         raise cli.UsageError(f"--out-dir {args.out_dir}: not writable; pass a writable folder")
@@ -468,14 +454,15 @@ def output_paths(dataset, args, runtime):
     if existing:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise cli.UsageError(
-            f"--out-dir {args.out_dir}: {existing[0]} exists{more}; pass another --out-dir or remove them (they are never overwritten)"
+            f"--out-dir {args.out_dir}: {existing[0]} exists{more}; "
+            "pass another --out-dir or remove them (they are never overwritten)"
         )
     return out_paths
 
 
 def score(segment, info, *, precision, model_name, args, runtime, options=Inference()):
-    """Scores `segment` (images -> class map) on the split, or writes predictions for --images; prints the table
-    and the JSON line. The part of evaluate.py that tools/deploy.py shares for exported models."""
+    """Scores `segment` (images -> class map) on the split, or writes predictions for --images;
+    prints the table and the JSON line. tools/deploy.py shares it for exported models."""
     if args.images:
         if not args.out_dir:
             raise cli.UsageError("--images needs --out-dir to write the predictions to")
@@ -494,11 +481,13 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
         )
     if args.format == "compare" and (args.images or args.split == "test"):
         raise cli.UsageError(
-            "--format compare shows the ground truth, which --images and the test split have not; use --format overlay"
+            "--format compare shows the ground truth, which --images and the test split have not; "
+            "use --format overlay"
         )
     if args.format == "labelIds" and dataset.info.submission_ids is None:
         raise cli.UsageError(
-            f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); use --format trainIds"
+            f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); "
+            "use --format trainIds"
         )
     result = evaluate(
         segment,
@@ -527,13 +516,15 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
             }
             for key in ("iou", "dice", "precision", "recall")
         }
+        # JSON has no NaN
         scores = {
             key: None if np.isnan(result[key]) else round(result[key], 2)
             for key in ("mIoU", "mDice", "mAcc", "aAcc")
-        }  # JSON has no NaN
+        }
+        # per_class_precision is the metric; "precision" (above) is the arithmetic's
         per_class = {"per_class": per_class.pop("iou")} | {
             f"per_class_{key}": values for key, values in per_class.items()
-        }  # "precision": the arithmetic's
+        }
         summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, **per_class}
     print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
 
