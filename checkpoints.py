@@ -11,7 +11,7 @@ import cli
 from bisenet import BiSeNetV1, ModelConfig
 from cityscapes import CITYSCAPES, NUM_CLASSES
 from cli import CheckpointError
-from datasets import DatasetInfo, class_difference, unnamed_classes, voc_palette
+from datasets import DatasetInfo, first_difference, unnamed_classes, voc_palette
 
 TRAINING_KEYS = ("model_config", "model", "optimizer", "scaler", "iteration", "best_miou")
 
@@ -149,7 +149,8 @@ def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
         )
     saved_classes = tuple((checkpoint.get("dataset") or {}).get("class_names") or ())
     if saved_classes and saved_classes != info.class_names:
-        other = class_difference(saved_classes, info.class_names, "the data's")
+        k, ours, theirs = first_difference(saved_classes, info.class_names)
+        other = f"class {k} was {ours!r}, the data's is {theirs!r}"
         fix = f"pass a new --work-dir, or --load-from {path} to fine-tune on this data"
         raise CheckpointError(f"{path}: a run on other classes ({other}); {fix}")
     model.load_state_dict(checkpoint["model"])

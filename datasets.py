@@ -108,16 +108,13 @@ def unnamed_classes(count):
     )
 
 
-def class_difference(ours, theirs, whose):
-    """Where two class lists first differ, e.g. "class 3 was 'wall', the data's is 'fence'"."""
-    for k, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            return f"class {k} was {a!r}, {whose} is {b!r}"
-    return f"{len(ours)} classes, {whose} has {len(theirs)}"
+def first_difference(ours, theirs):
+    """(k, ours[k], theirs[k]) where two class lists first differ; a list that ends first gives None."""
+    k = next(k for k in range(max(len(ours), len(theirs))) if ours[k : k + 1] != theirs[k : k + 1])
+    return k, (ours[k : k + 1] or [None])[0], (theirs[k : k + 1] or [None])[0]
 
 
-# -- Reading images and labels
-# --------------------------------------------------------------------------------
+# -- Reading images and labels ---------------------------------------------------------------------
 def exif_orientation(file):
     """The EXIF orientation (1-8; 1: as stored) of an opened PIL image, from the header only
     (PIL's getexif would decode a whole PNG to look for it)."""
@@ -301,8 +298,7 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
     return SegmentationDataset(samples, info, transform=transform)
 
 
-# -- Training augmentation
-# ------------------------------------------------------------------------------------
+# -- Training augmentation -------------------------------------------------------------------------
 def nearest_indices(out_size, in_size, start, count):
     """Source indices of nearest-neighbour resizing in_size -> out_size, for output positions
     start..start+count."""
@@ -417,8 +413,7 @@ class TrainTransform:
         return image
 
 
-# -- Sampling: which images each iteration of each rank trains on
-# ---------------------------------------------
+# -- Sampling: which images each iteration of each rank trains on ----------------------------------
 class IterationSampler(torch.utils.data.Sampler):
     """Batches of (index, augmentation seed) for iterations start..iters-1. Epoch e is a
     permutation seeded by (seed, e), of which iteration i of rank r takes its own slice
@@ -472,8 +467,7 @@ def training_loader(dataset, *, batch_size, workers, seed, start, iters, runtime
     )
 
 
-# -- Label statistics: what the labels hold, before a run trains on them
-# ------------------------------------
+# -- Label statistics: what the labels hold, before a run trains on them ---------------------------
 def label_pixels(job):
     """Pixels per label value (256 counts) of one (label path, DatasetInfo)."""
     return np.bincount(read_label(*job).ravel(), minlength=256)

@@ -34,8 +34,8 @@ from datasets import (
     IGNORE_INDEX,
     DataError,
     SegmentationDataset,
-    class_difference,
     detect_dataset,
+    first_difference,
     ignore_stop_signals,
     open_dataset,
     unnamed_classes,
@@ -410,7 +410,8 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
     # numbered classes (weights saved without names) are no names to compare
     named = info.name != unnamed_classes(info.num_classes).name
     if named and info.class_names != dataset.info.class_names:
-        differ = class_difference(info.class_names, dataset.info.class_names, "the data's")
+        k, ours, theirs = first_difference(info.class_names, dataset.info.class_names)
+        differ = f"class {k}: {ours!r} in the model, {theirs!r} in {data_root}"
         print(
             f"warning: the model's classes are not the data's ({differ}); "
             "scores are reported under the data's names",

@@ -55,13 +55,10 @@ from workdir import (
 )
 
 # Every recipe: its model, images, lr and length for one device, and what else it changes from the
-# flags'
-# defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs on N
-# devices:
-# "lr" keeps the images per device and multiplies lr by N (linear scaling: Ascend's 8 x 8 images
-# at lr 0.2);
-# "batch" keeps the images in all and splits them, lr unchanged (mmseg's R18: 16 images at lr
-# 0.025 on any count).
+# flags' defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs
+# on N devices: "lr" keeps the images per device and multiplies lr by N (linear scaling: Ascend's
+# 8 x 8 images at lr 0.2); "batch" keeps the images in all and splits them, lr unchanged (mmseg's
+# R18: 16 images at lr 0.025 on any count).
 RECIPES = {
     "ascend_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "mmseg_r18": dict(
@@ -84,8 +81,7 @@ RECIPES = {
         val_interval=100,
         ckpt_interval=100,
     ),
-    # tools/benchmark_learning.py: mmseg 1.x's R18 config at a CPU's scale, beside mmseg's own
-    # trainer
+    # tools/benchmark_learning.py: mmseg 1.x's R18 at a CPU's scale, beside mmseg's own trainer
     "learning": dict(
         depth=18,
         batch_size=4,
@@ -97,9 +93,8 @@ RECIPES = {
         amp="O0",
     ),
 }
-PERF_RUN = dict(
-    iters=400, no_validate=True, ckpt_interval=400
-)  # Ascend ModelZoo's throughput run of a recipe
+# Ascend ModelZoo's throughput run of a recipe
+PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("ascend_r50", "mmseg_r18")}
 EARLIER_NAMES = {"seed_r50": "ascend_r50", "seed_r50_perf": "ascend_r50_perf", "r18": "mmseg_r18"}
 EARLIER_NAMES["r18_perf"] = "mmseg_r18_perf"
@@ -125,7 +120,7 @@ def recipe_settings(name, devices):
     return {**recipe, "batch_size": per_device}
 
 
-def add_training_flags(p):
+def add_model_flags(p):
     model = p.add_argument_group("model")
     model.add_argument(
         "--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="ResNet context path"
@@ -155,6 +150,9 @@ def add_training_flags(p):
     )
     workers = "data loading processes per device"
     data.add_argument("--workers", type=cli.integer(0), default=4, help=workers)
+
+
+def add_schedule_flags(p):
     s = p.add_argument_group("schedule and loss")
     s.add_argument("--iters", type=cli.integer(1), help="training iterations")
     lr = "for this run's devices (the recipe scales it)"
@@ -193,6 +191,9 @@ def add_training_flags(p):
     s.add_argument("--seed", type=cli.integer(0), default=36436756, help="the random seed")
     diff = "different dropout seed per rank"
     s.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help=diff)
+
+
+def add_run_flags(p):
     run = p.add_argument_group("run")
     run.add_argument(
         "--work-dir", default="work_dirs/bisenetv1", help="checkpoints, log and pictures"
@@ -231,7 +232,9 @@ def parse_args(argv=None):
     p.add_argument("--print-recipe", action="store_true", help=show)
     cli.add_data_flags(p)
     cli.add_device_flags(p)
-    add_training_flags(p)
+    add_model_flags(p)
+    add_schedule_flags(p)
+    add_run_flags(p)
     recipe = pre.parse_known_args(argv)[0].recipe
     try:
         p.set_defaults(
@@ -263,8 +266,7 @@ def parse_args(argv=None):
     return args
 
 
-# -- Schedule and loss
-# ------------------------------------------------------------------------------------------
+# -- Schedule and loss -----------------------------------------------------------------------------
 def learning_rate(
     it,
     *,
@@ -374,8 +376,7 @@ def class_weights(spec, counts, num_classes, *, runtime, resumed):
     return weights.to(runtime.device)
 
 
-# -- Model ---------------------------------------------------------------------------------------
-# ---------------
+# -- Model -----------------------------------------------------------------------------------------
 def create_model(
     runtime,
     *,
@@ -429,14 +430,18 @@ def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
     return loss
 
 
+def trains_channels_last(args, runtime):
+    """Whether the model and its batches are channels_last: --channels-last, else the device's."""
+    return runtime.prefers_channels_last if args.channels_last is None else args.channels_last
+
+
 def seed_for(seed, diff_seed, *, rank, iteration):
     """Torch's RNG (dropout) is reseeded from (seed, rank, iteration) before every step, so a run
     resumed from any iteration continues exactly, on any world size."""
     return (seed * 1000003 + (rank if diff_seed else 0) * 7919 + iteration) % 2**63
 
 
-# -- Building a run, then running it
-# ---------------------------------------------------------------------------
+# -- Building a run, then running it ---------------------------------------------------------------
 def build_runtime(args):
     """The device, checked against the flags before anything is loaded."""
     runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
@@ -472,7 +477,7 @@ def build_data(args):
     return dataset, val_set
 
 
-def build_state(args, runtime, info, channels_last, *, checkpoint, resumed_from, log):
+def build_state(args, runtime, info, *, checkpoint, resumed_from, log):
     """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as the resumed
     checkpoint left them."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
@@ -481,7 +486,7 @@ def build_state(args, runtime, info, channels_last, *, checkpoint, resumed_from,
         depth=args.depth,
         num_classes=info.num_classes,
         dropout=args.dropout,
-        channels_last=channels_last,
+        channels_last=trains_channels_last(args, runtime),
         load_from=args.load_from,
         pretrained=args.pretrained,
         sync_bn=args.sync_bn,
@@ -556,42 +561,53 @@ def label_counts(args, dataset, work_dir, run_log):
 
 
 def train(args):
-    """Builds everything (runtime, data, work dir, model, the loop's periodic work), then runs
-    the loop."""
+    """Builds the run (runtime, data, work dir, objective, model), then runs it; the log, the
+    process group and the work dir's lock are released however it ends."""
     runtime = build_runtime(args)
     dataset, val_set = build_data(args)
-    work_dir, info = Path(args.work_dir), dataset.info
+    work_dir = Path(args.work_dir)
     lock, checkpoint, resumed_from = open_work_dir(
         work_dir, args.resume, runtime=runtime, log=tqdm.write
     )
     preemption = Preemption(work_dir)  # from here on a stop signal ends the run with its line
     run_log = RunLog(work_dir, runtime.is_main)
-    counts = label_counts(args, dataset, work_dir, run_log)
-    resumed = (checkpoint or {}).get("args", {}).get("class_weights")
-    weights = class_weights(
-        args.class_weight, counts, info.num_classes, runtime=runtime, resumed=resumed
-    )
-    run_log.message(runtime.precision_note(args.amp))
-    channels_last = args.channels_last
-    channels_last = runtime.prefers_channels_last if channels_last is None else channels_last
-    model, optimizer, scaler, start, best = build_state(
-        args,
-        runtime,
-        info,
-        channels_last,
-        checkpoint=checkpoint,
-        resumed_from=resumed_from,
-        log=run_log.message,
-    )
-    del checkpoint
+    try:
+        counts = label_counts(args, dataset, work_dir, run_log)
+        resumed = (checkpoint or {}).get("args", {}).get("class_weights")
+        num_classes = dataset.info.num_classes
+        weights = class_weights(
+            args.class_weight, counts, num_classes, runtime=runtime, resumed=resumed
+        )
+        run_log.message(runtime.precision_note(args.amp))
+        state = build_state(
+            args,
+            runtime,
+            dataset.info,
+            checkpoint=checkpoint,
+            resumed_from=resumed_from,
+            log=run_log.message,
+        )
+        del checkpoint  # its tensors are in the model and optimizer now
+        return run(
+            args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log
+        )
+    finally:
+        run_log.close()
+        teardown_runtime(runtime)
+        if lock:
+            lock.close()
+
+
+def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log):
+    """The loop's periodic work, the loop, then the JSON line."""
+    model, optimizer, scaler, start, best = state
     run_log.start(start)
     settings = {**vars(args), "world_size": runtime.world_size}
     settings["class_weights"] = None if weights is None else weights.tolist()
-    contents = dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=info)
     checkpointer = Checkpointer(
-        work_dir,
+        Path(args.work_dir),
         model,
-        contents=contents,
+        contents=dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=dataset.info),
         interval=args.ckpt_interval,
         iters=args.iters,
         keep=args.keep_checkpoints,
@@ -611,13 +627,10 @@ def train(args):
         run_log=run_log,
         checkpointer=checkpointer,
     )
-    step_check = StepCheck(scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
-    hooks = dict(
-        step_check=step_check,
-        checkpointer=checkpointer,
-        validation=validation,
-        preemption=preemption,
+    step_check = StepCheck(
+        scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=Path(args.work_dir)
     )
+    hooks = dict(step_check=step_check, checkpointer=checkpointer, validation=validation)
     loss_fn = functools.partial(
         segmentation_loss,
         loss_type=args.loss,
@@ -626,66 +639,28 @@ def train(args):
         normalise=args.loss_normalise,
         class_weight=weights,
     )
-    try:
-        progress = run_loop(
-            args,
-            runtime,
-            model,
-            optimizer,
-            scaler,
-            loss_fn,
-            dataset,
-            start,
-            channels_last,
-            run_log,
-            **hooks,
-        )
-        return finish(
-            args,
-            runtime,
-            progress=progress,
-            validation=validation,
-            checkpointer=checkpointer,
-            step_check=step_check,
-            run_log=run_log,
-        )
-    finally:
-        run_log.close()
-        teardown_runtime(runtime)
-        if lock:
-            lock.close()
+    progress = run_loop(
+        args,
+        runtime,
+        model,
+        optimizer,
+        scaler,
+        loss_fn,
+        dataset,
+        start,
+        run_log,
+        preemption=preemption,
+        **hooks,
+    )
+    return finish(args, runtime, progress=progress, run_log=run_log, **hooks)
 
 
-def run_loop(
-    args,
-    runtime,
-    model,
-    optimizer,
-    scaler,
-    loss_fn,
-    dataset,
-    start,
-    channels_last,
-    run_log,
-    *,
-    step_check,
-    checkpointer,
-    validation,
-    preemption,
-):
+def run_loop(args, runtime, model, optimizer, scaler, loss_fn, dataset, start, run_log, **hooks):
     """One step per batch, then each periodic work (the checkpoint first: a validation that fails
     never costs the interval). Returns the Progress that timed it."""
-    schedule = functools.partial(
-        learning_rate,
-        base_lr=args.lr,
-        iters=args.iters,
-        min_lr=args.min_lr,
-        power=args.poly_power,
-        warmup_iters=args.warmup_iters,
-        warmup=args.warmup,
-        warmup_ratio=args.warmup_ratio,
-        schedule=args.lr_schedule,
-    )
+    step_check, checkpointer = hooks["step_check"], hooks["checkpointer"]
+    validation, preemption = hooks["validation"], hooks["preemption"]
+    schedule = lr_schedule(args)
     stepped = data_parallel(model, runtime) if runtime.distributed else model
     stepped = torch.compile(stepped) if args.compile else stepped
     loader = training_loader(
@@ -697,24 +672,18 @@ def run_loop(
         iters=args.iters,
         runtime=runtime,
     )
-    autocast, it = functools.partial(runtime.autocast, args.amp), start
-    bar = tqdm(
-        total=args.iters,
-        initial=start,
-        disable=not runtime.is_main,
-        dynamic_ncols=True,
-        desc="train",
-    )
+    autocast = functools.partial(runtime.autocast, args.amp)
+    layout = trains_channels_last(args, runtime)
     images_per_iter = args.batch_size * runtime.world_size
     progress = Progress(
-        bar,
         run_log,
         interval=args.log_interval,
         start=start,
         iters=args.iters,
         images_per_iter=images_per_iter,
     )
-    with bar, stopping(runtime, checkpointer, preemption, lambda: it):
+    it = start
+    with progress.bar, stopping(runtime, checkpointer, preemption, lambda: it):
         tick = time.perf_counter()
         for it, batch in enumerate(loader, start):
             data_time, lr = time.perf_counter() - tick, schedule(it)
@@ -722,9 +691,7 @@ def run_loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = batch["image"].to(runtime.device, non_blocking=True)
-            images = (
-                images.contiguous(memory_format=torch.channels_last) if channels_last else images
-            )
+            images = images.contiguous(memory_format=torch.channels_last) if layout else images
             labels = batch["label"].to(runtime.device, non_blocking=True).long()
             step = dict(
                 scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast
@@ -740,6 +707,21 @@ def run_loop(
             preemption.step(it, runtime, checkpointer)
             tick = time.perf_counter()
     return progress
+
+
+def lr_schedule(args):
+    """The lr of each iteration: learning_rate with this run's numbers."""
+    return functools.partial(
+        learning_rate,
+        base_lr=args.lr,
+        iters=args.iters,
+        min_lr=args.min_lr,
+        power=args.poly_power,
+        warmup_iters=args.warmup_iters,
+        warmup=args.warmup,
+        warmup_ratio=args.warmup_ratio,
+        schedule=args.lr_schedule,
+    )
 
 
 @contextlib.contextmanager

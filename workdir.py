@@ -3,7 +3,7 @@ per work dir (a lock), the newest complete checkpoint found to resume from, a lo
 and the loop's periodic work (progress, checkpoints, validation, stop signals), each a `.step(it)`.
 
     work_dir/iter_N.pth   a complete training checkpoint after N iterations (model, optimizer...)
-    work_dir/latest.pth   a link to the newest iter_N.pth (a hard one where symbolic links are refused)
+    work_dir/latest.pth   a link to the newest iter_N.pth (hard where symbolic links are refused)
     work_dir/best.pth     the checkpoint of the best validation mIoU
     work_dir/log.jsonl    a JSON line per log interval and validation; the pictures come from it
     work_dir/.lock        held by the training process that uses the work dir
@@ -450,8 +450,12 @@ class Progress:
     training images per second and the share of time spent waiting for data, over the steps after
     the first few (warm-up)."""
 
-    def __init__(self, bar, run_log, *, interval, start, iters, images_per_iter):
-        self.bar, self.run_log, self.interval = bar, run_log, interval
+    def __init__(self, run_log, *, interval, start, iters, images_per_iter):
+        self.run_log, self.interval = run_log, interval
+        disabled = not run_log.enabled
+        self.bar = tqdm(
+            total=iters, initial=start, disable=disabled, dynamic_ncols=True, desc="train"
+        )
         self.iters, self.images_per_iter = iters, images_per_iter
         self.first_timed = start + min(10, max((iters - start) // 10, 1))
         self.images, self.seconds, self.data_seconds = 0, 0.0, 0.0
@@ -572,8 +576,7 @@ def saved_on_error(checkpointer, it):
         raise
 
 
-# -- The loop's checks: each step's health, and validation
-# -------------------------------------------------------
+# -- The loop's checks: each step's health, and validation -----------------------------------------
 class StepCheck:
     """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back);
     a non-finite loss anywhere else, or a scale below 1, ends the run with the last good
