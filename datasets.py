@@ -109,7 +109,7 @@ def unnamed_classes(count):
 
 
 def first_difference(ours, theirs):
-    """(k, ours[k], theirs[k]) where two class lists first differ; a list that ends first gives None."""
+    """(k, ours[k], theirs[k]) where two class lists first differ (None past a list's end)."""
     k = next(k for k in range(max(len(ours), len(theirs))) if ours[k : k + 1] != theirs[k : k + 1])
     return k, (ours[k : k + 1] or [None])[0], (theirs[k : k + 1] or [None])[0]
 
