@@ -191,6 +191,15 @@ def test_a_run_shorter_than_the_log_interval_says_so_instead_of_an_empty_curve(
     assert curve(miou) == [(4, GOOD[2]["val_mIoU"])]
 
 
+def test_a_panel_of_null_values_only_says_so(tmp_path, monkeypatch):
+    """A loss that was never finite is logged as null: no line to draw."""
+    work_dir = write_log(tmp_path, [{"iter": 2, "loss": None, "lr": 0.01}, GOOD[2]])
+    _, figures = drawn(monkeypatch, work_dir)
+    loss, lr, _ = figures[0].axes
+    assert not loss.lines and not loss.axison and "null" in loss.texts[0].get_text()
+    assert curve(lr) == [(2, 0.01)]
+
+
 def test_a_single_point_is_drawn_as_a_mark(tmp_path, monkeypatch):
     work_dir = write_log(tmp_path, [GOOD[1], GOOD[2]])
     _, figures = drawn(monkeypatch, work_dir)
