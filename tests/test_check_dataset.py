@@ -1,4 +1,5 @@
-"""tools/check_dataset.py against counts made here independently (PIL and numpy over the label files)."""
+"""tools/check_dataset.py against counts made here independently (PIL and numpy over the label
+files)."""
 
 import csv
 import json
@@ -126,8 +127,8 @@ def test_check_explains_masks_of_0_and_255(tmp_path):
     info = interop.folder_info(root)
     assert f"warning: train: 1 of 2 classes never occur: {info.class_names[1]}" in result.stderr
     assert (
-        "labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1"
-        in result.stderr
+        "labels hold only 0 and 255, and 255 is the ignore value: "
+        "if 255 marks your foreground, write it as 1" in result.stderr
     )
     assert json.loads(result.stdout.strip().splitlines()[-1])["splits"]["train"]["absent"] == [
         info.class_names[1]
@@ -163,15 +164,15 @@ TINY_RUN = [
 
 
 def test_masks_of_0_and_255_are_refused_and_train_after_mapping(tmp_path):
-    """With a 2-class classes.txt, 255 is ignored: the model would learn background only and score 'mIoU 100'."""
+    """With a 2-class classes.txt, 255 is ignored: the model would learn background only and score
+    'mIoU 100'."""
     root = binary_masks_of_0_and_255(tmp_path)
     refused = in_process("train.py", "--data-root", root, "--work-dir", tmp_path / "wd", *TINY_RUN)
     name = interop.folder_info(root).class_names[1]
-    fix = f"if 255 marks your foreground, write it as 1 into a copy: python tools/map_labels.py {root} NEW_ROOT --map 255=1"
-    assert (
-        one_line_error(refused)
-        == f"error: {root}: the training labels hold only 0 and 255, and 255 is the ignore value, so {name!r} never occurs; {fix}"
-    )
+    command = f"python tools/map_labels.py {root} NEW_ROOT --map 255=1"
+    fix = f"if 255 marks your foreground, write it as 1 into a copy: {command}"
+    why = "the training labels hold only 0 and 255, and 255 is the ignore value"
+    assert one_line_error(refused) == f"error: {root}: {why}, so {name!r} never occurs; {fix}"
     before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     mapped = in_process("tools/map_labels.py", root, tmp_path / "mapped", "--map", "255=1")
     assert mapped.returncode == 0 and last_json(mapped.stdout)["labels"] == 6, mapped.stderr
@@ -247,9 +248,9 @@ def test_a_class_absent_from_the_training_labels_warns_and_the_histogram_is_reus
 
 
 def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root):
-    """A Pool's exit stops its workers with SIGTERM; while they ignored it (as loader workers must), the pool could
-    wait for them forever and train.py hung before its first step. Ten histograms in 2 processes, in a child that a
-    hang cannot take the test run with, each against PIL's counts."""
+    """A Pool's exit stops its workers with SIGTERM; while they ignored it (as loader workers must),
+    the pool could wait for them forever and train.py hung before its first step. Ten histograms in
+    2 processes, in a child that a hang cannot take the test run with, each against PIL's counts."""
     code = (
         "import json, sys; from datasets import label_histogram, open_dataset\n"
         "dataset = open_dataset(sys.argv[1], 'train')\n"
@@ -268,7 +269,8 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
         os.killpg(child.pid, signal.SIGKILL)  # the child, its pool's workers and the forkserver
         child.communicate()
         pytest.fail(
-            "label_histogram(dataset, 2) did not return within 120 s: its pool waits for workers that ignore SIGTERM"
+            "label_histogram(dataset, 2) did not return within 120 s: "
+            "its pool waits for workers that ignore SIGTERM"
         )
     assert child.returncode == 0
     expected = independent_counts(datasets.open_dataset(synthetic_root, "train").samples, 19)
@@ -360,7 +362,8 @@ def test_class_weight_auto_is_enets_formula_of_the_training_histogram_and_a_bad_
         "--class-weight",
         tmp_path / "w.txt",
     )
-    expected = f"error: --class-weight {tmp_path / 'w.txt'}: expected 5 finite weights >= 0, not all 0 (one per class); got 3 values"
+    wanted = "expected 5 finite weights >= 0, not all 0 (one per class); got 3 values"
+    expected = f"error: --class-weight {tmp_path / 'w.txt'}: {wanted}"
     assert one_line_error(refused) == expected
     (tmp_path / "w.txt").write_text("1 1 1 1 4\n")
     weighted = in_process(
@@ -376,3 +379,114 @@ def test_class_weight_auto_is_enets_formula_of_the_training_histogram_and_a_bad_
     assert weighted.returncode == 0 and torch.load(
         tmp_path / "wd3" / "latest.pth", weights_only=True
     )["args"]["class_weights"] == [1, 1, 1, 1, 4]
+
+
+def check(root, tmp_path, *flags):
+    return in_process("tools/check_dataset.py", root, "--out", tmp_path / "report", *flags)
+
+
+def my3(tmp_path, **kwargs):
+    """mmseg's layout: JPEG images, palette labels (read by PIL alone)."""
+    return synthetic.synthesize_folder(
+        tmp_path / "data", classes=3, train=3, val=1, height=32, width=48, seed=8, **kwargs
+    )
+
+
+@pytest.mark.parametrize("samples", ["0", "2"])
+def test_an_image_and_its_label_of_different_sizes_are_a_finding(samples, tmp_path):
+    root = my3(tmp_path)
+    image, label = datasets.open_dataset(root, "train").samples[0]
+    with Image.open(label) as png:
+        png.resize((40, 30), Image.NEAREST).save(label)
+    result = check(root, tmp_path, "--samples", samples, "--nproc", "1")
+    finding = f"{label}: label is 40x30 but image {image} is 48x32"
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: {finding}" in result.stderr
+    train = last_json(result.stdout)["splits"]["train"]
+    assert [b.split(";")[0] for b in train["broken"]] == [finding]
+    others = datasets.open_dataset(root, "train").samples[1:]
+    assert list(train["pixels"].values()) == independent_counts(others, 3)
+    assert train["sizes"] == {"32x48": 2}
+
+
+def not_utf8(path):
+    """The path renamed to a name that is not UTF-8 (Python shows such a name with surrogates)."""
+    renamed = path.with_name(os.fsdecode(b"\xff\xfe") + path.suffix)
+    path.rename(renamed)
+    return renamed
+
+
+@pytest.mark.parametrize("nproc", ["1", pytest.param("2", marks=pytest.mark.slow)])
+def test_a_file_name_that_is_not_utf8_is_read_and_drawn(nproc, tmp_path):
+    """In this process, and in a child of its own (a pool, and a real stdout and stderr to print the
+    name to)."""
+    root = my3(tmp_path)
+    image, label = datasets.open_dataset(root, "train").samples[0]
+    not_utf8(image), not_utf8(label)
+    samples = datasets.open_dataset(root, "train").samples
+    assert any(os.fsdecode(b"\xff\xfe") in str(image) for image, _ in samples)
+    args = [root, "--out", tmp_path / "report", "--samples", "3", "--nproc", nproc]
+    result = (
+        in_process("tools/check_dataset.py", *args)
+        if nproc == "1"
+        else run_with_timeout([sys.executable, "tools/check_dataset.py", *args])
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    train = last_json(result.stdout)["splits"]["train"]
+    assert train["images"] == 3 and train["broken"] == []
+    assert list(train["pixels"].values()) == independent_counts(samples, 3)
+    with Image.open(tmp_path / "report" / "samples_train.png") as picture:
+        assert picture.height > 3 * 100
+
+
+def run_with_timeout(command, timeout=300):
+    """command in a child that a hang cannot take the test run with: its finished process, or a
+    failed test."""
+    child = subprocess.Popen(
+        [str(part) for part in command],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child, its pool's workers and the forkserver
+        child.communicate()
+        pytest.fail(f"{' '.join(map(str, command))} did not end within {timeout} s")
+    return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_a_name_that_is_not_utf8_never_hangs_the_default_pool(tmp_path):
+    """A grey label goes through OpenCV, whose imread crashed on such a name: the pool's worker died
+    and the pool waited for its result forever. Now the name is read, or the check ends with one
+    line."""
+    root = my3(tmp_path)
+    image, label = datasets.open_dataset(root, "train").samples[0]
+    with Image.open(label) as png:
+        Image.fromarray(np.array(png)).save(label)  # palette indices -> grey
+    not_utf8(image), not_utf8(label)
+    result = run_with_timeout(
+        [sys.executable, "tools/check_dataset.py", root, "--out", tmp_path / "report"]
+    )
+    assert result.returncode >= 0, f"killed by signal {-result.returncode}"
+    if result.returncode == 0:
+        train = last_json(result.stdout)["splits"]["train"]
+        samples = datasets.open_dataset(root, "train").samples
+        assert list(train["pixels"].values()) == independent_counts(samples, 3)
+    else:
+        one_line_error(result, 1)
+
+
+@pytest.mark.slow
+def test_a_reading_process_that_dies_ends_the_check_with_one_line():
+    """As the kernel's out-of-memory killer ends a process: SIGKILL, no exception to pass back."""
+    code = (
+        "import signal, sys; sys.path[:0] = ['tools']; import cli, check_dataset\n"
+        "cli.main(check_dataset.read_all, signal.raise_signal, [signal.SIGKILL] * 4, 2, 'x')"
+    )
+    result = run_with_timeout([sys.executable, "-c", code], timeout=120)
+    assert one_line_error(result, 1).startswith("error: a process reading x died")

@@ -1,17 +1,23 @@
 """Check a dataset before training on it: what train.py and evaluate.py will read, per split.
 
-    python tools/check_dataset.py data/cityscapes                 # Cityscapes, or your own data in any layout
+    python tools/check_dataset.py data/cityscapes      # Cityscapes, or your own data in any layout
     python tools/check_dataset.py data/mydata --out reports/mydata --samples 6
 
-Per split: image count and sizes, the label values found, pixels per class (a table, and class_pixels.png), the
-classes that never occur, and for train the images' RGB mean/std. samples_SPLIT.png shows a few images with their
-labels overlaid, beside the same samples after the training augmentation (what the model sees). A file that cannot
-be read is named, and the check goes on; it then exits with 1. The last line printed is JSON.
+Per split: image count and sizes, the label values found, pixels per class (a table, and
+class_pixels.png), the classes that never occur, and for train the images' RGB mean/std.
+samples_SPLIT.png shows a few images with their labels overlaid, beside the same samples after the
+training augmentation (what the model sees). A file that cannot be read, or a label of another
+size than its image, is named, and the check goes on; it then exits with 1. The last line printed
+is JSON.
 """
 
 import collections
 import json
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -30,30 +36,62 @@ from datasets import (
 from plot_run import pyplot, save_figure
 
 
+class ReaderDied(cli.Error):
+    """A reading process ended without an answer (killed, or a decoder crashed)."""
+
+    exit_code = 1
+
+
+def shown(path):
+    """A path as text that any output takes: bytes of a name that are not UTF-8 as \\xNN escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
 def sample_statistics(job):
-    """(image size, RGB sums and squared sums, label value counts) of one (image, label) pair, or its error line."""
+    """(image size, RGB sums and squared sums, label value counts) of one (image, label) pair, or
+    the line that says what is wrong with it."""
     image_path, label_path, info = job
     try:
         image = read_image(image_path).astype(np.float64)
-        values = (
-            np.bincount(read_label(label_path, info).ravel(), minlength=256)
-            if label_path
-            else np.zeros(256, np.int64)
-        )
+        label = read_label(label_path, info) if label_path else None
     except cli.DataError as e:
         return f"{e}"
+    except Exception as e:  # noqa: BLE001  (a finding about this pair, never the end of the check)
+        pair = f"{image_path}" + (f" / {label_path}" if label_path else "")
+        return f"{pair}: cannot be read ({type(e).__name__}: {cli.first_line(e)})"
+    if label is not None and label.shape != image.shape[:2]:
+        sizes = f"label is {label.shape[1]}x{label.shape[0]} but image {image_path} is"
+        return (
+            f"{label_path}: {sizes} {image.shape[1]}x{image.shape[0]}; a label must have its "
+            "image's size: re-export the one that is wrong"
+        )
+    values = np.bincount(label.ravel(), minlength=256) if label is not None else np.zeros(256)
     pixels = image.reshape(-1, 3)
-    return image.shape[:2], pixels.sum(0), (pixels**2).sum(0), values
+    return image.shape[:2], pixels.sum(0), (pixels**2).sum(0), values.astype(np.int64)
 
 
-def split_statistics(dataset, *, nproc):
-    """The split's counts, sizes, label values and RGB moments; broken files as error lines."""
+def read_all(function, jobs, nproc, what):
+    """[function(job) for job in jobs], in nproc processes. A process that dies (killed for memory,
+    a decoder that crashed) ends the check with one line, where a multiprocessing Pool would wait
+    for its answer forever."""
+    if nproc < 2:
+        return list(map(function, jobs))
+    context = multiprocessing.get_context("forkserver")  # cli.process_pool says why not a fork
+    try:
+        with ProcessPoolExecutor(nproc, mp_context=context) as pool:
+            return list(pool.map(function, jobs, chunksize=8))
+    except BrokenProcessPool:
+        raise ReaderDied(
+            f"a process reading {what} died (killed, out of memory, or a decoder crashed on one of "
+            "its files); run the check again, with a lower --nproc"
+        ) from None
+
+
+def split_statistics(dataset, what, *, nproc):
+    """The split's counts, sizes, label values and RGB moments; what is wrong as error lines, and
+    the indices of the good samples."""
     jobs = [(image, label, dataset.info) for image, label in dataset.samples]
-    if nproc > 1:
-        with cli.process_pool(nproc) as pool:
-            results = pool.map(sample_statistics, jobs, chunksize=8)
-    else:
-        results = list(map(sample_statistics, jobs))
+    results = read_all(sample_statistics, jobs, nproc, what)
     good = [r for r in results if not isinstance(r, str)]
     values = sum((r[3] for r in good), np.zeros(256, np.int64))
     pixels = sum(r[0][0] * r[0][1] for r in good)
@@ -67,6 +105,7 @@ def split_statistics(dataset, *, nproc):
         "mean": mean,
         "std": std,
         "errors": [r for r in results if isinstance(r, str)],
+        "good": [k for k, r in enumerate(results) if not isinstance(r, str)],
     }
 
 
@@ -75,21 +114,19 @@ def report(split, stats, info):
     counts = stats["values"][: info.num_classes]
     labelled = int(counts.sum())
     absent = [name for name, count in zip(info.class_names, counts) if count == 0]
-    print(
-        f"{split}: {stats['images']} images, sizes {stats['sizes']}, label values {np.flatnonzero(stats['values']).tolist()}"
-    )
+    found = np.flatnonzero(stats["values"]).tolist()
+    print(f"{split}: {stats['images']} images, sizes {stats['sizes']}, label values {found}")
     print(f"{'class':>20} | {'pixels':>12} | share of labelled")
     for name, count in zip(info.class_names, counts):
         print(f"{name:>20} | {int(count):>12} | {100 * count / max(labelled, 1):6.2f}%")
     print(f"{'ignored (255)':>20} | {int(stats['values'][IGNORE_INDEX]):>12} |")
     if absent and stats["values"].any():
-        print(
-            f"warning: {split}: {len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}",
-            file=sys.stderr,
-        )
+        never = f"{len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}"
+        print(f"warning: {split}: {never}", file=sys.stderr)
     if info.num_classes == 2 and absent == [info.class_names[1]] and stats["values"][IGNORE_INDEX]:
+        fix = "if 255 marks your foreground, write it as 1 (tools/map_labels.py)"
         print(
-            f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: if 255 marks your foreground, write it as 1 (tools/map_labels.py)",
+            f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: {fix}",
             file=sys.stderr,
         )
     part = {
@@ -128,12 +165,13 @@ def plot_class_pixels(parts, info, out):
     save_figure(plt, figure, out / "class_pixels.png")
 
 
-def plot_samples(dataset, split, out, *, count, crop):
-    """Rows: image with its label overlaid | the same after the training augmentation."""
+def plot_samples(dataset, split, out, *, good, count, crop):
+    """Rows: image with its label overlaid | the same after the training augmentation, of the first
+    `count` labelled samples among `good` (indices of samples that were read whole)."""
     plt = pyplot()
-    chosen = [
-        (i, (image, label)) for i, (image, label) in enumerate(dataset.samples) if label is not None
-    ][:count]
+    chosen = [(i, dataset.samples[i]) for i in good if dataset.samples[i][1] is not None][:count]
+    if not chosen:
+        return
     figure, axes = plt.subplots(len(chosen), 2, figsize=(10, 2.8 * len(chosen)), squeeze=False)
     for row, (index, (image_path, label_path)) in enumerate(chosen):
         image, label = read_image(image_path), read_label(label_path, dataset.info)
@@ -141,7 +179,7 @@ def plot_samples(dataset, split, out, *, count, crop):
             image, label, np.random.default_rng(index)
         )
         for axis, picture, title in (
-            (axes[row, 0], overlay(image, label, dataset.info), Path(image_path).name),
+            (axes[row, 0], overlay(image, label, dataset.info), shown(Path(image_path).name)),
             (axes[row, 1], overlay(seen, seen_label, dataset.info), "training augmentation"),
         ):
             axis.imshow(picture)
@@ -157,20 +195,23 @@ def check(args):
     )
     out.mkdir(parents=True, exist_ok=True)
     parts, info, moments = {}, None, None
-    print(f"dataset: {detect_dataset(root, args.dataset)} at {root}")
+    print(f"dataset: {detect_dataset(root, args.dataset)} at {shown(root)}")
     for split in ("train", "val"):
         try:
             dataset = open_dataset(root, split, dataset_type=args.dataset)
         except cli.DataError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        info, stats = dataset.info, split_statistics(dataset, nproc=args.nproc)
+        info = dataset.info
+        stats = split_statistics(dataset, f"the {split} files of {root}", nproc=args.nproc)
         for error in stats["errors"]:
             print(f"error: {error}", file=sys.stderr)
         parts[split] = report(split, stats, info)
         moments = moments or (split == "train" and stats)
         if args.samples:
-            plot_samples(dataset, split, out, count=args.samples, crop=args.crop)
+            plot_samples(
+                dataset, split, out, good=stats["good"], count=args.samples, crop=args.crop
+            )
     if info is None:
         raise cli.DataError(f"{root}: neither a train nor a val split could be opened")
     plot_class_pixels(parts, info, out)

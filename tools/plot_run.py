@@ -1,10 +1,13 @@
-"""The pictures of a training run, from its log.jsonl; train.py runs this after each validation and at the end.
+"""The pictures of a training run, from its log.jsonl; train.py runs this after each validation
+and at the end.
 
-    python tools/plot_run.py work_dirs/bisenetv1                  # any run's work dir, running or finished
+    python tools/plot_run.py work_dirs/bisenetv1      # any run's work dir, running or finished
 
-Writes into the work dir: curves.png (training loss, learning rate and val mIoU against iteration) and, from the
-newest validation, confusion.csv (pixels: rows ground truth, columns prediction), confusion.png (each row normalised
-to the class's labelled pixels) and per_class_iou.png. The last line printed is JSON.
+Writes into the work dir: curves.png (training loss, learning rate and val mIoU against iteration;
+a panel with nothing logged yet says so) and, from the newest validation, confusion.csv (pixels:
+rows ground truth, columns prediction), confusion.png (each row in percent of the class's labelled
+pixels) and per_class_iou.png. A line of the log that is not an entry train.py writes is skipped,
+with a warning that names it. The last line printed is JSON.
 """
 
 import csv
@@ -21,17 +24,62 @@ import cli
 from cli import atomic_write
 
 
+def numeric(value, *, none=True):
+    """A JSON number (true and false are not), or null where none allows it."""
+    if value is None:
+        return none
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def well_formed(entry):
+    """Whether a parsed line is an entry train.py writes, as far as the pictures read it."""
+    if not isinstance(entry, dict) or not numeric(entry.get("iter"), none=False):
+        return False
+    if not all(numeric(entry[key]) for key in ("loss", "lr", "val_mIoU") if key in entry):
+        return False
+    if "val_confusion" not in entry:
+        return True
+    names, confusion = entry.get("val_iou"), entry["val_confusion"]
+    if not isinstance(names, dict) or not all(map(numeric, names.values())):
+        return False
+    return (
+        isinstance(confusion, list)
+        and len(confusion) == len(names)
+        and all(isinstance(row, list) and len(row) == len(names) for row in confusion)
+        and all(numeric(v, none=False) and v >= 0 for row in confusion for v in row)
+    )
+
+
 def read_log(work_dir):
-    """The JSON lines of work_dir/log.jsonl (a line cut short by a running writer is left out)."""
+    """The entries of work_dir/log.jsonl. A line that is not one is skipped with a warning, but for
+    a last line cut short by a running writer, which is left out quietly."""
     path = Path(work_dir) / "log.jsonl"
     if not path.is_file():
         raise cli.UsageError(f"{path}: not found; pass the --work-dir of a train.py run")
-    entries = []
-    for line in path.read_text().splitlines():
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    entries, skipped = [], []
+    for number, line in enumerate(lines, 1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except ValueError:
-            continue
+            entry = None
+        if well_formed(entry):
+            entries.append(entry)
+        elif line.strip() and not (number == len(lines) and not text.endswith("\n")):
+            skipped.append(number)
+    if skipped:
+        named = ", ".join(map(str, skipped[:10])) + (
+            f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        )
+        what = (
+            "lines {} skipped: not entries" if len(skipped) > 1 else "line {} skipped: not an entry"
+        )
+        print(
+            f"warning: {path}: {what.format(named)} train.py writes; the pictures are drawn from "
+            "the other lines",
+            file=sys.stderr,
+        )
     return entries
 
 
@@ -53,8 +101,17 @@ def save_figure(plt, figure, path):
     plt.close(figure)
 
 
+NOTHING_YET = {  # what a panel says where the log holds none of its points
+    "loss": "no training loss logged yet:\ntrain.py logs it every --log-interval\n"
+    "iterations and at the end",
+    "val_mIoU": "no validation yet:\ntrain.py validates every --val-interval\n"
+    "iterations and at the end",
+}
+
+
 def plot_curves(plt, entries, path):
-    """Loss, learning rate and val mIoU (an empty validation, logged as null, leaves a gap) against iteration."""
+    """Loss, learning rate and val mIoU (an empty validation, logged as null, leaves a gap) against
+    iteration; a single point is drawn as a mark, a panel with none says so."""
     train = [e for e in entries if "loss" in e]
     val = [e for e in entries if "val_mIoU" in e]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -64,12 +121,19 @@ def plot_curves(plt, entries, path):
         ("val_mIoU", val, "val mIoU"),
     )
     for axis, (key, rows, title) in zip(axes, series):
+        axis.set_title(title)
+        points = sum(e[key] is not None for e in rows)
+        if not points:
+            why = NOTHING_YET["val_mIoU" if key == "val_mIoU" else "loss"]
+            why = why if not rows else f"every {title} logged is null\n(not a finite number)"
+            axis.text(0.5, 0.5, why, ha="center", va="center", transform=axis.transAxes)
+            axis.axis("off")
+            continue
         axis.plot(
             [e["iter"] for e in rows],
             [np.nan if e[key] is None else e[key] for e in rows],
-            marker="o" if key == "val_mIoU" else None,
+            marker="o" if key == "val_mIoU" or points == 1 else None,
         )
-        axis.set_title(title)
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
     save_figure(plt, figure, path)
@@ -84,26 +148,26 @@ def write_confusion(plt, entry, work_dir):
     writer.writerows([name, *row] for name, row in zip(names, confusion.tolist()))
     with atomic_write(work_dir / "confusion.csv") as temp:
         temp.write_text(text.getvalue())
-    shares = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    percent = 100 * confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     size = max(6, 0.45 * len(names))
     figure, axis = plt.subplots(figsize=(size + 1.5, size))
-    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    image = axis.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     axis.set_xticks(range(len(names)), names, rotation=60, ha="right")
     axis.set_yticks(range(len(names)), names)
     axis.set_xlabel("prediction")
     axis.set_ylabel("ground truth")
-    for (row, column), share in np.ndenumerate(shares):
-        if share >= 0.005:
+    for (row, column), share in np.ndenumerate(percent):
+        if share >= 0.5:
             axis.text(
                 column,
                 row,
-                f"{100 * share:.0f}",
+                f"{share:.0f}",
                 ha="center",
                 va="center",
                 fontsize=7,
-                color="white" if share > 0.5 else "black",
+                color="white" if share > 50 else "black",
             )
-    figure.colorbar(image, fraction=0.046, label="share of the class's labelled pixels")
+    figure.colorbar(image, fraction=0.046, label="percent of the class's labelled pixels")
     axis.set_title(f"confusion at iteration {entry['iter']} (percent of each row)")
     save_figure(plt, figure, work_dir / "confusion.png")
 
