@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, in_process, last_json, one_line_error
 from PIL import Image
 
+import datasets
 import interop
 import synthetic
 

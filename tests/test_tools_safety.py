@@ -13,6 +13,7 @@ import pytest
 from conftest import copy_of, digest, in_process, last_json
 from PIL import Image
 
+import datasets
 import plot_run
 import synthetic
 
