@@ -14,6 +14,8 @@ import re
 import signal
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 
@@ -301,13 +303,36 @@ def sync_directory(directory):
         os.close(fd)
 
 
-def process_pool(processes):
-    """A multiprocessing Pool whose workers come from a fresh single-threaded server (forkserver),
-    never a fork of this process: a fork copies any lock another thread (torch's, a test runner's)
-    holds at that moment, and a worker that then waits on it waits forever. Its workers keep
-    SIGTERM's default: leaving the `with` block stops them with it, and a worker that ignored it
-    would be waited for forever."""
-    # Windows has spawn only, and no fork to fear
+def process_context():
+    """Worker processes come from a fresh single-threaded server (forkserver), never a fork of this
+    process: a fork copies any lock another thread (torch's, a test runner's) holds at that moment,
+    and a worker that then waits on it waits forever. Windows has spawn only: no fork to fear."""
     methods = multiprocessing.get_all_start_methods()
-    method = "forkserver" if "forkserver" in methods else "spawn"
-    return multiprocessing.get_context(method).Pool(processes)
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def process_pool(processes):
+    """A multiprocessing Pool (process_context). Its workers keep SIGTERM's default: leaving the
+    `with` block stops them with it, and a worker that ignored it would be waited for forever."""
+    return process_context().Pool(processes)
+
+
+class WorkerDied(Error):
+    exit_code = 1  # not the input's fault: a rerun with fewer processes may pass
+
+
+def process_map(function, jobs, processes, what):
+    """function(job) for each job, in order, in `processes` processes (process_context). A process
+    that dies (killed for memory, a decoder that crashed) ends it with one line, where a Pool would
+    wait for its answer forever."""
+    if processes < 2:
+        yield from map(function, jobs)
+        return
+    try:
+        with ProcessPoolExecutor(processes, mp_context=process_context()) as pool:
+            yield from pool.map(function, jobs, chunksize=8)
+    except BrokenProcessPool:
+        crashed = "killed, out of memory, or a decoder crashed on one of its files"
+        raise WorkerDied(
+            f"a process reading {what} died ({crashed}); run it again, with fewer processes"
+        ) from None

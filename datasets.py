@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from bisenet import IMAGENET_MEAN
-from cli import DataError, atomic_write, first_line, process_pool
+from cli import DataError, atomic_write, first_line, process_map
 
 # the label value every dataset ignores in the loss, the metric and the crop padding, as mmseg and
 # CoinCheung do
@@ -474,13 +474,10 @@ def label_pixels(job):
 
 
 def label_histogram(dataset, processes):
-    """Pixels per label value (0..255) over every label of the dataset, read in `processes`
-    processes."""
+    """Pixels per label value (0..255) of the dataset's labels, read in `processes` processes."""
     jobs = [(label, dataset.info) for _, label in dataset.samples]
-    if processes < 2:
-        return sum(map(label_pixels, jobs), np.zeros(256, np.int64))
-    with process_pool(processes) as pool:
-        return sum(pool.imap_unordered(label_pixels, jobs, chunksize=16), np.zeros(256, np.int64))
+    counts = process_map(label_pixels, jobs, processes, f"the labels of {dataset.info.name}")
+    return sum(counts, np.zeros(256, np.int64))
 
 
 def training_label_counts(dataset, cache, *, source, processes, log):

@@ -13,11 +13,8 @@ is JSON.
 
 import collections
 import json
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +31,6 @@ from datasets import (
     read_label,
 )
 from plot_run import pyplot, save_figure
-
-
-class ReaderDied(cli.Error):
-    """A reading process ended without an answer (killed, or a decoder crashed)."""
-
-    exit_code = 1
 
 
 def shown(path):
@@ -71,20 +62,9 @@ def sample_statistics(job):
 
 
 def read_all(function, jobs, nproc, what):
-    """[function(job) for job in jobs], in nproc processes. A process that dies (killed for memory,
-    a decoder that crashed) ends the check with one line, where a multiprocessing Pool would wait
-    for its answer forever."""
-    if nproc < 2:
-        return list(map(function, jobs))
-    context = multiprocessing.get_context("forkserver")  # cli.process_pool says why not a fork
-    try:
-        with ProcessPoolExecutor(nproc, mp_context=context) as pool:
-            return list(pool.map(function, jobs, chunksize=8))
-    except BrokenProcessPool:
-        raise ReaderDied(
-            f"a process reading {what} died (killed, out of memory, or a decoder crashed on one of "
-            "its files); run the check again, with a lower --nproc"
-        ) from None
+    """[function(job) for job in jobs], in nproc processes (cli.process_map: a process that dies
+    ends the check with one line)."""
+    return list(cli.process_map(function, jobs, nproc, what))
 
 
 def split_statistics(dataset, what, *, nproc):
