@@ -1,8 +1,9 @@
-"""BiSeNetV1 (Yu et al., ECCV 2018) with a ResNet context path, as in mmsegmentation and CoinCheung/BiSeNet.
+"""BiSeNetV1 (Yu et al., ECCV 2018) with a ResNet context path, as in mmseg and CoinCheung/BiSeNet.
 
-The model takes RGB images with values 0..255 (uint8 or float) and normalises them itself, so the mean/std a
-checkpoint was trained with travel with it. Train mode returns (main, aux16, aux32) logits at input resolution;
-eval mode returns the main logits. Parameters and GFLOPs: python tools/model_info.py --depth 18.
+The model takes RGB images with values 0..255 (uint8 or float) and normalises them itself, so the
+mean/std a checkpoint was trained with travels with it. Train mode returns (main, aux16, aux32)
+logits at input resolution; eval mode the main logits. Parameters and GFLOPs:
+python tools/model_info.py --depth 18.
 """
 
 import copy
@@ -17,16 +18,15 @@ from cli import CheckpointError
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
-# the model's one limit on training batches, said the same wherever it is met (train.py checks it first)
+# the model's one limit on training batches, said alike wherever it is met (train.py checks first)
 BATCH_OF_TWO = (
     "BatchNorm on the 1x1 pooled attention maps needs at least 2 images per device; "
     "use --batch-size >= 2 (or --sync-bn on several devices)"
 )
-RESNET_LAYOUTS = {
-    18: ("basic", (2, 2, 2, 2)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-}  # the depths with a recipe and released weights
-PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
+# the depths with a recipe and released weights
+RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
+# mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
+PRESETS = {
     "basic": dict(
         spatial_channels=(64, 64, 64, 128),
         context_channels=(128, 256, 512),
@@ -46,14 +46,14 @@ PRESETS = {  # mmseg's configs: spatial path, context path (C, layer3 in, layer4
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model. Checkpoints and exported models store it as to_dict()'s plain dict;
-    from_dict reads those of every earlier checkpoint. The channel widths default to mmseg's for the depth."""
+    """Everything needed to rebuild a model. Checkpoints and exported models store it as to_dict()'s
+    plain dict; from_dict reads those of every earlier checkpoint. The channel widths default to
+    mmseg's for the depth."""
 
     depth: int = 18
     num_classes: int = 19
-    ffm_attention_relu: bool = (
-        True  # mmseg's fusion attention has a ReLU before its sigmoid; CoinCheung's has none
-    )
+    # mmseg's fusion attention has a ReLU before its sigmoid; CoinCheung's has none
+    ffm_attention_relu: bool = True
     dropout: float = 0.1
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
@@ -88,7 +88,8 @@ class ModelConfig:
                 sorted(set(config) - names) if isinstance(config, dict) else type(config).__name__
             )
             raise CheckpointError(
-                f"{source}: its model_config is not one this code knows ({unknown}); it comes from another program or a newer version"
+                f"{source}: its model_config is not one this code knows ({unknown}); "
+                "it comes from another program or a newer version"
             )
         return cls(**config)
 
@@ -103,7 +104,7 @@ class ConvBNReLU(nn.Module):
         return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
-# -- ResNet with torchvision's parameter names (conv1, bn1, layer1..layer4) ------------------------------------
+# -- ResNet with torchvision's parameter names (conv1, bn1, layer1..layer4) ----------------------
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -118,9 +119,8 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(
-            out + (self.downsample(x) if self.downsample is not None else x), inplace=True
-        )
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity, inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -130,9 +130,8 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(
-            width, width, 3, stride, 1, bias=False
-        )  # stride on the 3x3: torchvision/mmseg 'pytorch'
+        # stride on the 3x3: torchvision/mmseg 'pytorch'
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(width * 4)
@@ -142,9 +141,8 @@ class Bottleneck(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return F.relu(
-            out + (self.downsample(x) if self.downsample is not None else x), inplace=True
-        )
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity, inplace=True)
 
 
 def downsample(cin, cout, stride):
@@ -174,9 +172,9 @@ class ResNet(nn.Module):
         return x16, self.layer4(x16)
 
 
-# -- BiSeNetV1 ------------------------------------------------------------------------------------------------
+# -- BiSeNetV1 ----------------------------------------------------------------------------------
 class ChannelAttention(nn.Module):
-    """x * sigmoid(BN(conv1x1(mean over H, W))); mmseg's fusion module adds a ReLU before the sigmoid."""
+    """x * sigmoid(BN(conv1x1(mean over H, W))); mmseg's fusion module: ReLU before the sigmoid."""
 
     def __init__(self, channels, relu):
         super().__init__()
@@ -220,9 +218,8 @@ class SegHead(nn.Module):
         self.classifier = nn.Conv2d(mid, num_classes, 1)
 
     def forward(self, x, size):
-        logits = self.classifier(
-            self.dropout(self.conv(x))
-        ).float()  # the loss runs in fp32 (apex O1)
+        # the loss runs in fp32 (apex O1)
+        logits = self.classifier(self.dropout(self.conv(x))).float()
         if size is None:
             return logits
         if self.training:
@@ -231,11 +228,10 @@ class SegHead(nn.Module):
 
 
 def bilinear_taps(out_size, in_size):
-    """F.interpolate(mode='bilinear', align_corners=False) along one axis: for each output position, the two source
-    indices it reads and the weight of the second."""
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(
-        min=0
-    )
+    """F.interpolate(mode='bilinear', align_corners=False) along one axis: for each output position,
+    the two source indices it reads and the weight of the second."""
+    centres = torch.arange(out_size, dtype=torch.float64) + 0.5
+    src = (centres * (in_size / out_size) - 0.5).clamp(min=0)
     low = src.floor().long().clamp(max=in_size - 1)
     return low, (low + 1).clamp(max=in_size - 1), src - low
 
@@ -252,41 +248,40 @@ def bilinear_matrix(out_size, in_size, device):
 
 
 def bilinear_resize(x, size):
-    """The same values as F.interpolate(bilinear, align_corners=False) as two matrix products. Training uses it
-    because its backward is two matmuls too: 2-3x faster on CPU than interpolate's scatter-add backward."""
-    with torch.autocast(
-        x.device.type, enabled=False
-    ):  # autocast would run these matmuls in half precision
-        return bilinear_matrix(size[0], x.shape[2], x.device) @ (
-            x @ bilinear_matrix(size[1], x.shape[3], x.device).T
-        )
+    """The same values as F.interpolate(bilinear, align_corners=False) as two matrix products.
+    Training uses it because its backward is two matmuls too: 2-3x faster on CPU than interpolate's
+    scatter-add backward."""
+    # autocast would run these matmuls in half precision
+    with torch.autocast(x.device.type, enabled=False):
+        rows = bilinear_matrix(size[0], x.shape[2], x.device)
+        return rows @ (x @ bilinear_matrix(size[1], x.shape[3], x.device).T)
 
 
 @torch.no_grad()
 def upsampled_classes(logits, size, *, rows=64):
-    """argmax over classes of bilinear_resize(logits, size), a band of output rows at a time, so the full-size
-    logits (19 x H x W floats) never leave the cache: the class map of a 1024x2048 image in half the time."""
+    """argmax over classes of bilinear_resize(logits, size), a band of output rows at a time, so the
+    full-size logits (19 x H x W floats) never leave the cache: the class map of a 1024x2048 image
+    in half the time."""
     height, width = logits.shape[2:]
     with torch.autocast(logits.device.type, enabled=False):
         widened = logits.float() @ bilinear_matrix(size[1], width, logits.device).T
         vertical = bilinear_matrix(size[0], height, logits.device)
-        low, high, _ = bilinear_taps(
-            size[0], height
-        )  # the source rows a band reads: low[top] .. high[bottom - 1]
+        # the source rows a band reads: low[top] .. high[bottom - 1]
+        low, high, _ = bilinear_taps(size[0], height)
         out = torch.empty(logits.shape[0], *size, dtype=torch.long, device=logits.device)
         for top in range(0, size[0], rows):
             bottom = min(top + rows, size[0])
             first, last = int(low[top]), int(high[bottom - 1]) + 1
-            out[:, top:bottom] = (
-                (vertical[top:bottom, first:last] @ widened[:, :, first:last]).max(1).indices
-            )
+            band = vertical[top:bottom, first:last] @ widened[:, :, first:last]
+            out[:, top:bottom] = band.max(1).indices
     return out
 
 
 def segmentation_heads(config):
-    """{name: (the feature it reads, head)}: the main head first, then the auxiliary heads, which only training
-    runs (each loss weighted by --aux-weight). Features: 'fused' (1/8), 'spatial' (1/8), 'context16' (the 1/16
-    branch, upsampled to 1/8), 'context32' (the 1/32 branch, upsampled to 1/16). A new head is a new entry here."""
+    """{name: (the feature it reads, head)}: the main head first, then the auxiliary heads, which
+    only training runs (each loss weighted by --aux-weight). Features: 'fused' (1/8), 'spatial'
+    (1/8), 'context16' (the 1/16 branch, upsampled to 1/8), 'context32' (the 1/32 branch, upsampled
+    to 1/16). A new head is a new entry here."""
     context, classes, dropout = config.context_channels[0], config.num_classes, config.dropout
     return {
         "head": ("fused", SegHead(config.fusion_channels, config.head_channels, classes, dropout)),
@@ -324,15 +319,16 @@ class BiSeNetV1(nn.Module):
         self.reset_parameters()
 
     def classifiers(self):
-        """The parameter name prefixes of every head's classifier: what fine-tuning on other classes replaces."""
+        """Each head's classifier's parameter prefix: what fine-tuning on other classes replaces."""
         return tuple(f"{name}.classifier." for name in self.head_inputs)
 
     def reset_parameters(self):
-        """mmseg's from-scratch initialisation as it runs: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1
-        and 0, the last BatchNorm of every residual block at 0 (zero_init_residual), so each block starts as the
-        identity (Goyal et al. 2017), and the main classifier normal(0, 0.01). The auxiliary classifiers keep
-        PyTorch's default (Kaiming uniform, a=sqrt(5)): mmseg holds those heads in an nn.ModuleList, which mmcv's
-        init_weights never enters, so their configured normal(0, 0.01) never runs."""
+        """mmseg's from-scratch initialisation as it runs: convolutions Kaiming normal (fan_out,
+        ReLU), BatchNorm 1 and 0, the last BatchNorm of every residual block at 0
+        (zero_init_residual), so each block starts as the identity (Goyal et al. 2017), and the main
+        classifier normal(0, 0.01). The auxiliary classifiers keep PyTorch's default (Kaiming
+        uniform, a=sqrt(5)): mmseg holds those heads in an nn.ModuleList, which mmcv's init_weights
+        never enters, so their configured normal(0, 0.01) never runs."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -349,13 +345,13 @@ class BiSeNetV1(nn.Module):
             classifier.reset_parameters()
 
     def forward(self, images, upsample=True):
-        """Training: every head's logits at input size, the main head's first. Eval: the main head's;
-        upsample=False gives them at 1/8 resolution, for upsampled_classes()."""
+        """Training: every head's logits at input size, the main head's first. Eval: the main
+        head's; upsample=False gives them at 1/8 resolution, for upsampled_classes()."""
         size = images.shape[2:]
         x = (images.to(self.mean.dtype) - self.mean) / self.std
         x16, x32 = self.backbone(x)
         context32 = self.arm32(x32) + self.global_context(x32.mean((2, 3), keepdim=True))
-        # nearest resize to the exact size of the next feature map: any input size works, not only multiples of 32
+        # nearest resize to the next map's exact size: inputs need not be multiples of 32
         up32 = self.refine32(F.interpolate(context32, size=x16.shape[2:], mode="nearest"))
         spatial = self.spatial_path(x)
         up16 = F.interpolate(self.arm16(x16) + up32, size=spatial.shape[2:], mode="nearest")
@@ -367,10 +363,10 @@ class BiSeNetV1(nn.Module):
         return tuple(getattr(self, name)(features[f], size) for name, f in self.head_inputs.items())
 
 
-# -- Inference helpers ----------------------------------------------------------------------------------------
+# -- Inference helpers --------------------------------------------------------------------------
 @torch.no_grad()
 def fuse_bn(model):
-    """An eval-mode copy of the model with every BatchNorm folded into the convolution registered just before it."""
+    """An eval-mode copy, every BatchNorm folded into the convolution registered just before it."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
         previous_name, previous = None, None
@@ -388,10 +384,8 @@ def fuse_bn(model):
                     bias=True,
                 )
                 fused.weight.data = conv.weight * scale.view(-1, 1, 1, 1)
-                fused.bias.data = (
-                    child.bias
-                    + ((conv.bias if conv.bias is not None else 0) - child.running_mean) * scale
-                )
+                conv_bias = conv.bias if conv.bias is not None else 0
+                fused.bias.data = child.bias + (conv_bias - child.running_mean) * scale
                 setattr(module, previous_name, fused.to(conv.weight.device))
                 setattr(module, name, nn.Identity())
             previous_name, previous = name, child

@@ -1,8 +1,8 @@
 """Cityscapes, the default dataset: its class table (from cityscapesscripts) and its file layout.
 
 ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
-ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png    (python convert_labels.py ROOT)
-ROOT/{split}.txt    optional: mmseg's `city/city_seq_frame` lines, or CoinCheung's `image,label` lines
+ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png  (convert_labels.py ROOT)
+ROOT/{split}.txt  optional: mmseg's `city/city_seq_frame` lines or CoinCheung's `image,label` lines
 """
 
 from pathlib import Path
@@ -42,21 +42,18 @@ LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 
 
 def find_samples(root, split, *, with_labels=True):
-    """(image_path, label_path | None) pairs of a split, from {root}/{split}.txt when present, else a scan."""
+    """(image_path, label_path | None) of a split, from ROOT/{split}.txt if there, else a scan."""
     root = Path(root)
     image_dir = root / "leftImg8bit" / split
     list_file = root / f"{split}.txt"
     listed_labels = None
     if list_file.is_file():
         lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-        if lines and all(
-            "," in line for line in lines
-        ):  # CoinCheung's lists: `image,label` relative to the root
+        # CoinCheung's lists: `image,label` relative to the root
+        if lines and all("," in line for line in lines):
             pairs = [[root / part.strip() for part in line.split(",", 1)] for line in lines]
-            images, listed_labels = (
-                [image for image, _ in pairs],
-                dict((str(image), label) for image, label in pairs),
-            )
+            images = [image for image, _ in pairs]
+            listed_labels = {str(image): label for image, label in pairs}
         else:  # mmseg's: city/city_seq_frame
             images = [image_dir / (stem + IMAGE_SUFFIX) for stem in lines]
         for image in images:
@@ -67,9 +64,8 @@ def find_samples(root, split, *, with_labels=True):
     elif image_dir.is_dir():
         images = sorted(p for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}") if p.is_file())
     else:
-        raise DataError(
-            f"{image_dir}: split '{split}' not found; expected leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}"
-        )
+        expected = f"expected leftImg8bit/{split}/<city>/*{IMAGE_SUFFIX}"
+        raise DataError(f"{image_dir}: split '{split}' not found; {expected}")
     if not images:
         raise DataError(f"{image_dir}: no *{IMAGE_SUFFIX} images in split '{split}'")
     if not with_labels:
@@ -98,15 +94,13 @@ def sample_name(image_path):
 
 
 def info(root):
-    """The classes of a Cityscapes root: Cityscapes' 19, refusing a classes.txt that names others."""
-    if (Path(root) / "classes.txt").is_file():
+    """A Cityscapes root's classes: Cityscapes' 19, refusing a classes.txt that names others."""
+    classes_file = Path(root) / "classes.txt"
+    if classes_file.is_file():
         from interop import read_classes
 
-        if (
-            read_classes(Path(root) / "classes.txt", "cityscapes").class_names
-            != CITYSCAPES.class_names
-        ):
-            fix = "remove classes.txt, or put your data in one of your own layouts (docs/your-data.md)"
+        if read_classes(classes_file, "cityscapes").class_names != CITYSCAPES.class_names:
             not_these = "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these"
-            raise DataError(f"{Path(root) / 'classes.txt'}: {not_these}; {fix}")
+            fix = "remove classes.txt, or put your data in one of your own layouts"
+            raise DataError(f"{classes_file}: {not_these}; {fix} (docs/your-data.md)")
     return CITYSCAPES

@@ -1,10 +1,10 @@
 """Write gtFine/*_gtFine_labelTrainIds.png and {train,val,test}.txt for a Cityscapes root.
 
-    python convert_labels.py data/cityscapes --nproc 8                 # official: cityscapesscripts' json2labelImg
-    python convert_labels.py data/cityscapes --source labelIds         # fast: shipped labelIds through a lookup table
-    python convert_labels.py data/cityscapes --benchmark               # files/s of both sources, no files written
+    python convert_labels.py ROOT --nproc 8          # official: cityscapesscripts' json2labelImg
+    python convert_labels.py ROOT --source labelIds  # same bytes, from the shipped labelIds PNGs
+    python convert_labels.py ROOT --benchmark        # files/s of both sources, no files written
 
-Already converted files are skipped unless --force. A broken input is reported by path; the rest still converts.
+Converted files are skipped unless --force; a broken input is named and the rest still converts.
 """
 
 import json
@@ -40,9 +40,8 @@ def convert_one(job):
                 label_ids = cv2.imread(str(source_path), cv2.IMREAD_UNCHANGED)
                 if label_ids is None or label_ids.ndim != 2 or label_ids.dtype != np.uint8:
                     raise DataError("not a single-channel 8-bit labelIds PNG")
-                Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(
-                    tmp, format="PNG"
-                )  # PIL, as json2labelImg: same bytes
+                # PIL, as json2labelImg: same bytes
+                Image.fromarray(cv2.LUT(label_ids, LABELID_TO_TRAINID)).save(tmp, format="PNG")
         return None
     except DataError as e:
         return f"{source_path}: {e}"
@@ -62,8 +61,8 @@ def conversion_jobs(root, source, *, force):
 
 
 def write_split_lists(root, log=print):
-    """mmseg's list format, one 'city/city_seq_frame' per line, for every split that has images and no list yet. A
-    list that is there already (yours, or CoinCheung's `image,label` lines) is never replaced."""
+    """mmseg's list format, one 'city/city_seq_frame' per line, for every split with images and no
+    list yet; a list already there (yours, or CoinCheung's `image,label` lines) stays."""
     root = Path(root)
     for split_dir in sorted(p for p in (root / "leftImg8bit").iterdir() if p.is_dir()):
         stems = sorted(
@@ -73,9 +72,8 @@ def write_split_lists(root, log=print):
         text, list_file = "".join(s + "\n" for s in stems), root / f"{split_dir.name}.txt"
         if list_file.exists():
             if list_file.read_text() != text:
-                log(
-                    f"kept {list_file}: it is not the list of the {len(stems)} images found; remove it to have it written"
-                )
+                found = f"it is not the list of the {len(stems)} images found"
+                log(f"kept {list_file}: {found}; remove it to have it written")
             continue
         with atomic_write(list_file) as temp:
             temp.write_text(text)
@@ -90,7 +88,8 @@ def convert_dataset(root, source="polygons", *, nproc=1, force=False, progress=T
         )
     if not os.access(root / "gtFine", os.W_OK) or not os.access(root, os.W_OK):
         raise DataError(
-            f"{root}: not writable (a read-only mount?); the labels and split lists are written beside the data: convert a writable copy"
+            f"{root}: not writable (a read-only mount?); the labels and split lists are written "
+            "beside the data: convert a writable copy"
         )
     jobs = conversion_jobs(root, source, force=force)
     bar = tqdm(total=len(jobs), desc=f"labelTrainIds from {source}", disable=not progress)
@@ -128,15 +127,8 @@ def benchmark(root, nproc):
         print(f"{source:>8}: {rates[source]:8.1f} files/s ({len(jobs)} files, {nproc} processes)")
     ratio = rates["labelIds"] / rates["polygons"]
     print(f"labelIds lookup table is {ratio:.1f}x faster than json2labelImg")
-    print(
-        json.dumps(
-            {
-                "polygons_files_per_s": round(rates["polygons"], 1),
-                "labelIds_files_per_s": round(rates["labelIds"], 1),
-                "ratio": round(ratio, 2),
-            }
-        )
-    )
+    per_s = {f"{source}_files_per_s": round(rate, 1) for source, rate in rates.items()}
+    print(json.dumps({**per_s, "ratio": round(ratio, 2)}))
 
 
 def run_conversion(argv):

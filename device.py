@@ -1,7 +1,8 @@
-"""Every difference between CPU, NVIDIA GPUs and Ascend NPUs lives here: device, distributed backend,
-autocast dtype (on a CPU, from the instructions it has), gradient scaler, memory format, optimizer kernels, where
-the metric is counted and which options a device supports. torch_npu is imported only where it is installed:
-for --device npu, and for --device auto when importlib finds it.
+"""Every difference between CPU, NVIDIA GPUs and Ascend NPUs lives here: device, distributed
+backend, autocast dtype (on a CPU, from the instructions it has), gradient scaler, memory format,
+optimizer kernels, where the metric is counted and which options a device supports. torch_npu is
+imported only where it is installed: for --device npu, and for --device auto when importlib finds
+it.
 """
 
 import datetime
@@ -19,9 +20,10 @@ DEFAULT_BACKEND = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 BACKENDS = ("nccl", "hccl", "gloo", "mpi", "ucc")
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 PRECISION_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-EMULATED_BF16 = "many times slower than fp32"  # bf16 without AMX/AVX512-BF16 (PERFORMANCE.md)
+# bf16 without AMX/AVX512-BF16 (docs/performance.md)
+EMULATED_BF16 = "many times slower than fp32"
 
-# oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; the AVX10 names and their aliases).
+# oneDNN's instruction sets, lowest first (its ONEDNN_MAX_CPU_ISA values; AVX10 names and aliases).
 ONEDNN_ISAS = (
     "SSE41",
     "AVX",
@@ -41,8 +43,8 @@ ONEDNN_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512"} | dict.fromkeys(
 
 @dataclass(frozen=True)
 class CpuFeatures:
-    """What decides the CPU's O1 precision: the hardware's bf16 instructions, and the instruction sets ATen and
-    oneDNN are allowed to use (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA lower them below the hardware's)."""
+    """What decides the CPU's O1 precision: the hardware's bf16 instructions, and the instruction
+    sets ATen and oneDNN may use (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can lower them)."""
 
     aten_capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", ...
     avx512_bf16: bool
@@ -55,19 +57,16 @@ class CpuFeatures:
 
     @classmethod
     def detect(cls):
-        bf16 = dict(
-            avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
-            amx_bf16=torch.cpu._is_amx_tile_supported(),
-        )
         return cls(
             torch.backends.cpu.get_cpu_capability(),
-            **bf16,
+            avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
+            amx_bf16=torch.cpu._is_amx_tile_supported(),
             onednn_max_isa=os.environ.get("ONEDNN_MAX_CPU_ISA") or None,
         )
 
 
 def onednn_allows(max_isa, isa):
-    """Whether oneDNN may use `isa` under ONEDNN_MAX_CPU_ISA=max_isa (unset, DEFAULT or unknown: no limit)."""
+    """Whether oneDNN may use isa under ONEDNN_MAX_CPU_ISA=max_isa (unset/DEFAULT/unknown: any)."""
     if max_isa is None:
         return True
     name = ONEDNN_ALIASES.get(max_isa.upper(), max_isa.upper())
@@ -75,52 +74,54 @@ def onednn_allows(max_isa, isa):
 
 
 def cpu_amp_dtype(features):
-    """(dtype, why) of O1 on this CPU: bf16 where it computes bf16 natively (AMX-BF16 or AVX512-BF16), else fp32,
-    because bf16 without those instructions is emulated through fp32 conversions and is many times slower."""
+    """(dtype, why) of O1 on this CPU: bf16 where it computes bf16 natively (AMX-BF16, AVX512-BF16),
+    else fp32: without those instructions bf16 is emulated through fp32, many times slower."""
     if not (features.avx512_bf16 or features.amx_bf16):
         return torch.float32, f"this CPU has no bf16 instructions: {features.aten_capability}"
     if not features.aten_avx512:
-        return (
-            torch.float32,
-            f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}, which has no bf16 instructions",
-        )
+        limit = f"ATEN_CPU_CAPABILITY limits PyTorch to {features.aten_capability}"
+        return torch.float32, f"{limit}, which has no bf16 instructions"
     if features.amx_bf16 and onednn_allows(features.onednn_max_isa, "AVX10_1_512_AMX"):
         return torch.bfloat16, "this CPU computes bf16 natively: AMX-BF16"
     if onednn_allows(features.onednn_max_isa, "AVX512_CORE_BF16"):
         return torch.bfloat16, "this CPU computes bf16 natively: AVX512-BF16"
-    return (
-        torch.float32,
-        f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa} keeps oneDNN from the CPU's bf16 instructions",
-    )
+    limit = f"ONEDNN_MAX_CPU_ISA={features.onednn_max_isa}"
+    return torch.float32, f"{limit} keeps oneDNN from the CPU's bf16 instructions"
 
 
 def cpu_trains_channels_last(features):
-    """oneDNN's AVX-512 convolutions train fastest on channels_last tensors; its AVX2 ones backpropagate faster on
-    contiguous ones (PERFORMANCE.md, measured on both)."""
+    """oneDNN's AVX-512 convolutions train fastest on channels_last tensors; its AVX2 ones
+    backpropagate faster on contiguous ones (docs/performance.md, measured on both)."""
     return features.aten_avx512 and onednn_allows(features.onednn_max_isa, "AVX512_CORE")
 
 
 def default_amp_dtype(device_type, cpu_features=None):
-    """(dtype, why) of O1 when --amp-dtype is auto. apex O1 was fp16 with dynamic loss scaling, which GPUs and NPUs
-    run natively; a CPU has no fast fp16, and bf16 only on some kinds (cpu_amp_dtype)."""
+    """(dtype, why) of O1 when --amp-dtype is auto: apex O1's fp16 with dynamic loss scaling, which
+    GPUs and NPUs run natively; a CPU has no fast fp16, and bf16 only some kinds (cpu_amp_dtype)."""
     if device_type != "cpu":
         return torch.float16, "fp16 with dynamic loss scaling, as apex O1"
     return cpu_amp_dtype(cpu_features or CpuFeatures.detect())
 
 
 def npu_amp_dtype_error(dtype):
-    """Why this NPU cannot autocast to dtype, or None: torch_npu autocasts to bf16 only on chips that have it (not
-    the 910A) and otherwise switches autocast off with a warning, so the run would train in fp32 unnoticed."""
+    """Why this NPU cannot autocast to dtype, or None: torch_npu autocasts to bf16 only on chips
+    that have it (not the 910A) and otherwise switches autocast off with a warning, so the run would
+    train in fp32 unnoticed."""
     if dtype == torch.bfloat16 and not torch.npu.is_bf16_supported():
-        chip = f"this {torch.npu.get_device_name()} has no bf16 (torch.npu.is_bf16_supported() is False)"
-        return f"--amp-dtype bfloat16: {chip} and would train in fp32; leave --amp-dtype out (fp16 with loss scaling)"
+        name = torch.npu.get_device_name()
+        chip = f"this {name} has no bf16 (torch.npu.is_bf16_supported() is False)"
+        return (
+            f"--amp-dtype bfloat16: {chip} and would train in fp32; "
+            "leave --amp-dtype out (fp16 with loss scaling)"
+        )
     return None
 
 
 def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
-    """torch's SGD (kernel "default": its own choice; "fused": one kernel for all parameters) or torch_npu's
-    NpuFusedSGD ("npu-fused": parameters and gradients in one combined buffer each). Every optimizer is then cleared
-    with its own zero_grad() default: NpuFusedSGD refuses set_to_none, which would drop its combined gradients."""
+    """torch's SGD (kernel "default": its own choice; "fused": one kernel for all parameters) or
+    torch_npu's NpuFusedSGD ("npu-fused": parameters and gradients in one combined buffer each).
+    Each optimizer is cleared with its own zero_grad() default: NpuFusedSGD refuses set_to_none,
+    which would drop its combined gradients."""
     if kernel == "npu-fused":
         from torch_npu.optim import NpuFusedSGD
 
@@ -133,22 +134,28 @@ def sgd(params, *, lr, momentum, weight_decay, kernel="default"):
 def npu_option_error(
     *, compile=False, channels_last=None, torch_npu_version="0.0", triton_installed=False
 ):
-    """Why an option cannot run on this torch_npu, or None. torch.compile has no NPU backend before torch_npu 2.6,
-    which then needs triton-ascend; channels_last is left to torch_npu, which converts to its own internal formats."""
+    """Why an option cannot run on this torch_npu, or None. torch.compile has no NPU backend before
+    torch_npu 2.6, which then needs triton-ascend; channels_last is left to torch_npu, which
+    converts to its own internal formats."""
     major, minor = (torch_npu_version.split(".") + ["0"])[:2]  # '2.6.0rc1', '2.1.0.post3'
-    if compile and (
-        (int(major), int("".join(c for c in minor if c.isdigit()) or 0)) < (2, 6)
-        or not triton_installed
-    ):
-        return f"--compile: torch_npu {torch_npu_version} has no torch.compile backend (it needs torch_npu >= 2.6 with triton-ascend); leave --compile out"
+    if compile:
+        version = (int(major), int("".join(c for c in minor if c.isdigit()) or 0))
+        if version < (2, 6) or not triton_installed:
+            return (
+                f"--compile: torch_npu {torch_npu_version} has no torch.compile backend "
+                "(it needs torch_npu >= 2.6 with triton-ascend); leave --compile out"
+            )
     if channels_last:
-        return "--channels-last: torch_npu picks its own internal memory formats on Ascend; leave --channels-last out"
+        return (
+            "--channels-last: torch_npu picks its own internal memory formats on Ascend; "
+            "leave --channels-last out"
+        )
     return None
 
 
 def cpu_share(cpus, local_rank, local_world_size):
-    """This rank's contiguous slice of the host's cores, as Ascend's port pins each device's process (taskset), so
-    the ranks' loader workers and host-side operators do not compete for the same cores."""
+    """This rank's contiguous slice of the host's cores, as Ascend's port pins each device's process
+    (taskset), so the ranks' loader workers and host-side operators do not compete for cores."""
     cpus = sorted(cpus)
     per_rank = len(cpus) // max(local_world_size, 1)
     return cpus[local_rank * per_rank : (local_rank + 1) * per_rank] if per_rank else cpus
@@ -160,9 +167,8 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     backend: str | None = None
-    amp_dtype: torch.dtype | None = (
-        None  # what O1 computes in; torch.float32: no autocast; None: the device's default
-    )
+    # what O1 computes in; torch.float32: no autocast; None: the device's default
+    amp_dtype: torch.dtype | None = None
     amp_reason: str = ""  # why amp_dtype, printed once at start (precision_note)
     device_reason: str = ""  # why this device, printed first (device_note)
 
@@ -170,17 +176,12 @@ class Runtime:
         if self.amp_dtype is None:
             self.amp_dtype, self.amp_reason = default_amp_dtype(self.device.type)
         elif not self.amp_reason:
-            self.amp_reason = (
-                f"--amp-dtype {next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)}"
-            )
-            if (
-                self.device.type == "cpu"
-                and self.amp_dtype == torch.bfloat16
-                and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16
-            ):
-                self.amp_reason += (
-                    f"; this CPU has no bf16 instructions, so it emulates bf16 {EMULATED_BF16}"
-                )
+            name = next(k for k, v in AMP_DTYPES.items() if v == self.amp_dtype)
+            self.amp_reason = f"--amp-dtype {name}"
+            cpu_bf16 = self.device.type == "cpu" and self.amp_dtype == torch.bfloat16
+            if cpu_bf16 and cpu_amp_dtype(CpuFeatures.detect())[0] != torch.bfloat16:
+                emulates = f"this CPU has no bf16 instructions, so it emulates bf16 {EMULATED_BF16}"
+                self.amp_reason += f"; {emulates}"
 
     @property
     def is_main(self):
@@ -188,21 +189,22 @@ class Runtime:
 
     @property
     def distributed(self):
-        """In a process group (launched by torchrun), even a group of one: DDP and the collectives then run too."""
+        """In a process group (torchrun), even of one: DDP and the collectives then run too."""
         return self.backend is not None
 
     @property
     def prefers_channels_last(self):
-        """Training: channels_last feeds tensor cores (CUDA) and AVX-512 oneDNN best (cpu_trains_channels_last);
-        Ascend picks its own internal formats."""
+        """Training: channels_last feeds tensor cores (CUDA) and AVX-512 oneDNN best
+        (cpu_trains_channels_last); Ascend picks its own internal formats."""
         if self.device.type == "cpu":
             return cpu_trains_channels_last(CpuFeatures.detect())
         return self.device.type != "npu"
 
     @property
     def sgd_kernel(self):
-        """CUDA: one fused kernel (PERFORMANCE.md). Ascend: NpuFusedSGD where torch_npu has it, because torch_npu
-        turns foreach off on the 910A (and on the 910B before CANN 8.0.RC3) and has no fused SGD before torch 2.7."""
+        """CUDA: one fused kernel (docs/performance.md). Ascend: NpuFusedSGD where torch_npu has it,
+        because torch_npu turns foreach off on the 910A (and on the 910B before CANN 8.0.RC3) and
+        has no fused SGD before torch 2.7."""
         if self.device.type == "cuda":
             return "fused"
         if self.device.type == "npu":
@@ -219,12 +221,11 @@ class Runtime:
             return
         import torch_npu
 
-        triton = importlib.util.find_spec("triton") is not None
         error = npu_option_error(
             compile=compile,
             channels_last=channels_last,
             torch_npu_version=torch_npu.__version__,
-            triton_installed=triton,
+            triton_installed=importlib.util.find_spec("triton") is not None,
         )
         if error:
             raise UsageError(error)
@@ -240,26 +241,25 @@ class Runtime:
 
     @property
     def device_note(self):
-        """The first line every script prints, e.g. `device: npu:0, Ascend910B3 (--device auto: torch_npu sees 8 NPUs)`."""
-        threads = torch.get_num_threads()
-        where = (
-            f"cpu, {threads} thread{'s' if threads != 1 else ''}"
-            if self.device.type == "cpu"
-            else f"{self.device}, {self.name}"
-        )
-        return (
-            f"device: {where} ({self.device_reason})" if self.device_reason else f"device: {where}"
-        )
+        """The first line every script prints, e.g.
+        `device: npu:0, Ascend910B3 (--device auto: torch_npu sees 8 NPUs)`."""
+        if self.device.type == "cpu":
+            threads = torch.get_num_threads()
+            where = f"cpu, {threads} thread{'s' if threads != 1 else ''}"
+        else:
+            where = f"{self.device}, {self.name}"
+        why = f" ({self.device_reason})" if self.device_reason else ""
+        return f"device: {where}{why}"
 
     @property
     def pin_memory(self):
-        """Page-locked host batches copy to the accelerator asynchronously; on a CPU pinning only costs time."""
+        """Pinned batches copy to an accelerator asynchronously; on a CPU it only costs time."""
         return self.device.type in ("cuda", "npu")
 
     @property
     def pin_memory_device(self):
-        """torch before the accelerator API pins for CUDA unless told the device; newer torch pins for the current
-        accelerator and warns about the argument."""
+        """torch before the accelerator API pins for CUDA unless told the device; newer torch pins
+        for the current accelerator and warns about the argument."""
         return "npu" if self.device.type == "npu" and not hasattr(torch, "accelerator") else ""
 
     @property
@@ -273,38 +273,38 @@ class Runtime:
 
     @property
     def metric_device(self):
-        """Where the confusion matrix is counted: on CUDA beside the predictions; on Ascend on the host, as Ascend's
-        port does (bincount runs on the NPU's slow AI CPU and every new shape recompiles there)."""
+        """Where the confusion matrix is counted: on CUDA beside the predictions; on Ascend on the
+        host, as Ascend's port does (bincount runs on the NPU's slow AI CPU, compiled per shape)."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
+    def autocast_dtype(self, amp):
+        """What convolutions and matmuls compute in under --amp amp; None: everything stays fp32."""
+        return None if amp == "O0" or self.amp_dtype == torch.float32 else self.amp_dtype
+
     def autocast(self, amp):
-        """apex O1 = conv/matmul in half precision (amp_dtype), weights and loss in fp32; O0 = fp32."""
-        if amp == "O0" or self.amp_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        """apex O1: conv/matmul in amp_dtype, weights and loss in fp32; O0: all fp32."""
+        dtype = self.autocast_dtype(amp)
+        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def precision(self, amp):
-        """What really runs: "fp32", "bf16 autocast" or "fp16 autocast" (the JSON summaries' `precision`)."""
-        if amp == "O0" or self.amp_dtype == torch.float32:
-            return "fp32"
-        return f"{PRECISION_NAMES[self.amp_dtype]} autocast"
+        """What runs: "fp32", "bf16 autocast" or "fp16 autocast" (the summaries' `precision`)."""
+        dtype = self.autocast_dtype(amp)
+        return "fp32" if dtype is None else f"{PRECISION_NAMES[dtype]} autocast"
 
     def precision_note(self, amp):
-        """The line every script prints once at start, e.g. `precision: fp32 (this CPU has no bf16 instructions: AVX2; ...)`."""
+        """The line every script prints once at start, e.g.
+        `precision: fp32 (this CPU has no bf16 instructions: AVX2; ...)`."""
         if amp == "O0":
             return "precision: fp32 (--amp O0)"
-        emulated = self.device.type == "cpu" and self.amp_dtype == torch.float32
-        hint = (
-            f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}"
-            if emulated
-            else ""
-        )
+        hint = ""
+        if self.device.type == "cpu" and self.amp_dtype == torch.float32:
+            hint = f"; --amp-dtype bfloat16 forces bf16, which this CPU emulates {EMULATED_BF16}"
         return f"precision: {self.precision(amp)} ({self.amp_reason}{hint})"
 
     def grad_scaler(self, amp, loss_scale=None):
-        """Loss scaling for fp16 (apex O1's): dynamic, or from loss_scale on and never grown (train.py puts it back
-        after an overflow); bf16 and fp32 need none (the scaler is then a pass-through)."""
-        options = dict(enabled=amp == "O1" and self.amp_dtype == torch.float16)
+        """Loss scaling for fp16 (apex O1's): dynamic, or from loss_scale on and never grown
+        (train.py puts it back after an overflow); bf16 and fp32 need none (the scaler is off)."""
+        options = dict(enabled=self.autocast_dtype(amp) == torch.float16)
         if loss_scale:
             options.update(init_scale=float(loss_scale), growth_interval=2**31 - 1)
         if self.device.type == "npu":
@@ -312,8 +312,8 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, **options)
 
     def load_scaler_state(self, scaler, state):
-        """A GradScaler state saved on any device: torch_npu's keeps a `dynamic` flag that torch's has not and needs it
-        on load; scale and growth tracker carry over both ways."""
+        """A GradScaler state saved on any device: torch_npu's keeps a `dynamic` flag that torch's
+        has not and needs it on load; scale and growth tracker carry over both ways."""
         state = (
             {**state, "dynamic": state.get("dynamic", True)}
             if self.device.type == "npu"
@@ -343,40 +343,36 @@ class Runtime:
         return tensor
 
     def all_reduce_counts(self, counts):
-        """Sums int64 counts on any backend, through the device (hccl reduces no host tensors). They travel as two
-        int32 halves: hccl before torch_npu 2.1.0-5.0.rc3 reduced only 32-bit types."""
+        """A copy of counts summed over ranks, through the device (hccl reduces no host tensors)."""
         if not self.distributed:
             return counts
-        low, high = (counts % 2**20).int().to(self.device), (counts // 2**20).int().to(self.device)
-        dist.all_reduce(low)
-        dist.all_reduce(high)
-        return (high.long() * 2**20 + low.long()).to(counts.device)
+        total = counts.to(self.device, torch.long, copy=True)
+        dist.all_reduce(total)
+        return total.to(counts.device)
 
     def share_buffers(self, model):
-        """Rank 0's BatchNorm statistics to every rank before validation: DDP runs with broadcast_buffers=False (as
-        Ascend's port and mmengine), so each rank's running stats drift apart during training (mmcv's EvalHook
-        broadcasts them the same way)."""
+        """Rank 0's BatchNorm statistics to every rank before validation: DDP runs with
+        broadcast_buffers=False (as Ascend's port and mmengine), so each rank's running stats drift
+        apart during training (mmcv's EvalHook broadcasts them the same way)."""
         if self.distributed:
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
 
 
 def torch_npu_error():
-    """None once torch_npu is imported (it registers the 'npu' device and the 'hccl' backend), else why it is not."""
+    """None once torch_npu is imported (it registers the npu device and hccl backend), else why."""
     try:
         import torch_npu  # noqa: F401
-    except (
-        ImportError,
-        SystemExit,
-        RuntimeError,
-    ) as e:  # without CANN, torch_npu may call sys.exit
+    # without CANN, torch_npu may call sys.exit
+    except (ImportError, SystemExit, RuntimeError) as e:
         return f"{type(e).__name__}: {first_line(e, 160)}"
     return None
 
 
 def npu_present():
-    """(whether torch_npu is installed and sees an NPU, why). importlib looks the package up without importing it;
-    torch >= 2.5 may already have loaded it at `import torch` (TORCH_DEVICE_BACKEND_AUTOLOAD=0 turns that off)."""
+    """(whether torch_npu is installed and sees an NPU, why). importlib finds the package without
+    importing it; torch >= 2.5 may have loaded it at `import torch` (unless
+    TORCH_DEVICE_BACKEND_AUTOLOAD=0)."""
     if importlib.util.find_spec("torch_npu") is None:
         return False, "torch_npu is not installed"
     error = torch_npu_error()
@@ -399,45 +395,37 @@ def choose_device(name):
             return "cuda", "--device auto: CUDA is available"
         return "cpu", f"--device auto: no CUDA device, {why}"
     if name == "npu" and (error := torch_npu_error()):
-        raise UsageError(
-            f"--device npu needs torch_npu and Ascend CANN ({error}); install them or use --device cpu"
-        )
+        needs = f"--device npu needs torch_npu and Ascend CANN ({error})"
+        raise UsageError(f"{needs}; install them or use --device cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError(
-            "--device cuda: no CUDA device is available to this PyTorch build; use --device cpu (or auto)"
+            "--device cuda: no CUDA device is available to this PyTorch build; "
+            "use --device cpu (or auto)"
         )
     return name, f"--device {name}"
 
 
 def setup_runtime(device="auto", device_id=0, *, amp_dtype="auto"):
-    """Device from --device and, under torchrun, LOCAL_RANK; joins the process group when launched by torchrun."""
+    """Device from --device and, under torchrun, LOCAL_RANK; joins the process group when launched
+    by torchrun (which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)."""
     device_type, why = choose_device(device)
-    launched = all(
-        name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    )  # by torchrun
-    world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
-    rank, index = (
-        (int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)))
-        if launched
-        else (0, device_id)
-    )
+    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    world_size, rank, index = 1, 0, device_id
+    if launched:
+        world_size = int(os.environ["WORLD_SIZE"])
+        rank, index = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
         torch.cuda.set_device(index)
-        torch.backends.cudnn.benchmark = (
-            True  # fixed crop sizes: pick the fastest convolution algorithms once
-        )
+        # fixed crop sizes: pick the fastest convolution algorithms once
+        torch.backends.cudnn.benchmark = True
     elif device_type == "npu":
         torch.npu.set_device(index)
         error = npu_amp_dtype_error(AMP_DTYPES.get(amp_dtype))
         if error:
             raise UsageError(error)
         if launched and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(
-                0,
-                cpu_share(
-                    os.sched_getaffinity(0), index, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-                ),
-            )
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            os.sched_setaffinity(0, cpu_share(os.sched_getaffinity(0), index, local_world_size))
     device = torch.device(device_type, index) if device_type != "cpu" else torch.device("cpu")
     runtime = Runtime(
         device, rank, world_size, amp_dtype=AMP_DTYPES.get(amp_dtype), device_reason=why
@@ -449,7 +437,7 @@ def setup_runtime(device="auto", device_id=0, *, amp_dtype="auto"):
 
 
 def distributed_timeout():
-    """DIST_TIMEOUT (seconds, default 1800): how long a rank waits for the others to start, or for a collective."""
+    """DIST_TIMEOUT (seconds, default 1800): how long a rank waits for others or a collective."""
     text = os.environ.get("DIST_TIMEOUT", "1800")
     try:
         seconds = float(text)
@@ -463,15 +451,19 @@ def distributed_timeout():
 def join_process_group(runtime, timeout):
     if runtime.backend not in BACKENDS:
         unset = f"{DEFAULT_BACKEND[runtime.device.type]} on {runtime.device.type}"
-        raise UsageError(
-            f"DIST_BACKEND={runtime.backend!r}: expected one of {', '.join(BACKENDS)} (or unset: {unset})"
-        )
+        expected = f"expected one of {', '.join(BACKENDS)} (or unset: {unset})"
+        raise UsageError(f"DIST_BACKEND={runtime.backend!r}: {expected}")
     try:
         dist.init_process_group(runtime.backend, timeout=timeout)
-    except dist.DistError as e:  # rank 0 waiting for the others, or a rank that cannot reach rank 0
-        fix = "start every rank with the same MASTER_ADDR:MASTER_PORT and WORLD_SIZE (DIST_TIMEOUT sets the wait)"
-        group = f"the process group of {runtime.world_size} did not form within {timeout.total_seconds():g} s ({first_line(e, 200)})"
-        raise UsageError(f"rank {runtime.rank}: {group}; {fix}") from None
+    # rank 0 waiting for the others, or a rank that cannot reach rank 0
+    except dist.DistError as e:
+        fix = (
+            "start every rank with the same MASTER_ADDR:MASTER_PORT and WORLD_SIZE "
+            "(DIST_TIMEOUT sets the wait)"
+        )
+        group = f"the process group of {runtime.world_size} did not form"
+        waited = f"within {timeout.total_seconds():g} s ({first_line(e, 200)})"
+        raise UsageError(f"rank {runtime.rank}: {group} {waited}; {fix}") from None
     return runtime
 
 

@@ -1,15 +1,17 @@
-"""What other tools write, read here only when a run is given it: your own data in the folder layouts of other
-repositories (with classes.txt), and other repositories' weights.
+"""What other tools write, read here only when a run is given it: your own data in the folder
+layouts of other repositories (below ROOT; docs/your-data.md), and other repositories' weights.
 
-    ROOT/classes.txt          one class per line, in index order: `name`, `name R G B`, `name,R,G,B` or `name #rrggbb`
-    mmseg's custom layout     ROOT/img_dir/{train,val,test}/**/*.{jpg,png} and ROOT/ann_dir/{train,val}/**/*.png
-    CoinCheung's list files   ROOT/train.txt, ROOT/val.txt: `image_path,label_path` per line (relative to ROOT or absolute)
-    CamVid, as SegNet ships   ROOT/{train,val,test}/*.png and ROOT/{train,val,test}annot/*.png; 11 classes, 11 = void
+    classes.txt  one class a line in index order: `name`, `name R G B`, `name,R,G,B`, `name #rrggbb`
+    mmseg        img_dir/{train,val,test}/**/*.{jpg,png} and ann_dir/{train,val}/**/*.png
+    list         CoinCheung's {train,val}.txt: `image_path,label_path` lines, relative or absolute
+    camvid       SegNet's {train,val,test}/*.png, {train,val,test}annot/*.png; 11 classes, 11 = void
 
-    CoinCheung/BiSeNet's released state dict, mmsegmentation's {'state_dict', 'meta'} (with the classes its meta
-    records), torchvision's ImageNet ResNets (--pretrained): their parameter names mapped to bisenet.py's.
+    CoinCheung/BiSeNet's released state dict, mmsegmentation's {'state_dict', 'meta'} (with the
+    classes its meta records), torchvision's ImageNet ResNets (--pretrained): their parameter names
+    mapped to bisenet.py's.
 
-cityscapes.open_dataset and checkpoints.py import it when a data root is not Cityscapes or a file is not ours.
+datasets.open_dataset and checkpoints.py import it when a data root is not Cityscapes or a file is
+not ours.
 """
 
 import os
@@ -23,63 +25,59 @@ from cli import CheckpointError, DataError, first_line
 from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, DatasetInfo, voc_palette
 
 LAYOUTS = ("mmseg", "list", "camvid")
-# CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, so they are scaled by 255 here
+# CoinCheung's Cityscapes statistics, published on 0..1 RGB; the model takes 0..255, hence the 255
 CITYSCAPES_MEAN = tuple(255 * v for v in (0.3257, 0.3690, 0.3223))
 CITYSCAPES_STD = tuple(255 * v for v in (0.2112, 0.2148, 0.2115))
 
 
-# -- Your own data ----------------------------------------------------------------------------------------------
-CAMVID = (
-    DatasetInfo(  # SegNet's CamVid: 11 classes in this order, colours from its tutorial, 11 = void
-        "camvid",
-        (
-            "sky",
-            "building",
-            "pole",
-            "road",
-            "pavement",
-            "tree",
-            "sign symbol",
-            "fence",
-            "car",
-            "pedestrian",
-            "bicyclist",
-        ),
-        (
-            (128, 128, 128),
-            (128, 0, 0),
-            (192, 192, 128),
-            (128, 64, 128),
-            (60, 40, 222),
-            (128, 128, 0),
-            (192, 128, 128),
-            (64, 64, 128),
-            (64, 0, 128),
-            (64, 64, 0),
-            (0, 128, 192),
-        ),
-        void_value=11,
-    )
+# -- Your own data ------------------------------------------------------------------------------
+# SegNet's CamVid: 11 classes in this order, colours from its tutorial, 11 = void
+CAMVID = DatasetInfo(
+    "camvid",
+    (
+        "sky",
+        "building",
+        "pole",
+        "road",
+        "pavement",
+        "tree",
+        "sign symbol",
+        "fence",
+        "car",
+        "pedestrian",
+        "bicyclist",
+    ),
+    (
+        (128, 128, 128),
+        (128, 0, 0),
+        (192, 192, 128),
+        (128, 64, 128),
+        (60, 40, 222),
+        (128, 128, 0),
+        (192, 128, 128),
+        (64, 64, 128),
+        (64, 0, 128),
+        (64, 64, 0),
+        (0, 128, 192),
+    ),
+    void_value=11,
 )
 
 
 def classes_text(path):
-    """classes.txt as text: UTF-8 (a BOM allowed) or UTF-16 with its BOM; anything else is named, not guessed."""
+    """classes.txt's text: UTF-8 (BOM or not) or UTF-16 with a BOM; anything else is refused."""
     data = Path(path).read_bytes()
+    encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
     try:
-        return (
-            data.decode("utf-16")
-            if data.startswith((b"\xff\xfe", b"\xfe\xff"))
-            else data.decode("utf-8-sig")
-        )
+        return data.decode(encoding)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text (Latin-1?); save it as UTF-8") from None
 
 
 def read_classes(path, name):
-    """ROOT/classes.txt -> DatasetInfo. Every line but empty ones and `# comments` is a class, in index order:
-    `name`, `name R G B` or `name,R,G,B` (CSV), the colour 0..255 each or `#rrggbb`; a name may contain spaces and
-    end in one number."""
+    """ROOT/classes.txt -> DatasetInfo. Every line but empty ones and `# comments` is a class, in
+    index order: `name`, `name R G B` or `name,R,G,B` (CSV), the colour 0..255 each or `#rrggbb`; a
+    name may contain spaces and end in one number."""
     names, colors, lines = [], [], {}
     for number, line in enumerate(classes_text(path).splitlines(), 1):
         if not line.strip():
@@ -87,36 +85,24 @@ def read_classes(path, name):
         where = f"{path} line {number}"
         if re.match(r"#(\s|$)", line.lstrip()):  # `# ...` is a comment
             continue
-        if line.lstrip().startswith(
-            "#"
-        ):  # `#unlabelled`: a class or a comment? Skipping it would shift every index after it
-            raise DataError(
-                f"{where}: {line.strip()!r}: a comment is `# text` (with a space); rename the class if it is one"
-            )
+        # `#unlabelled`: a class or a comment? Skipping it would shift every index after it
+        if line.lstrip().startswith("#"):
+            fix = "a comment is `# text` (with a space); rename the class if it is one"
+            raise DataError(f"{where}: {line.strip()!r}: {fix}")
         words = [w.strip() for w in line.split(",")] if "," in line else line.split()
-        numbers = next(
-            (
-                k
-                for k in range(len(words), 0, -1)
-                if all(re.fullmatch(r"[-+]?\d+(\.\d*)?", w) for w in words[-k:])
-            ),
-            0,
-        )
+        numbers = 0  # how many words at the end are numbers
+        while numbers < len(words) and re.fullmatch(r"[-+]?\d+(\.\d*)?", words[-1 - numbers]):
+            numbers += 1
         color = None
         if re.fullmatch(r"#[0-9a-fA-F]{6}", words[-1]):
             words, color = words[:-1], tuple(int(words[-1][i : i + 2], 16) for i in (1, 3, 5))
-        elif (
-            numbers >= 3 or (numbers == 2 and len(words) > 2) or ("," in line and len(words) > 1)
-        ):  # a CSV header is refused here
+        # a colour, or numbers meant as one (a CSV header is refused here)
+        elif numbers >= 3 or (numbers == 2 and len(words) > 2) or ("," in line and len(words) > 1):
             tail = words[-3:]
-            if not (
-                len(words) > 3
-                and numbers >= 3
-                and all(re.fullmatch(r"\d+", w) and int(w) <= 255 for w in tail)
-            ):
-                raise DataError(
-                    f"{where}: {line.strip()!r}: expected `name R G B` with three whole numbers 0..255 (or `#rrggbb`)"
-                )
+            rgb = all(re.fullmatch(r"\d+", w) and int(w) <= 255 for w in tail)
+            if not (len(words) > 3 and numbers >= 3 and rgb):
+                expected = "expected `name R G B` with three whole numbers 0..255 (or `#rrggbb`)"
+                raise DataError(f"{where}: {line.strip()!r}: {expected}")
             words, color = words[:-3], tuple(int(w) for w in tail)
         elif "#" in line:
             raise DataError(f"{where}: {line.strip()!r}: a colour is `#rrggbb` or `R G B`")
@@ -125,7 +111,8 @@ def read_classes(path, name):
             raise DataError(f"{where}: {line.strip()!r}: the class has no name")
         if label in lines:
             raise DataError(
-                f"{where}: the class name {label!r} is on line {lines[label]} already; class names must differ"
+                f"{where}: the class name {label!r} is on line {lines[label]} already; "
+                "class names must differ"
             )
         lines[label] = number
         names.append(label)
@@ -158,13 +145,14 @@ def folder_info(root):
     if folder_layout(root) == "camvid":
         return CAMVID
     raise DataError(
-        f"{root / 'classes.txt'}: missing; write one class per line in index order, `name R G B` (README: Your own data)"
+        f"{root / 'classes.txt'}: missing; write one class per line in index order, "
+        "`name R G B` (README: Your own data)"
     )
 
 
 def image_files(folder):
-    """Every image file below folder, symlinked sub-folders followed; each real folder is read once, so a link
-    loop ends and a folder linked twice is not counted twice."""
+    """Every image file below folder, symlinked sub-folders followed; each real folder is read once,
+    so a link loop ends and a folder linked twice is not counted twice."""
     found, seen = [], set()
     for directory, subfolders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(directory)
@@ -172,11 +160,7 @@ def image_files(folder):
             subfolders.clear()
             continue
         seen.add(real)
-        found += [
-            Path(directory) / name
-            for name in files
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS
-        ]
+        found += [Path(directory) / n for n in files if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found)
 
 
@@ -194,7 +178,7 @@ def find_images(path):
 
 
 def pair_by_stem(images_dir, labels_dir, *, label_name):
-    """(image, label) for every image below images_dir, the label at the same relative path in labels_dir."""
+    """(image, label) per image below images_dir; the label: same relative path in labels_dir."""
     images = image_files(images_dir)
     if not images:
         raise DataError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
@@ -203,12 +187,10 @@ def pair_by_stem(images_dir, labels_dir, *, label_name):
         label = labels_dir / image.relative_to(images_dir).parent / label_name(image)
         if not label.is_file():
             raise DataError(f"{label}: missing label for {image}")
-        if (
-            label in owners
-        ):  # a.jpg and a stray a.png would both be trained on and scored with one label
-            raise DataError(
-                f"{owners[label]} and {image} both pair with {label}; keep one image per label (move the other out of {images_dir})"
-            )
+        # a.jpg and a stray a.png would both be trained on and scored with one label
+        if label in owners:
+            fix = f"keep one image per label (move the other out of {images_dir})"
+            raise DataError(f"{owners[label]} and {image} both pair with {label}; {fix}")
         owners[label] = image
         samples.append((image, label))
     return samples
@@ -221,19 +203,16 @@ def folder_samples(root, split, *, with_labels=True):
     if layout == "list":
         list_file = root / f"{split}.txt"
         if not list_file.is_file():
-            raise DataError(
-                f"{list_file}: split '{split}' not found; expected one `image_path,label_path` per line"
-            )
+            expected = "expected one `image_path,label_path` per line"
+            raise DataError(f"{list_file}: split '{split}' not found; {expected}")
         samples, seen = [], {}
         for number, line in enumerate(list_file.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            if (
-                split != "train" and line.strip() in seen
-            ):  # training may repeat a line to sample it more often
-                raise DataError(
-                    f"{list_file} line {number} repeats line {seen[line.strip()]}: an image scored twice counts twice; remove the repeat"
-                )
+            # training may repeat a line to sample it more often
+            if split != "train" and line.strip() in seen:
+                repeat = f"{list_file} line {number} repeats line {seen[line.strip()]}"
+                raise DataError(f"{repeat}: an image scored twice counts twice; remove the repeat")
             seen.setdefault(line.strip(), number)
             parts = [p.strip() for p in line.split(",")]
             if len(parts) != 2:
@@ -257,12 +236,13 @@ def folder_samples(root, split, *, with_labels=True):
             return [(p, None) for p in image_files(images_dir)]
         return pair_by_stem(images_dir, labels_dir, label_name=lambda image: image.stem + ".png")
     raise DataError(
-        f"{root}: no known layout; expected img_dir/ + ann_dir/ (mmseg), train.txt of `image,label` lines (CoinCheung), "
+        f"{root}: no known layout; expected img_dir/ + ann_dir/ (mmseg), "
+        "train.txt of `image,label` lines (CoinCheung), "
         "train/ + trainannot/ (CamVid), or leftImg8bit/ + gtFine/ (Cityscapes)"
     )
 
 
-# -- Other repositories' weights --------------------------------------------------------------------------------
+# -- Other repositories' weights ------------------------------------------------------------------
 # Each rule maps a foreign key (regex) to ours. Unmatched keys are reported, never silently dropped.
 CONVBN = r"(conv|bn)\.(.+)"
 COINCHEUNG_RULES = [
@@ -322,15 +302,12 @@ def rename_keys(state, rules, source):
 
 
 def infer_depth(state, source):
-    """ResNet depth from backbone keys: block block type from conv3, block counts from layer indices."""
-    blocks = tuple(
-        1
-        + max(
-            (int(m[1]) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))),
-            default=-1,
-        )
+    """ResNet depth from backbone keys: block type from conv3, block counts from layer indices."""
+    indices = [
+        [int(m[1]) for k in state if (m := re.match(rf"backbone\.layer{i}\.(\d+)\.", k))]
         for i in range(1, 5)
-    )
+    ]
+    blocks = tuple(max(found, default=-1) + 1 for found in indices)
     block = "bottleneck" if any(".conv3." in k for k in state) else "basic"
     for depth, layout in RESNET_LAYOUTS.items():
         if layout == (block, blocks):
@@ -341,8 +318,8 @@ def infer_depth(state, source):
 
 
 def foreign_state(checkpoint, source):
-    """(ModelConfig, our state dict, the classes it records or None) of CoinCheung's released state dict or an mmseg
-    {'state_dict', 'meta'}."""
+    """(ModelConfig, our state dict, the classes it records or None) of CoinCheung's released state
+    dict or an mmseg {'state_dict', 'meta'}."""
     if "state_dict" in checkpoint:
         state, rules, extra = checkpoint["state_dict"], MMSEG_RULES, dict(ffm_attention_relu=True)
     elif any(k.startswith("cp.resnet.") for k in checkpoint):
@@ -353,7 +330,8 @@ def foreign_state(checkpoint, source):
         )
     else:
         raise CheckpointError(
-            f"{source}: unknown layout (first keys {list(checkpoint)[:5]}); expected ours, CoinCheung's or mmseg's"
+            f"{source}: unknown layout (first keys {list(checkpoint)[:5]}); "
+            "expected ours, CoinCheung's or mmseg's"
         )
     state = rename_keys({k.removeprefix("module."): v for k, v in state.items()}, rules, source)
     if "head.classifier.weight" not in state:
@@ -365,7 +343,8 @@ def foreign_state(checkpoint, source):
 
 
 def backbone_state(state, source):
-    """An ImageNet ResNet state dict in torchvision's format (or under 'state_dict'), fc.* dropped, for model.backbone."""
+    """An ImageNet ResNet state dict in torchvision's format (or under 'state_dict'), fc.* dropped,
+    for model.backbone."""
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     return rename_keys(
         {k: v for k, v in state.items() if not k.startswith("fc.")}, TORCHVISION_RULES, source
@@ -373,8 +352,8 @@ def backbone_state(state, source):
 
 
 def mmseg_dataset(meta):
-    """The classes and palette an mmseg checkpoint records (0.x: meta CLASSES/PALETTE; 1.x: meta dataset_meta), as
-    a dataset description, or None."""
+    """The classes and palette an mmseg checkpoint records (0.x: meta CLASSES/PALETTE; 1.x: meta
+    dataset_meta), as a dataset description, or None."""
     if not isinstance(meta, dict):
         return None
     names, palette = meta.get("CLASSES"), meta.get("PALETTE")
@@ -390,19 +369,19 @@ def mmseg_dataset(meta):
 
 
 def load_backbone(model, source, *, log=print):
-    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached by torch.hub)."""
+    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached
+    by torch.hub)."""
     if re.match(r"^https?://", str(source)):
         try:
             state = torch.hub.load_state_dict_from_url(
                 str(source), map_location="cpu", weights_only=True, progress=False
             )
-        except (
-            OSError,
-            RuntimeError,
-        ) as e:  # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+        # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+        except (OSError, RuntimeError) as e:
             reason = getattr(e, "reason", None) or first_line(e, 200)
+            fix = "check the URL and the network, or pass a local file"
             raise CheckpointError(
-                f"{source}: could not download the backbone weights ({reason}); check the URL and the network, or pass a local file"
+                f"{source}: could not download the backbone weights ({reason}); {fix}"
             ) from None
     else:
         from checkpoints import read_checkpoint
