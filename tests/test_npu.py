@@ -289,7 +289,7 @@ def test_r18_on_several_devices_keeps_16_images_in_all_or_refuses():
             ["bash", "run_8p.sh", "full"], DRY_RUN="1", DEPTH="18", NPROC=nproc, DEVICE="cpu"
         )
         assert refused.returncode == 2 and refused.stderr.startswith(
-            f"error: --recipe r18 trains 16 images in all; {nproc} devices"
+            f"error: --recipe mmseg_r18 trains 16 images in all; {nproc} devices"
         )
 
 
