@@ -16,10 +16,10 @@ PAGE = ROOT / "docs" / "how-to-change.md"
 
 
 def changes():
-    """{section title: its diff}, in page order."""
-    text = PAGE.read_text()
-    sections = re.split(r"^## ", text, flags=re.M)[1:]
-    return {s.splitlines()[0]: re.search(r"```diff\n(.*?)```", s, re.S)[1] for s in sections}
+    """{section title: its diff}, for the sections that show one, in page order."""
+    sections = re.split(r"^## ", PAGE.read_text(), flags=re.M)[1:]
+    found = {s.splitlines()[0]: re.search(r"```diff\n(.*?)```", s, re.S) for s in sections}
+    return {title: diff[1] for title, diff in found.items() if diff}
 
 
 def applied(diff, tmp_path):
