@@ -107,6 +107,33 @@ def checkpoint_dataset(description, num_classes, *, source):
     return info
 
 
+def load_backbone(model, source, *, log=print):
+    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached
+    by torch.hub)."""
+    if re.match(r"^https?://", str(source)):
+        try:
+            state = torch.hub.load_state_dict_from_url(
+                str(source), map_location="cpu", weights_only=True, progress=False
+            )
+        # URLError, HTTPError, a timeout, or a download that is not a checkpoint
+        except (OSError, RuntimeError) as e:
+            reason = getattr(e, "reason", None) or cli.first_line(e, 200)
+            fix = "check the URL and the network, or pass a local file"
+            raise CheckpointError(
+                f"{source}: could not download the backbone weights ({reason}); {fix}"
+            ) from None
+    else:
+        state = read_checkpoint(source)
+    from interop import backbone_state  # torchvision's layout, read only with --pretrained
+
+    state = backbone_state(state, source)
+    try:
+        model.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: backbone does not fit: {cli.first_line(e)}") from None
+    log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")
+
+
 def initial_weights(path, config, *, log):
     """(ModelConfig, state dict) for --load-from: a checkpoint's model with the dropout and classes
     of `config`. On other classes every classifier the model names (BiSeNetV1.classifiers) starts

@@ -1,4 +1,5 @@
-"""Cityscapes, the default dataset: its class table (from cityscapesscripts) and its file layout.
+"""Cityscapes, the default dataset: its class table (from cityscapesscripts) and its file layout;
+and open_dataset, which opens any data root: Cityscapes, or your own data (interop.py's layouts).
 
 ROOT/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
 ROOT/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelTrainIds.png  (convert_labels.py ROOT)
@@ -11,7 +12,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 
 from cli import DataError
-from datasets import IGNORE_INDEX, DatasetInfo
+from datasets import IGNORE_INDEX, DatasetInfo, SegmentationDataset
 
 TRAIN_LABELS = sorted(
     (lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId
@@ -93,7 +94,7 @@ def sample_name(image_path):
     return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else Path(image_path).stem
 
 
-def info(root):
+def cityscapes_info(root):
     """A Cityscapes root's classes: Cityscapes' 19, refusing a classes.txt that names others."""
     classes_file = Path(root) / "classes.txt"
     if classes_file.is_file():
@@ -104,3 +105,45 @@ def info(root):
             fix = "remove classes.txt, or put your data in one of your own layouts"
             raise DataError(f"{classes_file}: {not_these}; {fix} (docs/your-data.md)")
     return CITYSCAPES
+
+
+# -- Any data root: Cityscapes, or your own data (interop.py) ----------------------------------------
+def detect_dataset(root, dataset_type="auto"):
+    """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else
+    your own)."""
+    root = Path(root)
+    if dataset_type != "auto":
+        return dataset_type
+    if (root / "leftImg8bit").is_dir():
+        return "cityscapes"
+    from interop import (
+        folder_layout,
+    )  # your own data's layouts, read only for a root that is not Cityscapes
+
+    if (root / "classes.txt").is_file() or folder_layout(root):
+        return "folder"
+    yours = "your own data (classes.txt with img_dir/, train.txt or trainannot/)"
+    raise DataError(
+        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see docs/your-data.md"
+    )
+
+
+def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
+    """A data root's split: Cityscapes, or your own data (interop.py); dataset.info describes its
+    classes."""
+    root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
+    if not root.is_dir():
+        make = f"python tools/synthetic.py cityscapes {root}"
+        raise DataError(
+            f"{root}: data root not found; pass --data-root, or make a synthetic one: {make}"
+        )
+    if detect_dataset(root, dataset_type) == "cityscapes":
+        samples = find_samples(root, split, with_labels=with_labels)
+        info = cityscapes_info(root)
+    else:
+        from interop import folder_info, folder_samples
+
+        samples, info = folder_samples(root, split, with_labels=with_labels), folder_info(root)
+    return SegmentationDataset(samples, info, transform=transform)

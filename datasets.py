@@ -253,51 +253,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return sample
 
 
-def detect_dataset(root, dataset_type="auto"):
-    """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else
-    your own)."""
-    root = Path(root)
-    if dataset_type != "auto":
-        return dataset_type
-    if (root / "leftImg8bit").is_dir():
-        return "cityscapes"
-    from interop import (
-        folder_layout,
-    )  # your own data's layouts, read only for a root that is not Cityscapes
-
-    if (root / "classes.txt").is_file() or folder_layout(root):
-        return "folder"
-    yours = "your own data (classes.txt with img_dir/, train.txt or trainannot/)"
-    raise DataError(
-        f"{root}: neither Cityscapes (leftImg8bit/, gtFine/) nor {yours}; see docs/your-data.md"
-    )
-
-
-def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
-    """Cityscapes (cityscapes.py) or your own data (interop.py); dataset.info describes its
-    classes."""
-    root = Path(root)
-    if root.is_file():
-        raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
-    if not root.is_dir():
-        make = f"python tools/synthetic.py cityscapes {root}"
-        raise DataError(
-            f"{root}: data root not found; pass --data-root, or make a synthetic one: {make}"
-        )
-    if detect_dataset(root, dataset_type) == "cityscapes":
-        import cityscapes  # it imports this module
-
-        samples, info = (
-            cityscapes.find_samples(root, split, with_labels=with_labels),
-            cityscapes.info(root),
-        )
-    else:
-        from interop import folder_info, folder_samples
-
-        samples, info = folder_samples(root, split, with_labels=with_labels), folder_info(root)
-    return SegmentationDataset(samples, info, transform=transform)
-
-
 # -- Training augmentation -------------------------------------------------------------------------
 def nearest_indices(out_size, in_size, start, count):
     """Source indices of nearest-neighbour resizing in_size -> out_size, for output positions

@@ -28,16 +28,14 @@ from tqdm import tqdm
 import cli
 from bisenet import fuse_bn, upsampled_classes
 from checkpoints import load_model
-from cityscapes import sample_name
+from cityscapes import detect_dataset, open_dataset, sample_name
 from cli import CheckpointError, atomic_write
 from datasets import (
     IGNORE_INDEX,
     DataError,
     SegmentationDataset,
-    detect_dataset,
     first_difference,
     ignore_stop_signals,
-    open_dataset,
     unnamed_classes,
 )
 from device import setup_runtime, teardown_runtime

@@ -18,10 +18,8 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
 from bisenet import RESNET_LAYOUTS, ModelConfig
-from cli import CheckpointError, DataError, first_line
+from cli import CheckpointError, DataError
 from datasets import IGNORE_INDEX, IMAGE_EXTENSIONS, DatasetInfo, voc_palette
 
 LAYOUTS = ("mmseg", "list", "camvid")
@@ -366,30 +364,3 @@ def mmseg_dataset(meta):
         "class_names": list(names),
         "palette": [list(c) for c in palette] if palette else None,
     }
-
-
-def load_backbone(model, source, *, log=print):
-    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached
-    by torch.hub)."""
-    if re.match(r"^https?://", str(source)):
-        try:
-            state = torch.hub.load_state_dict_from_url(
-                str(source), map_location="cpu", weights_only=True, progress=False
-            )
-        # URLError, HTTPError, a timeout, or a download that is not a checkpoint
-        except (OSError, RuntimeError) as e:
-            reason = getattr(e, "reason", None) or first_line(e, 200)
-            fix = "check the URL and the network, or pass a local file"
-            raise CheckpointError(
-                f"{source}: could not download the backbone weights ({reason}); {fix}"
-            ) from None
-    else:
-        from checkpoints import read_checkpoint
-
-        state = read_checkpoint(source)
-    state = backbone_state(state, source)
-    try:
-        model.backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{source}: backbone does not fit: {first_line(e)}") from None
-    log(f"loaded ImageNet backbone from {source}: {len(state)} tensors")

@@ -27,12 +27,11 @@ from tqdm import tqdm
 
 import cli
 from bisenet import BATCH_OF_TWO, RESNET_LAYOUTS, BiSeNetV1, ModelConfig
-from checkpoints import initial_weights, restore
+from checkpoints import initial_weights, load_backbone, restore
+from cityscapes import detect_dataset, open_dataset
 from datasets import (
     IGNORE_INDEX,
     TrainTransform,
-    detect_dataset,
-    open_dataset,
     read_image,
     training_label_counts,
     training_loader,
@@ -396,8 +395,6 @@ def create_model(
     if state is not None:
         model.load_state_dict(state, strict=False)
     if pretrained:
-        from interop import load_backbone  # torchvision's layout, read only with --pretrained
-
         load_backbone(model, pretrained, log=log)
     if sync_bn and runtime.distributed:
         if runtime.backend == "gloo":

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, in_process, last_json, one_line_error
 from PIL import Image
 
-import datasets
+import cityscapes
 import interop
 import synthetic
 
@@ -61,7 +61,7 @@ def test_check_counts_every_class_and_draws_the_pictures(layout, synthetic_root,
     summary = last_json(result.stdout)
 
     for split in ("train", "val"):
-        dataset = datasets.open_dataset(root, split)
+        dataset = cityscapes.open_dataset(root, split)
         counts = independent_counts(
             dataset.samples, dataset.info.num_classes, CAMVID_VOID if layout == "camvid" else None
         )
@@ -74,7 +74,7 @@ def test_check_counts_every_class_and_draws_the_pictures(layout, synthetic_root,
             assert picture.width > 400 and picture.height > 200
     images = [
         np.array(Image.open(image).convert("RGB"), np.float64).reshape(-1, 3)
-        for image, _ in datasets.open_dataset(root, "train").samples
+        for image, _ in cityscapes.open_dataset(root, "train").samples
     ]
     pixels = np.concatenate(images)
     assert np.allclose(summary["rgb_mean"], pixels.mean(0), atol=0.01) and np.allclose(
@@ -193,7 +193,7 @@ def test_masks_of_0_and_255_are_refused_and_train_after_mapping(tmp_path):
     histogram = json.loads((tmp_path / "wd2" / "label_histogram.json").read_text())["pixels"]
     assert (
         histogram[:2]
-        == independent_counts(datasets.open_dataset(tmp_path / "mapped", "train").samples, 2)
+        == independent_counts(cityscapes.open_dataset(tmp_path / "mapped", "train").samples, 2)
         and histogram[1] > 0
     )
 
@@ -253,7 +253,7 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
     the pool could wait for them forever and train.py hung before its first step. Ten histograms in
     2 processes, in a child that a hang cannot take the test run with, each against PIL's counts."""
     code = (
-        "import json, sys; from datasets import label_histogram, open_dataset\n"
+        "import json, sys; from cityscapes import open_dataset; from datasets import label_histogram\n"
         "dataset = open_dataset(sys.argv[1], 'train')\n"
         "print(json.dumps([label_histogram(dataset, 2).tolist() for _ in range(10)]))"
     )
@@ -274,7 +274,7 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
             "its pool waits for workers that ignore SIGTERM"
         )
     assert child.returncode == 0
-    expected = independent_counts(datasets.open_dataset(synthetic_root, "train").samples, 19)
+    expected = independent_counts(cityscapes.open_dataset(synthetic_root, "train").samples, 19)
     assert [counts[:19] for counts in json.loads(out)] == [expected] * 10 and sum(expected) > 0
 
 
@@ -314,7 +314,7 @@ def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbe
             "0",
         ).stdout
     )
-    labelled = independent_counts(datasets.open_dataset(root, "val").samples, 5)
+    labelled = independent_counts(cityscapes.open_dataset(root, "val").samples, 5)
     assert (
         confusion.sum(1).tolist() == labelled
     )  # every labelled val pixel counted once, by its ground truth
@@ -345,7 +345,7 @@ def test_class_weight_auto_is_enets_formula_of_the_training_histogram_and_a_bad_
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     counts = np.array(
-        independent_counts(datasets.open_dataset(root, "train").samples, 5), dtype=np.float64
+        independent_counts(cityscapes.open_dataset(root, "train").samples, 5), dtype=np.float64
     )
     enet = 1 / np.log(1.02 + counts / counts.sum())  # Paszke et al. 2016, ENet, section 5.2
     settings = torch.load(tmp_path / "wd" / "latest.pth", weights_only=True)["args"]
@@ -396,7 +396,7 @@ def my3(tmp_path, **kwargs):
 @pytest.mark.parametrize("samples", ["0", "2"])
 def test_an_image_and_its_label_of_different_sizes_are_a_finding(samples, tmp_path):
     root = my3(tmp_path)
-    image, label = datasets.open_dataset(root, "train").samples[0]
+    image, label = cityscapes.open_dataset(root, "train").samples[0]
     with Image.open(label) as png:
         png.resize((40, 30), Image.NEAREST).save(label)
     result = check(root, tmp_path, "--samples", samples, "--nproc", "1")
@@ -405,7 +405,7 @@ def test_an_image_and_its_label_of_different_sizes_are_a_finding(samples, tmp_pa
     assert f"error: {finding}" in result.stderr
     train = last_json(result.stdout)["splits"]["train"]
     assert [b.split(";")[0] for b in train["broken"]] == [finding]
-    others = datasets.open_dataset(root, "train").samples[1:]
+    others = cityscapes.open_dataset(root, "train").samples[1:]
     assert list(train["pixels"].values()) == independent_counts(others, 3)
     assert train["sizes"] == {"32x48": 2}
 
@@ -422,9 +422,9 @@ def test_a_file_name_that_is_not_utf8_is_read_and_drawn(nproc, tmp_path):
     """In this process, and in a child of its own (a pool, and a real stdout and stderr to print the
     name to)."""
     root = my3(tmp_path)
-    image, label = datasets.open_dataset(root, "train").samples[0]
+    image, label = cityscapes.open_dataset(root, "train").samples[0]
     not_utf8(image), not_utf8(label)
-    samples = datasets.open_dataset(root, "train").samples
+    samples = cityscapes.open_dataset(root, "train").samples
     assert any(os.fsdecode(b"\xff\xfe") in str(image) for image, _ in samples)
     args = [root, "--out", tmp_path / "report", "--samples", "3", "--nproc", nproc]
     result = (
@@ -466,7 +466,7 @@ def test_a_name_that_is_not_utf8_never_hangs_the_default_pool(tmp_path):
     and the pool waited for its result forever. Now the name is read, or the check ends with one
     line."""
     root = my3(tmp_path)
-    image, label = datasets.open_dataset(root, "train").samples[0]
+    image, label = cityscapes.open_dataset(root, "train").samples[0]
     with Image.open(label) as png:
         Image.fromarray(np.array(png)).save(label)  # palette indices -> grey
     not_utf8(image), not_utf8(label)
@@ -476,7 +476,7 @@ def test_a_name_that_is_not_utf8_never_hangs_the_default_pool(tmp_path):
     assert result.returncode >= 0, f"killed by signal {-result.returncode}"
     if result.returncode == 0:
         train = last_json(result.stdout)["splits"]["train"]
-        samples = datasets.open_dataset(root, "train").samples
+        samples = cityscapes.open_dataset(root, "train").samples
         assert list(train["pixels"].values()) == independent_counts(samples, 3)
     else:
         one_line_error(result, 1)

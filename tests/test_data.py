@@ -16,9 +16,9 @@ from PIL import Image
 
 import datasets
 from bisenet import BiSeNetV1, ModelConfig
-from cityscapes import LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples
+from cityscapes import LABEL_SUFFIX, NUM_CLASSES, PALETTE, find_samples, open_dataset
 from convert_labels import convert_dataset
-from datasets import IGNORE_INDEX, DataError, TrainTransform, levels, open_dataset
+from datasets import IGNORE_INDEX, DataError, TrainTransform, levels
 from synthetic import synthesize_cityscapes
 
 

@@ -21,6 +21,7 @@ from conftest import (
 from PIL import Image
 from reference_models import MmsegBiSeNetV1
 
+import cityscapes
 import datasets
 import deploy
 import evaluate
@@ -436,7 +437,7 @@ def test_two_images_of_one_stem_are_refused_with_both_names(my7, tmp_path):
     image = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0]
     shutil.copy(image, image.with_suffix(".png"))
     with pytest.raises(datasets.DataError) as error:
-        datasets.open_dataset(root, "val")
+        cityscapes.open_dataset(root, "val")
     label = (
         root / "ann_dir" / "val" / image.relative_to(root / "img_dir" / "val").with_suffix(".png")
     )
@@ -532,7 +533,7 @@ def test_images_in_other_formats_are_read_not_skipped(my7, tmp_path, suffix):
         )  # lossless
         jpeg.unlink()
         pixels[other] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    dataset = datasets.open_dataset(root, "train")
+    dataset = cityscapes.open_dataset(root, "train")
     assert len(dataset) == len(jpegs)
     for path, rgb in pixels.items():
         assert (

@@ -17,8 +17,8 @@ from PIL import Image
 import datasets
 import synthetic
 from bisenet import BiSeNetV1, ModelConfig
-from cityscapes import CITYSCAPES
-from datasets import DataError, open_dataset, read_label
+from cityscapes import CITYSCAPES, open_dataset
+from datasets import DataError, read_label
 from interop import CAMVID, read_classes
 
 TINY = [

@@ -417,7 +417,8 @@ def test_single_pass_class_map_is_the_model_argmax(model):
 def test_compare_pictures_line_up_image_truth_and_prediction(synthetic_root, checkpoint, tmp_path):
     """--format compare: the input image | its label in the palette (ignored pixels black) | the prediction exactly as
     --format color writes it, over a legend; the test split and --images have no truth to show, and are refused."""
-    from datasets import open_dataset, read_image, read_label
+    from cityscapes import open_dataset
+    from datasets import read_image, read_label
 
     common = ["--ckpt", checkpoint, "--data-root", synthetic_root, "--amp", "O0", "--workers", "0"]
     succeeded("evaluate.py", *common, "--out-dir", tmp_path / "compare", "--format", "compare")

@@ -107,7 +107,8 @@ def test_the_label_histogram_cache_reads_contents_and_rebuilds_when_garbled(
 ):
     """A label rewritten with its size and time kept (uncompressed PNGs of one size) is read
     again; a cache that does not parse is rebuilt."""
-    from datasets import label_histogram, open_dataset, training_label_counts
+    from cityscapes import open_dataset
+    from datasets import label_histogram, training_label_counts
 
     data = copy_of(synthetic_root, tmp_path)
     dataset = open_dataset(data, "train")

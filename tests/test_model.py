@@ -11,9 +11,8 @@ from conftest import ROOT
 from reference_models import CoinCheungBiSeNetV1, MmsegBiSeNetV1, TvResNet, randomize_batchnorm
 
 from bisenet import IMAGENET_MEAN, IMAGENET_STD, BiSeNetV1, ModelConfig, fuse_bn
-from checkpoints import load_model
+from checkpoints import load_backbone, load_model
 from cli import CheckpointError
-from interop import load_backbone
 from model_info import count_parameters
 
 

@@ -137,7 +137,7 @@ def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_pat
     before = digest(root / "train.txt", root / "val.txt")
     assert not convert_labels.convert_dataset(root, source="labelIds", progress=False)
     assert digest(root / "train.txt", root / "val.txt") == before
-    dataset = datasets.open_dataset(root, "val")
+    dataset = cityscapes.open_dataset(root, "val")
     assert [
         f"{image.relative_to(root)},{label.relative_to(root)}" for image, label in dataset.samples
     ] == list(reversed(lists["val"]))

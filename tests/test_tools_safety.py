@@ -13,7 +13,7 @@ import pytest
 from conftest import copy_of, digest, in_process, last_json
 from PIL import Image
 
-import datasets
+import cityscapes
 import plot_run
 import synthetic
 
@@ -44,7 +44,7 @@ def test_every_file_of_a_mapped_copy_is_its_own(layout, tmp_path, synthetic_root
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
     }
     assert any(p.suffix in (".txt", ".json") for p in copied) or layout == "camvid"
-    for _, label in datasets.open_dataset(root, "train").samples:
+    for _, label in cityscapes.open_dataset(root, "train").samples:
         original = np.array(Image.open(label))
         mapped = np.array(Image.open(tmp_path / "out" / label.relative_to(root)))
         assert np.array_equal(mapped, np.where(original == 0, 1, original)), label

@@ -17,7 +17,8 @@ from torch import nn
 
 from benchmark import free_port
 from bisenet import BiSeNetV1, ModelConfig
-from datasets import IGNORE_INDEX, IterationSampler, TrainTransform, open_dataset
+from cityscapes import open_dataset
+from datasets import IGNORE_INDEX, IterationSampler, TrainTransform
 from device import Runtime
 from train import (
     learning_rate,

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 
 import cli
 from bisenet import RESNET_LAYOUTS
-from cityscapes import NUM_CLASSES
-from datasets import TrainTransform, open_dataset
+from cityscapes import NUM_CLASSES, open_dataset
+from datasets import TrainTransform
 from device import AMP_DTYPES, DEFAULT_BACKEND, setup_runtime, sgd
 from synthetic import trainable_cityscapes
 from train import create_model, data_parallel, segmentation_loss, train_step

@@ -22,11 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
+from cityscapes import detect_dataset, open_dataset
 from datasets import (
     IGNORE_INDEX,
     TrainTransform,
-    detect_dataset,
-    open_dataset,
     read_image,
     read_label,
 )

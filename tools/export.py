@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 import cli
 from bisenet import fuse_bn
 from checkpoints import load_model
+from cityscapes import open_dataset
 from cli import atomic_write, publish_new
-from datasets import DataError, open_dataset
+from datasets import DataError
 from deploy import METADATA_KEY, DeployGraph, OpenVinoModel, optional_import, to_openvino
 
 

@@ -24,8 +24,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules live one folder up
 
 import cli
+from cityscapes import open_dataset
 from cli import atomic_write
-from datasets import DataError, open_dataset
+from datasets import DataError
 
 
 def value_map(text):
