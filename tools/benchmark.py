@@ -601,6 +601,28 @@ def parse_args(argv=None):
     return args
 
 
+def end_to_end_benchmarks(data_root, work, recipes, *, device, iters, workers, log):
+    """end_to_end of each recipe, each in a work dir of its own under `work`."""
+    out = {}
+    for recipe in recipes:
+        name, crop = recipe.name, recipe.crop
+        r = out[name] = end_to_end(
+            data_root,
+            work / f"e2e_{name}",
+            device=device,
+            depth=recipe.depth,
+            batch=recipe.batch,
+            crop=crop,
+            iters=iters,
+            workers=workers,
+        )
+        log(
+            f"end-to-end train.py {name.upper()} {recipe.batch} x {crop[0]}x{crop[1]}, "
+            f"{workers} workers: {r}"
+        )
+    return out
+
+
 def run_training_benchmark(args, recipes, *, variants, skip):
     started = time.perf_counter()
     size = "small" if args.small else "full"
@@ -639,23 +661,9 @@ def run_training_benchmark(args, recipes, *, variants, skip):
         if not {"e2e", "torchrun"} <= skip:
             data_root = synthetic_data(work / "data", DATA[size], seed=1, log=log)
         if "e2e" not in skip:
-            result["e2e"] = {}
-            for recipe in recipes:
-                name, crop = recipe.name, recipe.crop
-                r = result["e2e"][name] = end_to_end(
-                    data_root,
-                    work / f"e2e_{name}",
-                    device=device,
-                    depth=recipe.depth,
-                    batch=recipe.batch,
-                    crop=crop,
-                    iters=iters,
-                    workers=workers,
-                )
-                log(
-                    f"end-to-end train.py {name.upper()} {recipe.batch} x {crop[0]}x{crop[1]}, "
-                    f"{workers} workers: {r}"
-                )
+            result["e2e"] = end_to_end_benchmarks(
+                data_root, work, recipes, device=device, iters=iters, workers=workers, log=log
+            )
         if "torchrun" not in skip:
             result["torchrun"] = torchrun_check(
                 data_root, work / "torchrun", device=device, recipe=TORCHRUN_RECIPE[size]

@@ -55,10 +55,8 @@ def segment_video(segment, source, *, out, info, device="cpu", progress=True):
     camera stream and keeps what was written."""
     capture = open_source(source)
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may not say
-    width, height = (
-        int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-        int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-    )
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     colors = np.ascontiguousarray(info.colors[:, ::-1])
     latencies, interrupted = [], False
