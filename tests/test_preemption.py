@@ -297,9 +297,8 @@ def test_the_readme_slurm_script_saves_at_the_signal_and_requeues_itself(synthet
     """The README's job script under stand-ins for sbatch, srun and scontrol (tests/slurm_stand_in:
     one machine, the signal to every process of the step as SLURM sends it): --signal=USR1@120 stops
     each run with its iteration saved, the script requeues the job, and the next run resumes from
-    that iteration. Only the scale is changed: 2 CPU processes, a tiny run, a free port, and the
-    time limit, which ends 120 s after each run's first step (so USR1 comes once that step is
-    logged: a loaded machine may take any time to start a run)."""
+    that iteration. Only the scale is changed: 2 CPU processes, a tiny run, a free port, and a
+    time limit 120 s after each run's first logged step (so USR1 comes at that step)."""
     script = readme_slurm_script()
     scaled = {
         "NPROC=8": "NPROC=2",
