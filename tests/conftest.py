@@ -1,6 +1,6 @@
-"""What the tests share: the repository root, the synthetic datasets, the model that learned, a user's own dataset
-and checkpoint, the checks of a script's last line (its JSON summary, or its one-line error) and of the user's files
-(hashes, hidden files)."""
+"""What the tests share: the repository root, the synthetic datasets, the model that learned, a
+user's own dataset and checkpoint, the checks of a script's last line (its JSON summary, or its
+one-line error) and of the user's files (hashes, hidden files)."""
 
 import contextlib
 import hashlib
@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -24,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def in_process(script, *args):
-    """`python script args` run in this interpreter through the script's main(argv), as a finished process: exit code,
-    stdout, stderr (an uncaught exception is exit code 1 with its traceback, as in a real run). A fresh interpreter
-    costs seconds of `import torch` each; tests that need one (signals, environment, torchrun) start one."""
+    """`python script args` run in this interpreter through the script's main(argv), as a finished
+    process: exit code, stdout, stderr (an uncaught exception is exit code 1 with its traceback, as
+    in a real run). A fresh interpreter costs seconds of `import torch` each; tests that need one
+    (signals, environment, torchrun) start one."""
     out, err, code = io.StringIO(), io.StringIO(), 0
     main = importlib.import_module(Path(script).stem).main
     with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -55,7 +57,8 @@ def last_json(stdout):
 
 
 def one_line_error(result, code=2):
-    """The error line of a finished process that must have failed with `code`, one line and no traceback."""
+    """The error line of a finished process that must have failed with `code`, one line and no
+    traceback."""
     assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -64,8 +67,8 @@ def one_line_error(result, code=2):
 
 
 def in_process_error(main, argv, capsys, *, allow_warnings=False):
-    """The error line of a script's main(argv) run in this process: exit 2 and exactly one line on stderr (besides
-    `warning:` lines where allowed), without a traceback."""
+    """The error line of a script's main(argv) run in this process: exit 2 and exactly one line on
+    stderr (besides `warning:` lines where allowed), without a traceback."""
     with pytest.raises(SystemExit) as exit_:
         main([str(a) for a in argv])
     err = capsys.readouterr().err
@@ -83,6 +86,20 @@ def in_process_summary(main, argv, capsys):
     """The JSON summary of a script's main(argv) run in this process."""
     main([str(a) for a in argv])
     return last_json(capsys.readouterr().out)
+
+
+def wait_for(condition, run, what, timeout=900):
+    """Polls `condition()` until it holds while `run` (a Popen) is running. Fails the test naming
+    `what` if the run ends first, or after `timeout` seconds: a hung run's safety net, never a wait
+    that a loaded machine could outlast and then go on as if the event had happened."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if run.poll() is not None:
+            stderr = run.communicate()[1] if run.stderr else ""
+            pytest.fail(f"the run ended (exit {run.returncode}) before {what}: {stderr[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.05)
 
 
 def digest(*paths):
@@ -113,8 +130,9 @@ def synthetic_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def learned(tmp_path_factory):
-    """R18 trained from scratch for 150 iterations on a synthetic Cityscapes of its own (minutes of CPU time):
-    (data root, work dir, the finished train.py process). test_train checks the learning, test_deploy exports it."""
+    """R18 trained from scratch for 150 iterations on a synthetic Cityscapes of its own (minutes of
+    CPU time): (data root, work dir, the finished train.py process). test_train checks the learning,
+    test_deploy exports it."""
     root = tmp_path_factory.mktemp("learned")
     trainable_cityscapes(root / "data", train=24, val=6, height=128, width=256, seed=11)
     args = [
@@ -157,8 +175,8 @@ def learned(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def my7(tmp_path_factory):
-    """A user's own 7-class dataset in mmseg's layout (val in two scene folders) and a 7-class checkpoint that
-    describes its classes: (data root, checkpoint)."""
+    """A user's own 7-class dataset in mmseg's layout (val in two scene folders) and a 7-class
+    checkpoint that describes its classes: (data root, checkpoint)."""
     root = synthesize_folder(
         tmp_path_factory.mktemp("data") / "my7",
         classes=7,

@@ -1,7 +1,9 @@
-"""Second implementations of BiSeNetV1 with the module names of CoinCheung/BiSeNet and of mmsegmentation.
+"""Second implementations of BiSeNetV1 with the module names of CoinCheung/BiSeNet and of
+mmsegmentation.
 
-Written independently of bisenet.py (their own ResNet, their upsampling styles) so that a state dict taken from
-them checks both our key mapping and our numerics: same weights must give the same logits.
+Written independently of bisenet.py (their own ResNet, their upsampling styles) so that a state dict
+taken from them checks both our key mapping and our numerics: same weights must give the same
+logits.
 """
 
 import torch
@@ -75,7 +77,8 @@ class TvResNet(nn.Module):
         return f8, f16, self.layer4(f16)
 
 
-# -- CoinCheung layout (cp.*, sp.*, ffm.*, conv_out*): scale_factor upsampling, so inputs must be multiples of 32
+# -- CoinCheung layout (cp.*, sp.*, ffm.*, conv_out*) ---------------------------------------------
+# scale_factor upsampling, so inputs must be multiples of 32
 class CcConvBNReLU(nn.Module):
     def __init__(self, cin, cout, ks=3, stride=1, padding=1):
         super().__init__()
@@ -175,7 +178,8 @@ class CoinCheungBiSeNetV1(nn.Module):
         return self.conv_out(self.ffm(self.sp(x), cp8))
 
 
-# -- mmseg layout (backbone.context_path.*, backbone.spatial_path.*, decode_head.*, auxiliary_head.N.*) ------
+# -- mmseg layout ----------------------------------------------------------------------------------
+# backbone.context_path.*, backbone.spatial_path.*, decode_head.*, auxiliary_head.N.*
 class MmConvModule(nn.Module):
     def __init__(self, cin, cout, k, stride=1, padding=0, act=True):
         super().__init__()
@@ -293,7 +297,8 @@ class MmsegBiSeNetV1(nn.Module):
 
 
 def randomize_batchnorm(model, generator=None):
-    """Non-trivial running statistics and affine parameters, so folding and mapping mistakes show."""
+    """Non-trivial running statistics and affine parameters, so folding and mapping mistakes
+    show."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -1,5 +1,6 @@
-"""Bad input is one line, never a traceback: flags out of range, unreadable files, work dirs that cannot be written
-and backends that do not exist each end with an exit code and one line naming the flag or file and what to do."""
+"""Bad input is one line, never a traceback: flags out of range, unreadable files, work dirs that
+cannot be written and backends that do not exist each end with an exit code and one line naming the
+flag or file and what to do."""
 
 import shutil
 import sys
@@ -53,7 +54,8 @@ from bisenet import BiSeNetV1, ModelConfig
         (["--loss-scale", "0"], "argument --loss-scale: '0': must be a finite number > 0"),
         (
             ["--loss-scale", "128", "--amp", "O0"],
-            "--loss-scale 128: this run computes in fp32, which has no loss scaling; leave --loss-scale out",
+            "--loss-scale 128: this run computes in fp32, which has no loss scaling; leave "
+            "--loss-scale out",
         ),
     ],
 )
@@ -134,8 +136,8 @@ def test_bad_export_flags_give_one_line(capsys, small_checkpoint, tmp_path):
         export.main, ["--ckpt", ckpt, "--out", str(tmp_path / "missing" / "m.onnx")], capsys
     )
     assert (
-        f"argument --out: cannot write {tmp_path / 'missing' / 'm.onnx'} (its folder is missing or read-only)"
-        in last
+        f"argument --out: cannot write {tmp_path / 'missing' / 'm.onnx'} (its folder is missing "
+        "or read-only)" in last
     )
 
 
@@ -156,8 +158,8 @@ def test_non_finite_weights_are_refused_on_load(capsys, small_checkpoint, tmp_pa
         capsys,
     )
     assert (
-        "nan.pth: 1 weight tensors hold NaN or inf (first: head.classifier.weight); it comes from a diverged run"
-        in last
+        "nan.pth: 1 weight tensors hold NaN or inf (first: head.classifier.weight); it comes "
+        "from a diverged run" in last
     )
 
 
@@ -220,6 +222,7 @@ def test_bad_runs_give_one_line(capsys, synthetic_root, tmp_path, monkeypatch):
     assert "DIST_BACKEND='bogus': expected one of nccl, hccl, gloo, mpi, ucc" in last
 
 
+@pytest.mark.slow
 def test_a_read_only_work_dir_gives_one_line(synthetic_root, tmp_path):
     mount = tmp_path / "ro"
     args = [

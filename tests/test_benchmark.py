@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from conftest import ROOT
 
@@ -27,8 +28,10 @@ def test_device_defaults_for_o1():
     assert cuda.precision("O0") == "fp32"
 
 
+@pytest.mark.slow
 def test_bench_small_measures_every_part_and_ends_with_json():
-    """`BENCH_SMALL=1 bash run_1p.sh bench`: steps, end-to-end train.py, torchrun train + resume + evaluate."""
+    """`BENCH_SMALL=1 bash run_1p.sh bench`: steps, end-to-end train.py, torchrun train + resume +
+    evaluate."""
     env = {**os.environ, "BENCH_SMALL": "1"}
     args = [
         "--steps",
@@ -74,6 +77,7 @@ def test_bench_small_measures_every_part_and_ends_with_json():
     assert 0 <= out["torchrun"]["val_mIoU"] <= 100
 
 
+@pytest.mark.slow
 def test_bench_rejects_bad_flags_in_one_line():
     for flags, message in (
         (["--variants", "warp-drive"], "--variants: unknown ['warp-drive']"),
@@ -89,8 +93,10 @@ def test_bench_rejects_bad_flags_in_one_line():
         )
 
 
+@pytest.mark.slow
 def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_path):
-    """`BENCH_SMALL=1 bash run_1p.sh bench-infer`: what the GPU issue's one script measures, at CPU sizes."""
+    """`BENCH_SMALL=1 bash run_1p.sh bench-infer`: what the GPU issue's one script measures, at CPU
+    sizes."""
     env = {**os.environ, "BENCH_SMALL": "1"}
     args = ["--runs", "2", "--warmup", "1", "--workers", "1", "--work-dir", str(tmp_path)]
     result = subprocess.run(
@@ -109,7 +115,8 @@ def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_pat
             "best_batch"
         ] in (1, 2)
         assert speed["best_batch_fps"] >= speed["fps"] and speed["precision"] == CPU_O1
-    # CPU: no compile variants unless asked for; bf16 only where it is native (the default is then bf16 too)
+    # CPU: no compile variants unless asked for; bf16 only where it is native (the default is then
+    # bf16 too)
     assert out["variants"].keys() == (
         {"default", "bf16"} if CPU_O1 == "bf16 autocast" else {"default"}
     )
@@ -135,7 +142,8 @@ def test_bench_infer_small_measures_speed_agreement_and_a_timed_val_pass(tmp_pat
 
 
 def test_learning_benchmark_gives_each_mean_with_its_standard_error():
-    """tools/benchmark_learning.py: at the iterations every seed reached, the mean and scipy's standard error of it."""
+    """tools/benchmark_learning.py: at the iterations every seed reached, the mean and scipy's
+    standard error of it."""
     from scipy.stats import sem
 
     from benchmark_learning import curve_summary
@@ -155,11 +163,15 @@ def test_learning_benchmark_gives_each_mean_with_its_standard_error():
     assert curve_summary({5: {100: 50.0}}) == ({100: 50.0}, {})  # one seed: no error to give
 
 
+@pytest.mark.slow
 def test_a_command_that_times_out_is_killed_with_everything_it_started():
     """As when torchrun hangs: killing the launcher alone would leave its train.py running."""
     from benchmark import run_json
 
-    launcher = "import subprocess, sys, time; worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+    launcher = (
+        "import subprocess, sys, time; worker = subprocess.Popen([sys.executable, '-c', 'import "
+        "time; time.sleep(60)']); "
+    )
     launcher += "print(worker.pid, flush=True); time.sleep(60)"
     summary, output = run_json([sys.executable, "-c", launcher], timeout=3)
     assert summary is None and output.startswith(f"timed out after 3 s: {sys.executable} -c ")

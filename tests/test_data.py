@@ -26,6 +26,7 @@ def all_files(root):
     return sorted(p.relative_to(root) for p in Path(root).rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_synthesis_is_byte_identical_for_the_same_seed_in_any_number_of_processes(tmp_path):
     synthesize_cityscapes(tmp_path / "a", train=3, val=1, height=64, width=128, seed=9)
     synthesize_cityscapes(tmp_path / "b", train=3, val=1, height=64, width=128, seed=9, nproc=2)
@@ -51,8 +52,9 @@ def test_synthetic_layout_and_json_are_cityscapes(synthetic_root):
 
 
 def test_plain_scenes_hold_no_thin_class_and_flat_colours(tmp_path):
-    """tools/benchmark_learning.py --data fast: the same scenes without the thin classes (cityscapesscripts' ids
-    checked in the labelIds it drew), each region one colour under faint noise."""
+    """tools/benchmark_learning.py --data fast: the same scenes without the thin classes
+    (cityscapesscripts' ids checked in the labelIds it drew), each region one colour under faint
+    noise."""
     synthesize_cityscapes(tmp_path / "s", train=3, val=0, height=128, width=256, seed=4, plain=True)
     thin = {
         name2label[name].id
@@ -87,6 +89,7 @@ def test_plain_scenes_hold_no_thin_class_and_flat_colours(tmp_path):
         )  # synthetic.APPEARANCE's sky
 
 
+@pytest.mark.slow
 def test_both_conversion_sources_equal_cityscapesscripts_byte_for_byte(tmp_path):
     synthesize_cityscapes(tmp_path / "poly", train=4, val=2, test=1, height=96, width=192, seed=1)
     shutil.copytree(tmp_path / "poly", tmp_path / "lut")
@@ -107,6 +110,7 @@ def test_both_conversion_sources_equal_cityscapesscripts_byte_for_byte(tmp_path)
     ).read_text()
 
 
+@pytest.mark.slow
 def test_conversion_skips_done_files_and_reports_broken_ones(tmp_path):
     synthesize_cityscapes(tmp_path, train=3, val=0, height=64, width=128, seed=2)
     broken = sorted(tmp_path.glob("gtFine/train/*/*_gtFine_labelIds.png"))[0]
@@ -163,7 +167,8 @@ def test_dataset_finds_the_pairs_and_list_file_agrees_with_scan(synthetic_root, 
 
 
 def color_coded_pair(height=96, width=160, seed=0):
-    """A label of random rectangles and an image whose colour is the class palette: alignment is checkable."""
+    """A label of random rectangles and an image whose colour is the class palette: alignment is
+    checkable."""
     rng = np.random.default_rng(seed)
     label = np.full((height, width), 0, dtype=np.uint8)
     for _ in range(25):
@@ -215,8 +220,9 @@ def test_flip_happens_and_keeps_alignment():
 
 
 def test_small_images_are_padded_with_ignore_and_what_normalises_to_zero():
-    """mmseg 0.x pipelines run Normalize, then Pad(pad_val=0, seg_pad_val=255) (mmseg 1.x: the data preprocessor
-    normalises, then pads with 0): padded pixels reach the network as 0, and their labels are ignored."""
+    """mmseg 0.x pipelines run Normalize, then Pad(pad_val=0, seg_pad_val=255) (mmseg 1.x: the data
+    preprocessor normalises, then pads with 0): padded pixels reach the network as 0, and their
+    labels are ignored."""
     image, label = color_coded_pair(40, 50, seed=1)
     out_image, out_label = TrainTransform(
         crop=(64, 96), scale_range=(1.0, 1.0), cat_max_ratio=1.0, flip_prob=0, photometric=False
@@ -240,7 +246,8 @@ def max_class_ratio(label):
 
 
 def test_cat_max_ratio_is_honoured_when_possible():
-    """Left 60%: all road. Right 40%: road and sidewalk stripes. Crops 30% wide often land on road only."""
+    """Left 60%: all road. Right 40%: road and sidewalk stripes. Crops 30% wide often land on road
+    only."""
     label = np.zeros((64, 200), dtype=np.uint8)
     label[:, 120:][(np.arange(64) // 4 % 2 == 0)] = 1
     image = np.zeros((64, 200, 3), dtype=np.uint8)
@@ -317,6 +324,7 @@ def test_missing_root_and_split_name_the_fix(synthetic_root, tmp_path):
         find_samples(synthetic_root, "extra")
 
 
+@pytest.mark.slow
 def test_worker_errors_reach_the_user_as_one_line(synthetic_root, tmp_path):
     broken, label = make_broken(synthetic_root, tmp_path, "bad_values")
     cmd = [
@@ -353,10 +361,11 @@ def test_photometric_levels_equal_mmseg_float_formula():
     "in_size, out_size", [(100, 60), (100, 166), (1024, 517), (256, 403), (64, 33)]
 )
 def test_label_resampling_is_cv2s_nearest_exact_and_stays_on_the_image_samples(in_size, out_size):
-    """The label crop is cv2.INTER_NEAREST_EXACT of the rescaled label. That is the source pixel nearest to where
-    the bilinear image resize (cv2.INTER_LINEAR, the image side) sampled each output pixel: a coordinate ramp resized
-    bilinearly says where that was. mmcv's "nearest" (cv2.INTER_NEAREST, the seed's) is up to a whole source pixel
-    away from it, so its labels sit off the image they label."""
+    """The label crop is cv2.INTER_NEAREST_EXACT of the rescaled label. That is the source pixel
+    nearest to where the bilinear image resize (cv2.INTER_LINEAR, the image side) sampled each
+    output pixel: a coordinate ramp resized bilinearly says where that was. mmcv's "nearest"
+    (cv2.INTER_NEAREST, the seed's) is up to a whole source pixel away from it, so its labels sit
+    off the image they label."""
     start, count = out_size // 5, out_size // 2
     label = np.arange(in_size, dtype=np.uint8)[None, :].repeat(2, 0) if in_size < 256 else None
     exact = datasets.nearest_indices(out_size, in_size, start, count)

@@ -1,7 +1,7 @@
-"""A user's data is read as it is, or refused in one line naming the file: label formats (1-bit masks, EXIF
-orientation), class descriptions (checkpoint metadata, classes.txt), folder layouts (symlinks, one stem twice),
-damaged images and models, and settings that would give a wrong number. Each test checks the number against the
-plain case or the exit code and the one line."""
+"""A user's data is read as it is, or refused in one line naming the file: label formats (1-bit
+masks, EXIF orientation), class descriptions (checkpoint metadata, classes.txt), folder layouts
+(symlinks, one stem twice), damaged images and models, and settings that would give a wrong number.
+Each test checks the number against the plain case or the exit code and the one line."""
 
 import json
 import shutil
@@ -31,7 +31,7 @@ import synthetic
 from bisenet import BiSeNetV1, ModelConfig
 
 
-# -- 1. labels read wrong -------------------------------------------------------------------------------------
+# -- 1. labels read wrong --------------------------------------------------------------------------
 def scored(ckpt, data, capsys):
     return in_process_summary(
         evaluate.main,
@@ -40,6 +40,7 @@ def scored(ckpt, data, capsys):
     )
 
 
+@pytest.mark.slow
 def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
     data = synthetic.synthesize_folder(
         tmp_path / "masks", classes=2, train=2, val=3, height=64, width=128, seed=5
@@ -70,9 +71,10 @@ def test_one_bit_masks_are_classes_0_and_1(tmp_path, capsys):
     assert scored(ckpt, data, capsys)["mIoU"] == plain["mIoU"]
 
 
+@pytest.mark.slow
 def test_exif_orientation_turns_images_and_labels_alike(my7, tmp_path, capsys):
-    """Images and labels stored turned, each with the EXIF orientation that shows it upright: the same mIoU as the
-    upright files (PNG images, so that no re-encoding differs)."""
+    """Images and labels stored turned, each with the EXIF orientation that shows it upright: the
+    same mIoU as the upright files (PNG images, so that no re-encoding differs)."""
     root, ckpt = my7
     data = copy_of(root, tmp_path)
     info = interop.folder_info(data)
@@ -111,7 +113,8 @@ def test_exif_orientations_match_pil(tmp_path):
         ), orientation
 
 
-# -- 2. checkpoints that do not describe their classes --------------------------------------------------------
+# -- 2. checkpoints that do not describe their classes ---------------------------------------------
+@pytest.mark.slow
 def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own_palette(
     my7, tmp_path, capsys
 ):
@@ -190,7 +193,7 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
     )
 
 
-# -- 3. classes.txt -------------------------------------------------------------------------------------------
+# -- 3. classes.txt --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -231,7 +234,8 @@ def test_classes_txt_in_csv_hex_utf16_is_read_and_latin1_is_named(tmp_path):
         interop.read_classes(path, "x")
 
 
-# -- 4. symlinked folders -------------------------------------------------------------------------------------
+# -- 4. symlinked folders --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_symlinked_sub_folders_are_followed_once(my7, tmp_path, capsys):
     root, ckpt = my7
     data = copy_of(root, tmp_path)
@@ -246,7 +250,7 @@ def test_symlinked_sub_folders_are_followed_once(my7, tmp_path, capsys):
     assert len(interop.find_images(data / "img_dir" / "val")) == 2
 
 
-# -- 5. wrong numbers -----------------------------------------------------------------------------------------
+# -- 5. wrong numbers ------------------------------------------------------------------------------
 def test_slide_stride_beyond_the_crop_and_tiny_scales_are_refused(my7, capsys):
     args = ["--ckpt", my7[1], "--data-root", my7[0]]
     assert "--stride: 96x96 is larger than --crop 64x64" in in_process_error(
@@ -260,6 +264,7 @@ def test_slide_stride_beyond_the_crop_and_tiny_scales_are_refused(my7, capsys):
     )
 
 
+@pytest.mark.slow
 def test_unlabelled_splits_repeats_and_nan_scores(my7, tmp_path, capsys):
     root, ckpt = my7
     assert "--split test: " in in_process_error(
@@ -284,7 +289,8 @@ def test_unlabelled_splits_repeats_and_nan_scores(my7, tmp_path, capsys):
     assert "NaN" not in last and json.loads(last)["mIoU"] is None
 
 
-# -- 6. another dataset of the same class count ---------------------------------------------------------------
+# -- 6. another dataset of the same class count ----------------------------------------------------
+@pytest.mark.slow
 def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, capsys):
     import train
 
@@ -352,7 +358,8 @@ def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, 
     )
 
 
-# -- 7. tracebacks and unclear messages -----------------------------------------------------------------------
+# -- 7. tracebacks and unclear messages ------------------------------------------------------------
+@pytest.mark.slow
 def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
     root, ckpt = my7
     onnx = tmp_path / "m.onnx"
@@ -431,8 +438,8 @@ def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
 
 
 def test_two_images_of_one_stem_are_refused_with_both_names(my7, tmp_path):
-    """mmseg's layout pairs an image with ann_dir/<stem>.png: a stray a.png beside a.jpg was trained on and scored
-    with the same label (val mIoU and "images" changed silently)."""
+    """mmseg's layout pairs an image with ann_dir/<stem>.png: a stray a.png beside a.jpg was trained
+    on and scored with the same label (val mIoU and "images" changed silently)."""
     root = copy_of(my7[0], tmp_path)
     image = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0]
     shutil.copy(image, image.with_suffix(".png"))
@@ -447,7 +454,8 @@ def test_two_images_of_one_stem_are_refused_with_both_names(my7, tmp_path):
 
 
 def test_a_truncated_jpeg_is_named_in_training_and_for_images(my7, tmp_path, capsys):
-    """OpenCV returns a JPEG cut short with its lower part grey and only libjpeg's warning, which names no file."""
+    """OpenCV returns a JPEG cut short with its lower part grey and only libjpeg's warning, which
+    names no file."""
     root = copy_of(my7[0], tmp_path)
     image = sorted((root / "img_dir" / "train").rglob("*.jpg"))[0]
     whole = datasets.read_image(image)
@@ -495,9 +503,10 @@ def test_a_truncated_jpeg_is_named_in_training_and_for_images(my7, tmp_path, cap
 
 
 def test_a_jpeg_with_a_flipped_bit_is_named_not_read_garbled(my7, tmp_path):
-    """A bit flipped in the compressed data desynchronises the decoder: OpenCV and PIL return garbled blocks with no
-    error; libjpeg's own complaint ("Corrupt JPEG data") makes it a DataError naming the file. (A flip that still
-    decodes as valid data cannot be told from the image: JPEG has no checksum.)"""
+    """A bit flipped in the compressed data desynchronises the decoder: OpenCV and PIL return
+    garbled blocks with no error; libjpeg's own complaint ("Corrupt JPEG data") makes it a DataError
+    naming the file. (A flip that still decodes as valid data cannot be told from the image: JPEG
+    has no checksum.)"""
     root = copy_of(my7[0], tmp_path)
     image = sorted((root / "img_dir" / "train").rglob("*.jpg"))[0]
     whole, data = cv2.imread(str(image)), bytearray(image.read_bytes())
@@ -546,6 +555,7 @@ def test_images_in_other_formats_are_read_not_skipped(my7, tmp_path, suffix):
         assert np.array_equal(datasets.read_image(path), rgb)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["missing", "outside its folder"])
 def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(
     my7, tmp_path, capsys, where
@@ -567,7 +577,9 @@ def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(
     )
     if where == "missing":
         (tmp_path / "model" / "weights.data").unlink()
-    else:  # the file names its data as ../weights.data (onnx's own writer refuses to; a hand-edited file may)
+    # the file names its data as ../weights.data (onnx's own writer refuses to; a hand-edited file
+    # may)
+    else:
         (tmp_path / "model" / "weights.data").rename(tmp_path / "weights.data")
         proto = onnx.load(tmp_path / "model" / "m.onnx", load_external_data=False)
         for tensor in proto.graph.initializer:
@@ -585,8 +597,10 @@ def test_an_onnx_model_whose_external_data_is_missing_or_outside_is_one_line(
     ) and error.endswith("export it again with python tools/export.py")
 
 
+@pytest.mark.slow
 def test_an_image_over_pils_pixel_limit_is_read_not_a_traceback(tmp_path):
-    """PIL refuses images over 179 megapixels (DecompressionBombError, 52 lines); OpenCV reads them, unturned."""
+    """PIL refuses images over 179 megapixels (DecompressionBombError, 52 lines); OpenCV reads them,
+    unturned."""
     height, width = 9000, 20000  # 180 megapixels
     cv2.imwrite(str(tmp_path / "big.png"), np.zeros((height, width, 3), np.uint8))
     cv2.imwrite(str(tmp_path / "big_label.png"), np.ones((height, width), np.uint8))

@@ -1,5 +1,5 @@
-"""Your own data: the generic layouts and CamVid end to end, class tables that travel with checkpoints, label checks,
-and the README walkthrough run as written."""
+"""Your own data: the generic layouts and CamVid end to end, class tables that travel with
+checkpoints, label checks, and the README walkthrough run as written."""
 
 import json
 import os
@@ -72,13 +72,15 @@ def test_palette_png_labels_are_read_as_indices_and_camvid_void_is_ignored(tmp_p
     with pytest.raises(DataError) as error:
         read_label(tmp_path / "bad.png", info)
     assert str(error.value).startswith(
-        f"{tmp_path / 'bad.png'}: label values [7, 9] are not classes of seven (0..6 or 255 = ignore)"
+        f"{tmp_path / 'bad.png'}: label values [7, 9] are not classes of seven (0..6 or 255 = "
+        "ignore)"
     )
     Image.fromarray(np.zeros((2, 3, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(DataError, match="single-channel 8-bit PNG of class indices"):
         read_label(tmp_path / "rgb.png", info)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, classes", [("mmseg", 7), ("list", 40), ("camvid", 11)])
 def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(
     tmp_path, layout, classes
@@ -126,7 +128,8 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(
         f"{dataset.info.class_names[-1]:>15} | " in evaluated.stdout
     )  # the table names this dataset's classes
 
-    # predictions of a folder of images, coloured with this dataset's palette, with no other flag than the checkpoint
+    # predictions of a folder of images, coloured with this dataset's palette, with no other flag
+    # than the checkpoint
     folder = tmp_path / "photos"
     folder.mkdir()
     for image, _ in dataset.samples:
@@ -152,8 +155,8 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(
 
 
 def seven_class_data(tmp_path):
-    """A 7-class dataset in the list layout, and a 19-class Cityscapes model saved as checkpoints were before
-    datasets were saved with them."""
+    """A 7-class dataset in the list layout, and a 19-class Cityscapes model saved as checkpoints
+    were before datasets were saved with them."""
     root = synthetic.synthesize_folder(
         tmp_path / "data", classes=7, train=4, val=2, layout="list", seed=4
     )
@@ -196,6 +199,7 @@ def test_a_model_of_other_classes_is_not_evaluated_on_the_data(tmp_path):
     assert "a model of 19 classes, but" in last and "has 7" in last
 
 
+@pytest.mark.slow
 def test_load_from_a_model_of_other_classes_keeps_the_backbone_and_starts_the_classifiers_anew(
     tmp_path,
 ):
@@ -217,8 +221,8 @@ def test_load_from_a_model_of_other_classes_keeps_the_backbone_and_starts_the_cl
     tuned = in_process("train.py", *args, "--min-lr", "0", "--dropout", "0")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert (
-        f"{tmp_path / 'city.pth'}: 19 classes, the data has 7: the three classifier layers are re-initialised"
-        in tuned.stdout
+        f"{tmp_path / 'city.pth'}: 19 classes, the data has 7: the three classifier layers are "
+        "re-initialised" in tuned.stdout
     )
     weights = torch.load(tmp_path / "ft" / "iter_1.pth", weights_only=True)["model"]
     assert weights["head.classifier.weight"].shape[0] == 7
@@ -230,6 +234,7 @@ def test_load_from_a_model_of_other_classes_keeps_the_backbone_and_starts_the_cl
     )
 
 
+@pytest.mark.slow
 def test_an_old_checkpoint_is_a_cityscapes_one(tmp_path, synthetic_root):
     model = BiSeNetV1(ModelConfig(18))
     torch.save(
@@ -252,6 +257,7 @@ def readme_walkthrough():
     return [line for line in block[1].splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_readme_walkthrough_runs_as_written(tmp_path):
     project = tmp_path / "project"
     project.mkdir()

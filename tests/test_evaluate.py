@@ -57,6 +57,7 @@ def test_sliding_window_covering_the_image_equals_whole_inference(model):
     )
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_sliding_windows_average_every_overlap(model):
     images = torch.rand(1, 3, 96, 160) * 255
@@ -71,6 +72,7 @@ def test_sliding_windows_average_every_overlap(model):
     )
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_multi_scale_with_scale_one_is_single_scale(model):
     images = torch.rand(1, 3, 96, 160) * 255
@@ -98,8 +100,9 @@ def test_mode_names_say_exactly_what_was_run():
 
 
 def test_confusion_matrix_counts_like_a_masked_histogram_with_fixed_shapes():
-    """The metric counts every pixel into C*C+1 bins (the last one: ignored), so its shapes never depend on the data
-    (Ascend recompiles on every new shape); numpy's 2-D histogram over the labelled pixels is the reference."""
+    """The metric counts every pixel into C*C+1 bins (the last one: ignored), so its shapes never
+    depend on the data (Ascend recompiles on every new shape); numpy's 2-D histogram over the
+    labelled pixels is the reference."""
     generator = torch.Generator().manual_seed(3)
     label = torch.randint(0, 7, (1, 33, 65), generator=generator)
     label[torch.rand(label.shape, generator=generator) < 0.3] = 255
@@ -133,8 +136,9 @@ def test_metrics_follow_the_official_definition():
 
 
 def test_dice_precision_and_recall_equal_sklearns():
-    """sklearn's per-class scores over the labelled pixels (labels=range(C)): f1 is Dice, recall is Acc. Where
-    sklearn's zero_division applies (never predicted; never labelled) ours are NaN and left out of their means."""
+    """sklearn's per-class scores over the labelled pixels (labels=range(C)): f1 is Dice, recall is
+    Acc. Where sklearn's zero_division applies (never predicted; never labelled) ours are NaN and
+    left out of their means."""
     from sklearn.metrics import jaccard_score, precision_recall_fscore_support
 
     generator = torch.Generator().manual_seed(5)
@@ -150,9 +154,8 @@ def test_dice_precision_and_recall_equal_sklearns():
     result = metrics(confusion_matrix(pred, label, 6))
     valid = (label != 255).numpy().ravel()
     y_true, y_pred = label.numpy().ravel()[valid], pred.numpy().ravel()[valid]
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=range(6), zero_division=np.nan
-    )
+    scores = precision_recall_fscore_support(y_true, y_pred, labels=range(6), zero_division=np.nan)
+    precision, recall, f1 = scores[:3]
     np.testing.assert_allclose(result["precision"], precision, rtol=1e-12)
     np.testing.assert_allclose(result["recall"], recall, rtol=1e-12)
     np.testing.assert_allclose(result["dice"], f1, rtol=1e-12)
@@ -169,6 +172,7 @@ def test_dice_precision_and_recall_equal_sklearns():
     ] == pytest.approx(100 * np.nanmean(recall))
 
 
+@pytest.mark.slow
 def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(
     synthetic_root, checkpoint, tmp_path
 ):
@@ -193,7 +197,8 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(
     )
     assert ours["mode"] == "ss whole"
     gts = sorted(str(p) for p in synthetic_root.glob("gtFine/val/*/*_gtFine_labelIds.png"))
-    # predictions keep their image's folder below the data root (leftImg8bit/val/CITY), as the test server accepts
+    # predictions keep their image's folder below the data root (leftImg8bit/val/CITY), as the test
+    # server accepts
     preds = [
         str(
             tmp_path
@@ -222,6 +227,7 @@ def test_evaluate_matches_cityscapesscripts_on_exported_label_ids(
     )
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
     root = tmp_path / "data"
     trainable_cityscapes(
@@ -259,6 +265,7 @@ def test_distributed_evaluation_counts_each_image_once(tmp_path, checkpoint):
     assert distributed["aAcc"] == pytest.approx(single["aAcc"], abs=0.02)
 
 
+@pytest.mark.slow
 def test_images_folder_gets_palette_colours_and_test_split_label_ids(
     synthetic_root, checkpoint, tmp_path
 ):
@@ -325,6 +332,7 @@ def test_images_folder_gets_palette_colours_and_test_split_label_ids(
         )  # {city}_{seq}_{frame}*.png, as the test server expects
 
 
+@pytest.mark.slow
 def test_benchmark_prints_the_protocol_and_json(checkpoint):
     out = succeeded(
         "tools/benchmark_inference.py",
@@ -357,6 +365,7 @@ def test_benchmark_prints_the_protocol_and_json(checkpoint):
     assert "warm-up" in out
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     pytest.importorskip(
         "onnxruntime",
@@ -414,9 +423,11 @@ def test_single_pass_class_map_is_the_model_argmax(model):
     assert (predict_classes(model, images) == model(images).argmax(1)).float().mean() > 0.9999
 
 
+@pytest.mark.slow
 def test_compare_pictures_line_up_image_truth_and_prediction(synthetic_root, checkpoint, tmp_path):
-    """--format compare: the input image | its label in the palette (ignored pixels black) | the prediction exactly as
-    --format color writes it, over a legend; the test split and --images have no truth to show, and are refused."""
+    """--format compare: the input image | its label in the palette (ignored pixels black) | the
+    prediction exactly as --format color writes it, over a legend; the test split and --images have
+    no truth to show, and are refused."""
     from cityscapes import open_dataset
     from datasets import read_image, read_label
 

@@ -46,7 +46,8 @@ def test_odd_input_sizes_give_full_resolution_outputs():
 
 
 def test_every_parameter_gets_a_gradient():
-    # trained BatchNorm weights: at init the zero-initialised residual norms hold back their branches' gradients
+    # trained BatchNorm weights: at init the zero-initialised residual norms hold back their
+    # branches' gradients
     model = randomize_batchnorm(r18(), torch.Generator().manual_seed(0)).train()
     main, aux16, aux32 = model(torch.rand(2, 3, 96, 160) * 255)
     (main.sum() + aux16.sum() + aux32.sum()).backward()
@@ -86,7 +87,8 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
 
 
 def test_checkpoints_of_earlier_versions_load(tmp_path):
-    # the model_config dict train.py saved before ModelConfig existed (bisenet.model_config's keys and lists)
+    # the model_config dict train.py saved before ModelConfig existed (bisenet.model_config's keys
+    # and lists)
     earlier = {
         "depth": 18,
         "num_classes": 7,
@@ -146,7 +148,8 @@ def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
     model = load_model(tmp_path / "model_final_v1_city_new.pth")[0]
     assert model.config.ffm_attention_relu is False and model.config.depth == 18
     images = torch.rand(1, 3, 128, 256) * 255
-    # CoinCheung's own preprocessing as published: ToTensor (0..1), then Normalize with these 0..1 statistics
+    # CoinCheung's own preprocessing as published: ToTensor (0..1), then Normalize with these 0..1
+    # statistics
     published_mean, published_std = (0.3257, 0.3690, 0.3223), (0.2112, 0.2148, 0.2115)
     with torch.no_grad():
         expected = reference(normalized(images / 255, published_mean, published_std))
@@ -158,7 +161,8 @@ def test_coincheung_release_loads_and_gives_its_logits(tmp_path):
         assert not torch.allclose(rounded.eval()(images), expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("depth", [18, 50])
+# R50 is the slow half: R18 checks the same mapping in the fast tier
+@pytest.mark.parametrize("depth", [18, pytest.param(50, marks=pytest.mark.slow)])
 def test_mmseg_release_loads_and_gives_its_logits(tmp_path, depth):
     torch.manual_seed(depth)
     reference = randomize_batchnorm(
@@ -198,6 +202,7 @@ def test_unmappable_and_broken_files_are_rejected_with_the_keys(tmp_path):
         load_model(tmp_path / "missing.pth")[0]
 
 
+@pytest.mark.slow
 def test_cli_prints_parameters_and_flops():
     out = subprocess.run(
         [sys.executable, "tools/model_info.py", "--depth", "18", "--size", "512x1024"],
@@ -239,16 +244,19 @@ def test_backbone_url_is_served_from_the_torch_hub_cache_offline(tmp_path, monke
     assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
 
 
-@pytest.mark.parametrize("depth, last_bn", [(18, "bn2"), (50, "bn3")])
+@pytest.mark.parametrize(
+    "depth, last_bn", [(18, "bn2"), pytest.param(50, "bn3", marks=pytest.mark.slow)]
+)
 def test_initialisation_follows_mmseg_from_scratch_rules(depth, last_bn):
-    """mmseg 0.x's rules, written out from its code rather than ours: mmcv's ConvModule and ResNet init every
-    convolution with kaiming_init (normal, mode fan_out, ReLU gain: std sqrt(2 / (out x kh x kw)), bias 0) and every
-    norm with constant 1 / 0; ResNet's zero_init_residual sets the last norm of each block (BasicBlock norm2,
-    Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0, 0.01) with bias 0, but only the main head's: the
-    auxiliary FCNHeads sit in a torch nn.ModuleList (mmseg/models/segmentors/encoder_decoder.py,
-    _init_auxiliary_head), and BaseModule.init_weights (mmcv/runner/base_module.py in mmcv 1.x, mmengine's in 1.x)
-    calls init_weights only on children that have it, which nn.ModuleList has not: their conv_seg keeps
-    nn.Conv2d's own init, weight and bias uniform within +-1/sqrt(fan_in) (Kaiming uniform with a=sqrt(5))."""
+    """mmseg 0.x's rules, written out from its code rather than ours: mmcv's ConvModule and ResNet
+    init every convolution with kaiming_init (normal, mode fan_out, ReLU gain: std sqrt(2 / (out x
+    kh x kw)), bias 0) and every norm with constant 1 / 0; ResNet's zero_init_residual sets the last
+    norm of each block (BasicBlock norm2, Bottleneck norm3) to 0; FCNHead's conv_seg is normal(0,
+    0.01) with bias 0, but only the main head's: the auxiliary FCNHeads sit in a torch nn.ModuleList
+    (mmseg/models/segmentors/encoder_decoder.py, _init_auxiliary_head), and BaseModule.init_weights
+    (mmcv/runner/base_module.py in mmcv 1.x, mmengine's in 1.x) calls init_weights only on children
+    that have it, which nn.ModuleList has not: their conv_seg keeps nn.Conv2d's own init, weight and
+    bias uniform within +-1/sqrt(fan_in) (Kaiming uniform with a=sqrt(5))."""
     torch.manual_seed(0)
     model = BiSeNetV1(ModelConfig(depth))
     residual_last = re.compile(rf"backbone\.layer\d\.\d+\.{last_bn}$")

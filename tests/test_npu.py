@@ -1,6 +1,7 @@
-"""The Ascend path's decisions, on a host without an NPU: tests/npu_stand_in/torch_npu pretends to be torch_npu
-(chip, count, bf16 support, version, NpuFusedSGD, its GradScaler's state), put on sys.path by the tests that
-need it. Only decision logic is checked here; nothing has run on Ascend hardware."""
+"""The Ascend path's decisions, on a host without an NPU: tests/npu_stand_in/torch_npu pretends to
+be torch_npu (chip, count, bf16 support, version, NpuFusedSGD, its GradScaler's state), put on
+sys.path by the tests that need it. Only decision logic is checked here; nothing has run on Ascend
+hardware."""
 
 import importlib.util
 import json
@@ -21,7 +22,8 @@ STAND_IN = ROOT / "tests" / "npu_stand_in"
 
 
 def on_ascend_host(code, **env):
-    """Runs python code in a fresh interpreter that finds the stand-in torch_npu; its last stdout line is JSON."""
+    """Runs python code in a fresh interpreter that finds the stand-in torch_npu; its last stdout
+    line is JSON."""
     environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(STAND_IN), str(ROOT)]),
@@ -54,6 +56,7 @@ def test_auto_never_imports_torch_npu_where_it_is_not_installed():
     assert "torch_npu" not in sys.modules
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count, expected", [("8", "npu"), ("0", "cpu")])
 def test_auto_picks_an_npu_that_torch_npu_sees_and_says_why(count, expected):
     picked = on_ascend_host(
@@ -73,6 +76,7 @@ def test_auto_picks_an_npu_that_torch_npu_sees_and_says_why(count, expected):
         assert picked[0] == "cpu" and "torch_npu sees 0 NPUs" in picked[1]
 
 
+@pytest.mark.slow
 def test_train_prints_the_device_first_and_refuses_bf16_on_a_910a(tmp_path):
     result = run_script(
         [sys.executable, "train.py", "--amp-dtype", "bfloat16", "--work-dir", str(tmp_path / "wd")],
@@ -80,7 +84,8 @@ def test_train_prints_the_device_first_and_refuses_bf16_on_a_910a(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --amp-dtype bfloat16: this Ascend910A has no bf16 (torch.npu.is_bf16_supported() is False) and would train in fp32; "
+        "error: --amp-dtype bfloat16: this Ascend910A has no bf16 "
+        "(torch.npu.is_bf16_supported() is False) and would train in fp32; "
         "leave --amp-dtype out (fp16 with loss scaling)"
     ]
     chosen = on_ascend_host(
@@ -88,7 +93,8 @@ def test_train_prints_the_device_first_and_refuses_bf16_on_a_910a(tmp_path):
         import json, device
         runtime = device.setup_runtime("npu", amp_dtype="bfloat16")
         default = device.setup_runtime("npu")
-        print(json.dumps([runtime.precision("O1"), default.precision("O1"), default.grad_scaler("O1").is_enabled()]))
+        scaled = default.grad_scaler("O1").is_enabled()
+        print(json.dumps([runtime.precision("O1"), default.precision("O1"), scaled]))
         """
     )
     assert chosen == [
@@ -98,9 +104,10 @@ def test_train_prints_the_device_first_and_refuses_bf16_on_a_910a(tmp_path):
     ]  # a 910B has bf16; the default stays apex O1's fp16
 
 
+@pytest.mark.slow
 def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
-    """NpuFusedSGD refuses zero_grad(set_to_none=True); train_step leaves the choice to each optimizer, so the same
-    step gives torch's SGD update on the CPU."""
+    """NpuFusedSGD refuses zero_grad(set_to_none=True); train_step leaves the choice to each
+    optimizer, so the same step gives torch's SGD update on the CPU."""
     saved = str(tmp_path / "fused.pt")
     result = on_ascend_host(
         f"""
@@ -110,11 +117,16 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
         kernel = device.Runtime(torch.device("npu", 0)).sgd_kernel
         torch.manual_seed(0)
         model = BiSeNetV1(ModelConfig(18, 4, dropout=0.0)).train()
-        optimizer = device.sgd(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel)
-        images, labels = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8), torch.randint(0, 4, (2, 32, 64))
+        optimizer = device.sgd(
+            model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, kernel=kernel
+        )
+        images = torch.randint(0, 256, (2, 3, 32, 64), dtype=torch.uint8)
+        labels = torch.randint(0, 4, (2, 32, 64))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
+        step = dict(scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss)
+        fp32 = lambda: torch.autocast("cpu", enabled=False)
         for _ in range(2):
-            train_step(model, optimizer, scaler=scaler, images=images, labels=labels, loss_fn=segmentation_loss, autocast=lambda: torch.autocast("cpu", enabled=False))
+            train_step(model, optimizer, **step, autocast=fp32)
         torch.save(model.state_dict(), {saved!r})
         print(json.dumps([kernel, type(optimizer).__name__]))
         """
@@ -148,12 +160,14 @@ def test_npu_trains_with_npu_fused_sgd_cleared_in_place(tmp_path):
     for name, value in model.state_dict().items():
         torch.testing.assert_close(fused[name], value, msg=name)
     without = on_ascend_host(
-        "import json, torch, torch_npu, device; print(json.dumps(device.Runtime(torch.device('npu', 0)).sgd_kernel))",
+        "import json, torch, torch_npu, device; "
+        "print(json.dumps(device.Runtime(torch.device('npu', 0)).sgd_kernel))",
         STAND_IN_NO_FUSED_SGD="1",
     )
     assert without == "default"  # a torch_npu without NpuFusedSGD: torch's SGD
 
 
+@pytest.mark.slow
 def test_scaler_state_moves_between_npu_and_other_devices_with_its_scale():
     cpu_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=50)
     cpu_scaler.scale(torch.ones(()))  # creates the scale and growth tracker, as the first step does
@@ -210,6 +224,7 @@ def test_npu_options_refused_where_torch_npu_cannot_run_them(
     assert (error is None) if message is None else error.startswith(message)
 
 
+@pytest.mark.slow
 def test_train_refuses_compile_on_an_old_torch_npu_in_one_line(tmp_path):
     result = run_script(
         [sys.executable, "train.py", "--compile", "--work-dir", str(tmp_path / "wd")]
@@ -233,12 +248,15 @@ def test_each_rank_takes_its_own_share_of_the_cores():
     assert cpu_share({0, 1}, 1, 8) == [0, 1]  # fewer cores than ranks: all of them
 
 
+@pytest.mark.slow
 def test_the_metric_is_counted_on_the_host_for_npus_and_pinned_memory_is_used():
     npu = on_ascend_host(
         """
         import json, torch, torch_npu, device
         r = device.Runtime(torch.device("npu", 0))
-        print(json.dumps([str(r.metric_device), r.pin_memory, r.pin_memory_device, str(r.memory_format), r.prefers_channels_last]))
+        pinning = [r.pin_memory, r.pin_memory_device]
+        layout = [str(r.memory_format), r.prefers_channels_last]
+        print(json.dumps([str(r.metric_device), *pinning, *layout]))
         """
     )
     assert npu == [
@@ -252,6 +270,7 @@ def test_the_metric_is_counted_on_the_host_for_npus_and_pinned_memory_is_used():
     assert (str(cuda.metric_device), cuda.pin_memory) == ("cuda:0", True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["run_1p.sh", "run_8p.sh"])
 def test_launch_scripts_reach_the_npu_on_an_ascend_host(script):
     command = run_script(["bash", script, "full"], DRY_RUN="1", DIST_TIMEOUT="600")
@@ -276,6 +295,7 @@ def test_launch_scripts_reach_the_npu_on_an_ascend_host(script):
     assert f" train.py --device {'cuda' if torch.cuda.is_available() else 'cpu'} " in plain.stdout
 
 
+@pytest.mark.slow
 def test_r18_on_several_devices_keeps_16_images_in_all_or_refuses():
     for nproc, batch in (("1", 16), ("2", 8), ("4", 4), ("8", 2)):
         command = run_script(
@@ -293,9 +313,11 @@ def test_r18_on_several_devices_keeps_16_images_in_all_or_refuses():
         )
 
 
+@pytest.mark.slow
 def test_a_static_loss_scale_skips_overflowing_steps_and_keeps_its_scale(synthetic_root, tmp_path):
-    """--loss-scale N (Ascend's port: 128): fp16 as on an NPU, on the CPU. A scale that overflows every fp16
-    gradient: each step is skipped, and the scale stays N (a dynamic one would halve it each time)."""
+    """--loss-scale N (Ascend's port: 128): fp16 as on an NPU, on the CPU. A scale that overflows
+    every fp16 gradient: each step is skipped, and the scale stays N (a dynamic one would halve it
+    each time)."""
     args = [
         "--data-root",
         str(synthetic_root),

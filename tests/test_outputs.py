@@ -1,7 +1,7 @@
-"""What the scripts write never replaces a user's file nor leaves a partial one: predictions, synthesized and
-converted datasets, videos and exports. Each test first sets up what a user would have, then checks the sha256 of
-every user file before and after, that no temporary file is left, and the exit code and one line where a write is
-refused."""
+"""What the scripts write never replaces a user's file nor leaves a partial one: predictions,
+synthesized and converted datasets, videos and exports. Each test first sets up what a user would
+have, then checks the sha256 of every user file before and after, that no temporary file is left,
+and the exit code and one line where a write is refused."""
 
 import shutil
 import sys
@@ -24,7 +24,8 @@ import synthetic
 from video import segment_video
 
 
-# -- 1. prediction files --------------------------------------------------------------------------------------
+# -- 1. prediction files ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_predictions_keep_their_folders_and_extensions_and_never_collide(my7, tmp_path, capsys):
     root, ckpt = my7
     photos = tmp_path / "photos"
@@ -103,16 +104,16 @@ def test_nested_dataset_images_of_one_name_get_one_prediction_each(my7, tmp_path
     ]
 
 
-# -- 2. datasets written over ---------------------------------------------------------------------------------
+# -- 2. datasets written over ----------------------------------------------------------------------
 def test_synthesize_never_writes_into_an_existing_dataset(my7, tmp_path, capsys):
     data = copy_of(my7[0], tmp_path, "mydata")
     before = digest(data)
     error = in_process_error(
         synthetic.main, ["folder", data, "--classes", "5"], capsys, allow_warnings=True
     )
-    assert (
-        error
-        == f"error: {data} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)"
+    assert error == (
+        f"error: {data} already exists and is not empty; synthesize writes a new dataset: "
+        "pass a new folder (nothing was written)"
     )
     with pytest.raises(datasets.DataError, match="already exists and is not empty"):
         synthetic.synthesize_cityscapes(data, train=1, val=0, height=64, width=128)
@@ -126,13 +127,13 @@ def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_pat
     lists = {}
     for split in ("train", "val"):
         images = sorted((root / "leftImg8bit" / split).rglob(f"*{cityscapes.IMAGE_SUFFIX}"))
-        lines = [
-            f"{p.relative_to(root)},{(root / 'gtFine' / split / p.parent.name / p.name.replace(cityscapes.IMAGE_SUFFIX, cityscapes.LABEL_SUFFIX)).relative_to(root)}"
-            for p in images
+        suffixes = (cityscapes.IMAGE_SUFFIX, cityscapes.LABEL_SUFFIX)
+        labels = [
+            root / "gtFine" / split / p.parent.name / p.name.replace(*suffixes) for p in images
         ]
-        (root / f"{split}.txt").write_text(
-            "\n".join(reversed(lines)) + "\n"
-        )  # CoinCheung's `image,label` lines, their own order
+        lines = [f"{p.relative_to(root)},{q.relative_to(root)}" for p, q in zip(images, labels)]
+        # CoinCheung's `image,label` lines, their own order
+        (root / f"{split}.txt").write_text("\n".join(reversed(lines)) + "\n")
         lists[split] = lines
     before = digest(root / "train.txt", root / "val.txt")
     assert not convert_labels.convert_dataset(root, source="labelIds", progress=False)
@@ -144,7 +145,7 @@ def test_convert_labels_keeps_coincheung_lists_and_cityscapes_reads_them(tmp_pat
     assert dataset[0]["label"].shape == (64, 128) and not hidden_files(root)
 
 
-# -- 3. video -------------------------------------------------------------------------------------------------
+# -- 3. video --------------------------------------------------------------------------------------
 def write_video(path, frames, size=(64, 128), codec="MJPG"):
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), 10.0, (size[1], size[0]))
     rng = np.random.default_rng(0)
@@ -200,10 +201,9 @@ def test_a_truncated_or_odd_sized_video_says_so(tmp_path):
         progress=False,
     )
     written = cv2.VideoCapture(result["out"])
-    assert (
-        result["out_size"]
-        == f"{int(written.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(written.get(cv2.CAP_PROP_FRAME_WIDTH))}"
-    )
+    height = int(written.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    width = int(written.get(cv2.CAP_PROP_FRAME_WIDTH))
+    assert result["out_size"] == f"{height}x{width}"
     assert (
         result["size"] == "67x129" and result["out_size"] == "66x128"
     )  # mp4v rounds odd sizes down, and the JSON says so
@@ -218,7 +218,8 @@ def test_video_refuses_images_and_out_dir_it_would_ignore(my7, tmp_path, capsys)
         assert "not used with --video" in error
 
 
-# -- 4. exports -----------------------------------------------------------------------------------------------
+# -- 4. exports ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_never_replaces_a_model_and_leaves_nothing_hidden(my7, tmp_path, capsys):
     ckpt = my7[1]
     folder = tmp_path / "models"
@@ -255,6 +256,7 @@ def test_export_never_replaces_a_model_and_leaves_nothing_hidden(my7, tmp_path, 
     assert digest(folder) == before
 
 
+@pytest.mark.slow
 def test_openvino_export_writes_the_pair_and_refuses_int8_without_images(my7, tmp_path, capsys):
     root, ckpt = my7
     out = tmp_path / "m7.xml"
@@ -314,7 +316,8 @@ def test_openvino_export_writes_the_pair_and_refuses_int8_without_images(my7, tm
     ), error
 
 
-# -- 5. a full disk -------------------------------------------------------------------------------------------
+# -- 5. a full disk --------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_full_disk_under_predictions_or_an_export_is_one_line_and_leaves_nothing(my7, tmp_path):
     root, ckpt = my7
     mount = tmp_path / "small"

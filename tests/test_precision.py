@@ -1,4 +1,5 @@
-"""O1's precision follows what the CPU computes natively (device.cpu_amp_dtype), and every script says what ran."""
+"""O1's precision follows what the CPU computes natively (device.cpu_amp_dtype), and every script
+says what ran."""
 
 import json
 import os
@@ -24,7 +25,8 @@ AVX2_ONLY = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
 }  # ATen's and oneDNN's own ISA limits
 
-# What lscpu and torch report on the CPU kinds this project meets (and the ISA limits a user may set).
+# What lscpu and torch report on the CPU kinds this project meets (and the ISA limits a user may
+# set).
 ZEN2 = CpuFeatures(aten_capability="AVX2", avx512_bf16=False, amx_bf16=False)
 ZEN4 = CpuFeatures(aten_capability="AVX512", avx512_bf16=True, amx_bf16=False)
 SAPPHIRE_RAPIDS = CpuFeatures(aten_capability="AVX512", avx512_bf16=True, amx_bf16=True)
@@ -99,9 +101,9 @@ def test_fp32_runtime_runs_o1_without_autocast_or_loss_scaling():
     assert runtime.precision("O1") == "fp32" and not runtime.grad_scaler("O1").is_enabled()
     assert openvino_precision(runtime, "O1") == "f32"  # OpenVINO follows the same decision
     note = runtime.precision_note("O1")
-    assert (
-        note
-        == "precision: fp32 (this CPU has no bf16 instructions: AVX2; --amp-dtype bfloat16 forces bf16, which this CPU emulates many times slower than fp32)"
+    assert note == (
+        "precision: fp32 (this CPU has no bf16 instructions: AVX2; --amp-dtype bfloat16 "
+        "forces bf16, which this CPU emulates many times slower than fp32)"
     )
 
 
@@ -131,24 +133,28 @@ def test_this_machines_default_runs_what_it_says():
 
 
 def run_avx2(args):
-    """A script on this machine with ATen and oneDNN limited to AVX2: what an AVX2-only CPU gets on any CPU."""
+    """A script on this machine with ATen and oneDNN limited to AVX2: what an AVX2-only CPU gets on
+    any CPU."""
     env = {**os.environ, **AVX2_ONLY, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env
     )
 
 
+@pytest.mark.slow
 def test_isa_limits_are_detected():
     result = run_avx2(
         [
             "-c",
-            "import device, json; f = device.CpuFeatures.detect(); print(json.dumps([f.aten_capability, f.onednn_max_isa]))",
+            "import device, json; f = device.CpuFeatures.detect(); "
+            "print(json.dumps([f.aten_capability, f.onednn_max_isa]))",
         ]
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == ["AVX2", "AVX2"]
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_root, tmp_path):
     args = [
         "--data-root",
@@ -245,9 +251,9 @@ def test_benchmark_warns_when_the_default_is_slower_than_fp32():
         "contiguous": {"step_ms": 250.0},
         "bf16": {"error": "x"},
     }
-    assert (
-        slower_than_fp32(slow)
-        == "the default step (900 ms) is slower than eager fp32 (300 ms) on this device; fastest measured: contiguous (250 ms)"
+    assert slower_than_fp32(slow) == (
+        "the default step (900 ms) is slower than eager fp32 (300 ms) on this device; "
+        "fastest measured: contiguous (250 ms)"
     )
     assert slower_than_fp32({"default": {"step_ms": 300.0}, "fp32": {"step_ms": 900.0}}) is None
     assert slower_than_fp32({"default": {"step_ms": 300.0}}) is None

@@ -1,7 +1,9 @@
-"""Stopping a run from outside: SIGTERM and SIGUSR1 (preemption) save the iteration reached and the run resumes
-bit-exactly; a rank's error that a restart would repeat stops the group once; a killed loader worker is one line.
-Real processes, real signals: one process and run_8p.sh with 2 gloo ranks."""
+"""Stopping a run from outside: SIGTERM and SIGUSR1 (preemption) save the iteration reached and the
+run resumes bit-exactly; a rank's error that a restart would repeat stops the group once; a killed
+loader worker is one line. Real processes, real signals: one process and run_8p.sh with 2 gloo
+ranks."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import ROOT, one_line_error
+from conftest import ROOT, one_line_error, wait_for
 from test_safety import QUICK, rank_pid, temp_files
 from test_train import run_train
 
@@ -20,21 +23,32 @@ from benchmark import free_port
 
 
 def logged_iteration(work_dir):
-    """The newest iteration in log.jsonl (log-interval 1: every finished step), 0 before the first."""
+    """The newest iteration in log.jsonl (log-interval 1: every finished step), 0 before the
+    first."""
     log = Path(work_dir) / "log.jsonl"
     entries = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     return max((e["iter"] for e in entries if "loss" in e), default=0)
 
 
+def wait_for_step(run, work_dir, step):
+    wait_for(lambda: logged_iteration(work_dir) >= step, run, f"step {step} in {work_dir}")
+
+
+@dataclasses.dataclass
+class Stopped:
+    reached: int  # the iteration logged when the signal was sent
+    seconds: float  # from the signal to the exit
+    stdout: str
+    stderr: str
+
+
 def stop_with(run, signum, work_dir, after, grace=60):
-    """Sends `signum` once `after` steps are logged; (iteration logged then, seconds from the signal to the exit)."""
-    deadline = time.time() + 120
-    while logged_iteration(work_dir) < after and time.time() < deadline:
-        time.sleep(0.05)
+    """Sends `signum` once `after` steps are logged, and waits for the exit."""
+    wait_for_step(run, work_dir, after)
     reached, sent = logged_iteration(work_dir), time.perf_counter()
     os.kill(run.pid, signum)
     stdout, stderr = run.communicate(timeout=grace)
-    return reached, time.perf_counter() - sent, stdout, stderr
+    return Stopped(reached, time.perf_counter() - sent, stdout, stderr)
 
 
 def assert_same_weights(a, b):
@@ -46,11 +60,13 @@ def assert_same_weights(a, b):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_iteration_it_reached_and_the_resumed_run_is_bit_exact(
     synthetic_root, tmp_path
 ):
-    """What SLURM, Kubernetes and spot instances send before SIGKILL: one line, exit 143, a checkpoint of the
-    iteration reached (the step in flight finishes), within seconds; resuming ends where an uninterrupted run does."""
+    """What SLURM, Kubernetes and spot instances send before SIGKILL: one line, exit 143, a
+    checkpoint of the iteration reached (the step in flight finishes), within seconds; resuming ends
+    where an uninterrupted run does."""
     args = ["--data-root", str(synthetic_root), *QUICK, "--iters", "40", "--ckpt-interval", "1000"]
     straight = run_train([*args, "--work-dir", str(tmp_path / "a")])
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -62,14 +78,17 @@ def test_sigterm_saves_the_iteration_it_reached_and_the_resumed_run_is_bit_exact
         stderr=subprocess.PIPE,
         text=True,
     )
-    reached, seconds, stdout, stderr = stop_with(run, signal.SIGTERM, work_dir, after=5)
+    stopped = stop_with(run, signal.SIGTERM, work_dir, after=5)
+    reached, seconds = stopped.reached, stopped.seconds
+    stdout, stderr = stopped.stdout, stopped.stderr
     last = one_line_error(
         subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), code=143
     )
     saved = torch.load(work_dir / "latest.pth", weights_only=True)["iteration"]
-    assert (
-        last
-        == f"error: stopped by SIGTERM after iteration {saved}; saved {work_dir / f'iter_{saved}.pth'}; run the same command with --resume (the launch scripts do) to continue"
+    assert last == (
+        f"error: stopped by SIGTERM after iteration {saved}; saved "
+        f"{work_dir / f'iter_{saved}.pth'}; run the same command with --resume (the launch "
+        "scripts do) to continue"
     )
     assert reached <= saved <= reached + 1 and seconds < 30, (reached, saved, seconds)
     assert not temp_files(work_dir)
@@ -80,11 +99,13 @@ def test_sigterm_saves_the_iteration_it_reached_and_the_resumed_run_is_bit_exact
     assert_same_weights(tmp_path / "a" / "iter_40.pth", work_dir / "iter_40.pth")
 
 
+@pytest.mark.slow
 def test_sigusr1_to_run_8p_stops_every_rank_and_relaunching_resumes_bit_exact(
     synthetic_root, tmp_path
 ):
-    """SLURM's --signal=USR1@N to the launch script: no traceback, exit 138, no process left, and relaunching the
-    same command (what --requeue does) ends where an uninterrupted 2-rank run does."""
+    """SLURM's --signal=USR1@N to the launch script: no traceback, exit 138, no process left, and
+    relaunching the same command (what --requeue does) ends where an uninterrupted 2-rank run
+    does."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -111,7 +132,9 @@ def test_sigusr1_to_run_8p_stops_every_rank_and_relaunching_resumes_bit_exact(
     work_dir = tmp_path / "b"
     run = launch(work_dir, start_new_session=True)
     try:
-        reached, seconds, stdout, stderr = stop_with(run, signal.SIGUSR1, work_dir, after=5)
+        stopped = stop_with(run, signal.SIGUSR1, work_dir, after=5)
+        reached, seconds = stopped.reached, stopped.seconds
+        stdout, stderr = stopped.stdout, stopped.stderr
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -131,10 +154,12 @@ def test_sigusr1_to_run_8p_stops_every_rank_and_relaunching_resumes_bit_exact(
     assert_same_weights(tmp_path / "a" / "iter_40.pth", work_dir / "iter_40.pth")
 
 
+@pytest.mark.slow
 def test_a_data_error_under_run_8p_stops_the_group_once_instead_of_restarting_it(
     synthetic_root, tmp_path
 ):
-    """A label that cannot be read fails the same way on every restart: one line, exit 2, no restart, no rank left."""
+    """A label that cannot be read fails the same way on every restart: one line, exit 2, no
+    restart, no rank left."""
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     broken = sorted((root / "gtFine" / "train").rglob("*_labelTrainIds.png"))[4]
@@ -169,6 +194,7 @@ def test_a_data_error_under_run_8p_stops_the_group_once_instead_of_restarting_it
     )
 
 
+@pytest.mark.slow
 def test_a_killed_loader_worker_is_one_line(synthetic_root, tmp_path):
     work_dir = tmp_path / "wd"
     args = [
@@ -191,9 +217,7 @@ def test_a_killed_loader_worker_is_one_line(synthetic_root, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    while logged_iteration(work_dir) < 3 and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for_step(run, work_dir, 3)
     children = []  # the loader worker: the training process's child
     for proc in Path("/proc").iterdir():
         try:
@@ -214,9 +238,11 @@ def test_a_killed_loader_worker_is_one_line(synthetic_root, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_sigterm_to_every_process_of_the_run_still_saves(synthetic_root, tmp_path):
-    """SLURM signals every process of a step, loader workers included: they leave the signal to train.py, which
-    saves (a worker killed by it would end the run with a DataLoader error and no checkpoint)."""
+    """SLURM signals every process of a step, loader workers included: they leave the signal to
+    train.py, which saves (a worker killed by it would end the run with a DataLoader error and no
+    checkpoint)."""
     work_dir = tmp_path / "wd"
     args = [
         *QUICK,
@@ -245,9 +271,7 @@ def test_sigterm_to_every_process_of_the_run_still_saves(synthetic_root, tmp_pat
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 120
-        while logged_iteration(work_dir) < 3 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for_step(run, work_dir, 3)
         os.killpg(run.pid, signal.SIGTERM)
         stdout, stderr = run.communicate(timeout=60)
     finally:
@@ -268,11 +292,13 @@ def readme_slurm_script():
     ).split("```")[0]
 
 
+@pytest.mark.slow
 def test_the_readme_slurm_script_saves_at_the_signal_and_requeues_itself(synthetic_root, tmp_path):
-    """The README's job script under stand-ins for sbatch, srun and scontrol (tests/slurm_stand_in: one machine, the
-    signal to every process of the step as SLURM sends it): --signal=USR1@120 stops each run with its iteration
-    saved, the script requeues the job, and the next run resumes from that iteration. Only the scale is changed:
-    2 CPU processes, a tiny run, a free port."""
+    """The README's job script under stand-ins for sbatch, srun and scontrol (tests/slurm_stand_in:
+    one machine, the signal to every process of the step as SLURM sends it): --signal=USR1@120 stops
+    each run with its iteration saved, the script requeues the job, and the next run resumes from
+    that iteration. Only the scale is changed: 2 CPU processes, a tiny run, a free port, and a
+    time limit 120 s after each run's first logged step (so USR1 comes at that step)."""
     script = readme_slurm_script()
     scaled = {
         "NPROC=8": "NPROC=2",
@@ -295,7 +321,9 @@ def test_the_readme_slurm_script_saves_at_the_signal_and_requeues_itself(synthet
         "STAND_IN_DIR": str(tmp_path / "slurm"),
     }
     env |= {
-        "STAND_IN_TIME_LIMIT": "135",
+        "STAND_IN_TIME_LIMIT": "120",
+        "STAND_IN_CLOCK_FILE": str(tmp_path / "wd" / "log.jsonl"),
+        "STAND_IN_CLOCK_TEXT": '"loss"',
         "STAND_IN_MAX_RUNS": "2",
         "PATH": f"{stand_in}:{os.environ['PATH']}",
     }
@@ -305,7 +333,7 @@ def test_the_readme_slurm_script_saves_at_the_signal_and_requeues_itself(synthet
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,
     )
     runs = [json.loads(line) for line in job.stdout.splitlines() if line.startswith('{"run"')]
     assert [(r["exit_code"], r["signalled"], r["requeued"]) for r in runs] == [

@@ -1,5 +1,5 @@
-"""The launch scripts train what the README's recipe table says: each script's command (DRY_RUN=1) read by
-train.py's own parser on that many devices (its RECIPES), against the table's cells."""
+"""The launch scripts train what the README's recipe table says: each script's command (DRY_RUN=1)
+read by train.py's own parser on that many devices (its RECIPES), against the table's cells."""
 
 import json
 import math
@@ -16,7 +16,8 @@ from train import parse_args
 
 
 def readme_recipes():
-    """{recipe name: {column: cell}} of the README's recipe table; 'same' cells repeat the row above."""
+    """{recipe name: {column: cell}} of the README's recipe table; 'same' cells repeat the row
+    above."""
     lines = (ROOT / "README.md").read_text().splitlines()
     header = next(k for k, line in enumerate(lines) if line.startswith("| recipe | context path |"))
     columns = [c.strip() for c in lines[header].strip("|").split("|")]
@@ -32,8 +33,8 @@ def readme_recipes():
 
 
 def launched(script, **env):
-    """train.py's parsed arguments of a launch script's command on the devices it starts, and their number; the
-    settings the script prints are those."""
+    """train.py's parsed arguments of a launch script's command on the devices it starts, and their
+    number; the settings the script prints are those."""
     result = subprocess.run(
         ["bash", script, "full"],
         cwd=ROOT,
@@ -61,6 +62,7 @@ def count(text):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "recipe, script, env",
     [

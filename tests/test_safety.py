@@ -1,5 +1,6 @@
-"""Never lose a run: every case first sets up the failure it guards against, then checks exit code, one-line error,
-that no checkpoint was overwritten or lost (hashes before and after) and that no temp file was left."""
+"""Never lose a run: every case first sets up the failure it guards against, then checks exit code,
+one-line error, that no checkpoint was overwritten or lost (hashes before and after) and that no
+temp file was left."""
 
 import functools
 import hashlib
@@ -15,7 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, in_process_error, in_process_summary, last_json, one_line_error
+from conftest import (
+    ROOT,
+    in_process_error,
+    in_process_summary,
+    last_json,
+    one_line_error,
+    wait_for,
+)
 from PIL import Image
 from test_train import SMALL, run_train
 
@@ -41,7 +49,8 @@ def temp_files(work_dir):
 
 
 def in_small_filesystem(mount_point, size_mb, command, read_only=False):
-    """Runs `command` (argv) with a tmpfs of size_mb mounted at mount_point, in a private mount namespace."""
+    """Runs `command` (argv) with a tmpfs of size_mb mounted at mount_point, in a private mount
+    namespace."""
     mount_point.mkdir(parents=True, exist_ok=True)
     options = f"size={size_mb}m" + (",ro" if read_only else "")
     script = f'mount -t tmpfs -o {options} tmpfs "{mount_point}" && exec "$@"'
@@ -62,7 +71,8 @@ def in_small_filesystem(mount_point, size_mb, command, read_only=False):
 
 
 def interruptible(cmd, **kw):
-    """Popen with Ctrl-C's default action restored: a shell's background job inherits SIGINT ignored."""
+    """Popen with Ctrl-C's default action restored: a shell's background job inherits SIGINT
+    ignored."""
     restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
     return subprocess.Popen(
         cmd,
@@ -77,7 +87,8 @@ def interruptible(cmd, **kw):
 
 @pytest.fixture(scope="module")
 def finished_run(synthetic_root, tmp_path_factory):
-    """A finished 3-iteration run with a checkpoint per iteration; tests copy it before changing anything."""
+    """A finished 3-iteration run with a checkpoint per iteration; tests copy it before changing
+    anything."""
     work_dir = tmp_path_factory.mktemp("run") / "wd"
     result = run_train(
         [
@@ -102,7 +113,8 @@ def copy_run(finished_run, tmp_path):
     return work_dir
 
 
-# 1. resume never starts over ---------------------------------------------------------------------------------
+# 1. resume never starts over ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_dangling_latest_resumes_from_the_newest_complete_checkpoint(
     synthetic_root, finished_run, tmp_path
 ):
@@ -126,8 +138,8 @@ def test_dangling_latest_resumes_from_the_newest_complete_checkpoint(
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {(work_dir / 'iter_2.pth').resolve()} at iteration 2" in result.stdout
     assert (
-        "latest.pth points to iter_3.pth, which is missing: resuming from iter_2.pth, the newest complete checkpoint"
-        in result.stdout
+        "latest.pth points to iter_3.pth, which is missing: resuming from iter_2.pth, the "
+        "newest complete checkpoint" in result.stdout
     )
     assert {k: v for k, v in hashes(work_dir).items() if k in before} == before
     assert torch.load(work_dir / "latest.pth", weights_only=True)["iteration"] == 3
@@ -136,6 +148,7 @@ def test_dangling_latest_resumes_from_the_newest_complete_checkpoint(
         assert torch.equal(value, reference[key]), key
 
 
+@pytest.mark.slow
 def test_without_resume_an_earlier_run_is_never_overwritten(synthetic_root, finished_run, tmp_path):
     work_dir = copy_run(finished_run, tmp_path)
     before = hashes(work_dir)
@@ -153,12 +166,13 @@ def test_without_resume_an_earlier_run_is_never_overwritten(synthetic_root, fini
         )
     )
     assert (
-        "holds the checkpoints of a run (iter_1.pth, iter_2.pth, iter_3.pth, latest.pth -> iter_3.pth); pass --resume"
-        in last
+        "holds the checkpoints of a run (iter_1.pth, iter_2.pth, iter_3.pth, latest.pth -> "
+        "iter_3.pth); pass --resume" in last
     )
     assert hashes(work_dir) == before
 
 
+@pytest.mark.slow
 def test_a_run_without_iteration_checkpoints_is_not_restarted(
     synthetic_root, finished_run, tmp_path
 ):
@@ -182,8 +196,8 @@ def test_a_run_without_iteration_checkpoints_is_not_restarted(
         )
     )
     assert (
-        "holds a run (best.pth, latest.pth -> iter_3.pth (missing)) but no iter_N.pth to resume from"
-        in last
+        "holds a run (best.pth, latest.pth -> iter_3.pth (missing)) but no iter_N.pth to resume "
+        "from" in last
     )
     assert hashes(work_dir) == before
 
@@ -207,6 +221,7 @@ def damage(work_dir, kind):
         (work_dir / "latest.pth").mkdir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, message",
     [
@@ -243,6 +258,7 @@ def test_a_damaged_resume_point_is_named_in_one_line(
     assert hashes(work_dir) == before and not temp_files(work_dir)
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_warns_with_the_differences(
     synthetic_root, finished_run, tmp_path
 ):
@@ -264,16 +280,18 @@ def test_resume_with_other_settings_warns_with_the_differences(
     result = run_train(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (
-        "warning: resuming with settings that differ from the run's: --crop 64x96 (was 64x128), --iters 4 (was 3), --lr 0.02 (was 0.01)"
-        in result.stdout
+        "warning: resuming with settings that differ from the run's: --crop 64x96 (was 64x128), "
+        "--iters 4 (was 3), --lr 0.02 (was 0.01)" in result.stdout
     )
 
 
+@pytest.mark.slow
 def test_a_work_dir_and_an_export_of_the_previous_version_go_on_unchanged(
     synthetic_root, finished_run, tmp_path, capsys
 ):
-    """Before the recipes table and the one ignore value, checkpoints saved `dataset.ignore_index` and flags without
-    `recipe`; exported models recorded the same dataset dict. Both must still resume, score and describe."""
+    """Before the recipes table and the one ignore value, checkpoints saved `dataset.ignore_index`
+    and flags without `recipe`; exported models recorded the same dataset dict. Both must still
+    resume, score and describe."""
     work_dir = copy_run(finished_run, tmp_path)
     for path in work_dir.glob("iter_*.pth"):
         checkpoint = torch.load(path, weights_only=True)
@@ -318,7 +336,8 @@ def test_a_work_dir_and_an_export_of_the_previous_version_go_on_unchanged(
     )
 
 
-# 2. only finite weights are saved ------------------------------------------------------------------------------
+# 2. only finite weights are saved -----------------------------------------------------------------
+@pytest.mark.slow
 def test_a_step_that_makes_the_weights_non_finite_is_never_saved(
     synthetic_root, finished_run, tmp_path
 ):
@@ -348,7 +367,8 @@ def test_a_step_that_makes_the_weights_non_finite_is_never_saved(
     assert hashes(work_dir) == before and not temp_files(work_dir)
 
 
-# 3. one training process per work dir ------------------------------------------------------------------------
+# 3. one training process per work dir -------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_on_a_work_dir_in_use_stops_at_once(synthetic_root, tmp_path):
     work_dir = tmp_path / "wd"
     args = [
@@ -366,9 +386,7 @@ def test_a_second_run_on_a_work_dir_in_use_stops_at_once(synthetic_root, tmp_pat
     ]
     first = interruptible([sys.executable, "train.py", *args])
     try:
-        deadline = time.time() + 120
-        while not (work_dir / "iter_2.pth").exists() and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for((work_dir / "iter_2.pth").exists, first, "iter_2.pth")
         second = run_train([*args, "--resume"])
         last = one_line_error(second)
         assert (
@@ -386,6 +404,7 @@ def test_a_second_run_on_a_work_dir_in_use_stops_at_once(synthetic_root, tmp_pat
     assert not temp_files(work_dir)
 
 
+@pytest.mark.slow
 def test_temp_names_are_unique_and_leftovers_of_killed_runs_are_removed(
     synthetic_root, finished_run, tmp_path
 ):
@@ -412,6 +431,7 @@ def test_temp_names_are_unique_and_leftovers_of_killed_runs_are_removed(
     assert not temp_files(work_dir)
 
 
+@pytest.mark.slow
 def test_sigint_ends_with_one_line_and_leaves_no_temp_files(synthetic_root, tmp_path):
     work_dir = tmp_path / "wd"
     args = [
@@ -428,11 +448,10 @@ def test_sigint_ends_with_one_line_and_leaves_no_temp_files(synthetic_root, tmp_
         str(work_dir),
     ]
     run = interruptible([sys.executable, "train.py", *args])
-    deadline = time.time() + 120
-    # latest.pth, not iter_3.pth: a SIGINT between writing iter_N.pth and relinking latest.pth leaves the link one
-    # behind, by design (test_dangling_latest_resumes_from_the_newest_complete_checkpoint)
-    while linked_iteration(work_dir) < 3 and time.time() < deadline:
-        time.sleep(0.1)
+    # latest.pth, not iter_3.pth: a SIGINT between writing iter_N.pth and relinking latest.pth
+    # leaves the link one behind, by design
+    # (test_dangling_latest_resumes_from_the_newest_complete_checkpoint)
+    wait_for(lambda: linked_iteration(work_dir) >= 3, run, "latest.pth -> iter_3.pth")
     run.send_signal(signal.SIGINT)
     stdout, stderr = run.communicate(timeout=120)
     last = one_line_error(
@@ -456,7 +475,8 @@ def linked_iteration(work_dir):
     )
 
 
-# 4. full disks -----------------------------------------------------------------------------------------------
+# 4. full disks ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(synthetic_root, tmp_path):
     mount = tmp_path / "small"
     work_dir = mount / "wd"
@@ -490,6 +510,7 @@ def test_a_full_disk_is_named_and_the_previous_checkpoint_kept(synthetic_root, t
     ), listing
 
 
+@pytest.mark.slow
 def test_a_write_that_runs_out_of_space_deletes_its_partial_file(tmp_path):
     mount = tmp_path / "small"
     script = f"""
@@ -500,12 +521,14 @@ from pathlib import Path
 target = Path({str(mount)!r}) / "iter_1.pth"
 atomic_save({{"weights": torch.ones(1000)}}, target)
 before = target.read_bytes()
-storage = torch.zeros(3 * 2**20)  # 12 MB behind a 40-byte view: the estimate passes, the write cannot
+# 12 MB behind a 40-byte view: the estimate passes, the write cannot
+storage = torch.zeros(3 * 2**20)
 try:
     atomic_save({{"weights": storage[:10]}}, target)
 except WorkDirError as e:
     print("ERROR", e)
-print("KEPT", target.read_bytes() == before, "LEFT", sorted(p.name for p in target.parent.iterdir()))
+left = sorted(p.name for p in target.parent.iterdir())
+print("KEPT", target.read_bytes() == before, "LEFT", left)
 """
     result = in_small_filesystem(mount, 8, [sys.executable, "-c", script])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -513,6 +536,7 @@ print("KEPT", target.read_bytes() == before, "LEFT", sorted(p.name for p in targ
     assert "KEPT True LEFT ['iter_1.pth']" in result.stdout
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_prunes_the_oldest(synthetic_root, tmp_path):
     work_dir = tmp_path / "wd"
     result = run_train(
@@ -535,7 +559,7 @@ def test_keep_checkpoints_prunes_the_oldest(synthetic_root, tmp_path):
     assert "removed iter_2.pth (--keep-checkpoints 2)" in result.stdout
 
 
-# 5. many machines --------------------------------------------------------------------------------------------
+# 5. many machines ---------------------------------------------------------------------------------
 def rank_pid(marker, rank):
     """The pid of the train.py process of `rank` whose command line holds `marker`."""
     for proc in Path("/proc").iterdir():
@@ -553,9 +577,11 @@ def rank_pid(marker, rank):
     return None
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp_path):
-    """run_8p.sh with 2 gloo processes: kill -9 rank 1 mid-run; torchrun restarts the group from the newest
-    checkpoint by itself, and the final weights equal those of an uninterrupted run bit for bit."""
+    """run_8p.sh with 2 gloo processes: kill -9 rank 1 mid-run; torchrun restarts the group from the
+    newest checkpoint by itself, and the final weights equal those of an uninterrupted run bit for
+    bit."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -584,9 +610,7 @@ def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 120
-        while not (work_dir / "iter_3.pth").exists() and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for((work_dir / "iter_3.pth").exists, run, "iter_3.pth")
         victim = rank_pid(str(work_dir), 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)
@@ -605,6 +629,7 @@ def test_elastic_restart_after_kill_9_of_a_rank_is_bit_exact(synthetic_root, tmp
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_a_rank_that_never_starts_ends_in_a_bounded_time(synthetic_root, tmp_path):
     env = {
         **os.environ,
@@ -642,7 +667,7 @@ def test_a_rank_that_never_starts_ends_in_a_bounded_time(synthetic_root, tmp_pat
     assert time.time() - start < 60
 
 
-# 6. legal data that used to give a wrong number or a stuck run ---------------------------------------------------
+# 6. legal data that used to give a wrong number or a stuck run ------------------------------------
 def labels_set_to_ignore(synthetic_root, tmp_path, split):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
@@ -659,8 +684,10 @@ def strict_json_lines(path):
     ]
 
 
+@pytest.mark.slow
 def test_batches_without_labelled_pixels_train_nothing_and_are_counted(synthetic_root, tmp_path):
-    """Every training label 255: before, CE over no labelled pixel was NaN and every resume stopped at that batch."""
+    """Every training label 255: before, CE over no labelled pixel was NaN and every resume stopped
+    at that batch."""
     root = labels_set_to_ignore(synthetic_root, tmp_path, "train")
     result = run_train(
         [
@@ -683,6 +710,7 @@ def test_batches_without_labelled_pixels_train_nothing_and_are_counted(synthetic
     )
 
 
+@pytest.mark.slow
 def test_a_validation_without_labelled_pixels_is_said_and_never_the_best(synthetic_root, tmp_path):
     root = labels_set_to_ignore(synthetic_root, tmp_path, "val")
     args = [
@@ -715,15 +743,16 @@ def test_a_validation_without_labelled_pixels_is_said_and_never_the_best(synthet
     ] == [None, None]
 
 
+@pytest.mark.slow
 def test_resume_with_iters_below_the_run_is_refused_and_equal_says_complete(
     synthetic_root, finished_run, tmp_path, capsys
 ):
     work_dir = copy_run(finished_run, tmp_path)
     base = ["--data-root", str(synthetic_root), *QUICK, "--work-dir", str(work_dir), "--resume"]
     last = in_process_error(train.main, [*base, "--iters", "2"], capsys)
-    assert (
-        last
-        == f"error: --iters 2: the run in {work_dir} is at iteration 3 already; pass --iters above 3 to train on"
+    assert last == (
+        f"error: --iters 2: the run in {work_dir} is at iteration 3 already; pass --iters "
+        "above 3 to train on"
     )
     complete = run_train([*base, "--iters", "3"])
     assert (
@@ -732,8 +761,10 @@ def test_resume_with_iters_below_the_run_is_refused_and_equal_says_complete(
     )
 
 
+@pytest.mark.slow
 def test_convert_labels_on_a_read_only_root_is_one_line(tmp_path):
-    """A Cityscapes root mounted read-only: before, 29 lines and the per-file failures it had collected, never shown."""
+    """A Cityscapes root mounted read-only: before, 29 lines and the per-file failures it had
+    collected, never shown."""
     from synthetic import synthesize_cityscapes
 
     root = synthesize_cityscapes(tmp_path / "data", train=1, val=1, height=64, width=128)
@@ -752,18 +783,23 @@ def test_convert_labels_on_a_read_only_root_is_one_line(tmp_path):
         str(root),
     ]
     last = one_line_error(subprocess.run(command, cwd=ROOT, capture_output=True, text=True))
-    assert (
-        last
-        == f"error: {root}: not writable (a read-only mount?); the labels and split lists are written beside the data: convert a writable copy"
+    assert last == (
+        f"error: {root}: not writable (a read-only mount?); the labels and split lists are "
+        "written beside the data: convert a writable copy"
     )
 
 
+@pytest.mark.slow
 def test_out_of_memory_on_a_huge_image_is_one_line(synthetic_root, finished_run, tmp_path):
-    """--images with one 8000x8000 photo in a process whose memory is capped: one line that says what to lower."""
+    """--images with one 8000x8000 photo in a process whose memory is capped: one line that says
+    what to lower."""
     import cv2
 
     cv2.imwrite(str(tmp_path / "huge.png"), np.zeros((8000, 8000, 3), np.uint8))
-    cap = "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cap = (
+        "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << "
+        "30)); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     command = [
         sys.executable,
         "-c",
@@ -786,11 +822,12 @@ def test_out_of_memory_on_a_huge_image_is_one_line(synthetic_root, finished_run,
     )
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_log_jsonl_valid_and_logs_each_iteration_once(
     synthetic_root, finished_run, tmp_path
 ):
-    """A run killed after iteration 3 but resumed from iter_2.pth replays iteration 3: its old line goes, as does a
-    last line a full disk cut short; every line stays JSON."""
+    """A run killed after iteration 3 but resumed from iter_2.pth replays iteration 3: its old line
+    goes, as does a last line a full disk cut short; every line stays JSON."""
     work_dir = copy_run(finished_run, tmp_path)
     (work_dir / "iter_3.pth").unlink()
     with open(work_dir / "log.jsonl", "a") as log:
@@ -812,21 +849,31 @@ def test_a_resumed_run_keeps_log_jsonl_valid_and_logs_each_iteration_once(
     assert logged == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_log_time_is_one_line(synthetic_root, tmp_path):
     mount = tmp_path / "small"
-    train_cmd = f"{sys.executable} train.py --data-root {synthetic_root} {' '.join(QUICK)} --iters 400 --ckpt-interval 1000 --work-dir {mount / 'wd'}"
-    fill = f'python -c "import os; os.makedirs(\\"{mount}/wd\\"); open(\\"{mount}/fill\\", \\"wb\\").write(bytes(2 * 2**20 - 6000))"'
+    train_cmd = (
+        f"{sys.executable} train.py --data-root {synthetic_root} {' '.join(QUICK)} --iters 400 "
+        f"--ckpt-interval 1000 --work-dir {mount / 'wd'}"
+    )
+    fill = (
+        f'python -c "import os; os.makedirs(\\"{mount}/wd\\"); open(\\"{mount}/fill\\", '
+        '\\"wb\\").write(bytes(2 * 2**20 - 6000))"'
+    )
     last = one_line_error(in_small_filesystem(mount, 2, ["bash", "-c", f"{fill} && {train_cmd}"]))
     assert last.startswith(
-        f"error: {mount / 'wd'}: cannot write the run's log (No space left on device); free some space"
+        f"error: {mount / 'wd'}: cannot write the run's log (No space left on device); free "
+        "some space"
     ), last
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_log_time_keeps_the_iteration_reached_when_a_checkpoint_fits(
     synthetic_root, tmp_path
 ):
-    """TensorBoard's folder on a full filesystem, the work dir on one with room: the step the run reached is saved
-    (not the last periodic checkpoint, 1000 iterations away), and the same command with --resume goes on from it."""
+    """TensorBoard's folder on a full filesystem, the work dir on one with room: the step the run
+    reached is saved (not the last periodic checkpoint, 1000 iterations away), and the same command
+    with --resume goes on from it."""
     mount, work_dir = tmp_path / "small", tmp_path / "wd"
     work_dir.mkdir()
     (work_dir / "tb").symlink_to(mount)
@@ -846,7 +893,8 @@ def test_a_full_disk_at_log_time_keeps_the_iteration_reached_when_a_checkpoint_f
         in_small_filesystem(mount, 2, ["bash", "-c", f"{fill} && {' '.join(train)} --iters 2000"])
     )
     assert last.startswith(
-        f"error: {work_dir}: cannot write the run's log (No space left on device); free some space, then run the same command with --resume"
+        f"error: {work_dir}: cannot write the run's log (No space left on device); free some "
+        "space, then run the same command with --resume"
     )
     (saved,) = sorted(work_dir.glob("iter_*.pth"))
     reached = torch.load(saved, weights_only=True)["iteration"]

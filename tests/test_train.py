@@ -67,8 +67,9 @@ def test_learning_rate_follows_mmcv_poly_with_warmup(warmup):
     assert math.isclose(schedule(0), 0.1 * (0.2 - 1e-4) + 0.1 * 1e-4)
 
 
-# lr printed by mmengine 0.10.7 for LinearLR(start_factor=0.1, begin=0, end=25) + PolyLR(eta_min=1e-4, power=0.9,
-# begin=25, end=300) on SGD(lr=0.025), stepped once per iteration as its ParamSchedulerHook does (mmseg 1.x's R18 schedule)
+# lr printed by mmengine 0.10.7 for LinearLR(start_factor=0.1, begin=0, end=25) +
+# PolyLR(eta_min=1e-4, power=0.9, begin=25, end=300) on SGD(lr=0.025), stepped once per iteration as
+# its ParamSchedulerHook does (mmseg 1.x's R18 schedule)
 MMENGINE_LRS = {
     0: 0.0025000000000000005,
     1: 0.0034375000000000005,
@@ -85,8 +86,9 @@ MMENGINE_LRS = {
 
 
 def chained_mmengine_lrs(base_lr, iters, warmup_iters, *, ratio=0.1, min_lr=1e-4, power=0.9):
-    """mmengine's schedulers in their chainable form (mmengine/optim/scheduler/param_scheduler.py, _get_value of
-    LinearParamScheduler and PolyParamScheduler): each step rescales the lr the previous step left."""
+    """mmengine's schedulers in their chainable form (mmengine/optim/scheduler/param_scheduler.py,
+    _get_value of LinearParamScheduler and PolyParamScheduler): each step rescales the lr the
+    previous step left."""
     lrs, lr = [], base_lr * ratio
     for it in range(iters):
         if 0 < it < warmup_iters:
@@ -132,7 +134,8 @@ def test_mmengine_schedule_refuses_an_exponential_warmup(capsys):
 
 
 def test_loss_normalise_all_is_mmseg_mean_over_every_pixel():
-    """mmseg's CrossEntropyLoss (avg_non_ignore=False): per-pixel CE, 0 where ignored, averaged over all pixels."""
+    """mmseg's CrossEntropyLoss (avg_non_ignore=False): per-pixel CE, 0 where ignored, averaged over
+    all pixels."""
     torch.manual_seed(2)
     outputs = [torch.randn(2, 5, 8, 8) for _ in range(3)]
     labels = torch.randint(0, 5, (2, 8, 8))
@@ -232,7 +235,8 @@ def test_amp_o1_with_bf16_runs_bf16_convolutions_and_updates_fp32_weights():
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
-    """O1 as on a GPU (fp16 autocast + dynamic loss scaling), run on the CPU: an overflowing step changes nothing."""
+    """O1 as on a GPU (fp16 autocast + dynamic loss scaling), run on the CPU: an overflowing step
+    changes nothing."""
     runtime = Runtime(torch.device("cpu"), amp_dtype=torch.float16)
     torch.manual_seed(0)
     model = BiSeNetV1(ModelConfig(18, dropout=0.0)).train()
@@ -279,6 +283,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_loss_scale():
     assert not torch.equal(model.head.conv.conv.weight, before["head.conv.conv.weight"])
 
 
+@pytest.mark.slow
 def test_fp16_overflows_are_logged_and_a_diverged_run_stops(synthetic_root, tmp_path):
     args = [
         "--data-root",
@@ -312,6 +317,7 @@ def test_fp16_overflows_are_logged_and_a_diverged_run_stops(synthetic_root, tmp_
     assert overflows[-1]["iter"] == int(last.split("at iteration ")[1].split(":")[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "amp_dtype", ["bfloat16", "float16"]
 )  # auto is one of them, or fp32 (no autocast)
@@ -334,7 +340,8 @@ def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
         "--workers",
         "1",
         "--crop",
-        "32x64",  # half precision on purpose: tiny, since CPUs without native bf16/fp16 emulate it slowly
+        # half precision on purpose: tiny, since CPUs without native bf16/fp16 emulate it slowly
+        "32x64",
     ]
     straight = run_train([*common, "--work-dir", str(tmp_path / "a")])
     assert straight.returncode == 0, straight.stderr
@@ -360,6 +367,7 @@ def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
     )  # fp16: scale and growth tracker (overflows included) travel
 
 
+@pytest.mark.slow
 def test_two_process_ddp_update_equals_single_process_gradient_accumulation(
     synthetic_root, tmp_path
 ):
@@ -400,8 +408,9 @@ def test_two_process_ddp_update_equals_single_process_gradient_accumulation(
     assert last_json(result.stdout)["world_size"] == 2
     ddp = torch.load(tmp_path / "ddp" / "iter_1.pth", weights_only=True)
 
-    # Second path: one process, the same two per-rank micro-batches, gradients averaged, one SGD step. Same thread
-    # count as the ranks: with 2 images per batch the BatchNorm on pooled maps amplifies reduction-order rounding.
+    # Second path: one process, the same two per-rank micro-batches, gradients averaged, one SGD
+    # step. Same thread count as the ranks: with 2 images per batch the BatchNorm on pooled maps
+    # amplifies reduction-order rounding.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seed = parse_args([]).seed
@@ -451,9 +460,11 @@ def share_buffers_in_rank(rank, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_validation_first_gives_every_rank_the_statistics_of_rank_0(tmp_path):
-    """DDP keeps buffers per rank (broadcast_buffers=False, as Ascend's port); before validation each rank takes rank
-    0's BatchNorm statistics, so the sharded val mIoU is that of the checkpoint rank 0 saves."""
+    """DDP keeps buffers per rank (broadcast_buffers=False, as Ascend's port); before validation
+    each rank takes rank 0's BatchNorm statistics, so the sharded val mIoU is that of the checkpoint
+    rank 0 saves."""
     context, port = multiprocessing.get_context("fork"), free_port()
     ranks = [
         context.Process(target=share_buffers_in_rank, args=(rank, port, tmp_path))
@@ -472,8 +483,10 @@ def test_validation_first_gives_every_rank_the_statistics_of_rank_0(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+@pytest.mark.slow
 def test_learning_from_scratch_on_synthetic_data(learned):
-    """R18 from scratch on a small synthetic set: val mIoU well above chance within about a CPU minute."""
+    """R18 from scratch on a small synthetic set: val mIoU well above chance within about a CPU
+    minute."""
     _, work_dir, result = learned
     summary = last_json(result.stdout)
     curve = [json.loads(line) for line in (work_dir / "log.jsonl").read_text().splitlines()]
@@ -483,8 +496,10 @@ def test_learning_from_scratch_on_synthetic_data(learned):
     assert vals[-1][1] > vals[0][1]
 
 
+@pytest.mark.slow
 def test_default_inference_path_agrees_with_fp32_on_the_trained_model(learned, tmp_path):
-    """evaluate.py's default CPU path (BN folded, channels_last, O1: bf16 where native) against plain fp32."""
+    """evaluate.py's default CPU path (BN folded, channels_last, O1: bf16 where native) against
+    plain fp32."""
     root, _, result = learned
     checkpoint = last_json(result.stdout)["checkpoint"]
     results, predictions = {}, {}
@@ -508,12 +523,14 @@ def test_default_inference_path_agrees_with_fp32_on_the_trained_model(learned, t
         predictions[amp] = np.stack([np.array(Image.open(p)) for p in sorted(out.rglob("*.png"))])
     agreement = (predictions["O0"] == predictions["O1"]).mean()
     print(
-        f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}"
+        f"O1 ({results['O1']['precision']}) vs fp32: pixel agreement {100 * agreement:.3f}%, "
+        f"mIoU {results['O1']['mIoU']} vs {results['O0']['mIoU']}"
     )
     assert agreement >= 0.995
     assert abs(results["O1"]["mIoU"] - results["O0"]["mIoU"]) <= 0.3
 
 
+@pytest.mark.slow
 def test_non_finite_fp32_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
     args = [
         "--data-root",
@@ -545,12 +562,14 @@ def test_non_finite_fp32_loss_stops_and_keeps_the_last_good_checkpoint(synthetic
     assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["run_1p.sh", "run_8p.sh"])
 def test_launch_scripts_run_and_resume(synthetic_root, tmp_path, script):
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "DEVICE": "cpu",  # the scripts' own device lookup costs an interpreter start; tests/test_npu.py covers it
+        # the scripts' own device lookup costs an interpreter start; tests/test_npu.py covers it
+        "DEVICE": "cpu",
         "DATA_ROOT": str(synthetic_root),
         "WORK_DIR": str(tmp_path / "wd"),
         "NPROC": "2",
@@ -576,8 +595,8 @@ def test_launch_scripts_run_and_resume(synthetic_root, tmp_path, script):
 
 @pytest.mark.parametrize("normalise", ["all", "valid"])
 def test_class_weights_scale_each_pixels_term_in_every_head(normalise):
-    """mmseg's weighted CE: sum over labelled pixels of w[y] * -log softmax(x)[y], divided by all pixels (all) or by
-    the labelled ones (valid), written out here with log_softmax and gather."""
+    """mmseg's weighted CE: sum over labelled pixels of w[y] * -log softmax(x)[y], divided by all
+    pixels (all) or by the labelled ones (valid), written out here with log_softmax and gather."""
     torch.manual_seed(4)
     outputs = [torch.randn(2, 5, 6, 7) for _ in range(3)]
     labels = torch.randint(0, 5, (2, 6, 7))

@@ -1,15 +1,18 @@
-"""Training speed of the published recipes on whatever device this is, in one command (`bash run_1p.sh bench`).
+"""Training speed of the published recipes on whatever device this is, in one command (`bash
+run_1p.sh bench`).
 
-    python tools/benchmark.py                # steps of R50 8 x 1024x1024 and R18 16 x 1024x1024, O1 vs eager fp32,
-                                             # end-to-end train.py on synthetic 2048x1024 Cityscapes, torchrun check
-    python tools/benchmark.py --variants all # also every speed option against the default, step by step
-    BENCH_SMALL=1 python tools/benchmark.py  # the same at small sizes, for CPUs and the tests
+    python tools/benchmark.py                 # steps of R50 8 x 1024x1024 and R18 16 x 1024x1024,
+                                              # O1 vs eager fp32, end-to-end train.py on synthetic
+                                              # 2048x1024 Cityscapes, torchrun check
+    python tools/benchmark.py --variants all  # also every speed option against the default
+    BENCH_SMALL=1 python tools/benchmark.py   # the same at small sizes, for CPUs and the tests
 
-Step protocol: random uint8 images and labels already on the device; one step = forward, the three heads' CE loss
-in fp32, backward, SGD (momentum, weight decay) through the loss scaler, synchronised; untimed warm-up steps (cuDNN
-autotuning, compilation), then the median of the timed steps. Variants run interleaved, one step each in turn, so
-drift hits all alike. Peak memory: the most PyTorch allocates for one step, weights, gradients and momentum
-included (what one training process of that recipe needs). The last line printed is JSON.
+Step protocol: random uint8 images and labels already on the device; one step = forward, the three
+heads' CE loss in fp32, backward, SGD (momentum, weight decay) through the loss scaler,
+synchronised; untimed warm-up steps (cuDNN autotuning, compilation), then the median of the timed
+steps. Variants run interleaved, one step each in turn, so drift hits all alike. Peak memory: the
+most PyTorch allocates for one step, weights, gradients and momentum included (what one training
+process of that recipe needs). The last line printed is JSON.
 """
 
 import dataclasses
@@ -43,14 +46,22 @@ from train import parse_args as train_flags
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What one device trains in a step: the model depth, images per device and their crop."""
+
+    name: str
+    depth: int
+    batch: int
+    crop: tuple
+
+
 def timed_recipe(name, recipe, *, small):
-    """(name, depth, images per device, crop) of a train.py recipe on one device; small: 2 images of 64x128."""
+    """A train.py recipe on one device; small: 2 images of 64x128."""
     settings = train_flags(["--recipe", recipe])
-    return (
-        (name, settings.depth, 2, (64, 128))
-        if small
-        else (name, settings.depth, settings.batch_size, settings.crop)
-    )
+    if small:
+        return Recipe(name, settings.depth, 2, (64, 128))
+    return Recipe(name, settings.depth, settings.batch_size, settings.crop)
 
 
 # Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
@@ -88,7 +99,8 @@ DEFAULT_VARIANTS = ["default", "fp32"]
 
 @dataclasses.dataclass
 class Setup:
-    """One variant, ready to step: its model, optimizer and scaler live on the device for the whole comparison."""
+    """One variant, ready to step: its model, optimizer and scaler live on the device for the whole
+    comparison."""
 
     step: callable
     state_bytes: callable
@@ -170,7 +182,8 @@ def join_single_process_group(runtime):
 
 
 def time_variants(setups, runtime, *, warmup, steps):
-    """{name: {step_ms, first_step_s, peak_gb} or {error}}; every variant takes one step per round."""
+    """{name: {step_ms, first_step_s, peak_gb} or {error}}; every variant takes one step per
+    round."""
     cuda = runtime.device.type == "cuda"
     times, first, peak = {n: [] for n in setups}, {}, {}
     errors = {}
@@ -186,7 +199,8 @@ def time_variants(setups, runtime, *, warmup, steps):
             try:
                 setup.step()
                 runtime.synchronize()
-            except Exception as e:  # one failing variant (out of memory, a compiler error) must not lose the others
+            # one failing variant (out of memory, a compiler error) must not lose the others
+            except Exception as e:
                 errors[name] = cli.first_line(e)
                 continue
             elapsed = time.perf_counter() - start
@@ -221,14 +235,15 @@ def random_batch(runtime, batch, *, crop):
 
 def step_benchmarks(runtime, recipes, *, variants, warmup, steps, log):
     out = {}
-    for name, depth, batch, crop in recipes:
+    for recipe in recipes:
+        name, batch, crop = recipe.name, recipe.batch, recipe.crop
         images, labels = random_batch(runtime, batch, crop=crop)
         setups, failed = {}, {}
         for variant in variants:
             try:
                 setups[variant] = build_setup(
                     runtime,
-                    depth,
+                    recipe.depth,
                     images=images,
                     labels=labels,
                     options=variant_options(runtime, VARIANTS[variant]),
@@ -240,7 +255,7 @@ def step_benchmarks(runtime, recipes, *, variants, warmup, steps, log):
             if "step_ms" in result:
                 result["img_s"] = round(batch / result["step_ms"] * 1000, 2)
         out[name] = {
-            "depth": depth,
+            "depth": recipe.depth,
             "batch": batch,
             "crop": f"{crop[0]}x{crop[1]}",
             "variants": results,
@@ -260,10 +275,14 @@ def profile_default_step(runtime, recipes, *, log, steps=3):
         [ProfilerActivity.CUDA] if runtime.device.type == "cuda" else []
     )
     sort_by = "device_time_total" if runtime.device.type == "cuda" else "cpu_time_total"
-    for name, depth, batch, crop in recipes:
-        images, labels = random_batch(runtime, batch, crop=crop)
+    for recipe in recipes:
+        images, labels = random_batch(runtime, recipe.batch, crop=recipe.crop)
         setup = build_setup(
-            runtime, depth, images=images, labels=labels, options=variant_options(runtime, {})
+            runtime,
+            recipe.depth,
+            images=images,
+            labels=labels,
+            options=variant_options(runtime, {}),
         )
         setup.step()
         runtime.synchronize()
@@ -271,7 +290,10 @@ def profile_default_step(runtime, recipes, *, log, steps=3):
             for _ in range(steps):
                 setup.step()
             runtime.synchronize()
-        log(f"{name.upper()} default step, {steps} steps profiled, top operators by {sort_by}:")
+        log(
+            f"{recipe.name.upper()} default step, {steps} steps profiled, top operators by "
+            f"{sort_by}:"
+        )
         log(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
         del setup
 
@@ -287,7 +309,8 @@ def log_recipe(name, result, *, log):
         ratio = f"{base / r['step_ms']:.2f}x default" if base else ""
         memory = f", peak {r['peak_gb']} GB" if r["peak_gb"] is not None else ""
         log(
-            f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first step {r['first_step_s']} s{memory})"
+            f"  {variant:>20}: {r['step_ms']:8.1f} ms  {r['img_s']:8.2f} img/s  ({ratio}; first "
+            f"step {r['first_step_s']} s{memory})"
         )
     warning = slower_than_fp32(variants)
     if warning:
@@ -295,29 +318,36 @@ def log_recipe(name, result, *, log):
 
 
 def slower_than_fp32(variants):
-    """A sentence when the measured default step is slower than eager fp32, naming the fastest variant; else None."""
+    """A sentence when the measured default step is slower than eager fp32, naming the fastest
+    variant; else None."""
     timed = {name: r["step_ms"] for name, r in variants.items() if "step_ms" in r}
     if "default" not in timed or "fp32" not in timed or timed["default"] <= timed["fp32"]:
         return None
     fastest = min(timed, key=timed.get)
-    return f"the default step ({timed['default']:.0f} ms) is slower than eager fp32 ({timed['fp32']:.0f} ms) on this device; fastest measured: {fastest} ({timed[fastest]:.0f} ms)"
+    return (
+        f"the default step ({timed['default']:.0f} ms) is slower than eager fp32 "
+        f"({timed['fp32']:.0f} ms) on this device; fastest measured: {fastest} "
+        f"({timed[fastest]:.0f} ms)"
+    )
 
 
 def synthetic_data(data_root, sizes, *, seed, log):
-    """A synthetic Cityscapes with train lists, made on every CPU (so it costs little device time), kept if present."""
+    """A synthetic Cityscapes with train lists, made on every CPU (so it costs little device time),
+    kept if present."""
     if not (data_root / "val.txt").is_file():
         start = time.perf_counter()
         trainable_cityscapes(data_root, **sizes, seed=seed, nproc=max(1, os.cpu_count() or 1))
         log(
-            f"synthetic Cityscapes, {sizes['train']} train + {sizes['val']} val images of {sizes['width']}x{sizes['height']}: {time.perf_counter() - start:.1f} s"
+            f"synthetic Cityscapes, {sizes['train']} train + {sizes['val']} val images of "
+            f"{sizes['width']}x{sizes['height']}: {time.perf_counter() - start:.1f} s"
         )
     return data_root
 
 
 def run_json(cmd, timeout=None):
-    """Run a command of this project; (its last JSON line, its whole output). Failures come back as text, not raised.
-    It runs in a process group of its own, killed whole on a timeout or Ctrl-C: killing torchrun alone would leave
-    its train.py running."""
+    """Run a command of this project; (its last JSON line, its whole output). Failures come back as
+    text, not raised. It runs in a process group of its own, killed whole on a timeout or Ctrl-C:
+    killing torchrun alone would leave its train.py running."""
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0
     )
@@ -342,7 +372,8 @@ def run_json(cmd, timeout=None):
 
 
 def end_to_end(data_root, work_dir, *, device, depth, batch, crop, iters, workers):
-    """train.py as a user runs it (data loading, augmentation, copies, logging), throughput after its warm-up."""
+    """train.py as a user runs it (data loading, augmentation, copies, logging), throughput after
+    its warm-up."""
     cmd = [
         sys.executable,
         "train.py",
@@ -380,7 +411,8 @@ def end_to_end(data_root, work_dir, *, device, depth, batch, crop, iters, worker
 
 
 def torchrun_check(data_root, work_dir, *, device, recipe):
-    """One process under torchrun with the device's default backend: train, resume, evaluate (distributed)."""
+    """One process under torchrun with the device's default backend: train, resume, evaluate
+    (distributed)."""
     launch = [
         sys.executable,
         "-m",
@@ -464,7 +496,8 @@ def environment(runtime):
 
 
 def transform_speed(samples, crop, *, log):
-    """`python tools/benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one process, decode included."""
+    """`python tools/benchmark.py --transform`: the training transform on 2048x1024 PNG pairs, one
+    process, decode included."""
     with tempfile.TemporaryDirectory() as tmp:
         trainable_cityscapes(tmp, train=4, val=0, height=1024, width=2048)
         dataset = open_dataset(
@@ -476,7 +509,8 @@ def transform_speed(samples, crop, *, log):
             dataset[(i % len(dataset), i)]
         rate = samples / (time.perf_counter() - start)
     log(
-        f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: {rate:.1f} samples/s"
+        f"training transform, 2048x1024 PNG pair -> {crop[0]}x{crop[1]} crop, one process: "
+        f"{rate:.1f} samples/s"
     )
     print(json.dumps({"transform_samples_per_s": round(rate, 2)}), flush=True)
 
@@ -542,10 +576,10 @@ def parse_args(argv=None):
         help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)",
     )
     args = p.parse_args(argv)
-    variants = (
+    args.variants = (
         list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     )
-    unknown = [v for v in variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise cli.UsageError(
             f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)} or 'all'"
@@ -553,17 +587,40 @@ def parse_args(argv=None):
     crop = args.crop
     if min(crop) < 32:
         raise cli.UsageError(f"--crop {crop[0]}x{crop[1]}: both sides must be >= 32")
-    recipes = (
-        [(f"r{args.depth}", args.depth, args.batch_size, crop)]
+    args.recipes = (
+        [Recipe(f"r{args.depth}", args.depth, args.batch_size, crop)]
         if args.depth
         else RECIPES["small" if args.small else "full"]
     )
-    skip = {s for s in args.skip.split(",") if s}
-    if skip - {"steps", "e2e", "torchrun"}:
+    args.skip = {s for s in args.skip.split(",") if s}
+    if args.skip - {"steps", "e2e", "torchrun"}:
         raise cli.UsageError(
-            f"--skip: unknown {sorted(skip - {'steps', 'e2e', 'torchrun'})}; choose from steps, e2e, torchrun"
+            f"--skip: unknown {sorted(args.skip - {'steps', 'e2e', 'torchrun'})}; choose from "
+            "steps, e2e, torchrun"
         )
-    return args, recipes, variants, skip
+    return args
+
+
+def end_to_end_benchmarks(data_root, work, recipes, *, device, iters, workers, log):
+    """end_to_end of each recipe, each in a work dir of its own under `work`."""
+    out = {}
+    for recipe in recipes:
+        name, crop = recipe.name, recipe.crop
+        r = out[name] = end_to_end(
+            data_root,
+            work / f"e2e_{name}",
+            device=device,
+            depth=recipe.depth,
+            batch=recipe.batch,
+            crop=crop,
+            iters=iters,
+            workers=workers,
+        )
+        log(
+            f"end-to-end train.py {name.upper()} {recipe.batch} x {crop[0]}x{crop[1]}, "
+            f"{workers} workers: {r}"
+        )
+    return out
 
 
 def run_training_benchmark(args, recipes, *, variants, skip):
@@ -575,10 +632,14 @@ def run_training_benchmark(args, recipes, *, variants, skip):
     result = {
         **environment(runtime),
         "size": size,
-        "protocol": f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, interleaved",
+        "protocol": (
+            f"median of {args.steps} timed steps after {args.warmup} warm-up, synchronised, "
+            "interleaved"
+        ),
     }
     log(
-        f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes"
+        f"benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, "
+        f"cuDNN {result['cudnn']}, {result['cpus']} CPUs), {size} sizes"
     )
     log(runtime.device_note)
     log(runtime.precision_note("O1"))
@@ -600,21 +661,9 @@ def run_training_benchmark(args, recipes, *, variants, skip):
         if not {"e2e", "torchrun"} <= skip:
             data_root = synthetic_data(work / "data", DATA[size], seed=1, log=log)
         if "e2e" not in skip:
-            result["e2e"] = {}
-            for name, depth, batch, crop in recipes:
-                r = result["e2e"][name] = end_to_end(
-                    data_root,
-                    work / f"e2e_{name}",
-                    device=device,
-                    depth=depth,
-                    batch=batch,
-                    crop=crop,
-                    iters=iters,
-                    workers=workers,
-                )
-                log(
-                    f"end-to-end train.py {name.upper()} {batch} x {crop[0]}x{crop[1]}, {workers} workers: {r}"
-                )
+            result["e2e"] = end_to_end_benchmarks(
+                data_root, work, recipes, device=device, iters=iters, workers=workers, log=log
+            )
         if "torchrun" not in skip:
             result["torchrun"] = torchrun_check(
                 data_root, work / "torchrun", device=device, recipe=TORCHRUN_RECIPE[size]
@@ -631,11 +680,11 @@ def run_training_benchmark(args, recipes, *, variants, skip):
 
 
 def run_command(argv):
-    args, recipes, variants, skip = parse_args(argv)
+    args = parse_args(argv)
     if args.transform:
         transform_speed(args.steps, args.crop, log=functools.partial(print, flush=True))
     else:
-        run_training_benchmark(args, recipes, variants=variants, skip=skip)
+        run_training_benchmark(args, args.recipes, variants=args.variants, skip=args.skip)
 
 
 def main(argv=None):

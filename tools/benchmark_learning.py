@@ -1,13 +1,18 @@
-"""How fast R18 learns from scratch: val mIoU at fixed iterations over several seeds, on a learnable synthetic
-Cityscapes, with the recipe of the mmseg side-by-side comparison (README: Learning from scratch).
+"""How fast R18 learns from scratch: val mIoU at fixed iterations over several seeds, on a learnable
+synthetic Cityscapes, with the recipe of the mmseg side-by-side comparison (README: Learning from
+scratch).
 
-    python tools/benchmark_learning.py                                    # seeds 0 and 1, mIoU at 100/200/300
-    python tools/benchmark_learning.py --data fast --seeds 0,1,2          # data both trainers learn in 300 iterations
-    python tools/benchmark_learning.py --seeds 0,1,2 -- --loss-normalise valid  # anything after -- goes to train.py
+    # seeds 0 and 1, mIoU at 100/200/300
+    python tools/benchmark_learning.py
+    # data both trainers learn in 300 iterations
+    python tools/benchmark_learning.py --data fast --seeds 0,1,2
+    # anything after -- goes to train.py
+    python tools/benchmark_learning.py --seeds 0,1,2 -- --loss-normalise valid
 
-Each run is `train.py --recipe learning` in its own process (mmseg 1.2.2's BiSeNetV1 R18 config at a CPU's scale,
-in fp32, so every CPU computes the same curve's shape), validated every --val-interval iterations; the last line
-printed is JSON with every curve, the mean at each point and its standard error (sem).
+Each run is `train.py --recipe learning` in its own process (mmseg 1.2.2's BiSeNetV1 R18 config at a
+CPU's scale, in fp32, so every CPU computes the same curve's shape), validated every --val-interval
+iterations; the last line printed is JSON with every curve, the mean at each point and its standard
+error (sem).
 """
 
 import json
@@ -24,8 +29,9 @@ from benchmark import run_json
 from synthetic import trainable_cityscapes
 
 RECIPE = ["--recipe", "learning"]
-# standard: scenes with lighting, texture and thin classes, where early differences hide in slow progress;
-# fast: plain colours without the thin classes, learnt well above 60 mIoU by 300 iterations (PERFORMANCE.md)
+# standard: scenes with lighting, texture and thin classes, where early differences hide in slow
+# progress; fast: plain colours without the thin classes, learnt well above 60 mIoU by 300
+# iterations (PERFORMANCE.md)
 DATASETS = {
     "standard": dict(train=48, val=12, height=256, width=512, seed=3),
     "fast": dict(train=48, val=12, height=256, width=512, seed=3, plain=True),
@@ -90,9 +96,9 @@ def parse_args(argv=None):
 
 
 def curve_summary(curves):
-    """({iteration: mean mIoU over seeds}, {iteration: standard error of that mean}) at the iterations every curve
-    has; the error needs two seeds or more. Early points vary from seed to seed by several mIoU (PERFORMANCE.md),
-    so a difference of two means says little without it."""
+    """({iteration: mean mIoU over seeds}, {iteration: standard error of that mean}) at the
+    iterations every curve has; the error needs two seeds or more. Early points vary from seed to
+    seed by several mIoU (PERFORMANCE.md), so a difference of two means says little without it."""
     points = sorted(set.intersection(*(set(c) for c in curves.values())))
     values = {it: [c[it] for c in curves.values()] for it in points}
     mean = {it: round(statistics.mean(v), 2) for it, v in values.items()}

@@ -21,7 +21,8 @@ def count_parameters(model, with_aux=True):
 
 
 def count_flops(model, size):
-    """FLOPs as torch.utils.flop_counter counts them (a multiply-add is 2), convolutions dominate."""
+    """FLOPs as torch.utils.flop_counter counts them (a multiply-add is 2), convolutions
+    dominate."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,7 +41,8 @@ def main(argv=None):
     inference, total = count_parameters(model, with_aux=False), count_parameters(model)
     gflops = count_flops(model, args.size) / 1e9
     print(
-        f"BiSeNetV1 R{args.depth}: {inference:,} parameters for inference, {total:,} with aux heads; {gflops:.1f} GFLOPs at 1x3x{args.size[0]}x{args.size[1]}"
+        f"BiSeNetV1 R{args.depth}: {inference:,} parameters for inference, {total:,} with aux "
+        f"heads; {gflops:.1f} GFLOPs at 1x3x{args.size[0]}x{args.size[1]}"
     )
 
 

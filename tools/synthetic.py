@@ -1,7 +1,10 @@
-"""Synthetic datasets in the exact layouts real data comes in: the demo, the tests and the benchmarks train on them.
+"""Synthetic datasets in the exact layouts real data comes in: the demo, the tests and the
+benchmarks train on them.
 
-    python tools/synthetic.py cityscapes OUT --train 20 --val 6     # street scenes: leftImg8bit PNGs, gtFine polygons JSON, labelIds PNGs
-    python tools/synthetic.py folder OUT --classes 7 [--layout mmseg|list|camvid]    # your own data's layouts, any class count
+    # street scenes: leftImg8bit PNGs, gtFine polygons JSON, labelIds PNGs
+    python tools/synthetic.py cityscapes OUT --train 20 --val 6
+    # your own data's layouts, any class count
+    python tools/synthetic.py folder OUT --classes 7 [--layout mmseg|list|camvid]
 
 Each writes only into a new or empty folder, and the same seed gives the same bytes.
 """
@@ -25,17 +28,19 @@ from interop import CAMVID, LAYOUTS
 
 
 def new_dataset_folder(out):
-    """A synthesizer writes only into a new or empty folder: over a dataset it would mix its files with the user's."""
+    """A synthesizer writes only into a new or empty folder: over a dataset it would mix its files
+    with the user's."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(
-            f"{out} already exists and is not empty; synthesize writes a new dataset: pass a new folder (nothing was written)"
+            f"{out} already exists and is not empty; synthesize writes a new dataset: pass a "
+            "new folder (nothing was written)"
         )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-# -- Cityscapes: street scenes drawn as polygons, written in the real gtFine JSON format ------------------------
+# -- Cityscapes: street scenes drawn as polygons, written in the real gtFine JSON format -----------
 CITIES = ("synthburg", "fakefurt", "mockheim")
 APPEARANCE = {  # label -> (base RGB, per-object color jitter)
     "sky": ((135, 175, 215), 20),
@@ -60,7 +65,8 @@ APPEARANCE = {  # label -> (base RGB, per-object color jitter)
 }
 
 
-# what a plain scene leaves out: thin or small things, which take a model thousands of iterations to find
+# what a plain scene leaves out: thin or small things, which take a model thousands of iterations to
+# find
 THIN = (
     "pole",
     "traffic sign",
@@ -85,7 +91,8 @@ def _blob(rng, cx, cy, rx, ry, points=14):
 
 
 def synthetic_scene(rng, height, *, width):
-    """Objects in drawing order (later ones cover earlier ones, as in real Cityscapes annotations)."""
+    """Objects in drawing order (later ones cover earlier ones, as in real Cityscapes
+    annotations)."""
     H, W = height, width
     horizon = H * rng.uniform(0.38, 0.5)
     vanish_x = W * rng.uniform(0.35, 0.65)
@@ -211,9 +218,10 @@ def synthetic_scene(rng, height, *, width):
 
 
 def render_image(objects, rng, *, height, width, plain=False):
-    """Per-object colour, then shading, lighting gradient and sensor noise, so classes are not colour-coded.
-    plain: each class its base colour under even light with faint noise, which, without the THIN classes, a model
-    learns in a few hundred iterations (tools/benchmark_learning.py --data fast)."""
+    """Per-object colour, then shading, lighting gradient and sensor noise, so classes are not
+    colour-coded. plain: each class its base colour under even light with faint noise, which,
+    without the THIN classes, a model learns in a few hundred iterations
+    (tools/benchmark_learning.py --data fast)."""
     image = Image.new("RGB", (width, height))
     draw = ImageDraw.Draw(image)
     for label, polygon in objects:
@@ -232,11 +240,13 @@ def render_image(objects, rng, *, height, width, plain=False):
 
 
 def synthesize_one(job):
-    """One image of a split: leftImg8bit PNG, gtFine polygons JSON, labelIds PNG drawn by cityscapesscripts."""
+    """One image of a split (a job of synthesize_cityscapes): leftImg8bit PNG, gtFine polygons JSON,
+    labelIds PNG drawn by cityscapesscripts."""
     from cityscapesscripts.preparation.json2labelImg import json2labelImg
 
-    out, split_index, split, i, height, width, seed, plain = job
-    rng = np.random.default_rng([seed, split_index, i])
+    out, split, i = job["out"], job["split"], job["i"]
+    height, width, plain = job["height"], job["width"], job["plain"]
+    rng = np.random.default_rng([job["seed"], job["split_index"], i])
     city = CITIES[i % len(CITIES)]
     stem = f"{city}_{i // len(CITIES):06d}_{19 + i:06d}"
     objects = synthetic_scene(rng, height, width=width)
@@ -271,11 +281,12 @@ def synthesize_one(job):
 def synthesize_cityscapes(
     out_dir, train=20, *, val=6, test=0, height=512, width=1024, seed=0, nproc=1, plain=False
 ):
-    """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on (seed, split, index)
-    (plain: see render_image)."""
+    """Write leftImg8bit PNGs, gtFine polygons JSON and labelIds PNGs; each image depends only on
+    (seed, split, index) (plain: see render_image)."""
     out = new_dataset_folder(out_dir)
+    sizes = {"height": height, "width": width}
     jobs = [
-        (out, k, split, i, height, width, seed, plain)
+        {"out": out, "split_index": k, "split": split, "i": i, "seed": seed, "plain": plain} | sizes
         for k, (split, count) in enumerate((("train", train), ("val", val), ("test", test)))
         for i in range(count)
     ]
@@ -289,7 +300,8 @@ def synthesize_cityscapes(
 
 
 def trainable_cityscapes(out_dir, *, nproc=1, **sizes):
-    """synthesize_cityscapes, then the trainIds labels and split lists of convert_labels.py: a root train.py reads."""
+    """synthesize_cityscapes, then the trainIds labels and split lists of convert_labels.py: a root
+    train.py reads."""
     synthesize_cityscapes(out_dir, nproc=nproc, **sizes)
     failures = convert_dataset(out_dir, source="labelIds", nproc=nproc, progress=False)
     if failures:
@@ -299,9 +311,10 @@ def trainable_cityscapes(out_dir, *, nproc=1, **sizes):
     return Path(out_dir)
 
 
-# -- Your own data's layouts: textured class regions --------------------------------------------------------
+# -- Your own data's layouts: textured class regions -----------------------------------------------
 def synthetic_pair(rng, info, *, height, width):
-    """An image of textured class regions (each class its own colour) and its label, 255 along some borders."""
+    """An image of textured class regions (each class its own colour) and its label, 255 along some
+    borders."""
     label = np.full((height, width), rng.integers(info.num_classes), dtype=np.uint8)
     for _ in range(int(rng.integers(4, 10))):
         cls = int(rng.integers(info.num_classes))
@@ -320,8 +333,9 @@ def synthetic_pair(rng, info, *, height, width):
 def synthesize_folder(
     out_dir, classes=7, *, train=12, val=4, test=0, height=128, width=256, layout="mmseg", seed=0
 ):
-    """A dataset of `classes` classes in a generic layout, classes.txt included; the same seed gives the same bytes.
-    mmseg's layout gets palette PNG labels (as VOC-style tools write them), the others grey ones."""
+    """A dataset of `classes` classes in a generic layout, classes.txt included; the same seed gives
+    the same bytes. mmseg's layout gets palette PNG labels (as VOC-style tools write them), the
+    others grey ones."""
     out = new_dataset_folder(out_dir)
     info = (
         CAMVID
@@ -366,7 +380,8 @@ def synthesize_folder(
 
 
 def add_dataset_flags(parser, *, min_train, train, val, height, width):
-    """What both generators take: the folder, each split's image count, the image size and the seed."""
+    """What both generators take: the folder, each split's image count, the image size and the
+    seed."""
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=cli.integer(min_train), default=train)
     parser.add_argument("--val", type=cli.integer(0), default=val)
@@ -404,7 +419,8 @@ def run(argv):
         synthesize_folder(args.out_dir, classes=args.classes, layout=args.layout, **sizes)
         layout = args.layout
     print(
-        f"wrote {args.train} train, {args.val} val, {args.test} test images ({layout} layout) to {args.out_dir}"
+        f"wrote {args.train} train, {args.val} val, {args.test} test images ({layout} layout) "
+        f"to {args.out_dir}"
     )
 
 

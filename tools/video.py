@@ -1,11 +1,11 @@
 """Live video: segment a video file or a camera stream frame by frame and write the overlay video.
 
     python tools/deploy.py --model r18_int8.xml --video drive.mp4 --out drive_seg.mp4
-    python tools/deploy.py --ckpt model.pth --video 0          # camera 0, until the stream ends or Ctrl-C
+    python tools/deploy.py --ckpt model.pth --video 0   # camera 0, until the stream ends or Ctrl-C
 
-The overlay is half frame, half palette colour of the predicted class (evaluate.py --format overlay), at the input's
-size and frame rate. The bar shows each frame's model latency and the effective FPS (frames per wall-clock second,
-decoding and encoding included).
+The overlay is half frame, half palette colour of the predicted class (evaluate.py --format
+overlay), at the input's size and frame rate. The bar shows each frame's model latency and the
+effective FPS (frames per wall-clock second, decoding and encoding included).
 """
 
 import statistics
@@ -29,7 +29,8 @@ def open_source(source):
     capture = cv2.VideoCapture(int(source) if str(source).isdigit() else str(source))
     if not capture.isOpened():
         raise DataError(
-            f"--video {source}: cannot open it (no such file, not a video OpenCV reads, or no such camera)"
+            f"--video {source}: cannot open it (no such file, not a video OpenCV reads, or no "
+            "such camera)"
         )
     return capture
 
@@ -48,15 +49,14 @@ def overlay(frame, pred, colors):
 
 
 def segment_video(segment, source, *, out, info, device="cpu", progress=True):
-    """Reads `source` frame by frame, writes the overlay video to `out` and returns the summary. The video is written
-    under a temporary name and published at the end without replacing anything (a file that appeared at `out`
-    meanwhile is kept, and the video goes to OUT_2); Ctrl-C ends a camera stream and keeps what was written."""
+    """Reads `source` frame by frame, writes the overlay video to `out` and returns the summary. The
+    video is written under a temporary name and published at the end without replacing anything (a
+    file that appeared at `out` meanwhile is kept, and the video goes to OUT_2); Ctrl-C ends a
+    camera stream and keeps what was written."""
     capture = open_source(source)
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0  # cameras may not say
-    width, height = (
-        int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-        int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-    )
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     colors = np.ascontiguousarray(info.colors[:, ::-1])
     latencies, interrupted = [], False
@@ -111,25 +111,31 @@ def segment_video(segment, source, *, out, info, device="cpu", progress=True):
 
 
 def video_summary(source, written, *, out, total, latencies, elapsed, fps, size, interrupted):
-    """The JSON summary of a segmented video, with a warning for each way the written file differs from the input."""
+    """The JSON summary of a segmented video, with a warning for each way the written file differs
+    from the input."""
     height, width = size
     probe = cv2.VideoCapture(str(written))
-    out_size = f"{int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))}x{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}"  # codecs may round odd sizes down
+    # codecs may round odd sizes down
+    out_height = int(probe.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    out_size = f"{out_height}x{int(probe.get(cv2.CAP_PROP_FRAME_WIDTH))}"
     probe.release()
     truncated = total > 0 and len(latencies) < total and not interrupted
     if written != out:
         print(
-            f"warning: {out} appeared while the video was written; it was kept, and the video is {written}",
+            f"warning: {out} appeared while the video was written; it was kept, and the video "
+            f"is {written}",
             file=sys.stderr,
         )
     if out_size != f"{height}x{width}":
         print(
-            f"warning: {written} is {out_size}, the input {height}x{width} (its codec rounds odd sizes down)",
+            f"warning: {written} is {out_size}, the input {height}x{width} (its codec rounds "
+            "odd sizes down)",
             file=sys.stderr,
         )
     if truncated:
         print(
-            f"warning: {source} ended after {len(latencies)} of its {total} frames (a truncated file?)",
+            f"warning: {source} ended after {len(latencies)} of its {total} frames (a truncated "
+            "file?)",
             file=sys.stderr,
         )
     latency_ms = 1000 * statistics.median(latencies)

@@ -1,9 +1,10 @@
-"""A stand-in for Ascend's torch_npu, for tests on machines without an NPU: it exposes only what device.py's
-decisions read (the chip, its count and bf16 support, the version, NpuFusedSGD, a GradScaler state with torch_npu's
-`dynamic` key). Tensors stay on the CPU; nothing here computes on an NPU.
+"""A stand-in for Ascend's torch_npu, for tests on machines without an NPU: it exposes only what
+device.py's decisions read (the chip, its count and bf16 support, the version, NpuFusedSGD, a
+GradScaler state with torch_npu's `dynamic` key). Tensors stay on the CPU; nothing here computes on
+an NPU.
 
-STAND_IN_NPU_CHIP (default Ascend910B3), STAND_IN_NPU_COUNT (default 8), STAND_IN_TORCH_NPU_VERSION (default
-2.1.0.post3) and STAND_IN_NO_FUSED_SGD=1 describe the host it pretends to be.
+STAND_IN_NPU_CHIP (default Ascend910B3), STAND_IN_NPU_COUNT (default 8), STAND_IN_TORCH_NPU_VERSION
+(default 2.1.0.post3) and STAND_IN_NO_FUSED_SGD=1 describe the host it pretends to be.
 """
 
 import os
@@ -17,7 +18,8 @@ COUNT = int(os.environ.get("STAND_IN_NPU_COUNT", "8"))
 
 
 class GradScaler(torch.amp.GradScaler):
-    """torch_npu's scaler keeps `dynamic` in its state and reads it back on load (KeyError without it)."""
+    """torch_npu's scaler keeps `dynamic` in its state and reads it back on load (KeyError without
+    it)."""
 
     def __init__(
         self,

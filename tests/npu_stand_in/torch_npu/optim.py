@@ -1,5 +1,5 @@
-"""Stand-in torch_npu.optim: NpuFusedSGD refuses set_to_none as the real one does (its gradients live in one
-combined buffer); the update itself is torch's SGD."""
+"""Stand-in torch_npu.optim: NpuFusedSGD refuses set_to_none as the real one does (its gradients
+live in one combined buffer); the update itself is torch's SGD."""
 
 import os
 
