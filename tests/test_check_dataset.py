@@ -253,7 +253,8 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
     the pool could wait for them forever and train.py hung before its first step. Ten histograms in
     2 processes, in a child that a hang cannot take the test run with, each against PIL's counts."""
     code = (
-        "import json, sys; from cityscapes import open_dataset; from datasets import label_histogram\n"
+        "import json, sys; from cityscapes import open_dataset\n"
+        "from datasets import label_histogram\n"
         "dataset = open_dataset(sys.argv[1], 'train')\n"
         "print(json.dumps([label_histogram(dataset, 2).tolist() for _ in range(10)]))"
     )

@@ -67,8 +67,8 @@ def timed_recipe(name, recipe, *, small):
 # Ascend ModelZoo's recipe and mmseg's R18 recipe, and their small stand-ins
 RECIPES = {
     size: [
-        timed_recipe("r50", "seed_r50", small=size == "small"),
-        timed_recipe("r18", "r18", small=size == "small"),
+        timed_recipe("r50", "ascend_r50", small=size == "small"),
+        timed_recipe("r18", "mmseg_r18", small=size == "small"),
     ]
     for size in ("full", "small")
 }
