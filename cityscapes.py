@@ -107,7 +107,7 @@ def cityscapes_info(root):
     return CITYSCAPES
 
 
-# -- Any data root: Cityscapes, or your own data (interop.py) ---------------------------------------
+# -- Any data root: Cityscapes, or your own data (interop.py) --------------------------------------
 def detect_dataset(root, dataset_type="auto"):
     """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else
     your own)."""
