@@ -144,7 +144,7 @@ def folder_info(root):
         return CAMVID
     raise DataError(
         f"{root / 'classes.txt'}: missing; write one class per line in index order, "
-        "`name R G B` (README: Your own data)"
+        "`name R G B` (docs/your-data.md)"
     )
 
 

@@ -364,8 +364,8 @@ def test_label_resampling_is_cv2s_nearest_exact_and_stays_on_the_image_samples(i
     """The label crop is cv2.INTER_NEAREST_EXACT of the rescaled label. That is the source pixel
     nearest to where the bilinear image resize (cv2.INTER_LINEAR, the image side) sampled each
     output pixel: a coordinate ramp resized bilinearly says where that was. mmcv's "nearest"
-    (cv2.INTER_NEAREST, the seed's) is up to a whole source pixel away from it, so its labels sit
-    off the image they label."""
+    (cv2.INTER_NEAREST, Ascend ModelZoo's) is up to a whole source pixel away from it, so its
+    labels sit off the image they label."""
     start, count = out_size // 5, out_size // 2
     label = np.arange(in_size, dtype=np.uint8)[None, :].repeat(2, 0) if in_size < 256 else None
     exact = datasets.nearest_indices(out_size, in_size, start, count)

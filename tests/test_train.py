@@ -111,7 +111,7 @@ def test_mmengine_schedule_is_linear_warmup_then_poly_over_the_rest():
     assert all(math.isclose(schedule(it), chained[it], rel_tol=1e-9) for it in range(300))
     long = functools.partial(
         learning_rate, base_lr=0.025, iters=160000, warmup_iters=1000
-    )  # mmseg 1.x's R18 against the seed's form
+    )  # mmseg 1.x's R18 against Ascend ModelZoo's form
     assert all(
         math.isclose(long(it, schedule="mmengine"), lr, rel_tol=1e-9)
         for it, lr in enumerate(chained_mmengine_lrs(0.025, 160000, 1000))

@@ -1,6 +1,6 @@
 """How fast R18 learns from scratch: val mIoU at fixed iterations over several seeds, on a learnable
-synthetic Cityscapes, with the recipe of the mmseg side-by-side comparison (README: Learning from
-scratch).
+synthetic Cityscapes, with the recipe of the mmseg side-by-side comparison (docs/training.md:
+Learning from scratch).
 
     # seeds 0 and 1, mIoU at 100/200/300
     python tools/benchmark_learning.py
@@ -31,7 +31,7 @@ from synthetic import trainable_cityscapes
 RECIPE = ["--recipe", "learning"]
 # standard: scenes with lighting, texture and thin classes, where early differences hide in slow
 # progress; fast: plain colours without the thin classes, learnt well above 60 mIoU by 300
-# iterations (PERFORMANCE.md)
+# iterations (docs/performance.md)
 DATASETS = {
     "standard": dict(train=48, val=12, height=256, width=512, seed=3),
     "fast": dict(train=48, val=12, height=256, width=512, seed=3, plain=True),
@@ -98,7 +98,8 @@ def parse_args(argv=None):
 def curve_summary(curves):
     """({iteration: mean mIoU over seeds}, {iteration: standard error of that mean}) at the
     iterations every curve has; the error needs two seeds or more. Early points vary from seed to
-    seed by several mIoU (PERFORMANCE.md), so a difference of two means says little without it."""
+    seed by several mIoU (docs/performance.md), so a difference of two means says little without
+    it."""
     points = sorted(set.intersection(*(set(c) for c in curves.values())))
     values = {it: [c[it] for c in curves.values()] for it in points}
     mean = {it: round(statistics.mean(v), 2) for it, v in values.items()}
