@@ -457,27 +457,15 @@ def training_label_counts(dataset, cache, *, source, processes, log):
             temp.write_text(json.dumps({"key": key, "pixels": counts.tolist()}))
         took = f"{time.perf_counter() - started:.1f} s in {processes} processes"
         log(f"label histogram of {len(dataset)} labels: {took}, cached in {cache.name}")
-    error, warning = label_findings(dataset.info, counts, source)
-    if error:
-        raise DataError(error)
-    if warning:
-        log(f"warning: training labels: {warning}")
-    return counts
-
-
-def label_findings(info, counts, source):
-    """(error, warning) about what labels hold, each a text or None: a 2-class set whose labels
-    hold only 0 and 255 never sees class 1 (255 is ignored: neither trained nor scored); classes
-    that never occur."""
-    error = warning = None
+    info = dataset.info
     if info.num_classes == 2 and not counts[1:IGNORE_INDEX].any() and counts[IGNORE_INDEX]:
-        fix = f"python tools/map_labels.py {source} NEW_ROOT --map 255=1"
-        trap = "the labels hold only 0 and 255, and 255 is the ignore value"
-        trap += f", so {info.class_names[1]!r} never occurs"
-        error = f"{source}: {trap}; if 255 marks your foreground, write it as 1 into a copy: {fix}"
+        trap = "the training labels hold only 0 and 255, and 255 is the ignore value"
+        fix = f"write it as 1 into a copy: python tools/map_labels.py {source} NEW_ROOT --map 255=1"
+        never = f"so {info.class_names[1]!r} never occurs"
+        raise DataError(f"{source}: {trap}, {never}; if 255 marks your foreground, {fix}")
     absent = [name for name, count in zip(info.class_names, counts) if count == 0]
     if absent:
-        check = f"check the class list and label values (python tools/check_dataset.py {source})"
         some = f"{len(absent)} of {info.num_classes} classes"
-        warning = f"{some} never occur in the labels: {', '.join(absent)}; {check}"
-    return error, warning
+        check = f"check the class list and label values (python tools/check_dataset.py {source})"
+        log(f"warning: {some} never occur in the training labels: {', '.join(absent)}; {check}")
+    return counts

@@ -164,6 +164,7 @@ TINY_RUN = [
 ]
 
 
+@pytest.mark.slow
 def test_masks_of_0_and_255_are_refused_and_train_after_mapping(tmp_path):
     """With a 2-class classes.txt, 255 is ignored: the model would learn background only and score
     'mIoU 100'."""
@@ -198,6 +199,7 @@ def test_masks_of_0_and_255_are_refused_and_train_after_mapping(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_class_absent_from_the_training_labels_warns_and_the_histogram_is_reused(tmp_path):
     root = synthetic.synthesize_folder(
         tmp_path / "data", classes=5, train=4, val=2, height=64, width=128, seed=6
@@ -248,6 +250,7 @@ def test_a_class_absent_from_the_training_labels_warns_and_the_histogram_is_reus
     )
 
 
+@pytest.mark.slow
 def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root):
     """A Pool's exit stops its workers with SIGTERM; while they ignored it (as loader workers must),
     the pool could wait for them forever and train.py hung before its first step. Ten histograms in
@@ -279,6 +282,7 @@ def test_the_label_histogram_in_several_processes_ends_every_time(synthetic_root
     assert [counts[:19] for counts in json.loads(out)] == [expected] * 10 and sum(expected) > 0
 
 
+@pytest.mark.slow
 def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbers(tmp_path):
     root = synthetic.synthesize_folder(
         tmp_path / "data", classes=5, train=6, val=3, height=64, width=128, seed=2
@@ -328,6 +332,7 @@ def test_a_run_draws_its_curves_confusion_and_per_class_iou_with_evaluates_numbe
             ), name
 
 
+@pytest.mark.slow
 def test_class_weight_auto_is_enets_formula_of_the_training_histogram_and_a_bad_file_is_one_line(
     tmp_path,
 ):
