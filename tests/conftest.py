@@ -199,3 +199,10 @@ def my7(tmp_path_factory):
         ckpt,
     )
     return root, ckpt
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the learned model waits for its training (minutes): slow, wherever it is."""
+    for item in items:
+        if "learned" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
