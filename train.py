@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+import workdir
 from bisenet import BATCH_OF_TWO, RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import initial_weights, load_backbone, restore
 from cityscapes import detect_dataset, open_dataset
@@ -37,21 +38,6 @@ from datasets import (
     training_loader,
 )
 from device import setup_runtime, sgd, teardown_runtime
-from workdir import (
-    Checkpointer,
-    LogUnwritable,
-    Preemption,
-    Progress,
-    RunLog,
-    StepCheck,
-    Stopped,
-    TrainingError,
-    Validation,
-    changed_settings,
-    last_checkpoint_note,
-    open_work_dir,
-    saved_on_error,
-)
 
 # Every recipe: its model, images, lr and length for one device, and what else it changes from the
 # flags' defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs
@@ -512,7 +498,7 @@ def build_state(args, runtime, info, *, checkpoint, resumed_from, log):
         complete = ": it is complete, nothing to train" if start == args.iters else ""
         log(f"resumed from {resumed_from.resolve()} at iteration {start}{complete}")
         current = {**vars(args), "world_size": runtime.world_size}
-        changes = changed_settings(checkpoint.get("args", {}), current, RECIPE_FLAGS)
+        changes = workdir.changed_settings(checkpoint.get("args", {}), current, RECIPE_FLAGS)
         if changes:
             log(f"warning: resuming with settings that differ from the run's: {changes}")
     for group in (
@@ -563,11 +549,13 @@ def train(args):
     runtime = build_runtime(args)
     dataset, val_set = build_data(args)
     work_dir = Path(args.work_dir)
-    lock, checkpoint, resumed_from = open_work_dir(
+    lock, checkpoint, resumed_from = workdir.open_work_dir(
         work_dir, args.resume, runtime=runtime, log=tqdm.write
     )
-    preemption = Preemption(work_dir)  # from here on a stop signal ends the run with its line
-    run_log = RunLog(work_dir, runtime.is_main)
+    preemption = workdir.Preemption(
+        work_dir
+    )  # from here on a stop signal ends the run with its line
+    run_log = workdir.RunLog(work_dir, runtime.is_main)
     try:
         counts = label_counts(args, dataset, work_dir, run_log)
         resumed = (checkpoint or {}).get("args", {}).get("class_weights")
@@ -601,7 +589,7 @@ def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemptio
     run_log.start(start)
     settings = {**vars(args), "world_size": runtime.world_size}
     settings["class_weights"] = None if weights is None else weights.tolist()
-    checkpointer = Checkpointer(
+    checkpointer = workdir.Checkpointer(
         Path(args.work_dir),
         model,
         contents=dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=dataset.info),
@@ -613,7 +601,7 @@ def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemptio
         path=resumed_from,
         best=best,
     )
-    validation = Validation(
+    validation = workdir.Validation(
         val_set,
         model,
         runtime=runtime,
@@ -624,7 +612,7 @@ def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemptio
         run_log=run_log,
         checkpointer=checkpointer,
     )
-    step_check = StepCheck(
+    step_check = workdir.StepCheck(
         scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=Path(args.work_dir)
     )
     hooks = dict(step_check=step_check, checkpointer=checkpointer, validation=validation)
@@ -654,7 +642,7 @@ def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemptio
 
 def run_loop(args, runtime, model, optimizer, scaler, loss_fn, dataset, start, run_log, **hooks):
     """One step per batch, then each periodic work (the checkpoint first: a validation that fails
-    never costs the interval). Returns the Progress that timed it."""
+    never costs the interval). Returns the workdir.Progress that timed it."""
     step_check, checkpointer = hooks["step_check"], hooks["checkpointer"]
     validation, preemption = hooks["validation"], hooks["preemption"]
     schedule = lr_schedule(args)
@@ -672,7 +660,7 @@ def run_loop(args, runtime, model, optimizer, scaler, loss_fn, dataset, start, r
     autocast = functools.partial(runtime.autocast, args.amp)
     layout = trains_channels_last(args, runtime)
     images_per_iter = args.batch_size * runtime.world_size
-    progress = Progress(
+    progress = workdir.Progress(
         run_log,
         interval=args.log_interval,
         start=start,
@@ -699,7 +687,7 @@ def run_loop(args, runtime, model, optimizer, scaler, loss_fn, dataset, start, r
                 it, loss=loss, lr=lr, data_time=data_time, step_time=time.perf_counter() - tick
             )
             checkpointer.step(it)
-            with saved_on_error(checkpointer, it):
+            with workdir.saved_on_error(checkpointer, it):
                 validation.step(it)
             preemption.step(it, runtime, checkpointer)
             tick = time.perf_counter()
@@ -725,22 +713,24 @@ def lr_schedule(args):
 def stopping(runtime, checkpointer, preemption, iteration):
     """How the loop ends early: a collective broken by a peer that the launcher stopped first
     (which said why) quietly, a full disk after saving what fits, Ctrl-C with where to resume."""
-    saved = lambda: last_checkpoint_note(checkpointer.work_dir)  # noqa: E731
+    saved = lambda: workdir.last_checkpoint_note(checkpointer.work_dir)  # noqa: E731
     try:
         yield
     except RuntimeError:
         if preemption.signum and runtime.distributed:
             sys.exit(128 + preemption.signum)
         raise
-    except LogUnwritable as e:
+    except workdir.LogUnwritable as e:
         with contextlib.suppress(
             cli.Error, OSError
         ):  # no room for it either: the last checkpoint stays
             checkpointer.step(iteration(), now=True)
-        raise TrainingError(f"{e}, then run the same command with --resume. {saved()}") from None
+        raise workdir.TrainingError(
+            f"{e}, then run the same command with --resume. {saved()}"
+        ) from None
     except KeyboardInterrupt:
         resume = f"{saved()} Run the same command with --resume to continue."
-        raise Stopped(
+        raise workdir.Stopped(
             f"interrupted at iteration {iteration() + 1}; {resume}", signal.SIGINT
         ) from None
 
