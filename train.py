@@ -577,6 +577,7 @@ def train(args):
             args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log
         )
     finally:
+        preemption.close()
         run_log.close()
         teardown_runtime(runtime)
         if lock:

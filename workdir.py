@@ -520,8 +520,14 @@ class Preemption:
 
     def __init__(self, work_dir):
         self.work_dir, self.signum, self.in_loop = work_dir, None, False
+        self.previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
         for signum in STOP_SIGNALS:
             signal.signal(signum, self.received)
+
+    def close(self):
+        """The handlers the process had before: a run inside a longer process ends its own."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def received(self, signum, _frame):
         self.signum = signum

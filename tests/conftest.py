@@ -201,6 +201,7 @@ def my7(tmp_path_factory):
     return root, ckpt
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(items):
     """A test that uses the learned model waits for its training (minutes): slow, wherever it is."""
     for item in items:
