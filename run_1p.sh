@@ -31,17 +31,18 @@ if [ "$MODE" = demo ]; then
     python convert_labels.py "$DATA_ROOT" --nproc 2
   fi
   python train.py --device "$DEVICE" --recipe demo --data-root "$DATA_ROOT" --work-dir "$WORK_DIR" --log-interval 10 --workers 1 \
-    --resume "$@" | tee "$WORK_DIR/train.out"
-  rm -rf "$WORK_DIR/predictions"  # the demo's own previous predictions: evaluate.py never overwrites a file
-  python evaluate.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir "$WORK_DIR/predictions" --format color | tee "$WORK_DIR/eval.out"
-  python tools/benchmark_inference.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --size 128x256 --runs 10 | tee "$WORK_DIR/bench.out"
-  python - "$WORK_DIR" <<'PY'
+    --resume "$@" | tee -a "$WORK_DIR/train.out"
+  PREDICTIONS="$WORK_DIR/predictions"  # a rerun writes beside an earlier run's: none is ever replaced
+  for n in $(seq 2 1000); do [ -e "$PREDICTIONS" ] || break; PREDICTIONS="$WORK_DIR/predictions_$n"; done
+  python evaluate.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --data-root "$DATA_ROOT" --out-dir "$PREDICTIONS" --format color | tee -a "$WORK_DIR/eval.out"
+  python tools/benchmark_inference.py --device "$DEVICE" --ckpt "$WORK_DIR/latest.pth" --size 128x256 --runs 10 | tee -a "$WORK_DIR/bench.out"
+  python - "$WORK_DIR" "$PREDICTIONS" <<'PY'
 import json, sys
 last = lambda name: json.loads(open(f"{sys.argv[1]}/{name}.out").read().strip().splitlines()[-1])
 train, val, bench = last("train"), last("eval"), last("bench")
 trained = f"training {train['train_fps']} img/s ({train['precision']})" if train["train_fps"] else "nothing left to train (the run was complete)"
 print(f"demo: val mIoU {val['mIoU']:.2f} ({val['mode']}), {trained}, inference {bench['fps']} FPS "
-      f"at {bench['size']} ({bench['precision']}, {bench['device']}); colorized predictions in {sys.argv[1]}/predictions/")
+      f"at {bench['size']} ({bench['precision']}, {bench['device']}); colorized predictions in {sys.argv[2]}/")
 print(json.dumps({"mIoU": val["mIoU"], "train_fps": train["train_fps"], "inference_fps": bench["fps"], "precision": train["precision"], "checkpoint": train["checkpoint"]}))
 PY
   exit 0

@@ -279,7 +279,10 @@ def test_the_demo_summary_says_when_nothing_was_left_to_train(tmp_path):
     }.items():
         (tmp_path / f"{name}.out").write_text(json.dumps(entry) + "\n")
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script, str(tmp_path), str(tmp_path / "predictions")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0 and "None img/s" not in result.stdout, (
         result.stdout + result.stderr
