@@ -189,6 +189,21 @@ def test_file_names_that_are_not_utf8_are_read(tmp_path):
         [sys.executable, "-c", code, missing], cwd=ROOT, capture_output=True, timeout=120
     )
     assert result.returncode == 2 and result.stderr.decode().startswith("error: ")
+    checkpoint = tmp_path / "model.pth"
+    from bisenet import BiSeNetV1, ModelConfig
+
+    model = BiSeNetV1(ModelConfig(18, 19))
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, checkpoint)
+    flags = ["--ckpt", checkpoint, "--images", tmp_path / "images", "--out-dir", tmp_path / "out"]
+    segmented = subprocess.run(
+        [sys.executable, "evaluate.py", *map(os.fsencode, flags), b"--workers", b"0"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert segmented.returncode == 0, segmented.stderr[-2000:]
+    written = list((tmp_path / "out").rglob("*.png"))
+    assert [os.fsencode(p.name) for p in written] == [b"\xe9t\xe9_color.png"]
 
 
 @pytest.mark.slow
