@@ -275,45 +275,15 @@ def class_maps(folder):
 def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
     """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps,
     mIoU), and the wall time of a whole val pass, split into data loading and model time."""
-    train_cmd = [
-        sys.executable,
-        "train.py",
-        "--data-root",
-        data_root,
-        "--work-dir",
-        work_dir / "r18",
-        "--device",
-        device,
-        "--depth",
-        "18",
-    ]
-    train_cmd += [
-        *train_recipe,
-        "--lr",
-        "0.05",
-        "--warmup-iters",
-        "5",
-        "--no-validate",
-        "--workers",
-        str(workers),
-        "--log-interval",
-        "10",
-    ]
+    train_cmd = [sys.executable, "train.py", "--data-root", data_root]
+    train_cmd += ["--work-dir", work_dir / "r18"]
+    train_cmd += ["--device", device, "--depth", "18", *train_recipe, "--workers", str(workers)]
+    train_cmd += "--lr 0.05 --warmup-iters 5 --no-validate --log-interval 10".split()
     trained, output = run_json(train_cmd, timeout=600)
     if trained is None:
         return {"error": output}
-    evaluate_cmd = [
-        sys.executable,
-        "evaluate.py",
-        "--ckpt",
-        trained["checkpoint"],
-        "--data-root",
-        data_root,
-        "--device",
-        device,
-        "--workers",
-        str(workers),
-    ]
+    evaluate_cmd = [sys.executable, "evaluate.py", "--ckpt", trained["checkpoint"]]
+    evaluate_cmd += ["--data-root", data_root, "--device", device, "--workers", str(workers)]
     start = time.perf_counter()
     timed, output = run_json(evaluate_cmd, timeout=600)
     wall = time.perf_counter() - start
@@ -321,18 +291,8 @@ def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
         return {"error": output}
     results = {}
     for amp in ("O0", "O1"):
-        results[amp], output = run_json(
-            [
-                *evaluate_cmd,
-                "--amp",
-                amp,
-                "--out-dir",
-                work_dir / f"pred_{amp}",
-                "--format",
-                "trainIds",
-            ],
-            timeout=600,
-        )
+        predict = ["--amp", amp, "--out-dir", work_dir / f"pred_{amp}", "--format", "trainIds"]
+        results[amp], output = run_json([*evaluate_cmd, *predict], timeout=600)
         if results[amp] is None:
             return {"error": output}
     agreement = float((class_maps(work_dir / "pred_O0") == class_maps(work_dir / "pred_O1")).mean())
@@ -466,6 +426,36 @@ def run_one(args):
     print(json.dumps(result))
 
 
+def add_suite_flags(p):
+    suite = p.add_argument_group("the suite")
+    suite.add_argument(
+        "--suite",
+        action="store_true",
+        help="every measurement above the flags (bash run_1p.sh bench-infer)",
+    )
+    suite.add_argument(
+        "--small",
+        action="store_true",
+        default=os.environ.get("BENCH_SMALL") == "1",
+        help="small sizes (also BENCH_SMALL=1)",
+    )
+    suite.add_argument(
+        "--workers",
+        type=cli.integer(0),
+        default=None,
+        help="loader workers of train.py and evaluate.py (default: CPUs - 2)",
+    )
+    suite.add_argument(
+        "--infer-variants",
+        help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, "
+        "default,bf16 on a CPU with native bf16, else default)",
+    )
+    suite.add_argument(
+        "--work-dir",
+        help="where the synthetic data and runs go (default: a temporary folder, removed)",
+    )
+
+
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     cli.add_device_flags(p)
@@ -503,33 +493,7 @@ def parse_args(argv=None):
     )
     one.add_argument("--size", type=cli.size, default="1024x2048", help="input HxW")
     one.add_argument("--batch", type=cli.integer(1), default=1, help="images per run")
-    suite = p.add_argument_group("the suite")
-    suite.add_argument(
-        "--suite",
-        action="store_true",
-        help="every measurement above the flags (bash run_1p.sh bench-infer)",
-    )
-    suite.add_argument(
-        "--small",
-        action="store_true",
-        default=os.environ.get("BENCH_SMALL") == "1",
-        help="small sizes (also BENCH_SMALL=1)",
-    )
-    suite.add_argument(
-        "--workers",
-        type=cli.integer(0),
-        default=None,
-        help="loader workers of train.py and evaluate.py (default: CPUs - 2)",
-    )
-    suite.add_argument(
-        "--infer-variants",
-        help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, "
-        "default,bf16 on a CPU with native bf16, else default)",
-    )
-    suite.add_argument(
-        "--work-dir",
-        help="where the synthetic data and runs go (default: a temporary folder, removed)",
-    )
+    add_suite_flags(p)
     args = p.parse_args(argv)
     unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
     if unknown:

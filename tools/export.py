@@ -188,9 +188,8 @@ def export(
     """Written under a temporary name and renamed once simplified and the metadata is in. Returns
     the PyTorch graph that the file computes."""
     model = fuse_bn(model.eval())
-    head = (
-        torch.uint8 if opset >= DYNAMO_MIN_OPSET else torch.int32
-    )  # TensorRT 8.x has no uint8 tensors
+    # TensorRT 8.x, which opsets before 18 are for, has no uint8 tensors
+    head = torch.uint8 if opset >= DYNAMO_MIN_OPSET else torch.int32
     graph = ArgmaxHead(model, head).eval() if argmax else model
     writer = dynamo_export if opset >= DYNAMO_MIN_OPSET else torchscript_export
     with atomic_write(out, replace=False, suffix=".tmp.onnx") as temp:
