@@ -109,7 +109,7 @@ def test_dynamic_onnx_and_ncnn_take_other_sizes_like_pytorch(formats, trained):
     assert net.load_param(str(paths["ncnn"])) == 0
     assert net.load_model(str(paths["ncnn"].with_suffix(".bin"))) == 0
     extractor = net.create_extractor()
-    extractor.input("in0", ncnn.Mat(images[0].numpy().copy()))
+    extractor.input("in0", ncnn.Mat(images[0].numpy()).clone())  # a Mat borrows numpy's memory
     ncnn_logits = np.array(extractor.extract("out0")[1])[None]
     for got in (onnx_logits, ncnn_logits):
         assert got.shape == expected.shape

@@ -233,7 +233,8 @@ class NcnnModel:
         out = []
         for image in images.float().cpu().numpy():
             extractor = self.net.create_extractor()
-            extractor.input(self.input, self.ncnn.Mat(np.ascontiguousarray(image)))
+            # clone: ncnn's Mat of a numpy array borrows its memory, which must outlive extract()
+            extractor.input(self.input, self.ncnn.Mat(np.ascontiguousarray(image)).clone())
             code, logits = extractor.extract(self.output)
             if code != 0:
                 raise cli.UsageError(f"--model {self.path}: ncnn failed on an image (code {code})")
