@@ -1,6 +1,6 @@
-"""Deployment: OpenVINO IR (fp32 and NNCF int8) and ONNX exports scored by evaluate.py's official metric against the
-checkpoint they came from, their self-description, the benchmark against eager fp32, live video, and the optional
-runtimes' one-line errors."""
+"""Deployment: OpenVINO IR (fp32 and NNCF int8) and ONNX exports scored by evaluate.py's official
+metric against the checkpoint they came from, their self-description, the benchmark against eager
+fp32, live video, and the optional runtimes' one-line errors."""
 
 import os
 import stat
@@ -21,6 +21,8 @@ from checkpoints import load_model
 from cityscapes import PALETTE
 from deploy import read_metadata, to_openvino
 
+pytestmark = pytest.mark.slow  # every test here trains (conftest's learned) or exports
+
 openvino = pytest.importorskip(
     "openvino", reason="OpenVINO is optional here; CI installs it (pip install openvino nncf)"
 )
@@ -33,7 +35,7 @@ def summary_of(main, argv, capsys):
 
 @pytest.fixture(scope="module")
 def trained(learned):
-    """The checkpoint of conftest's learned run (R18, 150 iterations from scratch, val mIoU > 25)."""
+    """The checkpoint of conftest's learned run (R18, 150 iterations from scratch, mIoU > 25)."""
     return learned[1] / "latest.pth"
 
 
@@ -132,8 +134,8 @@ def test_openvino_ir_equals_pytorch_and_describes_itself(exported, trained):
 def test_exported_models_score_like_their_checkpoint(
     exported, trained, synthetic_root, tmp_path, capsys
 ):
-    """The same official metric on the same val images: fp32 IR = the checkpoint; int8 within 0.5 mIoU, >= 99%
-    of pixels agreeing with fp32."""
+    """The same official metric on the same val images: fp32 IR = the checkpoint; int8 within 0.5
+    mIoU, >= 99% of pixels agreeing with fp32."""
     folder, _, _ = exported
     reference = scored(capsys, synthetic_root, tmp_path / "ckpt", "--ckpt", trained, "--amp", "O0")
     fp32 = scored(
@@ -236,7 +238,8 @@ def test_video_overlay_keeps_frames_size_and_rate_and_carries_the_palette(
     frames_in, _ = read_video(tmp_path / "in.mp4")  # what the tool decoded
     frames_out, fps = read_video(tmp_path / "out.mp4")
     assert len(frames_out) == 6 and frames_out[0].shape == (128, 256, 3) and fps == 12
-    # Independently: the class map of each decoded frame by the checkpoint in fp32, blended with the palette.
+    # Independently: the class map of each decoded frame by the checkpoint in fp32, blended with the
+    # palette.
     model = load_model(trained)[0]
     palette_bgr = PALETTE[:, ::-1].astype(np.float32)
     agree = []
@@ -267,9 +270,8 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(
 ):
     folder, _, _ = exported
     with monkeypatch.context() as hidden:
-        hidden.setitem(
-            sys.modules, "openvino", None
-        )  # as if not installed: importing it raises ImportError
+        # as if not installed: importing it raises ImportError
+        hidden.setitem(sys.modules, "openvino", None)
         hidden.setitem(sys.modules, "nncf", None)
         line = one_line_error(
             in_process(
@@ -277,82 +279,26 @@ def test_missing_runtimes_and_bad_flags_are_one_line_errors(
             )
         )
         assert line.startswith("error: ") and line.endswith("pip install openvino nncf")
-        line = one_line_error(
-            in_process(
-                "tools/export.py",
-                "--ckpt",
-                trained,
-                "--format",
-                "openvino",
-                "--out",
-                tmp_path / "m.xml",
-            )
-        )
+        openvino_export = ["--format", "openvino", "--out", tmp_path / "m.xml"]
+        line = one_line_error(in_process("tools/export.py", "--ckpt", trained, *openvino_export))
         assert line.endswith("pip install openvino nncf") and not (tmp_path / "m.xml").exists()
     (tmp_path / "taken.mp4").write_bytes(b"the user's")
     (tmp_path / "ir").mkdir()
-    openvino.save_model(
-        to_openvino(load_model(trained)[0]), tmp_path / "ir" / "anonymous.xml"
-    )  # an IR without our description
+    # an IR without our description
+    openvino.save_model(to_openvino(load_model(trained)[0]), tmp_path / "ir" / "anonymous.xml")
+    export, run = ["tools/export.py", "--ckpt", trained], ["tools/deploy.py", "--model"]
+    int8, anonymous = folder / "int8.xml", tmp_path / "ir" / "anonymous.xml"
+    missing_video = ["--video", tmp_path / "missing.mp4", "--out", tmp_path / "o.mp4"]
     calls = {
-        "--int8 and --calib-data go together": [
-            "tools/export.py",
-            "--ckpt",
-            trained,
-            "--format",
-            "openvino",
-            "--int8",
-        ],
-        "add --format openvino": [
-            "tools/export.py",
-            "--ckpt",
-            trained,
-            "--int8",
-            "--calib-data",
-            synthetic_root,
-        ],
-        "does not end in .xml": [
-            "tools/export.py",
-            "--ckpt",
-            trained,
-            "--format",
-            "openvino",
-            "--out",
-            tmp_path / "m.onnx",
-        ],
-        "need --ckpt: an exported model runs one whole-image pass": [
-            "tools/deploy.py",
-            "--model",
-            folder / "int8.xml",
-            "--flip",
-        ],
-        "runs on the CPU": ["tools/deploy.py", "--model", folder / "int8.xml", "--device", "cuda"],
-        "no such file": ["tools/deploy.py", "--model", tmp_path / "missing.xml"],
-        "is never overwritten": [
-            "tools/deploy.py",
-            "--model",
-            folder / "int8.xml",
-            "--video",
-            "in.mp4",
-            "--out",
-            tmp_path / "taken.mp4",
-        ],
-        "does not describe its classes": [
-            "tools/deploy.py",
-            "--model",
-            tmp_path / "ir" / "anonymous.xml",
-            "--data-root",
-            synthetic_root,
-        ],
-        "cannot open it": [
-            "tools/deploy.py",
-            "--model",
-            folder / "int8.xml",
-            "--video",
-            tmp_path / "missing.mp4",
-            "--out",
-            tmp_path / "o.mp4",
-        ],
+        "--int8 and --calib-data go together": [*export, "--format", "openvino", "--int8"],
+        "add --format openvino": [*export, "--int8", "--calib-data", synthetic_root],
+        "does not end in .xml": [*export, "--format", "openvino", "--out", tmp_path / "m.onnx"],
+        "need --ckpt: an exported model runs one whole-image pass": [*run, int8, "--flip"],
+        "runs on the CPU": [*run, int8, "--device", "cuda"],
+        "no such file": [*run, tmp_path / "missing.xml"],
+        "is never overwritten": [*run, int8, "--video", "in.mp4", "--out", tmp_path / "taken.mp4"],
+        "does not describe its classes": [*run, anonymous, "--data-root", synthetic_root],
+        "cannot open it": [*run, int8, *missing_video],
     }
     for expected, argv in calls.items():
         line = one_line_error(in_process(*argv))

@@ -1,15 +1,18 @@
 """Inference speed on whatever device this is: one model against eager fp32, or the whole suite.
 
-    python tools/benchmark_inference.py --depth 18 --size 1024x2048       # random R18 weights: evaluate.py's path
-    python tools/benchmark_inference.py --ckpt model.pth                  # a checkpoint's path
-    python tools/benchmark_inference.py --model r18_int8.xml --ckpt CKPT  # an exported model, against CKPT in eager fp32
-    python tools/benchmark_inference.py --suite     # R18/R50 at 1024x2048 and 512x1024, batch 1 and best batch; R18
-                                                    # through each inference variant; a trained synthetic R18: fast
-                                                    # path vs eager fp32 and a timed val pass (bash run_1p.sh bench-infer)
-    BENCH_SMALL=1 python tools/benchmark_inference.py --suite   # the same at small sizes, for CPUs and the tests
+    python tools/benchmark_inference.py --depth 18 --size 1024x2048  # random R18
+    python tools/benchmark_inference.py --ckpt model.pth             # a checkpoint's path
+    python tools/benchmark_inference.py --model r18_int8.xml --ckpt CKPT  # vs CKPT, fp32
+    python tools/benchmark_inference.py --model a.xml b.onnx c.param --size 512x1024
+    python tools/benchmark_inference.py --suite     # bash run_1p.sh bench-infer
+    BENCH_SMALL=1 python tools/benchmark_inference.py --suite  # at small sizes (CPUs, tests)
 
-Protocol: uint8 input on the device, class map at input size, synchronised, median of the timed runs after
-warm-up, interleaved with eager fp32. The last line printed is JSON.
+--suite: R18/R50 at 1024x2048 and 512x1024, batch 1 and the best batch; R18 through each inference
+variant; a trained synthetic R18: fast path vs eager fp32 and a timed val pass. Several --model
+files are timed one after the other in the same run, each against eager fp32, with the same threads.
+
+Protocol: uint8 input on the device, class map at input size, synchronised, median of the timed runs
+after warm-up, interleaved with eager fp32. The last line printed is JSON.
 """
 
 import copy
@@ -38,7 +41,8 @@ from cityscapes import NUM_CLASSES
 from device import CpuFeatures, cpu_amp_dtype, setup_runtime
 from evaluate import inference_model, torch_segmenter
 
-# Sizes timed, batches tried for throughput, the val split that is timed and the training that precedes it.
+# Sizes timed, batches tried for throughput, the val split that is timed and the training that
+# precedes it.
 INFER_SIZES = {"full": [(1024, 2048), (512, 1024)], "small": [(128, 256), (64, 128)]}
 INFER_BATCHES = {"full": (2, 4, 8, 16), "small": (2,)}
 INFER_DATA = {
@@ -50,7 +54,8 @@ INFER_TRAIN = {
     "small": ["--batch-size", "2", "--crop", "64x128", "--iters", "6"],
 }
 
-# Inference variants of R18 at the first size, batch 1: what each changes from the default path (evaluate.py's).
+# Inference variants of R18 at the first size, batch 1: what each changes from the default path
+# (evaluate.py's).
 INFER_VARIANTS = {
     "default": {},
     "bf16": {"amp_dtype": torch.bfloat16},
@@ -63,8 +68,8 @@ INFER_VARIANTS = {
 
 # -- One path against eager fp32 ------------------------------------------------------------------
 def baseline_model(deployed, ckpt):
-    """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported from when it is at
-    hand, else the same architecture with random weights (the same speed)."""
+    """The eager fp32 baseline of an exported model: --ckpt, else the checkpoint it was exported
+    from when it is at hand, else the same architecture with random weights (the same speed)."""
     config, source = (
         ModelConfig.from_dict(deployed.metadata["model_config"], "the exported model"),
         ckpt or deployed.metadata["source"],
@@ -73,12 +78,14 @@ def baseline_model(deployed, ckpt):
         model = load_model(source)[0]
         if (model.config.depth, model.config.num_classes) != (config.depth, config.num_classes):
             raise cli.UsageError(
-                f"--ckpt {source}: R{model.config.depth}, {model.config.num_classes} classes; the exported model is R{config.depth}, {config.num_classes} classes"
+                f"--ckpt {source}: R{model.config.depth}, {model.config.num_classes} classes; "
+                f"the exported model is R{config.depth}, {config.num_classes} classes"
             )
         return model, f"eager fp32 of {source}"
     return (
         BiSeNetV1(config).eval(),
-        "eager fp32 of the same architecture (random weights: the source checkpoint is not at hand)",
+        "eager fp32 of the same architecture "
+        "(random weights: the source checkpoint is not at hand)",
     )
 
 
@@ -94,8 +101,8 @@ def time_runs(segment, images, *, runtime, runs):
 
 
 def eager_fp32(model, runtime):
-    """The baseline every speed-up is measured against: eager fp32, BatchNorm unfused, contiguous tensors, the
-    full-size logits, then the class map."""
+    """The baseline every speed-up is measured against: eager fp32, BatchNorm unfused, contiguous
+    tensors, the full-size logits, then the class map."""
     plain = copy.deepcopy(model).eval().to(runtime.device)
 
     def segment(images):
@@ -106,8 +113,9 @@ def eager_fp32(model, runtime):
 
 
 def compare_with_eager(segment, model, *, runtime, size, runs, warmup, batch, path):
-    """segment (uint8 images on the device -> class map at input size, synchronised) timed interleaved with
-    eager_fp32(model), so that machine drift hits both alike; FPS = images per second."""
+    """segment (uint8 images on the device -> class map at input size, synchronised) timed
+    interleaved with eager_fp32(model), so that machine drift hits both alike; FPS = images per
+    second."""
     images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8, device=runtime.device)
     baseline = eager_fp32(model, runtime)
     warmup_s = sum(time_runs(segment, images, runtime=runtime, runs=warmup))
@@ -131,24 +139,29 @@ def compare_with_eager(segment, model, *, runtime, size, runs, warmup, batch, pa
         "speedup": round(plain_ms / fast_ms, 2),
     }
     print(
-        f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, {warmup} warm-up + {runs} timed runs"
+        f"inference on {result['device']}: {batch}x3x{size[0]}x{size[1]}, {path}, "
+        f"{warmup} warm-up + {runs} timed runs"
     )
     print(
-        f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, max {result['latency_ms_max']}), {result['fps']} FPS"
+        f"  latency median {fast_ms:.1f} ms (min {result['latency_ms_min']}, "
+        f"max {result['latency_ms_max']}), {result['fps']} FPS"
     )
     print(
-        f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms -> speedup {plain_ms / fast_ms:.2f}x"
+        f"  baseline eager fp32 (BN unfused, contiguous): median {plain_ms:.1f} ms "
+        f"-> speedup {plain_ms / fast_ms:.2f}x"
     )
     if fast_ms > plain_ms:
         print(
-            f"warning: this path ({path}) is slower than eager fp32 here; the faster variant is --amp O0 (fp32)"
+            f"warning: this path ({path}) is slower than eager fp32 here; "
+            "the faster variant is --amp O0 (fp32)"
         )
     return result
 
 
 def benchmark(model, runtime, *, size, amp, runs, warmup, batch=1, compile_mode=None):
-    """evaluate.py's PyTorch path against eager fp32. compile_mode: torch.compile the inference path in that mode
-    ("default", "reduce-overhead" = CUDA graphs, ...); compiling happens in the warm-up runs, whose time is reported."""
+    """evaluate.py's PyTorch path against eager fp32. compile_mode: torch.compile the inference path
+    in that mode ("default", "reduce-overhead" = CUDA graphs, ...); compiling happens in the warm-up
+    runs, whose time is reported."""
     fast = inference_model(model, runtime)
     fast = torch.compile(fast, mode=compile_mode) if compile_mode else fast
     precision = runtime.precision(amp)
@@ -168,7 +181,8 @@ def benchmark(model, runtime, *, size, amp, runs, warmup, batch=1, compile_mode=
 
 
 def benchmark_deployed(deployed, path, *, model, source, runtime, size, runs, warmup, batch=1):
-    """An exported model against eager fp32 of `model` (its source checkpoint, or the same architecture)."""
+    """An exported model against eager fp32 of `model` (its source checkpoint, or the same
+    architecture)."""
     result = compare_with_eager(
         deployed,
         model,
@@ -183,7 +197,8 @@ def benchmark_deployed(deployed, path, *, model, source, runtime, size, runs, wa
 
 
 def inference_variants(runtime, size, *, variants, runs, warmup, log):
-    """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time includes compiling)."""
+    """R18 batch 1 through each variant of the inference path, against eager fp32 (warm-up time
+    includes compiling)."""
     model = BiSeNetV1(ModelConfig(18, NUM_CLASSES)).eval()
     out = {}
     for name in variants:
@@ -216,8 +231,9 @@ def inference_variants(runtime, size, *, variants, runs, warmup, log):
 
 
 def default_infer_variants(runtime):
-    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions: bf16 where the CPU
-    computes it natively (device.cpu_amp_dtype), none on other CPUs, where bf16 is many times slower than fp32."""
+    """Everything on a GPU; on a CPU, compiling takes minutes per variant, so only the precisions:
+    bf16 where the CPU computes it natively (device.cpu_amp_dtype), none on other CPUs, where bf16
+    is many times slower than fp32."""
     if runtime.device.type == "cuda":
         return list(INFER_VARIANTS)
     return (
@@ -257,47 +273,17 @@ def class_maps(folder):
 
 
 def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
-    """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps, mIoU), and the wall
-    time of a whole val pass, split into data loading and model time."""
-    train_cmd = [
-        sys.executable,
-        "train.py",
-        "--data-root",
-        data_root,
-        "--work-dir",
-        work_dir / "r18",
-        "--device",
-        device,
-        "--depth",
-        "18",
-    ]
-    train_cmd += [
-        *train_recipe,
-        "--lr",
-        "0.05",
-        "--warmup-iters",
-        "5",
-        "--no-validate",
-        "--workers",
-        str(workers),
-        "--log-interval",
-        "10",
-    ]
+    """A trained synthetic R18: evaluate.py's default (fast) path against eager fp32 (class maps,
+    mIoU), and the wall time of a whole val pass, split into data loading and model time."""
+    train_cmd = [sys.executable, "train.py", "--data-root", data_root]
+    train_cmd += ["--work-dir", work_dir / "r18"]
+    train_cmd += ["--device", device, "--depth", "18", *train_recipe, "--workers", str(workers)]
+    train_cmd += "--lr 0.05 --warmup-iters 5 --no-validate --log-interval 10".split()
     trained, output = run_json(train_cmd, timeout=600)
     if trained is None:
         return {"error": output}
-    evaluate_cmd = [
-        sys.executable,
-        "evaluate.py",
-        "--ckpt",
-        trained["checkpoint"],
-        "--data-root",
-        data_root,
-        "--device",
-        device,
-        "--workers",
-        str(workers),
-    ]
+    evaluate_cmd = [sys.executable, "evaluate.py", "--ckpt", trained["checkpoint"]]
+    evaluate_cmd += ["--data-root", data_root, "--device", device, "--workers", str(workers)]
     start = time.perf_counter()
     timed, output = run_json(evaluate_cmd, timeout=600)
     wall = time.perf_counter() - start
@@ -305,18 +291,8 @@ def validation_pass(data_root, work_dir, *, device, train_recipe, workers, log):
         return {"error": output}
     results = {}
     for amp in ("O0", "O1"):
-        results[amp], output = run_json(
-            [
-                *evaluate_cmd,
-                "--amp",
-                amp,
-                "--out-dir",
-                work_dir / f"pred_{amp}",
-                "--format",
-                "trainIds",
-            ],
-            timeout=600,
-        )
+        predict = ["--amp", amp, "--out-dir", work_dir / f"pred_{amp}", "--format", "trainIds"]
+        results[amp], output = run_json([*evaluate_cmd, *predict], timeout=600)
         if results[amp] is None:
             return {"error": output}
     agreement = float((class_maps(work_dir / "pred_O0") == class_maps(work_dir / "pred_O1")).mean())
@@ -348,10 +324,12 @@ def run_suite(args):
     result = {
         **environment(runtime),
         "size": size,
-        "protocol": f"median of {args.runs} timed runs after {args.warmup} warm-up, synchronised, interleaved with eager fp32",
+        "protocol": f"median of {args.runs} timed runs after {args.warmup} warm-up, "
+        "synchronised, interleaved with eager fp32",
     }
     log(
-        f"inference benchmark on {result['device']} (torch {result['torch']}, CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes"
+        f"inference benchmark on {result['device']} (torch {result['torch']}, "
+        f"CUDA {result['cuda']}, cuDNN {result['cudnn']}), {size} sizes"
     )
     log(runtime.device_note)
     log(runtime.precision_note("O1"))
@@ -398,8 +376,36 @@ def run_suite(args):
     return result
 
 
+def benchmark_models(paths, *, ckpt, amp, runtime, **timing):
+    """Each exported model against eager fp32 (interleaved, so that drift hits both alike): one
+    model's result, or for several a table and {"models": [...], "fastest": path}."""
+    from deploy import open_deployed, openvino_precision, threads
+
+    results = []
+    for path in paths:
+        deployed = open_deployed(path, openvino_precision(runtime, amp))
+        model, source = baseline_model(deployed, ckpt)
+        result = benchmark_deployed(
+            deployed, path, model=model, source=source, runtime=runtime, **timing
+        )
+        results.append({**result, "threads": threads()})
+    if len(results) == 1:
+        return results[0]
+    print(f"{'runtime':<36} {'median ms':>10} {'eager fp32 ms':>14} {'speedup':>8}")
+    for r in results:
+        name = f"{r['precision']} ({Path(r['model']).suffix})"
+        print(
+            f"{name:<36} {r['latency_ms_median']:>10} {r['baseline_ms_median']:>14} "
+            f"{r['speedup']:>7}x"
+        )
+    fastest = min(results, key=lambda r: r["latency_ms_median"])
+    print(f"fastest here: {fastest['precision']} ({fastest['model']})")
+    return {"models": results, "fastest": fastest["model"], "threads": threads()}
+
+
 def run_one(args):
-    """A checkpoint's (or a random model's) default path, or an exported model, against eager fp32."""
+    """A checkpoint's (or a random model's) default path, or exported models, against eager
+    fp32."""
     runtime = setup_runtime(
         "cpu" if args.model else args.device, args.device_id, amp_dtype=args.amp_dtype
     )
@@ -409,11 +415,7 @@ def run_one(args):
         runtime=runtime, size=args.size, runs=args.runs, warmup=args.warmup, batch=args.batch
     )
     if args.model:
-        from deploy import open_deployed, openvino_precision
-
-        deployed = open_deployed(args.model, openvino_precision(runtime, args.amp))
-        model, source = baseline_model(deployed, args.ckpt)
-        result = benchmark_deployed(deployed, args.model, model=model, source=source, **timing)
+        result = benchmark_models(args.model, ckpt=args.ckpt, amp=args.amp, **timing)
     else:
         model = (
             load_model(args.ckpt)[0]
@@ -424,39 +426,7 @@ def run_one(args):
     print(json.dumps(result))
 
 
-def parse_args(argv=None):
-    p = cli.ArgumentParser(__doc__)
-    cli.add_device_flags(p)
-    p.add_argument(
-        "--warmup",
-        type=cli.integer(0),
-        default=3,
-        help="untimed runs per measurement (compiling happens here)",
-    )
-    p.add_argument("--runs", type=cli.integer(1), default=10, help="timed runs per measurement")
-    one = p.add_argument_group("one model")
-    one.add_argument(
-        "--ckpt",
-        help="a checkpoint (default: random weights of --depth); with --model: the eager fp32 baseline",
-    )
-    one.add_argument(
-        "--model", help="an OpenVINO .xml or ONNX .onnx file of tools/export.py (runs on the CPU)"
-    )
-    one.add_argument(
-        "--depth",
-        type=int,
-        default=18,
-        choices=sorted(RESNET_LAYOUTS),
-        help="without --ckpt: random weights of this depth",
-    )
-    one.add_argument(
-        "--num-classes",
-        type=cli.integer(2, 255),
-        default=NUM_CLASSES,
-        help="without --ckpt: classes of the random model",
-    )
-    one.add_argument("--size", type=cli.size, default="1024x2048", help="input HxW")
-    one.add_argument("--batch", type=cli.integer(1), default=1, help="images per run")
+def add_suite_flags(p):
     suite = p.add_argument_group("the suite")
     suite.add_argument(
         "--suite",
@@ -477,12 +447,53 @@ def parse_args(argv=None):
     )
     suite.add_argument(
         "--infer-variants",
-        help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, default,bf16 on a CPU with native bf16, else default)",
+        help=f"comma-separated: {', '.join(INFER_VARIANTS)} (default: all on CUDA, "
+        "default,bf16 on a CPU with native bf16, else default)",
     )
     suite.add_argument(
         "--work-dir",
         help="where the synthetic data and runs go (default: a temporary folder, removed)",
     )
+
+
+def parse_args(argv=None):
+    p = cli.ArgumentParser(__doc__)
+    cli.add_device_flags(p)
+    p.add_argument(
+        "--warmup",
+        type=cli.integer(0),
+        default=3,
+        help="untimed runs per measurement (compiling happens here)",
+    )
+    p.add_argument("--runs", type=cli.integer(1), default=10, help="timed runs per measurement")
+    one = p.add_argument_group("one model")
+    one.add_argument(
+        "--ckpt",
+        help="a checkpoint (default: random weights of --depth); "
+        "with --model: the eager fp32 baseline",
+    )
+    one.add_argument(
+        "--model",
+        nargs="+",
+        help="OpenVINO .xml, ONNX .onnx or ncnn .param files of tools/export.py (run on the CPU), "
+        "each timed against eager fp32",
+    )
+    one.add_argument(
+        "--depth",
+        type=int,
+        default=18,
+        choices=sorted(RESNET_LAYOUTS),
+        help="without --ckpt: random weights of this depth",
+    )
+    one.add_argument(
+        "--num-classes",
+        type=cli.integer(2, 255),
+        default=NUM_CLASSES,
+        help="without --ckpt: classes of the random model",
+    )
+    one.add_argument("--size", type=cli.size, default="1024x2048", help="input HxW")
+    one.add_argument("--batch", type=cli.integer(1), default=1, help="images per run")
+    add_suite_flags(p)
     args = p.parse_args(argv)
     unknown = [v for v in (args.infer_variants or "").split(",") if v and v not in INFER_VARIANTS]
     if unknown:
@@ -491,7 +502,8 @@ def parse_args(argv=None):
         )
     if args.model and args.device not in ("auto", "cpu"):
         p.error(
-            f"argument --model: an exported model runs on the CPU (OpenVINO or ONNX Runtime); drop --device {args.device}"
+            "argument --model: an exported model runs on the CPU "
+            f"(OpenVINO, ONNX Runtime or ncnn); drop --device {args.device}"
         )
     return args
 
