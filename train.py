@@ -544,19 +544,22 @@ def label_counts(args, dataset, work_dir, run_log):
 
 
 def train(args):
-    """Builds the run (runtime, data, work dir, objective, model), then runs it; the log, the
-    process group and the work dir's lock are released however it ends."""
-    runtime = build_runtime(args)
-    dataset, val_set = build_data(args)
+    """Builds the run (runtime, data, work dir, objective, model), then runs it. A stop signal
+    ends it with its line from the start; the signal handlers, the log, the work dir's lock and
+    the process group are released however it ends."""
     work_dir = Path(args.work_dir)
-    lock, checkpoint, resumed_from = workdir.open_work_dir(
-        work_dir, args.resume, runtime=runtime, log=tqdm.write
-    )
-    preemption = workdir.Preemption(
-        work_dir
-    )  # from here on a stop signal ends the run with its line
-    run_log = workdir.RunLog(work_dir, runtime.is_main)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        preemption = cleanup.enter_context(workdir.Preemption(work_dir))
+        runtime = build_runtime(args)
+        cleanup.callback(teardown_runtime, runtime)
+        dataset, val_set = build_data(args)
+        log = tqdm.write
+        lock, checkpoint, resumed_from = workdir.open_work_dir(
+            work_dir, args.resume, runtime=runtime, log=log
+        )
+        if lock:
+            cleanup.callback(lock.close)
+        run_log = cleanup.enter_context(workdir.RunLog(work_dir, runtime.is_main))
         counts = label_counts(args, dataset, work_dir, run_log)
         resumed = (checkpoint or {}).get("args", {}).get("class_weights")
         num_classes = dataset.info.num_classes
@@ -576,12 +579,6 @@ def train(args):
         return run(
             args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log
         )
-    finally:
-        preemption.close()
-        run_log.close()
-        teardown_runtime(runtime)
-        if lock:
-            lock.close()
 
 
 def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log):

@@ -428,7 +428,10 @@ class RunLog:
             retry = f"python tools/plot_run.py {self.path.parent} retries"
             self.message(f"warning: the run's pictures were not drawn ({said[-1]}); {retry}")
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
         for handle in (self.file, self.writer):
             if handle:
                 handle.close()
@@ -524,7 +527,10 @@ class Preemption:
         for signum in STOP_SIGNALS:
             signal.signal(signum, self.received)
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
         """The handlers the process had before: a run inside a longer process ends its own."""
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
