@@ -140,8 +140,8 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
             f"{root}: data root not found; pass --data-root, or make a synthetic one: {make}"
         )
     if detect_dataset(root, dataset_type) == "cityscapes":
+        info = cityscapes_info(root)  # a classes.txt that names other classes is said first
         samples = find_samples(root, split, with_labels=with_labels)
-        info = cityscapes_info(root)
     else:
         from interop import folder_info, folder_samples
 
