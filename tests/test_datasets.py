@@ -221,7 +221,7 @@ def test_load_from_a_model_of_other_classes_keeps_the_backbone_and_starts_the_cl
     tuned = in_process("train.py", *args, "--min-lr", "0", "--dropout", "0")
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     assert (
-        f"{tmp_path / 'city.pth'}: 19 classes, the data has 7: the three classifier layers are "
+        f"{tmp_path / 'city.pth'}: 19 classes, the data has 7: the 3 classifier layers are "
         "re-initialised" in tuned.stdout
     )
     weights = torch.load(tmp_path / "ft" / "iter_1.pth", weights_only=True)["model"]
