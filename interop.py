@@ -10,7 +10,7 @@ layouts of other repositories (below ROOT; docs/your-data.md), and other reposit
     classes its meta records), torchvision's ImageNet ResNets (--pretrained): their parameter names
     mapped to bisenet.py's.
 
-datasets.open_dataset and checkpoints.py import it when a data root is not Cityscapes or a file is
+cityscapes.open_dataset and checkpoints.py import it when a data root is not Cityscapes or a file is
 not ours.
 """
 

@@ -72,5 +72,5 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 # data that every rank would refuse is said once, before any rank starts
-python -c 'import sys, cli, datasets; cli.main(datasets.open_dataset, sys.argv[1], "train")' "$DATA_ROOT"
+python -c 'import sys, cli, cityscapes; cli.main(cityscapes.open_dataset, sys.argv[1], "train")' "$DATA_ROOT"
 exec python -c "$TORCHRUN" "${LAUNCH[@]}"
