@@ -667,14 +667,11 @@ class Validation:
         miou, best = self.result["mIoU"], self.checkpointer.best
         improved = math.isfinite(miou) and (best is None or miou > best)
         best = self.checkpointer.best = miou if improved else best
-        shown = (
-            f"{miou:.2f} (ss whole)"
-            if math.isfinite(miou)
-            else "undefined: no val pixel is labelled"
-        )
-        self.run_log.message(
-            f"iter {it + 1}: val mIoU {shown}, " + (f"best {best:.2f}" if best else "no best yet")
-        )
+        shown = f"{miou:.2f} (ss whole)"
+        if not math.isfinite(miou):
+            shown = "undefined: no val pixel is labelled, so it is never a best"
+        best_text = "no best yet" if best is None else f"best {best:.2f}"
+        self.run_log.message(f"iter {it + 1}: val mIoU {shown}, {best_text}")
         names, iou = self.val_set.info.class_names, self.result["iou"]
         per_class = {name: None if math.isnan(v) else 100 * v for name, v in zip(names, iou)}
         entry = {f"val_{key}": self.result[key] for key in ("mIoU", "mDice", "mAcc", "aAcc")}
