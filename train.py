@@ -32,6 +32,7 @@ from checkpoints import initial_weights, load_backbone, restore
 from cityscapes import detect_dataset, open_dataset
 from datasets import (
     IGNORE_INDEX,
+    DataError,
     TrainTransform,
     read_image,
     training_label_counts,
@@ -445,6 +446,8 @@ def build_data(args):
     """(training set, val set or None); the data's classes are the model's."""
     transform = TrainTransform(args.crop, args.scale_range, cat_max_ratio=args.cat_max_ratio)
     dataset = open_dataset(args.data_root, "train", dataset_type=args.dataset, transform=transform)
+    if not dataset.samples:
+        raise DataError(f"{args.data_root}: the train split has no images; check the data root")
     height, width = read_image(dataset.samples[0][0]).shape[:2]
     (crop_h, crop_w), largest = args.crop, args.scale_range[1]
     if crop_h > height * largest or crop_w > width * largest:

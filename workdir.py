@@ -312,9 +312,9 @@ def set_aside(work_dir):
     """Moves an earlier run's log and pictures into work_dir/earlier_run_K/, so that a fresh run
     (one whose checkpoints were moved away) never cuts or replaces them. Returns the folder, or
     None."""
-    found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
-    if not found:
+    if not (work_dir / "log.jsonl").exists():  # no earlier run: a tb/ set up for this one stays
         return None
+    found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
     k = 1
     while (work_dir / f"earlier_run_{k}").exists():
         k += 1

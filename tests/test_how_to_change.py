@@ -12,6 +12,8 @@ from conftest import ROOT
 from PIL import Image
 from test_train import SMALL
 
+from interop import image_files
+
 PAGE = ROOT / "docs" / "how-to-change.md"
 
 
@@ -113,11 +115,12 @@ def voc_layout(source, root):
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True)
     for split in ("train", "val"):
-        images = sorted((source / "img_dir" / split).rglob("*.png"))
+        images = image_files(source / "img_dir" / split)
         stems = [f"{split}_{k}" for k in range(len(images))]
         for stem, image in zip(stems, images):
             Image.open(image).convert("RGB").save(root / "JPEGImages" / f"{stem}.jpg", quality=95)
-            label = source / "ann_dir" / split / image.relative_to(source / "img_dir" / split)
+            relative = image.relative_to(source / "img_dir" / split).with_suffix(".png")
+            label = source / "ann_dir" / split / relative
             shutil.copy(label, root / "SegmentationClass" / f"{stem}.png")
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(stems) + "\n")
     shutil.copy(source / "classes.txt", root / "classes.txt")
