@@ -432,9 +432,11 @@ class RunLog:
         return self
 
     def __exit__(self, *error):
+        """Closes the log whatever ended the run: on a full disk what is left unwritten was said."""
         for handle in (self.file, self.writer):
             if handle:
-                handle.close()
+                with contextlib.suppress(OSError):
+                    handle.close()
 
 
 def tensorboard_quiet(hook):
