@@ -539,6 +539,10 @@ class Preemption:
 
     def received(self, signum, _frame):
         self.signum = signum
+        if not self.in_loop and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.exit(
+                128 + signum
+            )  # one of several ranks: the launcher, or the rank that failed, says why
         if not self.in_loop:
             name, saved = signal.Signals(signum).name, last_checkpoint_note(self.work_dir)
             raise Stopped(f"stopped by {name} before the first step. {saved}", signum)
