@@ -296,8 +296,8 @@ def open_work_dir(work_dir, resume, *, runtime, log=print):
         for path in sorted(work_dir.glob(".*.tmp")):  # with the lock held, none is a live process's
             path.unlink(missing_ok=True)
             log(f"removed {path.name}, left by a run that was killed while writing")
-        if not resume and work_dir_contents(work_dir):  # a fresh run never writes over checkpoints
-            contents = work_dir_contents(work_dir)
+        contents = work_dir_contents(work_dir)
+        if not resume and contents:  # a fresh run never writes over an earlier run's checkpoints
             fix = "pass --resume to continue it, or a new --work-dir"
             raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({contents}); {fix}")
     if not resume:
@@ -619,7 +619,6 @@ class StepCheck:
                 {"iter": it + 1, "unlabelled_batch": True, "unlabelled_batches": self.unlabelled}
             )
         before, self.scale_before = self.scale_before, self.scaler.get_scale()
-        saved = last_checkpoint_note(self.work_dir)
         if self.scaler.is_enabled() and self.scaler.get_scale() < before:
             if self.static_scale:
                 self.scaler.update(float(self.static_scale))
@@ -628,6 +627,7 @@ class StepCheck:
             self.run_log.message(f"iter {it + 1}: {skipped}")
             self.run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
             if scale < 1:
+                saved = last_checkpoint_note(self.work_dir)
                 fix = f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {saved}"
                 fell = f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}"
                 raise TrainingError(
@@ -635,7 +635,8 @@ class StepCheck:
                 )
         elif not math.isfinite(loss):
             raise TrainingError(
-                f"loss is {loss} at iteration {it + 1}; lower --lr or check the data. {saved}"
+                f"loss is {loss} at iteration {it + 1}; lower --lr or check the data. "
+                f"{last_checkpoint_note(self.work_dir)}"
             )
 
 

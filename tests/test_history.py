@@ -23,6 +23,15 @@ import train
 QUICK = [*SMALL, "--warmup-iters", "0", "--lr", "0.01"]
 
 
+def untrained_checkpoint(path):
+    """An R18 checkpoint of freshly initialised weights, as evaluate.py and export.py read it."""
+    from bisenet import BiSeNetV1, ModelConfig
+
+    model = BiSeNetV1(ModelConfig(18, 19))
+    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, path)
+    return path
+
+
 def break_val_label(root, value=99):
     """Writes an out-of-range value into the first val label: validation fails on it with one
     line."""
@@ -151,11 +160,7 @@ def test_a_one_line_error_in_a_loader_worker_ends_the_script(synthetic_root, tmp
     wait forever on workers that ignore SIGTERM)."""
     data = copy_of(synthetic_root, tmp_path)
     break_val_label(data)
-    checkpoint = tmp_path / "model.pth"
-    from bisenet import BiSeNetV1, ModelConfig
-
-    model = BiSeNetV1(ModelConfig(18, 19))
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, checkpoint)
+    checkpoint = untrained_checkpoint(tmp_path / "model.pth")
     model_flag = ["--ckpt", checkpoint]
     if script == "tools/deploy.py":  # an exported model, read by ONNX Runtime
         exported = tmp_path / "model.onnx"
@@ -189,11 +194,7 @@ def test_file_names_that_are_not_utf8_are_read(tmp_path):
         [sys.executable, "-c", code, missing], cwd=ROOT, capture_output=True, timeout=120
     )
     assert result.returncode == 2 and result.stderr.decode().startswith("error: ")
-    checkpoint = tmp_path / "model.pth"
-    from bisenet import BiSeNetV1, ModelConfig
-
-    model = BiSeNetV1(ModelConfig(18, 19))
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict()}, checkpoint)
+    checkpoint = untrained_checkpoint(tmp_path / "model.pth")
     flags = ["--ckpt", checkpoint, "--images", tmp_path / "images", "--out-dir", tmp_path / "out"]
     segmented = subprocess.run(
         [sys.executable, "evaluate.py", *map(os.fsencode, flags), b"--workers", b"0"],
