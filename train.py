@@ -669,6 +669,7 @@ def run_loop(args, runtime, model, optimizer, scaler, loss_fn, dataset, start, r
         images_per_iter=images_per_iter,
     )
     it = start
+    preemption.loop_begins()
     with progress.bar, stopping(runtime, checkpointer, preemption, lambda: it):
         tick = time.perf_counter()
         for it, batch in enumerate(loader, start):

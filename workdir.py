@@ -547,8 +547,12 @@ class Preemption:
             name, saved = signal.Signals(signum).name, last_checkpoint_note(self.work_dir)
             raise Stopped(f"stopped by {name} before the first step. {saved}", signum)
 
-    def step(self, it, runtime, checkpointer):
+    def loop_begins(self):
+        """From here every rank reaches the end of its step, where they agree: a signal waits
+        for it (set before the first step, whose log line may already bring the signal)."""
         self.in_loop = True
+
+    def step(self, it, runtime, checkpointer):
         if runtime.any_rank(self.signum is not None):
             checkpointer.step(it, now=True)
             signum = self.signum or signal.SIGTERM  # another rank's signal
