@@ -413,39 +413,11 @@ def end_to_end(data_root, work_dir, *, device, depth, batch, crop, iters, worker
 def torchrun_check(data_root, work_dir, *, device, recipe):
     """One process under torchrun with the device's default backend: train, resume, evaluate
     (distributed)."""
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "1",
-        "--master-port",
-        str(free_port()),
-    ]
-    train = [
-        *launch,
-        "train.py",
-        "--data-root",
-        data_root,
-        "--work-dir",
-        work_dir,
-        "--device",
-        device,
-        "--depth",
-        "18",
-        *recipe,
-    ]
-    train += [
-        "--no-validate",
-        "--ckpt-interval",
-        "2",
-        "--workers",
-        "2",
-        "--warmup-iters",
-        "2",
-        "--log-interval",
-        "1",
-    ]
+    launch = f"{sys.executable} -m torch.distributed.run --nproc-per-node 1".split()
+    launch += ["--master-port", str(free_port())]
+    where = ["--data-root", data_root, "--device", device, "--workers", "2"]
+    train = [*launch, "train.py", *where, "--work-dir", work_dir, "--depth", "18", *recipe]
+    train += "--no-validate --ckpt-interval 2 --warmup-iters 2 --log-interval 1".split()
     first, output = run_json([*train, "--iters", "4"], timeout=120)
     if first is None:
         return {"error": output}
@@ -453,21 +425,8 @@ def torchrun_check(data_root, work_dir, *, device, recipe):
     if second is None:
         return {"error": output}
     resumed = "resumed from" in output and "at iteration 4" in output
-    val, output = run_json(
-        [
-            *launch,
-            "evaluate.py",
-            "--ckpt",
-            second["checkpoint"],
-            "--data-root",
-            data_root,
-            "--device",
-            device,
-            "--workers",
-            "2",
-        ],
-        timeout=120,
-    )
+    evaluation = [*launch, "evaluate.py", "--ckpt", second["checkpoint"], *where]
+    val, output = run_json(evaluation, timeout=120)
     if val is None:
         return {"error": output}
     return {
@@ -518,64 +477,39 @@ def transform_speed(samples, crop, *, log):
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     p.add_argument("--device", default="auto", choices=cli.DEVICES)
+    small = os.environ.get("BENCH_SMALL") == "1"
     p.add_argument(
-        "--small",
-        action="store_true",
-        default=os.environ.get("BENCH_SMALL") == "1",
-        help="small sizes (also BENCH_SMALL=1)",
+        "--small", action="store_true", default=small, help="small sizes (BENCH_SMALL=1)"
     )
-    p.add_argument(
-        "--depth",
-        type=int,
-        choices=sorted(RESNET_LAYOUTS),
-        help="time this one recipe instead of the two published ones (with --batch-size, --crop)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=cli.integer(2),
-        default=8,
-        help="with --depth: images per device (BatchNorm on the pooled attention maps needs 2)",
-    )
-    p.add_argument(
-        "--crop", type=cli.size, default="1024x1024", help="with --depth: HxW, both sides >= 32"
-    )
-    p.add_argument(
-        "--variants",
-        default=",".join(DEFAULT_VARIANTS),
-        help=f"comma-separated, or 'all': {', '.join(VARIANTS)}",
-    )
+    one = "time this one recipe instead of the two published ones (with --batch-size, --crop)"
+    p.add_argument("--depth", type=int, choices=sorted(RESNET_LAYOUTS), help=one)
+    batch = "with --depth: images per device (BatchNorm on the pooled attention maps needs 2)"
+    p.add_argument("--batch-size", type=cli.integer(2), default=8, help=batch)
+    crop = "with --depth: HxW, both sides >= 32"
+    p.add_argument("--crop", type=cli.size, default="1024x1024", help=crop)
+    variants = f"comma-separated, or 'all': {', '.join(VARIANTS)}"
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=variants)
     p.add_argument("--warmup", type=cli.integer(1), default=3, help="untimed steps per variant")
     p.add_argument("--steps", type=cli.integer(1), default=15, help="timed steps per variant")
-    p.add_argument(
-        "--e2e-iters",
-        type=cli.integer(2),
-        default=None,
-        help="train.py iterations per end-to-end run (default 60; small: 12)",
+    e2e = "train.py iterations per end-to-end run (default 60; small: 12)"
+    p.add_argument("--e2e-iters", type=cli.integer(2), help=e2e)
+    workers = "loader workers in the end-to-end runs (default: CPUs - 2)"
+    p.add_argument("--workers", type=cli.integer(0), help=workers)
+    profile = "also print the top operators of each recipe's default step"
+    p.add_argument("--profile", action="store_true", help=profile)
+    skip = "comma-separated parts to leave out: steps, e2e, torchrun"
+    p.add_argument("--skip", default="", help=skip)
+    work = "where the synthetic data and runs go (default: a temporary folder, removed)"
+    p.add_argument("--work-dir", help=work)
+    transform = (
+        "only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)"
     )
-    p.add_argument(
-        "--workers",
-        type=cli.integer(0),
-        default=None,
-        help="loader workers in the end-to-end runs (default: CPUs - 2)",
-    )
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="also print the top operators of each recipe's default step",
-    )
-    p.add_argument(
-        "--skip", default="", help="comma-separated parts to leave out: steps, e2e, torchrun"
-    )
-    p.add_argument(
-        "--work-dir",
-        help="where the synthetic data and runs go (default: a temporary folder, removed)",
-    )
-    p.add_argument(
-        "--transform",
-        action="store_true",
-        help="only the training transform's samples/s on 2048x1024 pairs (--steps samples, --crop)",
-    )
-    args = p.parse_args(argv)
+    p.add_argument("--transform", action="store_true", help=transform)
+    return checked(p.parse_args(argv))
+
+
+def checked(args):
+    """The lists behind --variants, --skip and --depth, checked."""
     args.variants = (
         list(VARIANTS) if args.variants == "all" else [v for v in args.variants.split(",") if v]
     )

@@ -93,9 +93,25 @@ def _blob(rng, cx, cy, rx, ry, points=14):
 def synthetic_scene(rng, height, *, width):
     """Objects in drawing order (later ones cover earlier ones, as in real Cityscapes
     annotations)."""
+    horizon = height * rng.uniform(0.38, 0.5)
+    vanish_x = width * rng.uniform(0.35, 0.65)
+    view = (height, width, horizon, vanish_x)
+    objects = street(rng, *view) + poles_and_signs(rng, height, width)
+    objects += vehicles(rng, *view) + people(rng, *view)
+    if rng.random() < 0.5:
+        x0 = rng.uniform(0, width * 0.9)
+        objects.append(("static", _box(x0, height * 0.8, x0 + width * 0.04, height * 0.9)))
     H, W = height, width
-    horizon = H * rng.uniform(0.38, 0.5)
-    vanish_x = W * rng.uniform(0.35, 0.65)
+    objects.append(
+        ("ego vehicle", [[0, H], [0, H * 0.93], [W / 2, H * 0.9], [W, H * 0.93], [W, H]])
+    )
+    return [
+        (label, [[int(round(px)), int(round(py))] for px, py in poly]) for label, poly in objects
+    ]
+
+
+def street(rng, H, W, horizon, vanish_x):
+    """Sky, buildings, vegetation, a wall or fence, terrain, sidewalks and the road."""
     objects = [("sky", _box(0, 0, W, horizon + 2))]
     x = -rng.uniform(0, 0.1) * W
     while x < W:
@@ -108,50 +124,23 @@ def synthetic_scene(rng, height, *, width):
         )
     if rng.random() < 0.6:
         x0 = rng.uniform(0, 0.6) * W
-        objects.append(
-            (
-                rng.choice(["wall", "fence"]),
-                _box(x0, horizon - H * 0.06, x0 + W * 0.3, horizon + H * 0.04),
-            )
-        )
+        wall = _box(x0, horizon - H * 0.06, x0 + W * 0.3, horizon + H * 0.04)
+        objects.append((rng.choice(["wall", "fence"]), wall))
     objects.append(
         ("terrain", [[0, horizon + H * 0.03], [W * 0.25, horizon + H * 0.03], [0, H * 0.75]])
     )
-    objects.append(
-        (
-            "sidewalk",
-            [
-                [0, H],
-                [0, H * 0.7],
-                [vanish_x - W * 0.05, horizon],
-                [vanish_x, horizon],
-                [W * 0.15, H],
-            ],
-        )
-    )
-    objects.append(
-        (
-            "sidewalk",
-            [
-                [W, H],
-                [W, H * 0.7],
-                [vanish_x + W * 0.05, horizon],
-                [vanish_x, horizon],
-                [W * 0.85, H],
-            ],
-        )
-    )
-    objects.append(
-        (
-            "road",
-            [
-                [W * 0.12, H],
-                [vanish_x - W * 0.02, horizon],
-                [vanish_x + W * 0.02, horizon],
-                [W * 0.88, H],
-            ],
-        )
-    )
+    for side in (0, W):  # the left sidewalk, then the right one
+        inward = 1 if side == 0 else -1
+        kerb = [[vanish_x - inward * W * 0.05, horizon], [vanish_x, horizon]]
+        near = [[side + inward * W * 0.15, H]]
+        objects.append(("sidewalk", [[side, H], [side, H * 0.7], *kerb, *near]))
+    road = [[W * 0.12, H], [vanish_x - W * 0.02, horizon], [vanish_x + W * 0.02, horizon]]
+    objects.append(("road", [*road, [W * 0.88, H]]))
+    return objects
+
+
+def poles_and_signs(rng, H, W):
+    objects = []
     for _ in range(rng.integers(2, 5)):
         px = rng.choice([rng.uniform(0, 0.2), rng.uniform(0.8, 1.0)]) * W
         base, top = H * rng.uniform(0.62, 0.85), H * rng.uniform(0.15, 0.3)
@@ -159,12 +148,13 @@ def synthetic_scene(rng, height, *, width):
         if rng.random() < 0.7:
             label = rng.choice(["traffic sign", "traffic light"])
             s = W * 0.02
-            objects.append(
-                (
-                    label,
-                    _box(px - s / 2, top, px + s, top + (s if label == "traffic sign" else 2 * s)),
-                )
-            )
+            bottom = top + (s if label == "traffic sign" else 2 * s)
+            objects.append((label, _box(px - s / 2, top, px + s, bottom)))
+    return objects
+
+
+def vehicles(rng, H, W, horizon, vanish_x):
+    objects = []
     for _ in range(rng.integers(1, 5)):
         y = rng.uniform(horizon + H * 0.05, H * 0.85)
         scale = (y - horizon) / (H - horizon)
@@ -172,18 +162,18 @@ def synthetic_scene(rng, height, *, width):
         label = rng.choice(["car", "car", "car", "truck", "bus"])
         w = W * 0.25 * scale * (1.6 if label != "car" else 1.0)
         h = w * (0.55 if label == "car" else 0.9)
-        body = [
-            [cx - w / 2, y],
-            [cx - w / 2, y - h * 0.55],
-            [cx - w * 0.3, y - h],
-            [cx + w * 0.3, y - h],
-        ]
-        body += [[cx + w / 2, y - h * 0.55], [cx + w / 2, y]]
+        body = [[cx - w / 2, y], [cx - w / 2, y - h * 0.55], [cx - w * 0.3, y - h]]
+        body += [[cx + w * 0.3, y - h], [cx + w / 2, y - h * 0.55], [cx + w / 2, y]]
         objects.append((label, body))
         if rng.random() < 0.3:
-            objects.append(
-                ("license plate", _box(cx - w * 0.08, y - h * 0.25, cx + w * 0.08, y - h * 0.15))
-            )
+            plate = _box(cx - w * 0.08, y - h * 0.25, cx + w * 0.08, y - h * 0.15)
+            objects.append(("license plate", plate))
+    return objects
+
+
+def people(rng, H, W, horizon, vanish_x):
+    """Pedestrians, and riders on bicycles."""
+    objects = []
     for _ in range(rng.integers(1, 5)):
         y = rng.uniform(horizon + H * 0.1, H * 0.95)
         scale = (y - horizon) / (H - horizon)
@@ -194,27 +184,9 @@ def synthetic_scene(rng, height, *, width):
             objects.append(("bicycle", _box(cx - 2.5 * w, y - h * 0.35, cx + 2.5 * w, y)))
             objects.append(("rider", _blob(rng, cx, y - h * 0.65, w, h * 0.35, 10)))
         else:
-            objects.append(
-                (
-                    "person",
-                    [
-                        [cx - w, y],
-                        [cx - w, y - h * 0.8],
-                        [cx, y - h],
-                        [cx + w, y - h * 0.8],
-                        [cx + w, y],
-                    ],
-                )
-            )
-    if rng.random() < 0.5:
-        x0 = rng.uniform(0, W * 0.9)
-        objects.append(("static", _box(x0, H * 0.8, x0 + W * 0.04, H * 0.9)))
-    objects.append(
-        ("ego vehicle", [[0, H], [0, H * 0.93], [W / 2, H * 0.9], [W, H * 0.93], [W, H]])
-    )
-    return [
-        (label, [[int(round(px)), int(round(py))] for px, py in poly]) for label, poly in objects
-    ]
+            body = [[cx - w, y], [cx - w, y - h * 0.8], [cx, y - h], [cx + w, y - h * 0.8]]
+            objects.append(("person", [*body, [cx + w, y]]))
+    return objects
 
 
 def render_image(objects, rng, *, height, width, plain=False):
