@@ -115,9 +115,7 @@ def test_exif_orientations_match_pil(tmp_path):
 
 # -- 2. checkpoints that do not describe their classes ---------------------------------------------
 @pytest.mark.slow
-def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own_palette(
-    my7, tmp_path, capsys
-):
+def test_mmseg_meta_names_and_colours_the_classes(my7, tmp_path, capsys):
     root, _ = my7
     palette = [[10 * k, 255 - 10 * k, 7 * k] for k in range(7)]
     torch.manual_seed(2)
@@ -160,6 +158,12 @@ def test_mmseg_meta_names_and_colours_the_classes_and_unnamed_ones_get_their_own
     )
     assert exported["classes"] == [f"thing{k}" for k in range(7)]
 
+
+def test_unnamed_classes_get_their_own_palette_and_a_malformed_description_is_one_line(
+    my7, tmp_path, capsys
+):
+    root, _ = my7
+    images = sorted((root / "img_dir" / "val").rglob("*.jpg"))[0].parent
     torch.manual_seed(3)
     coco = BiSeNetV1(ModelConfig(18, 171))  # e.g. COCO-Stuff, saved without a description
     bare = tmp_path / "coco.pth"
@@ -295,21 +299,8 @@ def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, 
     import train
 
     root, ckpt = my7
-    small = [
-        "--depth",
-        "18",
-        "--batch-size",
-        "2",
-        "--crop",
-        "64x128",
-        "--workers",
-        "0",
-        "--iters",
-        "1",
-        "--no-validate",
-        "--amp",
-        "O0",
-    ]
+    small = "--depth 18 --batch-size 2 --crop 64x128 --workers 0 --iters 1 --no-validate --amp O0"
+    small = small.split()
     in_process_summary(
         train.main, ["--data-root", root, "--work-dir", tmp_path / "wd", *small], capsys
     )
@@ -330,18 +321,8 @@ def test_resume_on_other_classes_is_refused_and_evaluation_warns(my7, tmp_path, 
     )  # iter_1.pth and latest.pth
     error = in_process_error(
         train.main,
-        [
-            "--data-root",
-            root,
-            "--work-dir",
-            tmp_path / "wd",
-            *small,
-            "--depth",
-            "50",
-            "--iters",
-            "2",
-            "--resume",
-        ],
+        ["--data-root", root, "--work-dir", tmp_path / "wd", *small, *"--depth 50".split()]
+        + ["--iters", "2", "--resume"],
         capsys,
         allow_warnings=True,
     )
@@ -382,20 +363,8 @@ def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
 
             error = in_process_error(
                 train.main,
-                [
-                    "--data-root",
-                    root,
-                    "--work-dir",
-                    tmp_path / "wd",
-                    "--load-from",
-                    onnx,
-                    "--iters",
-                    "1",
-                    "--crop",
-                    "64x128",
-                    "--workers",
-                    "0",
-                ],
+                ["--data-root", root, "--work-dir", tmp_path / "wd", "--load-from", onnx]
+                + "--iters 1 --crop 64x128 --workers 0".split(),
                 capsys,
                 allow_warnings=True,
             )
@@ -418,17 +387,8 @@ def test_broken_models_and_paths_get_one_clear_line(my7, tmp_path, capsys):
     )
     assert "is a file; pass the data root" in in_process_error(
         export.main,
-        [
-            "--ckpt",
-            ckpt,
-            "--format",
-            "openvino",
-            "--out",
-            tmp_path / "q.xml",
-            "--int8",
-            "--calib-data",
-            root / "classes.txt",
-        ],
+        ["--ckpt", ckpt, "--format", "openvino", "--out", tmp_path / "q.xml", "--int8"]
+        + ["--calib-data", root / "classes.txt"],
         capsys,
         allow_warnings=True,
     )

@@ -97,12 +97,7 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(
         "--work-dir",
         tmp_path / "wd",
         *TINY,
-        "--iters",
-        "3",
-        "--val-interval",
-        "3",
-        "--ckpt-interval",
-        "3",
+        *"--iters 3 --val-interval 3 --ckpt-interval 3".split(),
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (
@@ -136,16 +131,9 @@ def test_generic_layouts_train_evaluate_and_predict_with_their_own_classes(
         shutil.copy(image, folder / image.name)
     out = tmp_path / "pred"
     for fmt in ("color", "trainIds"):
+        latest = tmp_path / "wd" / "latest.pth"
         predicted = in_process(
-            "evaluate.py",
-            "--ckpt",
-            tmp_path / "wd" / "latest.pth",
-            "--images",
-            folder,
-            "--out-dir",
-            out,
-            "--format",
-            fmt,
+            "evaluate.py", "--ckpt", latest, "--images", folder, "--out-dir", out, "--format", fmt
         )
         assert predicted.returncode == 0, predicted.stderr[-3000:]
     for color_png in sorted(out.glob("*_color.png")):

@@ -270,50 +270,12 @@ def test_images_folder_gets_palette_colours_and_test_split_label_ids(
     synthetic_root, checkpoint, tmp_path
 ):
     images = synthetic_root / "leftImg8bit" / "test"
-    out = last_json(
-        succeeded(
-            "evaluate.py",
-            "--ckpt",
-            checkpoint,
-            "--images",
-            images,
-            "--out-dir",
-            tmp_path / "trainIds",
-            "--format",
-            "trainIds",
-            "--workers",
-            "0",
-        )
-    )
+    predict = ["evaluate.py", "--ckpt", checkpoint, "--workers", "0", "--images", images]
+    out = last_json(succeeded(*predict, "--out-dir", tmp_path / "trainIds", "--format", "trainIds"))
     assert "mIoU" not in out and out["images"] == 2
-    succeeded(
-        "evaluate.py",
-        "--ckpt",
-        checkpoint,
-        "--images",
-        images,
-        "--out-dir",
-        tmp_path / "color",
-        "--format",
-        "color",
-        "--workers",
-        "0",
-    )
-    succeeded(
-        "evaluate.py",
-        "--ckpt",
-        checkpoint,
-        "--data-root",
-        synthetic_root,
-        "--split",
-        "test",
-        "--out-dir",
-        tmp_path / "labelIds",
-        "--format",
-        "labelIds",
-        "--workers",
-        "0",
-    )
+    succeeded(*predict, "--out-dir", tmp_path / "color", "--format", "color")
+    test_split = ["--data-root", synthetic_root, "--split", "test", "--format", "labelIds"]
+    succeeded(*predict[:5], *test_split, "--out-dir", tmp_path / "labelIds")
     written = sorted((tmp_path / "trainIds").rglob("*.png"))
     assert len(written) == 2
     for path in written:

@@ -156,31 +156,9 @@ def test_isa_limits_are_detected():
 
 @pytest.mark.slow
 def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_root, tmp_path):
-    args = [
-        "--data-root",
-        str(synthetic_root),
-        "--depth",
-        "18",
-        "--batch-size",
-        "2",
-        "--crop",
-        "64x128",
-        "--workers",
-        "0",
-        "--iters",
-        "2",
-    ]
-    trained = run_avx2(
-        [
-            "train.py",
-            *args,
-            "--no-validate",
-            "--warmup-iters",
-            "0",
-            "--work-dir",
-            str(tmp_path / "wd"),
-        ]
-    )
+    args = ["--data-root", str(synthetic_root), "--work-dir", str(tmp_path / "wd")]
+    args += "--depth 18 --batch-size 2 --crop 64x128 --workers 0 --iters 2".split()
+    trained = run_avx2(["train.py", *args, "--no-validate", "--warmup-iters", "0"])
     assert trained.returncode == 0, trained.stderr[-2000:]
     notes = [
         line
@@ -202,17 +180,8 @@ def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_ro
         "scaler"
     ]  # fp32 needs no loss scaling
 
-    evaluated = run_avx2(
-        [
-            "evaluate.py",
-            "--ckpt",
-            summary["checkpoint"],
-            "--data-root",
-            str(synthetic_root),
-            "--workers",
-            "0",
-        ]
-    )
+    evaluate = ["evaluate.py", "--ckpt", summary["checkpoint"], "--data-root", str(synthetic_root)]
+    evaluated = run_avx2([*evaluate, "--workers", "0"])
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert (
         evaluated.stdout.startswith("device: cpu")
@@ -220,21 +189,8 @@ def test_train_and_evaluate_print_and_record_the_precision_that_ran(synthetic_ro
         and json.loads(evaluated.stdout.strip().splitlines()[-1])["precision"] == "fp32"
     )
 
-    forced = run_avx2(
-        [
-            "tools/benchmark_inference.py",
-            "--depth",
-            "18",
-            "--size",
-            "64x128",
-            "--runs",
-            "1",
-            "--warmup",
-            "0",
-            "--amp-dtype",
-            "bfloat16",
-        ]
-    )
+    timing = "--depth 18 --size 64x128 --runs 1 --warmup 0 --amp-dtype bfloat16".split()
+    forced = run_avx2(["tools/benchmark_inference.py", *timing])
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert forced.stdout.splitlines()[1].startswith(
         "precision: bf16 autocast (--amp-dtype bfloat16; this CPU has no bf16 instructions"

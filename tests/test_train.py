@@ -371,39 +371,15 @@ def test_resume_is_bit_exact(synthetic_root, tmp_path, amp_dtype):
 def test_two_process_ddp_update_equals_single_process_gradient_accumulation(
     synthetic_root, tmp_path
 ):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-        "train.py",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(free_port()), "train.py", "--data-root", str(synthetic_root)]
     cmd += [
-        "--data-root",
-        str(synthetic_root),
         *SMALL,
-        "--iters",
-        "1",
-        "--no-validate",
-        "--dropout",
-        "0",
-        "--amp",
-        "O0",
-        "--lr",
-        "0.05",
-        "--channels-last",
+        *"--iters 1 --no-validate --dropout 0 --amp O0 --lr 0.05 --channels-last".split(),
     ]
     cmd += ["--work-dir", str(tmp_path / "ddp"), "--warmup-iters", "0"]
-    result = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"},
-    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_BACKEND": "gloo"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert last_json(result.stdout)["world_size"] == 2
     ddp = torch.load(tmp_path / "ddp" / "iter_1.pth", weights_only=True)
