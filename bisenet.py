@@ -1,10 +1,6 @@
 """BiSeNetV1 (Yu et al., ECCV 2018) with a ResNet context path, as in mmseg and CoinCheung/BiSeNet.
-
-The model takes RGB images with values 0..255 (uint8 or float) and normalises them itself, so the
-mean/std a checkpoint was trained with travels with it. Train mode returns (main, aux16, aux32)
-logits at input resolution; eval mode the main logits. Parameters and GFLOPs:
-python tools/model_info.py --depth 18.
-"""
+It takes RGB images of values 0..255 (uint8 or float) and normalises them itself, so the mean/std a
+checkpoint was trained with travels with it. Parameters and GFLOPs: tools/model_info.py."""
 
 import copy
 import dataclasses
@@ -25,22 +21,11 @@ BATCH_OF_TWO = (
 )
 # the depths with a recipe and released weights
 RESNET_LAYOUTS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3))}
-# mmseg's configs: spatial path, context path (C, layer3 in, layer4 in), fusion, main head, aux head
+# mmseg's channels, ModelConfig's fields that default to None: spatial path, context path (C,
+# layer3 in, layer4 in), fusion, main head, aux head
 PRESETS = {
-    "basic": dict(
-        spatial_channels=(64, 64, 64, 128),
-        context_channels=(128, 256, 512),
-        fusion_channels=256,
-        head_channels=256,
-        aux_channels=64,
-    ),
-    "bottleneck": dict(
-        spatial_channels=(256, 256, 256, 512),
-        context_channels=(512, 1024, 2048),
-        fusion_channels=1024,
-        head_channels=1024,
-        aux_channels=256,
-    ),
+    "basic": ((64, 64, 64, 128), (128, 256, 512), 256, 256, 64),
+    "bottleneck": ((256, 256, 256, 512), (512, 1024, 2048), 1024, 1024, 256),
 }
 
 
@@ -66,13 +51,14 @@ class ModelConfig:
     def __post_init__(self):
         if self.depth not in RESNET_LAYOUTS:
             raise CheckpointError(f"depth {self.depth} is not one of {sorted(RESNET_LAYOUTS)}")
-        preset = PRESETS[RESNET_LAYOUTS[self.depth][0]]
-        for field in dataclasses.fields(self):
+        fields = dataclasses.fields(self)
+        channels = [field.name for field in fields if field.default is None]
+        preset = dict(zip(channels, PRESETS[RESNET_LAYOUTS[self.depth][0]]))
+        for field in fields:
             value = getattr(self, field.name)
             value = preset[field.name] if value is None else value
-            object.__setattr__(
-                self, field.name, tuple(value) if isinstance(value, (list, tuple)) else value
-            )
+            value = tuple(value) if isinstance(value, (list, tuple)) else value
+            object.__setattr__(self, field.name, value)
 
     def to_dict(self):
         return {
@@ -83,10 +69,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config, source):
         names = {field.name for field in dataclasses.fields(cls)}
-        if not isinstance(config, dict) or not set(config) <= names:
-            unknown = (
-                sorted(set(config) - names) if isinstance(config, dict) else type(config).__name__
-            )
+        unknown = sorted(set(config) - names) if isinstance(config, dict) else type(config).__name__
+        if unknown:
             raise CheckpointError(
                 f"{source}: its model_config is not one this code knows ({unknown}); "
                 "it comes from another program or a newer version"
@@ -105,65 +89,47 @@ class ConvBNReLU(nn.Module):
 
 
 # -- ResNet with torchvision's parameter names (conv1, bn1, layer1..layer4) ----------------------
-class BasicBlock(nn.Module):
-    expansion = 1
+class Block(nn.Module):
+    """torchvision's BasicBlock (3x3, 3x3) or Bottleneck (1x1, 3x3, 1x1 to 4x the width; the stride
+    on the 3x3: torchvision/mmseg 'pytorch'): each convolution with a BatchNorm, ReLU between them
+    and after the residual sum."""
 
-    def __init__(self, cin, width, stride):
+    def __init__(self, cin, width, stride, bottleneck):
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.downsample = downsample(cin, width, stride)
+        convs = [(cin, width, 1, 1), (width, width, 3, stride), (width, width * 4, 1, 1)]
+        convs = convs if bottleneck else [(cin, width, 3, stride), (width, width, 3, 1)]
+        for i, (conv_in, cout, kernel, conv_stride) in enumerate(convs, 1):
+            conv = nn.Conv2d(conv_in, cout, kernel, conv_stride, kernel // 2, bias=False)
+            self.add_module(f"conv{i}", conv)
+            self.add_module(f"bn{i}", nn.BatchNorm2d(cout))
+        self.convs = len(convs)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            self.downsample = nn.Sequential(conv, nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
+        out = x
+        for i in range(1, self.convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            out = F.relu(out, inplace=True) if i < self.convs else out
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity, inplace=True)
-
-
-class Bottleneck(nn.Module):
-    expansion = 4
-
-    def __init__(self, cin, width, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        # stride on the 3x3: torchvision/mmseg 'pytorch'
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, width * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width * 4)
-        self.downsample = downsample(cin, width * 4, stride)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + identity, inplace=True)
-
-
-def downsample(cin, cout, stride):
-    if stride == 1 and cin == cout:
-        return None
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
 
 class ResNet(nn.Module):
     def __init__(self, depth):
         super().__init__()
         block_kind, blocks = RESNET_LAYOUTS[depth]
-        block = BasicBlock if block_kind == "basic" else Bottleneck
+        bottleneck = block_kind == "bottleneck"
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         cin = 64
         for i, (count, width) in enumerate(zip(blocks, (64, 128, 256, 512))):
             layers = []
             for j in range(count):
-                layers.append(block(cin, width, stride=2 if i > 0 and j == 0 else 1))
-                cin = width * block.expansion
+                layers.append(Block(cin, width, 2 if i > 0 and j == 0 else 1, bottleneck))
+                cin = width * 4 if bottleneck else width
             self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
 
     def forward(self, x):
@@ -172,7 +138,6 @@ class ResNet(nn.Module):
         return x16, self.layer4(x16)
 
 
-# -- BiSeNetV1 ----------------------------------------------------------------------------------
 class ChannelAttention(nn.Module):
     """x * sigmoid(BN(conv1x1(mean over H, W))); mmseg's fusion module: ReLU before the sigmoid."""
 
@@ -248,10 +213,8 @@ def bilinear_matrix(out_size, in_size, device):
 
 
 def bilinear_resize(x, size):
-    """The same values as F.interpolate(bilinear, align_corners=False) as two matrix products.
-    Training uses it because its backward is two matmuls too: 2-3x faster on CPU than interpolate's
-    scatter-add backward."""
-    # autocast would run these matmuls in half precision
+    """F.interpolate(bilinear, align_corners=False) as two matrix products, in fp32: training's
+    backward is then two matmuls too, 2-3x faster on CPU than interpolate's scatter-add."""
     with torch.autocast(x.device.type, enabled=False):
         rows = bilinear_matrix(size[0], x.shape[2], x.device)
         return rows @ (x @ bilinear_matrix(size[1], x.shape[3], x.device).T)
@@ -259,9 +222,8 @@ def bilinear_resize(x, size):
 
 @torch.no_grad()
 def upsampled_classes(logits, size, *, rows=64):
-    """argmax over classes of bilinear_resize(logits, size), a band of output rows at a time, so the
-    full-size logits (19 x H x W floats) never leave the cache: the class map of a 1024x2048 image
-    in half the time."""
+    """argmax over classes of bilinear_resize(logits, size), a band of output rows at a time so that
+    the full-size logits never leave the cache: a 1024x2048 image's class map in half the time."""
     height, width = logits.shape[2:]
     with torch.autocast(logits.device.type, enabled=False):
         widened = logits.float() @ bilinear_matrix(size[1], width, logits.device).T
@@ -292,7 +254,6 @@ def segmentation_heads(config):
 
 class BiSeNetV1(nn.Module):
     def __init__(self, config):
-        """config: a ModelConfig, which the model keeps (self.config) and checkpoints store."""
         super().__init__()
         self.config = config
         context_channels, s = config.context_channels, config.spatial_channels
@@ -324,11 +285,10 @@ class BiSeNetV1(nn.Module):
 
     def reset_parameters(self):
         """mmseg's from-scratch initialisation as it runs: convolutions Kaiming normal (fan_out,
-        ReLU), BatchNorm 1 and 0, the last BatchNorm of every residual block at 0
-        (zero_init_residual), so each block starts as the identity (Goyal et al. 2017), and the main
-        classifier normal(0, 0.01). The auxiliary classifiers keep PyTorch's default (Kaiming
-        uniform, a=sqrt(5)): mmseg holds those heads in an nn.ModuleList, which mmcv's init_weights
-        never enters, so their configured normal(0, 0.01) never runs."""
+        ReLU), BatchNorm 1 and 0 but the last of each residual block 0 (zero_init_residual: each
+        starts as the identity), the main classifier normal(0, 0.01). The auxiliary ones keep
+        PyTorch's default: mmseg holds them in an nn.ModuleList, which mmcv's init_weights never
+        enters."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -336,8 +296,8 @@ class BiSeNetV1(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for block in self.backbone.modules():
-            if isinstance(block, (BasicBlock, Bottleneck)):
-                nn.init.zeros_((block.bn3 if isinstance(block, Bottleneck) else block.bn2).weight)
+            if isinstance(block, Block):
+                nn.init.zeros_(getattr(block, f"bn{block.convs}").weight)
         main, *auxiliary = (getattr(self, name).classifier for name in self.head_inputs)
         nn.init.normal_(main.weight, std=0.01)
         nn.init.zeros_(main.bias)
@@ -363,30 +323,18 @@ class BiSeNetV1(nn.Module):
         return tuple(getattr(self, name)(features[f], size) for name, f in self.head_inputs.items())
 
 
-# -- Inference helpers --------------------------------------------------------------------------
 @torch.no_grad()
 def fuse_bn(model):
     """An eval-mode copy, every BatchNorm folded into the convolution registered just before it."""
     model = copy.deepcopy(model).eval()
     for module in model.modules():
-        previous_name, previous = None, None
+        conv = None
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
-                conv, scale = previous, child.weight / torch.sqrt(child.running_var + child.eps)
-                fused = nn.Conv2d(
-                    conv.in_channels,
-                    conv.out_channels,
-                    conv.kernel_size,
-                    conv.stride,
-                    conv.padding,
-                    conv.dilation,
-                    conv.groups,
-                    bias=True,
-                )
-                fused.weight.data = conv.weight * scale.view(-1, 1, 1, 1)
+            if isinstance(child, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d):
+                scale = child.weight / torch.sqrt(child.running_var + child.eps)
                 conv_bias = conv.bias if conv.bias is not None else 0
-                fused.bias.data = child.bias + (conv_bias - child.running_mean) * scale
-                setattr(module, previous_name, fused.to(conv.weight.device))
+                conv.bias = nn.Parameter(child.bias + (conv_bias - child.running_mean) * scale)
+                conv.weight.data = conv.weight * scale.view(-1, 1, 1, 1)
                 setattr(module, name, nn.Identity())
-            previous_name, previous = name, child
+            conv = child
     return model
