@@ -12,6 +12,7 @@ computes it; a class with tp + fp + fn = 0 is left out of the mean. The last lin
 """
 
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -26,7 +27,6 @@ import cli
 from bisenet import fuse_bn, upsampled_classes
 from checkpoints import load_model
 from cityscapes import detect_dataset, open_dataset
-from cli import CheckpointError
 from datasets import (
     IGNORE_INDEX,
     DataError,
@@ -36,6 +36,9 @@ from datasets import (
     unnamed_classes,
 )
 from device import setup_runtime, teardown_runtime
+
+PER_CLASS = ("iou", "dice", "precision", "recall")
+resize = functools.partial(F.interpolate, mode="bilinear", align_corners=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,10 @@ class Inference:
     crop: tuple = (1024, 1024)  # slide window
     stride: tuple = (768, 768)  # slide stride
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.scales, args.flip, args.mode, args.crop, args.stride)
+
     @property
     def single_pass(self):
         return tuple(self.scales) == (1.0,) and not self.flip and self.mode == "whole"
@@ -55,9 +62,8 @@ class Inference:
     @property
     def name(self):
         """E.g. 'ss whole' or 'ms+flip slide 1024/768', printed with every number."""
-        name = "ms" if len(self.scales) > 1 or self.scales[0] != 1.0 else "ss"
-        if self.flip:
-            name = "ms+flip" if name == "ms" else "flip"
+        name = "ms" if tuple(self.scales) != (1.0,) else "ss"
+        name = {"ss": "flip", "ms": "ms+flip"}[name] if self.flip else name
         if self.mode == "whole":
             return f"{name} whole"
         (ch, cw), (sh, sw) = self.crop, self.stride
@@ -65,10 +71,10 @@ class Inference:
         return f"{name} slide {window}"
 
 
-def slide_logits(model, images, *, crop, stride):
+def slide_logits(model, images, options):
     """mmseg's sliding window: windows clamped inside the image, overlapping logits averaged."""
-    _, _, height, width = images.shape
-    crop_h, crop_w = min(crop[0], height), min(crop[1], width)
+    (_, _, height, width), stride = images.shape, options.stride
+    crop_h, crop_w = min(options.crop[0], height), min(options.crop[1], width)
     rows = max(height - crop_h + stride[0] - 1, 0) // stride[0] + 1
     cols = max(width - crop_w + stride[1] - 1, 0) // stride[1] + 1
     total, count = None, images.new_zeros((1, 1, height, width), dtype=torch.float32)
@@ -89,24 +95,15 @@ def predict(model, images, *, options=Inference()):
     passes = [(s, f) for s in options.scales for f in ((False, True) if options.flip else (False,))]
     total = None
     for scale, flipped in passes:
-        x = images
-        if scale != 1.0:
-            size = (int(height * scale + 0.5), int(width * scale + 0.5))
-            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        size = (int(height * scale + 0.5), int(width * scale + 0.5))
+        x = resize(images.float(), size=size) if scale != 1.0 else images
         x = x.flip(3) if flipped else x
-        scores = (
-            model(x).float()
-            if options.mode == "whole"
-            else slide_logits(model, x, crop=options.crop, stride=options.stride)
-        )
+        scores = model(x).float() if options.mode == "whole" else slide_logits(model, x, options)
         if len(passes) == 1:
             return scores
         scores = scores.softmax(1)
         scores = scores.flip(3) if flipped else scores
-        if scale != 1.0:
-            scores = F.interpolate(
-                scores, size=(height, width), mode="bilinear", align_corners=False
-            )
+        scores = resize(scores, size=(height, width)) if scale != 1.0 else scores
         total = scores if total is None else total + scores
     return total / len(passes)
 
@@ -129,10 +126,9 @@ def confusion_matrix(pred, label, num_classes):
 
 
 def metrics(confusion):
-    """Per class, from one confusion matrix: IoU tp / (tp + fp + fn), Dice (F1) 2tp / (2tp + fp +
-    fn), precision tp / (tp + fp) and recall (Acc) tp / (tp + fn). A ratio whose pixels are all
-    absent (a class neither labelled nor predicted; precision of a class never predicted, recall of
-    one never labelled) is NaN, left out of its mean."""
+    """Per-class IoU, Dice (F1), precision and recall (Acc) of one confusion matrix. A ratio whose
+    pixels are all absent (a class neither labelled nor predicted; precision of a class never
+    predicted, recall of one never labelled) is NaN, left out of its mean."""
     confusion = confusion.double()
     tp, labelled, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
 
@@ -164,7 +160,7 @@ def torch_segmenter(model, runtime, *, amp="O0", options=Inference()):
 
 
 @torch.no_grad()
-def evaluate(segment, dataset, *, runtime, write=None, workers=2, progress=True):
+def evaluate(segment, dataset, *, runtime, write=None, workers=2):
     """Metrics over the dataset (all ranks together; none for label-free data) and this rank's
     seconds: waiting for data (decoding, copies), in the model (prediction and confusion matrix,
     synchronised) and in all. segment: images -> class map (torch_segmenter, or a deployed model of
@@ -172,31 +168,20 @@ def evaluate(segment, dataset, *, runtime, write=None, workers=2, progress=True)
     write(sample, pred): writes the predictions (predictions.prediction_writer)."""
     # no padding: each image counts once
     shard = torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
-    loading = dict(
-        pin_memory=runtime.pin_memory,
-        pin_memory_device=runtime.pin_memory_device,
-        worker_init_fn=ignore_stop_signals,
-    )
-    loader = torch.utils.data.DataLoader(
-        shard, batch_size=1, num_workers=workers, generator=torch.Generator(), **loading
-    )
-    num_classes = dataset.info.num_classes
-    confusion = torch.zeros(
-        num_classes, num_classes, dtype=torch.int64, device=runtime.metric_device
-    )
+    loading = dict(worker_init_fn=ignore_stop_signals, generator=torch.Generator())
+    loading |= dict(pin_memory=runtime.pin_memory, pin_memory_device=runtime.pin_memory_device)
+    loader = torch.utils.data.DataLoader(shard, num_workers=workers, **loading)
+    classes, metric_device = dataset.info.num_classes, runtime.metric_device
+    confusion = torch.zeros(classes, classes, dtype=torch.int64, device=metric_device)
     has_labels, data_s, model_s = True, 0.0, 0.0
     started = tick = time.perf_counter()
-    quiet = not (progress and runtime.is_main)
-    for sample in tqdm(loader, desc="evaluate", disable=quiet, leave=False):
+    for sample in tqdm(loader, desc="evaluate", disable=not runtime.is_main, leave=False):
         data_s += time.perf_counter() - tick
         tick = time.perf_counter()
         pred = segment(sample["image"].to(runtime.device, non_blocking=True))
         if "label" in sample:
-            confusion += confusion_matrix(
-                pred.to(runtime.metric_device),
-                sample["label"].to(runtime.metric_device, non_blocking=True),
-                num_classes,
-            )
+            label = sample["label"].to(metric_device, non_blocking=True)
+            confusion += confusion_matrix(pred.to(metric_device), label, classes)
         else:
             has_labels = False
         runtime.synchronize()
@@ -204,11 +189,8 @@ def evaluate(segment, dataset, *, runtime, write=None, workers=2, progress=True)
         if write:
             write(sample, pred)
         tick = time.perf_counter()
-    seconds = {
-        "data_s": round(data_s, 3),
-        "model_s": round(model_s, 3),
-        "eval_s": round(time.perf_counter() - started, 3),
-    }
+    seconds = {"data_s": data_s, "model_s": model_s, "eval_s": time.perf_counter() - started}
+    seconds = {key: round(value, 3) for key, value in seconds.items()}
     if not has_labels:
         return seconds
     confusion = runtime.all_reduce_counts(confusion).cpu()
@@ -217,23 +199,13 @@ def evaluate(segment, dataset, *, runtime, write=None, workers=2, progress=True)
 
 def print_table(result, mode, *, class_names):
     print(f"{'class':>15} | {'IoU':>6} | {'Dice':>6} | {'Prec.':>6} | {'Recall':>6}   ({mode})")
-    for k, name in enumerate(class_names):
-        print(
-            f"{name:>15} | "
-            + " | ".join(
-                "   n/a" if np.isnan(result[key][k]) else f"{100 * result[key][k]:6.2f}"
-                for key in ("iou", "dice", "precision", "recall")
-            )
-        )
-    over = (
-        f" over {result['classes_in_mean']} of {len(class_names)} classes"
-        if result["classes_in_mean"] < len(class_names)
-        else ""
-    )
-    print(
-        f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    mDice {result['mDice']:.2f}"
-        f"    mAcc {result['mAcc']:.2f}    aAcc {result['aAcc']:.2f}"
-    )
+    for name, *values in zip(class_names, *(result[key] for key in PER_CLASS)):
+        cells = ["   n/a" if np.isnan(v) else f"{100 * v:6.2f}" for v in values]
+        print(f"{name:>15} | " + " | ".join(cells))
+    count, total = result["classes_in_mean"], len(class_names)
+    over = f" over {count} of {total} classes" if count < total else ""
+    means = "    ".join(f"{key} {result[key]:.2f}" for key in ("mDice", "mAcc", "aAcc"))
+    print(f"{'mIoU':>15} | {result['mIoU']:6.2f}{over}    {means}")
 
 
 # -- The script ------------------------------------------------------------------------------------
@@ -250,28 +222,18 @@ def evaluation_parser(description):
     cli.add_device_flags(parser)
     group = parser.add_argument_group("what to score or segment")
     group.add_argument("--split", default="val")
-    group.add_argument(
-        "--images", help="an image or a folder of images to segment (no labels, any size)"
-    )
+    group.add_argument("--images", help="an image or image folder to segment (no labels, any size)")
     group.add_argument("--out-dir", help="write one PNG per image here")
-    formats = ("color", "labelIds", "trainIds", "overlay", "compare")
     group.add_argument(
         "--format",
         default="color",
-        choices=formats,
+        choices=("color", "labelIds", "trainIds", "overlay", "compare"),
         help="labelIds: Cityscapes' submission ids; compare: image | truth | prediction",
     )
     group.add_argument("--workers", type=cli.integer(0), default=2)
     group = parser.add_argument_group("inference")
-    group.add_argument(
-        "--scales",
-        type=cli.ratios(),
-        default="1.0",
-        help="comma-separated, e.g. 0.5,0.75,1.0,1.25,1.5,1.75",
-    )
-    group.add_argument(
-        "--flip", action="store_true", help="also average horizontally flipped inputs"
-    )
+    group.add_argument("--scales", type=cli.ratios(), default="1.0", help="e.g. 0.75,1.0,1.25")
+    group.add_argument("--flip", action="store_true", help="also average left-right flipped inputs")
     group.add_argument("--mode", default="whole", choices=("whole", "slide"))
     group.add_argument("--crop", type=cli.size, default="1024x1024", help="slide window HxW")
     group.add_argument("--stride", type=cli.size, default="768x768", help="slide stride HxW")
@@ -282,13 +244,10 @@ def check_flags(parser, args):
     """The flag combinations that cannot work, as argparse errors."""
     if not all(0.125 <= scale <= 8 for scale in args.scales):
         scales = ",".join(f"{v:g}" for v in args.scales)
-        parser.error(
-            f"argument --scales: {scales}: each scale must be 0.125 to 8 "
-            "(mmseg's ms is 0.5 to 1.75)"
-        )
-    if args.mode == "slide" and (args.stride[0] > args.crop[0] or args.stride[1] > args.crop[1]):
-        stride = f"{args.stride[0]}x{args.stride[1]}"
-        crop = f"{args.crop[0]}x{args.crop[1]}"
+        bounds = "each scale must be 0.125 to 8 (mmseg's ms is 0.5 to 1.75)"
+        parser.error(f"argument --scales: {scales}: {bounds}")
+    if args.mode == "slide" and any(s > c for s, c in zip(args.stride, args.crop)):
+        stride, crop = ("x".join(map(str, size)) for size in (args.stride, args.crop))
         larger = f"{stride} is larger than --crop {crop}, so windows would leave pixels unscored"
         parser.error(f"argument --stride: {larger}; use a stride no larger than the crop")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
@@ -297,22 +256,23 @@ def check_flags(parser, args):
     return args
 
 
-def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_main):
+def labelled_dataset(args, info, *, model_name, is_main):
     """The split to score (or, for test, to predict), checked against the model's classes `info`."""
-    dataset = open_dataset(data_root, split, dataset_type=dataset_type, with_labels=split != "test")
+    root, split = args.data_root, args.split
+    dataset = open_dataset(root, split, dataset_type=args.dataset, with_labels=split != "test")
     if len(dataset) == 0:
         raise DataError(
-            f"{data_root}: the {split} split has no images; pass another --split or --data-root"
+            f"{root}: the {split} split has no images; pass another --split or --data-root"
         )
-    if split == "test" and not writes:
+    if split == "test" and not args.out_dir:
         raise cli.UsageError(
-            f"--split test: {data_root} has no labels to score it with; "
+            f"--split test: {root} has no labels to score it with; "
             "pass --out-dir to write the predictions (e.g. for the test server)"
         )
     if dataset.info.num_classes != info.num_classes:
-        data = f"{data_root} ({dataset.info.name}) has {dataset.info.num_classes}"
-        raise CheckpointError(
-            f"{model}: a model of {info.num_classes} classes, but {data}; "
+        data = f"{root} ({dataset.info.name}) has {dataset.info.num_classes}"
+        raise cli.CheckpointError(
+            f"{model_name}: a model of {info.num_classes} classes, but {data}; "
             "evaluate it on the data it was trained for"
         )
     if not is_main:
@@ -321,18 +281,18 @@ def labelled_dataset(data_root, split, *, dataset_type, model, info, writes, is_
     named = info.name != unnamed_classes(info.num_classes).name
     if named and info.class_names != dataset.info.class_names:
         k, ours, theirs = first_difference(info.class_names, dataset.info.class_names)
-        differ = f"class {k}: {ours!r} in the model, {theirs!r} in {data_root}"
+        differ = f"class {k}: {ours!r} in the model, {theirs!r} in {root}"
         print(
             f"warning: the model's classes are not the data's ({differ}); "
             "scores are reported under the data's names",
             file=sys.stderr,
         )
-    found = f"{dataset.info.name} ({detect_dataset(data_root, dataset_type)})"
+    found = f"{dataset.info.name} ({detect_dataset(root, args.dataset)})"
     print(f"dataset: {found}, {dataset.info.num_classes} classes, {len(dataset)} {split} images")
     return dataset
 
 
-def score(segment, info, *, precision, model_name, args, runtime, options=Inference()):
+def score(segment, info, args, runtime, *, precision, model_name):
     """Scores `segment` (images -> class map) on the split, or writes predictions for --images;
     prints the table and the JSON line. tools/deploy.py shares it for exported models."""
     if args.images:
@@ -342,15 +302,7 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
 
         dataset = SegmentationDataset([(p, None) for p in find_images(args.images)], info)
     else:
-        dataset = labelled_dataset(
-            args.data_root,
-            args.split,
-            dataset_type=args.dataset,
-            model=model_name,
-            info=info,
-            writes=bool(args.out_dir),
-            is_main=runtime.is_main,
-        )
+        dataset = labelled_dataset(args, info, model_name=model_name, is_main=runtime.is_main)
     if args.format == "compare" and (args.images or args.split == "test"):
         raise cli.UsageError(
             "--format compare shows the ground truth, which --images and the test split have not; "
@@ -361,41 +313,28 @@ def score(segment, info, *, precision, model_name, args, runtime, options=Infere
             f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); "
             "use --format trainIds"
         )
-    write = None
     if args.out_dir:
         from predictions import prediction_writer  # read only when predictions are written
-
-        write = prediction_writer(dataset, args, runtime)
+    write = prediction_writer(dataset, args, runtime) if args.out_dir else None
     result = evaluate(segment, dataset, runtime=runtime, write=write, workers=args.workers)
     if not runtime.is_main:
         return
-    summary = {
-        "mode": options.name,
-        "dataset": dataset.info.name,
-        "images": len(dataset),
-        "amp": args.amp,
-        "precision": precision,
-    }
+    mode, names = Inference.from_args(args).name, dataset.info.class_names
+    summary = {"mode": mode, "dataset": dataset.info.name, "images": len(dataset)}
+    summary |= {"amp": args.amp, "precision": precision}
     summary |= {key: result[key] for key in ("data_s", "model_s", "eval_s")}
     if "mIoU" in result:
-        print_table(result, options.name, class_names=dataset.info.class_names)
-        per_class = {
-            key: {
-                n: None if np.isnan(v) else round(100 * v, 2)
-                for n, v in zip(dataset.info.class_names, result[key])
-            }
-            for key in ("iou", "dice", "precision", "recall")
-        }
-        # JSON has no NaN
-        scores = {
-            key: None if np.isnan(result[key]) else round(result[key], 2)
-            for key in ("mIoU", "mDice", "mAcc", "aAcc")
-        }
+        print_table(result, mode, class_names=names)
+
+        def rounded(value):  # JSON has no NaN
+            return None if np.isnan(value) else round(value, 2)
+
+        scores = {key: rounded(result[key]) for key in ("mIoU", "mDice", "mAcc", "aAcc")}
         # per_class_precision is the metric; "precision" (above) is the arithmetic's
-        per_class = {"per_class": per_class.pop("iou")} | {
-            f"per_class_{key}": values for key, values in per_class.items()
-        }
-        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary, **per_class}
+        summary = {**scores, "classes_in_mean": result["classes_in_mean"], **summary}
+        for key in PER_CLASS:
+            values = {name: rounded(100 * v) for name, v in zip(names, result[key])}
+            summary[f"per_class_{key}".removesuffix("_iou")] = values
     print(json.dumps(summary | ({"out_dir": args.out_dir} if args.out_dir else {})))
 
 
@@ -405,30 +344,16 @@ def run_evaluation(args):
     runtime = setup_runtime(args.device, args.device_id, amp_dtype=args.amp_dtype)
     if runtime.is_main:
         print(runtime.device_note, runtime.precision_note(args.amp), sep="\n", flush=True)
-    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
     model, info = load_model(args.ckpt)
-    segment = torch_segmenter(
-        inference_model(model, runtime), runtime, amp=args.amp, options=options
-    )
-    score(
-        segment,
-        info,
-        precision=runtime.precision(args.amp),
-        model_name=args.ckpt,
-        args=args,
-        runtime=runtime,
-        options=options,
-    )
+    model = inference_model(model, runtime)
+    segment = torch_segmenter(model, runtime, amp=args.amp, options=Inference.from_args(args))
+    score(segment, info, args, runtime, precision=runtime.precision(args.amp), model_name=args.ckpt)
     teardown_runtime(runtime)
 
 
-def parse_args(argv=None):
-    parser = evaluation_parser(__doc__)
-    return check_flags(parser, parser.parse_args(argv))
-
-
 def main(argv=None):
-    cli.main(run_evaluation, parse_args(argv))
+    parser = evaluation_parser(__doc__)
+    cli.main(run_evaluation, check_flags(parser, parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

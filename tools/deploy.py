@@ -399,7 +399,7 @@ def run(args):
     if not args.model:
         print(runtime.device_note, flush=True)
         print(runtime.precision_note(args.amp), flush=True)
-    options = Inference(args.scales, args.flip, args.mode, args.crop, args.stride)
+    options = Inference.from_args(args)
     segment, info, precision = open_model(
         args.ckpt, args.model, runtime=runtime, amp=args.amp, options=options
     )
@@ -418,15 +418,7 @@ def run(args):
             )
         )
     else:
-        score(
-            segment,
-            info,
-            precision=precision,
-            model_name=args.model,
-            args=args,
-            runtime=runtime,
-            options=options,
-        )
+        score(segment, info, args, runtime, precision=precision, model_name=args.model)
     teardown_runtime(runtime)
 
 
