@@ -14,30 +14,24 @@ from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
 from cli import DataError
 from datasets import IGNORE_INDEX, DatasetInfo, SegmentationDataset
 
+# trainIds 0..18, one label each
 TRAIN_LABELS = sorted(
     (lb for lb in CITYSCAPES_LABELS if 0 <= lb.trainId < IGNORE_INDEX), key=lambda lb: lb.trainId
 )
-CLASS_NAMES = [lb.name for lb in TRAIN_LABELS]
-NUM_CLASSES = len(CLASS_NAMES)
+NUM_CLASSES = len(TRAIN_LABELS)
 PALETTE = np.array([lb.color for lb in TRAIN_LABELS], dtype=np.uint8)
 TRAINID_TO_LABELID = np.array([lb.id for lb in TRAIN_LABELS], dtype=np.uint8)
-
 LABELID_TO_TRAINID = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-for _label in CITYSCAPES_LABELS:
-    if _label.id >= 0 and 0 <= _label.trainId < IGNORE_INDEX:
-        LABELID_TO_TRAINID[_label.id] = _label.trainId
+LABELID_TO_TRAINID[TRAINID_TO_LABELID] = np.arange(NUM_CLASSES)
 
-LABEL_HINT = (
-    "these are not trainIds: did you point at labelIds? run: python convert_labels.py DATA_ROOT"
-)
 CITYSCAPES = DatasetInfo(
     "cityscapes",
-    tuple(CLASS_NAMES),
+    tuple(lb.name for lb in TRAIN_LABELS),
     tuple(map(tuple, PALETTE.tolist())),
     submission_ids=tuple(TRAINID_TO_LABELID.tolist()),
-    label_hint=LABEL_HINT,
+    label_hint="these are not trainIds: did you point at labelIds? "
+    "run: python convert_labels.py DATA_ROOT",
 )
-
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 
@@ -45,23 +39,18 @@ LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
 def find_samples(root, split, *, with_labels=True):
     """(image_path, label_path | None) of a split, from ROOT/{split}.txt if there, else a scan."""
     root = Path(root)
-    image_dir = root / "leftImg8bit" / split
-    list_file = root / f"{split}.txt"
-    listed_labels = None
+    image_dir, list_file, listed = root / "leftImg8bit" / split, root / f"{split}.txt", {}
     if list_file.is_file():
         lines = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
-        # CoinCheung's lists: `image,label` relative to the root
-        if lines and all("," in line for line in lines):
+        if lines and all("," in line for line in lines):  # CoinCheung's: `image,label` from root
             pairs = [[root / part.strip() for part in line.split(",", 1)] for line in lines]
-            images = [image for image, _ in pairs]
-            listed_labels = {str(image): label for image, label in pairs}
+            images, listed = [image for image, _ in pairs], dict(pairs)
         else:  # mmseg's: city/city_seq_frame
             images = [image_dir / (stem + IMAGE_SUFFIX) for stem in lines]
         for image in images:
             if not image.is_file():
-                raise DataError(
-                    f"{image}: listed in {list_file} but missing; fix the list or the files"
-                )
+                missing = f"listed in {list_file} but missing"
+                raise DataError(f"{image}: {missing}; fix the list or the files")
     elif image_dir.is_dir():
         images = sorted(p for p in image_dir.glob(f"*/*{IMAGE_SUFFIX}") if p.is_file())
     else:
@@ -71,21 +60,15 @@ def find_samples(root, split, *, with_labels=True):
         raise DataError(f"{image_dir}: no *{IMAGE_SUFFIX} images in split '{split}'")
     if not with_labels:
         return [(image, None) for image in images]
-    samples = []
+    gt_dir = root / "gtFine" / split
     for image in images:
-        if listed_labels is not None:
-            label = listed_labels[str(image)]
-        else:
+        if image not in listed:
             rel = image.relative_to(image_dir)
-            label = (
-                root / "gtFine" / split / rel.parent / rel.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
-            )
-        if not label.is_file():
-            raise DataError(
-                f"{label}: missing label for {image}; run: python convert_labels.py {root}"
-            )
-        samples.append((image, label))
-    return samples
+            listed[image] = gt_dir / rel.parent / rel.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX)
+        if not listed[image].is_file():
+            convert = f"run: python convert_labels.py {root}"
+            raise DataError(f"{listed[image]}: missing label for {image}; {convert}")
+    return [(image, listed[image]) for image in images]
 
 
 def sample_name(image_path):
@@ -94,31 +77,16 @@ def sample_name(image_path):
     return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else Path(image_path).stem
 
 
-def cityscapes_info(root):
-    """A Cityscapes root's classes: Cityscapes' 19, refusing a classes.txt that names others."""
-    classes_file = Path(root) / "classes.txt"
-    if classes_file.is_file():
-        from interop import read_classes
-
-        if read_classes(classes_file, "cityscapes").class_names != CITYSCAPES.class_names:
-            not_these = "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these"
-            fix = "remove classes.txt, or put your data in one of your own layouts"
-            raise DataError(f"{classes_file}: {not_these}; {fix} (docs/your-data.md)")
-    return CITYSCAPES
-
-
 # -- Any data root: Cityscapes, or your own data (interop.py) --------------------------------------
 def detect_dataset(root, dataset_type="auto"):
     """'cityscapes' or 'folder': --dataset, else the root's files (leftImg8bit/: Cityscapes, else
     your own)."""
-    root = Path(root)
     if dataset_type != "auto":
         return dataset_type
+    root = Path(root)
     if (root / "leftImg8bit").is_dir():
         return "cityscapes"
-    from interop import (
-        folder_layout,
-    )  # your own data's layouts, read only for a root that is not Cityscapes
+    from interop import folder_layout  # your own data's layouts: read only for such a root
 
     if (root / "classes.txt").is_file() or folder_layout(root):
         return "folder"
@@ -130,7 +98,7 @@ def detect_dataset(root, dataset_type="auto"):
 
 def open_dataset(root, split, *, dataset_type="auto", transform=None, with_labels=True):
     """A data root's split: Cityscapes, or your own data (interop.py); dataset.info describes its
-    classes."""
+    classes. A Cityscapes root's classes.txt that names other classes is refused first."""
     root = Path(root)
     if root.is_file():
         raise DataError(f"{root} is a file; pass the data root, the folder that holds it")
@@ -139,11 +107,17 @@ def open_dataset(root, split, *, dataset_type="auto", transform=None, with_label
         raise DataError(
             f"{root}: data root not found; pass --data-root, or make a synthetic one: {make}"
         )
-    if detect_dataset(root, dataset_type) == "cityscapes":
-        info = cityscapes_info(root)  # a classes.txt that names other classes is said first
-        samples = find_samples(root, split, with_labels=with_labels)
-    else:
+    if detect_dataset(root, dataset_type) != "cityscapes":
         from interop import folder_info, folder_samples
 
         samples, info = folder_samples(root, split, with_labels=with_labels), folder_info(root)
-    return SegmentationDataset(samples, info, transform=transform)
+        return SegmentationDataset(samples, info, transform=transform)
+    if (classes_file := root / "classes.txt").is_file():
+        from interop import read_classes
+
+        if read_classes(classes_file, "cityscapes").class_names != CITYSCAPES.class_names:
+            not_these = "a Cityscapes root (leftImg8bit/) trains Cityscapes' 19 classes, not these"
+            fix = "remove classes.txt, or put your data in one of your own layouts"
+            raise DataError(f"{classes_file}: {not_these}; {fix} (docs/your-data.md)")
+    samples = find_samples(root, split, with_labels=with_labels)
+    return SegmentationDataset(samples, CITYSCAPES, transform=transform)

@@ -1,11 +1,10 @@
-"""What the command-line scripts share: one-line errors, flags checked for their range, the flags
-several scripts take, and atomic file writes.
-
-Every script reports bad input as one line, `error: <what> <what to do>`, and exits with 2:
-argparse's own errors (ArgumentParser) and every Error the code raises (main): UsageError,
-DataError, CheckpointError, WorkDirError (checkpoints.py), TrainingError (train.py)."""
+"""What the command-line scripts share: one-line errors, range-checked flags, the flags several
+scripts take, atomic file writes and worker processes. Every script reports bad input as one line,
+`error: <what> <what to do>`, and exits with 2: argparse's errors (ArgumentParser) and every Error
+raised (main): UsageError, DataError, CheckpointError, WorkDirError, TrainingError (train.py)."""
 
 import argparse
+import contextlib
 import errno
 import math
 import multiprocessing
@@ -34,8 +33,7 @@ class DataError(Error):
 
     def __str__(self):
         # DataLoader workers re-raise with their traceback prepended; the message is the last line.
-        text = super().__str__().strip().splitlines()[-1]
-        return re.sub(r"^[\w.]*DataError: ", "", text)
+        return re.sub(r"^[\w.]*DataError: ", "", super().__str__().strip().splitlines()[-1])
 
 
 class CheckpointError(Error):
@@ -43,32 +41,24 @@ class CheckpointError(Error):
 
 
 def main(run, *args):
-    """Runs run(*args) as a script does: an Error ends it with one line, `error: <message>`, and its
-    exit code; so do running out of memory and a data loading process that died (exit 1: not the
-    input's fault, a rerun may pass). Every process it started ends with it."""
+    """Runs run(*args) as a script does: an Error (its exit code), running out of memory or a dead
+    loader process (1: no input's fault) ends it with one line, `error: <message>`, killing every
+    process it started: the exit would SIGTERM them and wait forever for loader workers."""
     try:
         return run(*args)
     except Error as e:
         code, text = e.exit_code, f"error: {e}"
-    # torch's OutOfMemoryError and a dead DataLoader worker are these
-    except (MemoryError, RuntimeError) as e:
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError, a dead DataLoader worker
         code, text = 1, failure_text(e)
         if text is None:
             raise
-    end_children()
-    # any file name prints
-    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
-    sys.exit(code)
-
-
-def end_children():
-    """Ends the processes this one started (DataLoader workers, pools): the exit would stop them
-    with SIGTERM, which loader workers ignore (it is their script's), and wait for them forever."""
-    # torch's handler would report its workers' end as an error of its own
-    if hasattr(signal, "SIGCHLD"):
+    if hasattr(signal, "SIGCHLD"):  # torch's handler would call its workers' end an error
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for child in multiprocessing.active_children():
         child.kill()
+    # any file name prints
+    print(text.encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
+    sys.exit(code)
 
 
 def failure_text(error):
@@ -81,19 +71,16 @@ def failure_text(error):
     if "DataLoader worker" in text:
         fix = "lower --workers, then run the same command again (training: with --resume)"
         return f"error: {text} (killed, or out of memory); {fix}"
-    return None
 
 
 def first_line(error, limit=300):
-    """An exception in one line: the first line of its message that says something (OpenVINO's
-    messages start with `Exception from src/...:84:` and `Check '...' failed at src/...:887:` lines,
-    torch's load_state_dict with `Error(s) in loading state_dict for ...:`), or its type's name."""
+    """An exception in one line: its message's first line that says something (not OpenVINO's
+    `Exception from src/...:84:`, `Check '...' failed at src/...:887:`, nor torch's `Error(s) in
+    loading state_dict for ...:`), or its type's name."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    preamble = (
-        r"(Exception from|Check '.*' failed at) \S+:\d+:?"
-        r"|Error\(s\) in loading state_dict for \w+:"
-    )
-    telling = [line for line in lines if not re.fullmatch(preamble, line)]
+    openvino = r"(Exception from|Check '.*' failed at) \S+:\d+:?"
+    state_dict = r"Error\(s\) in loading state_dict for \w+:"
+    telling = [line for line in lines if not re.fullmatch(f"{openvino}|{state_dict}", line)]
     return (telling or lines or [type(error).__name__])[0][:limit]
 
 
@@ -121,45 +108,23 @@ DATASET_TYPES, DEVICES = ("auto", "cityscapes", "folder"), ("auto", "cpu", "cuda
 def add_data_flags(parser):
     group = parser.add_argument_group("data")
     group.add_argument("--data-root", default="data/cityscapes", help="the dataset's folder")
-    group.add_argument(
-        "--dataset",
-        default="auto",
-        choices=DATASET_TYPES,
-        help="auto: from the data root (docs/your-data.md)",
-    )
+    layouts = "auto: from the data root (docs/your-data.md)"
+    group.add_argument("--dataset", default="auto", choices=DATASET_TYPES, help=layouts)
 
 
 def add_device_flags(parser):
     """Where and in which precision a script computes (device.py: what each choice means where)."""
     group = parser.add_argument_group("device")
+    auto = "auto: an Ascend NPU, else a CUDA GPU, else the CPU"
+    group.add_argument("--device", default="auto", choices=DEVICES, help=auto)
     group.add_argument(
-        "--device",
-        default="auto",
-        choices=DEVICES,
-        help="auto: an Ascend NPU, else a CUDA GPU, else the CPU",
+        "--device-id", "--gpu-id", type=integer(0), default=0, help="single-device runs"
     )
-    group.add_argument(
-        "--device-id",
-        "--gpu-id",
-        dest="device_id",
-        type=integer(0),
-        default=0,
-        help="single-device runs",
-    )
-    group.add_argument(
-        "--amp",
-        "--opt-level",
-        dest="amp",
-        default="O1",
-        choices=("O0", "O1"),
-        help="O1 = apex O1 (half-precision convolutions); O0 = fp32",
-    )
-    group.add_argument(
-        "--amp-dtype",
-        default="auto",
-        choices=("auto", "float16", "bfloat16"),
-        help="O1's half precision; auto: as docs/training.md says (Precision)",
-    )
+    amp = "O1 = apex O1 (half-precision convolutions); O0 = fp32"
+    group.add_argument("--amp", "--opt-level", default="O1", choices=("O0", "O1"), help=amp)
+    precision = "O1's half precision; auto: as docs/training.md says (Precision)"
+    dtypes = ("auto", "float16", "bfloat16")
+    group.add_argument("--amp-dtype", default="auto", choices=dtypes, help=precision)
 
 
 def _checked(name, convert, ok, expectation):
@@ -179,9 +144,8 @@ def _checked(name, convert, ok, expectation):
 def integer(low, high=None):
     """An int in [low, high]."""
     expectation = f">= {low}" if high is None else f"between {low} and {high}"
-    return _checked(
-        "an integer", int, lambda v: v >= low and (high is None or v <= high), expectation
-    )
+    high = math.inf if high is None else high
+    return _checked("an integer", int, lambda v: low <= v <= high, expectation)
 
 
 def real(low=None, high=None, low_open=False, high_open=False):
@@ -194,9 +158,8 @@ def real(low=None, high=None, low_open=False, high_open=False):
 
     lower = "" if low is None else f"{'>' if low_open else '>='} {low}"
     upper = "" if high is None else f"{'<' if high_open else '<='} {high}"
-    return _checked(
-        "a number", float, ok, "a finite number " + " and ".join(filter(None, (lower, upper)))
-    )
+    expectation = "a finite number " + " and ".join(filter(None, (lower, upper)))
+    return _checked("a number", float, ok, expectation)
 
 
 def size(text):
@@ -214,21 +177,14 @@ def ratios(count=None):
     """Comma-separated positive ratios, e.g. '0.5,2.0' -> (0.5, 2.0); count: how many must be."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             values = tuple(float(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if (
-            not values
-            or (count is not None and len(values) != count)
-            or not all(math.isfinite(v) and v > 0 for v in values)
-        ):
-            how_many = f"{count} " if count else ""
-            example = "0.5,2.0" if count == 2 else "0.75,1.0,1.25"
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: expected {how_many}comma-separated positive numbers, e.g. {example}"
-            )
-        return values
+            if count in (None, len(values)) and all(math.isfinite(v) and v > 0 for v in values):
+                return values
+        how_many = f"{count} " if count else ""
+        example = "0.5,2.0" if count == 2 else "0.75,1.0,1.25"
+        expected = f"expected {how_many}comma-separated positive numbers, e.g. {example}"
+        raise argparse.ArgumentTypeError(f"{text!r}: {expected}")
 
     parse.__name__ = "ratios"
     return parse
@@ -236,43 +192,31 @@ def ratios(count=None):
 
 # -- Files: what a script writes appears whole or not at all ---------------------------------------
 def publish_new(temp, path, *, keep_both=False):
-    """temp becomes `path` only if no file is there (atomically: a link fails on an existing name),
-    and the path written is returned. A file that appeared there meanwhile is never replaced:
-    FileExistsError, or with keep_both the result goes to the first free NAME_2, NAME_3, ..."""
+    """temp becomes `path`, returned, only if no file is there (a link fails on an existing name): a
+    file that appeared meanwhile is kept, FileExistsError, or with keep_both NAME_2, NAME_3, ..."""
     path = Path(path)
-    candidates = (
-        [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in range(2, 1000))]
-        if keep_both
-        else [path]
-    )
-    for candidate in candidates:
-        try:
+    numbers = range(2, 1000) if keep_both else ()
+    for candidate in [path, *(path.with_name(f"{path.stem}_{n}{path.suffix}") for n in numbers)]:
+        with contextlib.suppress(FileExistsError):
             os.link(temp, candidate)
             return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(
-        errno.EEXIST, "a file of that name appeared while this run wrote it; it was kept", str(path)
-    )
+    appeared = "a file of that name appeared while this run wrote it; it was kept"
+    raise FileExistsError(errno.EEXIST, appeared, str(path))
 
 
 class atomic_write:
-    """`with atomic_write(path) as temp:` yields a temporary path beside `path` to write; once the
-    block ends it becomes `path` in one step, replacing the old file, or with replace=False never
-    (publish_new; keep_both: the first free NAME_2, ...). .path is where it went. On any failure the
-    temporary file is removed."""
+    """`with atomic_write(path) as temp:` yields a temporary path beside `path`; when the block ends
+    it becomes `path` in one step, replacing the old file, or with replace=False never (publish_new,
+    keep_both). .path is where it went. On any failure the temporary file is removed."""
 
     def __init__(self, path, *, replace=True, keep_both=False, suffix=".tmp"):
-        self.path = Path(path)
-        self.replace = replace
-        self.keep_both = keep_both
+        self.path, self.replace, self.keep_both = Path(path), replace, keep_both
         self.suffix = suffix
 
     def __enter__(self):
         """A new file beside `path` with the permissions open() gives (mkstemp's are owner-only)."""
-        handle, temp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=self.suffix, dir=self.path.parent
-        )
+        prefix, folder = f".{self.path.name}.", self.path.parent
+        handle, temp = tempfile.mkstemp(prefix=prefix, suffix=self.suffix, dir=folder)
         umask = os.umask(0)
         os.umask(umask)
         os.close(handle)
@@ -323,8 +267,7 @@ class WorkerDied(Error):
 
 def process_map(function, jobs, processes, what):
     """function(job) for each job, in order, in `processes` processes (process_context). A process
-    that dies (killed for memory, a decoder that crashed) ends it with one line, where a Pool would
-    wait for its answer forever."""
+    that dies (killed, a decoder crashed) ends it with one line, where a Pool waits forever."""
     if processes < 2:
         yield from map(function, jobs)
         return
@@ -333,6 +276,5 @@ def process_map(function, jobs, processes, what):
             yield from pool.map(function, jobs, chunksize=8)
     except BrokenProcessPool:
         crashed = "killed, out of memory, or a decoder crashed on one of its files"
-        raise WorkerDied(
-            f"a process reading {what} died ({crashed}); run it again, with fewer processes"
-        ) from None
+        died = f"a process reading {what} died ({crashed})"
+        raise WorkerDied(f"{died}; run it again, with fewer processes") from None

@@ -24,8 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the core modules
 import cli
 from cityscapes import detect_dataset, open_dataset
 from datasets import (
+    FOREGROUND_FIX,
     IGNORE_INDEX,
+    ONLY_0_AND_255,
     TrainTransform,
+    never_occur,
+    only_0_and_255,
     read_image,
     read_label,
 )
@@ -92,7 +96,7 @@ def report(split, stats, info):
     """Prints the split's table; returns its JSON part."""
     counts = stats["values"][: info.num_classes]
     labelled = int(counts.sum())
-    absent = [name for name, count in zip(info.class_names, counts) if count == 0]
+    absent, never = never_occur(info, counts)
     found = np.flatnonzero(stats["values"]).tolist()
     print(f"{split}: {stats['images']} images, sizes {stats['sizes']}, label values {found}")
     print(f"{'class':>20} | {'pixels':>12} | share of labelled")
@@ -100,14 +104,10 @@ def report(split, stats, info):
         print(f"{name:>20} | {int(count):>12} | {100 * count / max(labelled, 1):6.2f}%")
     print(f"{'ignored (255)':>20} | {int(stats['values'][IGNORE_INDEX]):>12} |")
     if absent and stats["values"].any():
-        never = f"{len(absent)} of {info.num_classes} classes never occur: {', '.join(absent)}"
         print(f"warning: {split}: {never}", file=sys.stderr)
-    if info.num_classes == 2 and absent == [info.class_names[1]] and stats["values"][IGNORE_INDEX]:
-        fix = "if 255 marks your foreground, write it as 1 (tools/map_labels.py)"
-        print(
-            f"warning: {split}: labels hold only 0 and 255, and 255 is the ignore value: {fix}",
-            file=sys.stderr,
-        )
+    if only_0_and_255(info, stats["values"]):
+        fix = f"{FOREGROUND_FIX} (tools/map_labels.py)"
+        print(f"warning: {split}: {ONLY_0_AND_255}: {fix}", file=sys.stderr)
     part = {
         "images": stats["images"],
         "sizes": stats["sizes"],
