@@ -26,25 +26,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+import datasets
 import workdir
 from bisenet import BATCH_OF_TWO, RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import initial_weights, load_backbone, restore
 from cityscapes import detect_dataset, open_dataset
-from datasets import (
-    IGNORE_INDEX,
-    DataError,
-    TrainTransform,
-    read_image,
-    training_label_counts,
-    training_loader,
-)
+from datasets import IGNORE_INDEX, DataError, TrainTransform, read_image
 from device import setup_runtime, sgd, teardown_runtime
 
-# Every recipe: its model, images, lr and length for one device, and what else it changes from the
-# flags' defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs
-# on N devices: "lr" keeps the images per device and multiplies lr by N (linear scaling: Ascend's
-# 8 x 8 images at lr 0.2); "batch" keeps the images in all and splits them, lr unchanged (mmseg's
-# R18: 16 images at lr 0.025 on any count).
+# Every recipe: its model, images, lr and length on one device, and what else it changes from the
+# flags' defaults (Ascend ModelZoo's schedule and augmentation). `scale`, on N devices: "lr" keeps
+# the images per device and multiplies lr by N (linear scaling: Ascend's 8 x 8 images at lr 0.2);
+# "batch" splits the images in all, lr unchanged (mmseg's R18: 16 images at lr 0.025 on any count).
 RECIPES = {
     "ascend_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "mmseg_r18": dict(
@@ -79,8 +72,7 @@ RECIPES = {
         amp="O0",
     ),
 }
-# Ascend ModelZoo's throughput run of a recipe
-PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)
+PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZoo's throughput run
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("ascend_r50", "mmseg_r18")}
 EARLIER_NAMES = {"seed_r50": "ascend_r50", "seed_r50_perf": "ascend_r50_perf", "r18": "mmseg_r18"}
 EARLIER_NAMES["r18_perf"] = "mmseg_r18_perf"
@@ -113,9 +105,7 @@ def add_model_flags(p):
     classes = "a check: the class count comes from the dataset (Cityscapes 19, classes.txt)"
     model.add_argument("--num-classes", type=cli.integer(2, 255), help=classes)
     dropout = cli.real(0, 1, high_open=True)
-    model.add_argument(
-        "--dropout", type=dropout, default=0.1, help="before each classifier (mmseg)"
-    )
+    model.add_argument("--dropout", type=dropout, default=0.1, help="before classifiers (mmseg)")
     model.add_argument("--load-from", help="initial weights: any checkpoint evaluate.py reads")
     model.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision's), path or URL")
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (nccl, hccl)")
@@ -137,8 +127,7 @@ def add_schedule_flags(p):
     s.add_argument("--weight-decay", type=cli.real(0), default=5e-4, help="SGD")
     s.add_argument("--warmup-iters", type=cli.integer(0), default=1000, help="iterations")
     s.add_argument("--warmup", default="linear", choices=("linear", "exp"), help="its shape")
-    schedules = "mmcv: poly over all iterations x warmup (Ascend ModelZoo's); "
-    schedules += "mmengine: warmup, then poly (mmseg 1.x)"
+    schedules = "mmcv: poly x warmup (Ascend ModelZoo's); mmengine: warmup, then poly (mmseg 1.x)"
     s.add_argument("--lr-schedule", default="mmcv", choices=("mmcv", "mmengine"), help=schedules)
     s.add_argument("--warmup-ratio", type=SHARE, default=0.1, help="warmup's first lr / lr")
     s.add_argument("--poly-power", type=cli.real(0), default=0.9, help="poly decay's exponent")
@@ -223,9 +212,8 @@ def learning_rate(
     schedule="mmcv",
 ):
     """The lr at 0-based iteration `it`. mmcv (Ascend ModelZoo's, mmseg 0.x): poly over all
-    iterations, times the warmup factor while warming up. mmengine (mmseg 1.x's configs):
-    LinearLR from warmup_ratio to 1 over the warmup, then PolyLR from base_lr over the iterations
-    after it."""
+    iterations, times the warmup factor while warming up. mmengine (mmseg 1.x's configs): LinearLR
+    from warmup_ratio to 1 over the warmup, then PolyLR from base_lr over the iterations left."""
     if schedule == "mmengine":
         if it < warmup_iters:  # LinearLR(begin=0, end=W) reaches 1 at W - 1
             return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
@@ -241,13 +229,11 @@ def learning_rate(
 
 def ohem_cross_entropy(logits, labels, *, thresh, weight=None):
     """CoinCheung's OHEM: mean loss of the pixels harder than -log(thresh), at least labelled/16."""
-    loss = F.cross_entropy(
-        logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
-    ).flatten()
+    loss = F.cross_entropy(logits, labels, weight, ignore_index=IGNORE_INDEX, reduction="none")
     n_min = int((labels != IGNORE_INDEX).sum()) // 16
     hard = loss[loss > -math.log(thresh)]
     if hard.numel() < n_min:
-        hard = loss.topk(n_min).values
+        hard = loss.flatten().topk(n_min).values
     return hard.mean() if hard.numel() else loss.sum() * 0  # no labelled pixel: adds nothing
 
 
@@ -257,7 +243,7 @@ def segmentation_loss(
     *,
     loss_type="ce",
     ohem_thresh=0.7,
-    aux_weight=1,
+    aux_weight=1.0,
     normalise="all",
     class_weight=None,
 ):
@@ -280,10 +266,9 @@ def segmentation_loss(
 
 
 def class_weights(spec, counts, num_classes, runtime, resumed):
-    """--class-weight as a tensor on the device, or None: a text file of one weight per class, or
-    auto: ENet's 1 / ln(1.02 + p) of each class's share p of the labelled training pixels (rank
-    0's histogram, sent to all). A resumed run keeps the weights it began with (`resumed`): auto
-    is never recomputed, and a file that changed since is refused."""
+    """--class-weight as a tensor on the device, or None. auto: ENet's 1 / ln(1.02 + p) of each
+    class's share p of the labelled training pixels (rank 0's histogram, sent to all). A resumed run
+    keeps its first weights (`resumed`): auto is never recomputed, a changed file is refused."""
     if spec is None:
         return None
     if spec == "auto":
@@ -362,10 +347,8 @@ def build_runtime(args):
         tqdm.write(runtime.device_note)
     runtime.check_options(compile=args.compile, channels_last=args.channels_last)
     if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
-        precision = f"this run computes in {runtime.precision(args.amp)}, which has no loss scaling"
-        raise cli.UsageError(
-            f"--loss-scale {args.loss_scale:g}: {precision}; leave --loss-scale out"
-        )
+        why = f"this run computes in {runtime.precision(args.amp)}, which has no loss scaling"
+        raise cli.UsageError(f"--loss-scale {args.loss_scale:g}: {why}; leave --loss-scale out")
     if args.sync_bn and runtime.distributed and runtime.backend == "gloo":
         raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
@@ -452,15 +435,14 @@ def label_counts(args, dataset, work_dir, run_log):
     if not run_log.enabled:
         return None
     cache, processes = work_dir / "label_histogram.json", max(args.workers, 1)
-    return training_label_counts(
+    return datasets.training_label_counts(
         dataset, cache, source=args.data_root, processes=processes, log=run_log.message
     )
 
 
 def train(args):
-    """Builds the run (runtime, data, work dir, objective, model), then runs it. A stop signal
-    ends it with its line from the start; the signal handlers, the log, the work dir's lock and
-    the process group are released however it ends."""
+    """Builds the run, then runs it. A stop signal ends it with its line from the start; the signal
+    handlers, the log, the work dir's lock and the process group are released however it ends."""
     work_dir = Path(args.work_dir)
     with contextlib.ExitStack() as cleanup:
         preemption = cleanup.enter_context(workdir.Preemption(work_dir))
@@ -528,7 +510,7 @@ def run_loop(args, runtime, state, loss_fn, dataset, run_log, hooks):
     autocast = functools.partial(runtime.autocast, args.amp)
     span = dict(start=start, iters=args.iters)
     batches = dict(batch_size=args.batch_size, workers=args.workers, seed=args.seed)
-    loader = training_loader(dataset, **batches, **span, runtime=runtime)
+    loader = datasets.training_loader(dataset, **batches, **span, runtime=runtime)
     per_iter = args.batch_size * runtime.world_size
     progress = workdir.Progress(
         run_log, interval=args.log_interval, **span, images_per_iter=per_iter
