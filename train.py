@@ -258,8 +258,9 @@ def segmentation_loss(
         ce = F.cross_entropy(
             logits, labels, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)  # none labelled: loss 0
-        return ce / (labelled if normalise == "valid" else labels.numel())
+        if normalise == "valid":  # no labelled pixel: loss 0
+            return ce / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return ce / labels.numel()
 
     main, *auxiliary = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in auxiliary)
@@ -449,8 +450,9 @@ def train(args):
         runtime = build_runtime(args)
         cleanup.callback(teardown_runtime, runtime)
         dataset, val_set = build_data(args)
-        opened = workdir.open_work_dir(work_dir, args.resume, runtime=runtime, log=tqdm.write)
-        lock, checkpoint, resumed_from = opened
+        lock, checkpoint, resumed_from = workdir.open_work_dir(
+            work_dir, args.resume, runtime=runtime, log=tqdm.write
+        )
         if lock:
             cleanup.callback(lock.close)
         run_log = cleanup.enter_context(workdir.RunLog(work_dir, runtime.is_main))
