@@ -26,25 +26,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import cli
+import datasets
 import workdir
 from bisenet import BATCH_OF_TWO, RESNET_LAYOUTS, BiSeNetV1, ModelConfig
 from checkpoints import initial_weights, load_backbone, restore
 from cityscapes import detect_dataset, open_dataset
-from datasets import (
-    IGNORE_INDEX,
-    DataError,
-    TrainTransform,
-    read_image,
-    training_label_counts,
-    training_loader,
-)
+from datasets import IGNORE_INDEX, DataError, TrainTransform, read_image
 from device import setup_runtime, sgd, teardown_runtime
 
-# Every recipe: its model, images, lr and length for one device, and what else it changes from the
-# flags' defaults (which are Ascend ModelZoo's schedule and augmentation). `scale` says how it runs
-# on N devices: "lr" keeps the images per device and multiplies lr by N (linear scaling: Ascend's
-# 8 x 8 images at lr 0.2); "batch" keeps the images in all and splits them, lr unchanged (mmseg's
-# R18: 16 images at lr 0.025 on any count).
+# Every recipe: its model, images, lr and length on one device, and what else it changes from the
+# flags' defaults (Ascend ModelZoo's schedule and augmentation). `scale`, on N devices: "lr" keeps
+# the images per device and multiplies lr by N (linear scaling: Ascend's 8 x 8 images at lr 0.2);
+# "batch" splits the images in all, lr unchanged (mmseg's R18: 16 images at lr 0.025 on any count).
 RECIPES = {
     "ascend_r50": dict(depth=50, batch_size=8, lr=0.025, iters=40000, scale="lr"),
     "mmseg_r18": dict(
@@ -79,8 +72,7 @@ RECIPES = {
         amp="O0",
     ),
 }
-# Ascend ModelZoo's throughput run of a recipe
-PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)
+PERF_RUN = dict(iters=400, no_validate=True, ckpt_interval=400)  # Ascend ModelZoo's throughput run
 RECIPES |= {f"{name}_perf": {**RECIPES[name], **PERF_RUN} for name in ("ascend_r50", "mmseg_r18")}
 EARLIER_NAMES = {"seed_r50": "ascend_r50", "seed_r50_perf": "ascend_r50_perf", "r18": "mmseg_r18"}
 EARLIER_NAMES["r18_perf"] = "mmseg_r18_perf"
@@ -90,6 +82,7 @@ RECIPE_FLAGS = """batch_size crop scale_range cat_max_ratio iters lr momentum we
     warmup_iters warmup warmup_ratio lr_schedule poly_power min_lr loss loss_normalise ohem_thresh
     aux_weight class_weight amp amp_dtype loss_scale seed diff_seed sync_bn world_size
     data_root""".split()
+SHARE = cli.real(0, 1, low_open=True)  # a value in (0, 1]
 
 
 def recipe_settings(name, devices):
@@ -108,34 +101,21 @@ def recipe_settings(name, devices):
 
 def add_model_flags(p):
     model = p.add_argument_group("model")
-    model.add_argument(
-        "--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="ResNet context path"
-    )
+    model.add_argument("--depth", type=int, choices=sorted(RESNET_LAYOUTS), help="ResNet depth")
     classes = "a check: the class count comes from the dataset (Cityscapes 19, classes.txt)"
     model.add_argument("--num-classes", type=cli.integer(2, 255), help=classes)
     dropout = cli.real(0, 1, high_open=True)
-    model.add_argument(
-        "--dropout", type=dropout, default=0.1, help="before each head's classifier (mmseg)"
-    )
+    model.add_argument("--dropout", type=dropout, default=0.1, help="before classifiers (mmseg)")
     model.add_argument("--load-from", help="initial weights: any checkpoint evaluate.py reads")
-    model.add_argument(
-        "--pretrained", help="ImageNet ResNet weights (torchvision format), path or URL"
-    )
-    model.add_argument(
-        "--sync-bn", action="store_true", help="SyncBatchNorm across devices (nccl, hccl)"
-    )
+    model.add_argument("--pretrained", help="ImageNet ResNet weights (torchvision's), path or URL")
+    model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (nccl, hccl)")
     data = p.add_argument_group("batches and augmentation")
     data.add_argument("--batch-size", type=cli.integer(1), help="images per device")
     data.add_argument("--crop", type=cli.size, default="1024x1024", help="HxW")
-    data.add_argument(
-        "--scale-range", type=cli.ratios(2), default="0.5,2.0", help="random rescale ratios"
-    )
+    data.add_argument("--scale-range", type=cli.ratios(2), default="0.5,2.0", help="rescale ratios")
     ratio = "a crop is drawn again (up to 10 times) while one class covers more than this share"
-    data.add_argument(
-        "--cat-max-ratio", type=cli.real(0, 1, low_open=True), default=0.75, help=ratio
-    )
-    workers = "data loading processes per device"
-    data.add_argument("--workers", type=cli.integer(0), default=4, help=workers)
+    data.add_argument("--cat-max-ratio", type=SHARE, default=0.75, help=ratio)
+    data.add_argument("--workers", type=cli.integer(0), default=4, help="loaders per device")
 
 
 def add_schedule_flags(p):
@@ -146,46 +126,27 @@ def add_schedule_flags(p):
     s.add_argument("--momentum", type=cli.real(0, 1), default=0.9, help="SGD")
     s.add_argument("--weight-decay", type=cli.real(0), default=5e-4, help="SGD")
     s.add_argument("--warmup-iters", type=cli.integer(0), default=1000, help="iterations")
-    s.add_argument(
-        "--warmup", default="linear", choices=("linear", "exp"), help="the warmup's shape"
-    )
-    schedules = "mmcv: poly over all iterations x warmup (Ascend ModelZoo's); "
-    schedules += "mmengine: warmup, then poly (mmseg 1.x)"
+    s.add_argument("--warmup", default="linear", choices=("linear", "exp"), help="its shape")
+    schedules = "mmcv: poly x warmup (Ascend ModelZoo's); mmengine: warmup, then poly (mmseg 1.x)"
     s.add_argument("--lr-schedule", default="mmcv", choices=("mmcv", "mmengine"), help=schedules)
-    s.add_argument(
-        "--warmup-ratio",
-        type=cli.real(0, 1, low_open=True),
-        default=0.1,
-        help="warmup's first lr / lr",
-    )
+    s.add_argument("--warmup-ratio", type=SHARE, default=0.1, help="warmup's first lr / lr")
     s.add_argument("--poly-power", type=cli.real(0), default=0.9, help="poly decay's exponent")
     s.add_argument("--min-lr", type=cli.real(0), default=1e-4, help="the lr poly decays to")
-    s.add_argument(
-        "--loss", default="ce", choices=("ce", "ohem"), help="ohem: CoinCheung's hard pixels"
-    )
-    s.add_argument(
-        "--ohem-thresh", type=cli.real(0, 1, low_open=True), default=0.7, help="OHEM's probability"
-    )
-    s.add_argument(
-        "--aux-weight", type=cli.real(0), default=1.0, help="each auxiliary head's loss weight"
-    )
-    weights = "CE weight per class: a text file of one number per class, "
-    weights += "or auto (ENet's 1/ln(1.02 + share))"
+    s.add_argument("--loss", default="ce", choices=("ce", "ohem"), help="ohem: CoinCheung's")
+    s.add_argument("--ohem-thresh", type=SHARE, default=0.7, help="OHEM's probability")
+    s.add_argument("--aux-weight", type=cli.real(0), default=1.0, help="aux heads' loss weight")
+    weights = "CE class weights: a file of one number per class, or auto: ENet's 1/ln(1.02 + share)"
     s.add_argument("--class-weight", help=weights)
     divisor = "CE's divisor: every pixel (Ascend ModelZoo's and mmseg's), or the labelled ones"
     s.add_argument("--loss-normalise", choices=("all", "valid"), help=divisor)
     s.add_argument("--seed", type=cli.integer(0), default=36436756, help="the random seed")
-    diff = "different dropout seed per rank"
-    s.add_argument("--diff-seed", "--diff_seed", dest="diff_seed", action="store_true", help=diff)
+    s.add_argument("--diff-seed", "--diff_seed", action="store_true", help="dropout seed per rank")
 
 
 def add_run_flags(p):
     run = p.add_argument_group("run")
-    run.add_argument(
-        "--work-dir", default="work_dirs/bisenetv1", help="checkpoints, log and pictures"
-    )
-    resume = "continue the run in --work-dir from its newest checkpoint, if it has one"
-    run.add_argument("--resume", action="store_true", help=resume)
+    run.add_argument("--work-dir", default="work_dirs/bisenetv1", help="checkpoints, log, pictures")
+    run.add_argument("--resume", action="store_true", help="continue --work-dir's run, if any")
     keep = "keep only the newest N iter_N.pth (0: all); best.pth is always kept"
     run.add_argument("--keep-checkpoints", type=cli.integer(0), default=0, help=keep)
     run.add_argument("--no-validate", action="store_true", help="no val mIoU during training")
@@ -201,47 +162,32 @@ def add_run_flags(p):
 
 
 def parse_args(argv=None):
-    """The recipe's values become the defaults (scaled to this launch's WORLD_SIZE), then the
-    command line."""
-    pre = cli.ArgumentParser(
-        add_help=False
-    )  # reads --recipe first, so that -h shows the recipe's values
+    """The recipe's values on this launch's WORLD_SIZE are the defaults; the command line wins."""
+    pre = cli.ArgumentParser(add_help=False)  # reads --recipe first, so -h shows its values
     names = sorted(RECIPES) + sorted(EARLIER_NAMES)
-    pre.add_argument(
-        "--recipe",
-        default="ascend_r50",
-        choices=names,
-        help="the published recipe; flags override it",
-    )
+    pre.add_argument("--recipe", default="ascend_r50", choices=names, help="flags override it")
     p = cli.ArgumentParser(__doc__, parents=[pre])
-    show = "print the recipe's settings for this launch as JSON and exit"
-    p.add_argument("--print-recipe", action="store_true", help=show)
+    p.add_argument("--print-recipe", action="store_true", help="print this launch's recipe as JSON")
     cli.add_data_flags(p)
     cli.add_device_flags(p)
     add_model_flags(p)
     add_schedule_flags(p)
     add_run_flags(p)
-    recipe = pre.parse_known_args(argv)[0].recipe
+    name = pre.parse_known_args(argv)[0].recipe
+    recipe = EARLIER_NAMES.get(name, name)
     try:
-        p.set_defaults(
-            **recipe_settings(
-                EARLIER_NAMES.get(recipe, recipe), int(os.environ.get("WORLD_SIZE", "1"))
-            )
-        )
+        p.set_defaults(**recipe_settings(recipe, int(os.environ.get("WORLD_SIZE", "1"))))
     except cli.UsageError as e:
         p.error(str(e))
     args = p.parse_args(argv)
-    args.recipe = EARLIER_NAMES.get(args.recipe, args.recipe)
+    args.recipe = recipe
     low, high = args.scale_range
     if low > high:
-        p.error(
-            f"argument --scale-range: {low:g},{high:g}: the smaller ratio comes first, e.g. 0.5,2.0"
-        )
+        order = "the smaller ratio comes first, e.g. 0.5,2.0"
+        p.error(f"argument --scale-range: {low:g},{high:g}: {order}")
     if args.loss == "ohem" and args.loss_normalise:
-        p.error(
-            "argument --loss-normalise: OHEM averages over the hard pixels it keeps; "
-            "--loss-normalise applies to --loss ce"
-        )
+        ohem = "OHEM averages over the hard pixels it keeps; --loss-normalise applies to --loss ce"
+        p.error(f"argument --loss-normalise: {ohem}")
     args.loss_normalise = args.loss_normalise or "all"
     if args.lr_schedule == "mmengine" and args.warmup == "exp":
         fix = "use --lr-schedule mmcv for an exponential warmup"
@@ -266,9 +212,8 @@ def learning_rate(
     schedule="mmcv",
 ):
     """The lr at 0-based iteration `it`. mmcv (Ascend ModelZoo's, mmseg 0.x): poly over all
-    iterations, times the warmup factor while warming up. mmengine (mmseg 1.x's configs):
-    LinearLR from warmup_ratio to 1 over the warmup, then PolyLR from base_lr over the iterations
-    after it."""
+    iterations, times the warmup factor while warming up. mmengine (mmseg 1.x's configs): LinearLR
+    from warmup_ratio to 1 over the warmup, then PolyLR from base_lr over the iterations left."""
     if schedule == "mmengine":
         if it < warmup_iters:  # LinearLR(begin=0, end=W) reaches 1 at W - 1
             return base_lr * (warmup_ratio + (1 - warmup_ratio) * it / max(warmup_iters - 1, 1))
@@ -283,18 +228,13 @@ def learning_rate(
 
 
 def ohem_cross_entropy(logits, labels, *, thresh, weight=None):
-    """CoinCheung's OHEM: mean loss of pixels harder than -log(thresh), at least a 16th of the
-    labelled ones."""
-    loss = F.cross_entropy(
-        logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="none"
-    ).flatten()
+    """CoinCheung's OHEM: mean loss of the pixels harder than -log(thresh), at least labelled/16."""
+    loss = F.cross_entropy(logits, labels, weight, ignore_index=IGNORE_INDEX, reduction="none")
     n_min = int((labels != IGNORE_INDEX).sum()) // 16
     hard = loss[loss > -math.log(thresh)]
     if hard.numel() < n_min:
-        hard = loss.topk(n_min).values
-    return (
-        hard.mean() if hard.numel() else loss.sum() * 0
-    )  # a batch without labelled pixels adds nothing
+        hard = loss.flatten().topk(n_min).values
+    return hard.mean() if hard.numel() else loss.sum() * 0  # no labelled pixel: adds nothing
 
 
 def segmentation_loss(
@@ -315,24 +255,21 @@ def segmentation_loss(
     def head_loss(logits):
         if loss_type == "ohem":
             return ohem_cross_entropy(logits, labels, thresh=ohem_thresh, weight=class_weight)
-        # no labelled pixel: loss 0
-        pixels = (
-            (labels != IGNORE_INDEX).sum().clamp(min=1) if normalise == "valid" else labels.numel()
-        )
         ce = F.cross_entropy(
             logits, labels, weight=class_weight, ignore_index=IGNORE_INDEX, reduction="sum"
         )
-        return ce / pixels
+        if normalise == "valid":  # no labelled pixel: loss 0
+            return ce / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return ce / labels.numel()
 
     main, *auxiliary = outputs
     return head_loss(main) + aux_weight * sum(head_loss(a) for a in auxiliary)
 
 
-def class_weights(spec, counts, num_classes, *, runtime, resumed):
-    """--class-weight as a tensor on the device, or None: a text file of one weight per class, or
-    auto: ENet's 1 / ln(1.02 + p) of each class's share p of the labelled training pixels (rank
-    0's histogram, sent to all). A resumed run keeps the weights it began with (`resumed`): auto
-    is never recomputed, and a file that changed since is refused."""
+def class_weights(spec, counts, num_classes, runtime, resumed):
+    """--class-weight as a tensor on the device, or None. auto: ENet's 1 / ln(1.02 + p) of each
+    class's share p of the labelled training pixels (rank 0's histogram, sent to all). A resumed run
+    keeps its first weights (`resumed`): auto is never recomputed, a changed file is refused."""
     if spec is None:
         return None
     if spec == "auto":
@@ -344,36 +281,22 @@ def class_weights(spec, counts, num_classes, *, runtime, resumed):
     try:
         weights = torch.tensor([float(v) for v in Path(spec).read_text().replace(",", " ").split()])
     except (OSError, ValueError) as e:
-        fix = f"pass a text file of {num_classes} numbers, or auto"
-        raise cli.UsageError(
-            f"--class-weight {spec}: cannot read it ({cli.first_line(e)}); {fix}"
-        ) from None
-    if len(weights) != num_classes or not (
-        weights.isfinite().all() and (weights >= 0).all() and weights.any()
-    ):
+        error, fix = cli.first_line(e), f"pass a text file of {num_classes} numbers, or auto"
+        raise cli.UsageError(f"--class-weight {spec}: cannot read it ({error}); {fix}") from None
+    usable = weights.isfinite().all() and (weights >= 0).all() and weights.any()
+    if len(weights) != num_classes or not usable:
         expected = f"expected {num_classes} finite weights >= 0, not all 0 (one per class)"
         raise cli.UsageError(f"--class-weight {spec}: {expected}; got {len(weights)} values")
     if resumed and weights.tolist() != resumed:
         fix = "restore the file, or start a new run from its weights with --load-from"
-        raise cli.UsageError(
-            f"--class-weight {spec}: changed since the run began "
-            f"({resumed} -> {weights.tolist()}); {fix}"
-        )
+        changed = f"changed since the run began ({resumed} -> {weights.tolist()})"
+        raise cli.UsageError(f"--class-weight {spec}: {changed}; {fix}")
     return weights.to(runtime.device)
 
 
 # -- Model -----------------------------------------------------------------------------------------
 def create_model(
-    runtime,
-    *,
-    depth,
-    num_classes,
-    dropout,
-    channels_last,
-    load_from=None,
-    pretrained=None,
-    sync_bn=False,
-    log=print,
+    runtime, *, depth, num_classes, dropout, channels_last, load_from=None, pretrained=None, log
 ):
     config, state = ModelConfig(depth, num_classes, dropout=dropout), None
     if load_from:
@@ -383,27 +306,19 @@ def create_model(
         model.load_state_dict(state, strict=False)
     if pretrained:
         load_backbone(model, pretrained, log=log)
-    if sync_bn and runtime.distributed:
-        if runtime.backend == "gloo":
-            raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(
-        runtime.device,
-        memory_format=torch.channels_last if channels_last else torch.preserve_format,
-    )
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    return model.to(runtime.device, memory_format=layout)
 
 
 def data_parallel(model, runtime):
-    """Buffers stay per rank, as in Ascend's port and mmengine; validation first shares rank 0's
-    (share_buffers)."""
+    """Buffers stay per rank (Ascend's port, mmengine); validation first shares rank 0's."""
     return nn.parallel.DistributedDataParallel(
         model, device_ids=runtime.ddp_device_ids, broadcast_buffers=False
     )
 
 
 def train_step(model, optimizer, *, scaler, images, labels, loss_fn, autocast):
-    """One SGD step. loss_fn(outputs, labels) -> loss; autocast() -> the precision context
-    (Runtime.autocast)."""
+    """One SGD step; loss_fn(outputs, labels) -> loss, autocast() -> the precision context."""
     with autocast():
         outputs = model(images)
     loss = loss_fn(outputs, labels)
@@ -433,10 +348,10 @@ def build_runtime(args):
         tqdm.write(runtime.device_note)
     runtime.check_options(compile=args.compile, channels_last=args.channels_last)
     if args.loss_scale and not runtime.grad_scaler(args.amp).is_enabled():
-        precision = f"this run computes in {runtime.precision(args.amp)}, which has no loss scaling"
-        raise cli.UsageError(
-            f"--loss-scale {args.loss_scale:g}: {precision}; leave --loss-scale out"
-        )
+        why = f"this run computes in {runtime.precision(args.amp)}, which has no loss scaling"
+        raise cli.UsageError(f"--loss-scale {args.loss_scale:g}: {why}; leave --loss-scale out")
+    if args.sync_bn and runtime.distributed and runtime.backend == "gloo":
+        raise cli.UsageError("--sync-bn needs nccl or hccl; gloo (CPU) has no SyncBatchNorm")
     if args.batch_size < 2 and not (args.sync_bn and runtime.distributed):
         raise cli.UsageError(f"--batch-size 1: {BATCH_OF_TWO}")
     return runtime
@@ -457,74 +372,55 @@ def build_data(args):
     if args.num_classes is not None and args.num_classes != info.num_classes:
         has = f"{args.data_root} ({info.name}) has {info.num_classes} classes"
         raise cli.UsageError(f"--num-classes {args.num_classes}: {has}; leave --num-classes out")
-    val_set = (
-        None if args.no_validate else open_dataset(args.data_root, "val", dataset_type=args.dataset)
-    )
-    return dataset, val_set
+    if args.no_validate:
+        return dataset, None
+    return dataset, open_dataset(args.data_root, "val", dataset_type=args.dataset)
 
 
-def build_state(args, runtime, info, *, checkpoint, resumed_from, log):
-    """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as the resumed
-    checkpoint left them."""
+def build_state(args, runtime, info, checkpoint, resumed_from, log):
+    """(model, optimizer, scaler, first iteration, best mIoU): fresh, or as checkpoint left them."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    model = create_model(
-        runtime,
-        depth=args.depth,
-        num_classes=info.num_classes,
-        dropout=args.dropout,
-        channels_last=trains_channels_last(args, runtime),
-        load_from=args.load_from,
-        pretrained=args.pretrained,
-        sync_bn=args.sync_bn,
-        log=log,
-    )
-    optimizer = sgd(
-        model.parameters(),
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        kernel=runtime.sgd_kernel,
-    )
+    shape = dict(depth=args.depth, num_classes=info.num_classes, dropout=args.dropout)
+    initial = dict(load_from=args.load_from, pretrained=args.pretrained)
+    layout = trains_channels_last(args, runtime)
+    model = create_model(runtime, **shape, **initial, channels_last=layout, log=log)
+    if args.sync_bn and runtime.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sgd_settings = dict(momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = sgd(model.parameters(), lr=args.lr, **sgd_settings, kernel=runtime.sgd_kernel)
     scaler = runtime.grad_scaler(args.amp, args.loss_scale)
     start, best = 0, None
     if checkpoint is not None:
         state = dict(model=model, optimizer=optimizer, scaler=scaler, runtime=runtime, info=info)
         start, best = restore(checkpoint, resumed_from, **state)
-        best = (
-            best if best is not None and math.isfinite(best) else None
-        )  # earlier versions saved a NaN best
+        best = best if best is not None and math.isfinite(best) else None  # older runs saved NaN
         if start > args.iters:
             at = f"the run in {args.work_dir} is at iteration {start} already"
-            raise cli.UsageError(
-                f"--iters {args.iters}: {at}; pass --iters above {start} to train on"
-            )
+            fix = f"pass --iters above {start} to train on"
+            raise cli.UsageError(f"--iters {args.iters}: {at}; {fix}")
         complete = ": it is complete, nothing to train" if start == args.iters else ""
         log(f"resumed from {resumed_from.resolve()} at iteration {start}{complete}")
         current = {**vars(args), "world_size": runtime.world_size}
         changes = workdir.changed_settings(checkpoint.get("args", {}), current, RECIPE_FLAGS)
         if changes:
             log(f"warning: resuming with settings that differ from the run's: {changes}")
-    for group in (
-        optimizer.param_groups
-    ):  # a resumed run takes this command's values, not its optimizer state's
-        group.update(momentum=args.momentum, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:  # a resumed run takes this command's values, not its own
+        group.update(**sgd_settings)
     return model, optimizer, scaler, start, best
 
 
-def finish(args, runtime, *, progress, validation, checkpointer, step_check, run_log):
+def finish(args, runtime, progress, run_log, hooks):
     """The JSON line a run ends with."""
-    result, best, checkpoint = validation.result, checkpointer.best, checkpointer.path
+    result, best = hooks["validation"].result, hooks["checkpointer"].best
+    checkpoint = hooks["checkpointer"].path
     miou = round(result["mIoU"], 2) if result and math.isfinite(result["mIoU"]) else None
     summary = {"iters": args.iters, **progress.summary(), "mIoU": miou}
     summary["best_mIoU"] = round(best, 2) if best is not None else None
     summary["checkpoint"] = str(checkpoint.resolve()) if checkpoint else None
-    summary |= {
-        "device": str(runtime.device),
-        "world_size": runtime.world_size,
-        "backend": runtime.backend,
-    }
-    summary |= {"amp": args.amp, "precision": runtime.precision(args.amp), "depth": args.depth}
-    summary["unlabelled_batches"] = step_check.unlabelled
+    summary |= {"device": str(runtime.device), "world_size": runtime.world_size}
+    summary |= {"backend": runtime.backend, "amp": args.amp}
+    summary |= {"precision": runtime.precision(args.amp), "depth": args.depth}
+    summary["unlabelled_batches"] = hooks["step_check"].unlabelled
     run_log.record({"iter": args.iters, "summary": summary})
     run_log.draw(wait=True)
     if runtime.is_main:
@@ -533,51 +429,39 @@ def finish(args, runtime, *, progress, validation, checkpointer, step_check, run
 
 
 def label_counts(args, dataset, work_dir, run_log):
-    """Says what the run trains on; on rank 0, the training labels' pixels per label value
-    (checked, cached)."""
+    """Says what the run trains on; on rank 0, the labels' pixels per value (checked, cached)."""
     info, layout = dataset.info, detect_dataset(args.data_root, args.dataset)
     images = f"{info.num_classes} classes, {len(dataset)} training images"
     run_log.message(f"dataset: {info.name} ({layout}), {images}")
     if not run_log.enabled:
         return None
     cache, processes = work_dir / "label_histogram.json", max(args.workers, 1)
-    return training_label_counts(
+    return datasets.training_label_counts(
         dataset, cache, source=args.data_root, processes=processes, log=run_log.message
     )
 
 
 def train(args):
-    """Builds the run (runtime, data, work dir, objective, model), then runs it. A stop signal
-    ends it with its line from the start; the signal handlers, the log, the work dir's lock and
-    the process group are released however it ends."""
+    """Builds the run, then runs it. A stop signal ends it with its line from the start; the signal
+    handlers, the log, the work dir's lock and the process group are released however it ends."""
     work_dir = Path(args.work_dir)
     with contextlib.ExitStack() as cleanup:
         preemption = cleanup.enter_context(workdir.Preemption(work_dir))
         runtime = build_runtime(args)
         cleanup.callback(teardown_runtime, runtime)
         dataset, val_set = build_data(args)
-        log = tqdm.write
         lock, checkpoint, resumed_from = workdir.open_work_dir(
-            work_dir, args.resume, runtime=runtime, log=log
+            work_dir, args.resume, runtime=runtime, log=tqdm.write
         )
         if lock:
             cleanup.callback(lock.close)
         run_log = cleanup.enter_context(workdir.RunLog(work_dir, runtime.is_main))
         counts = label_counts(args, dataset, work_dir, run_log)
         resumed = (checkpoint or {}).get("args", {}).get("class_weights")
-        num_classes = dataset.info.num_classes
-        weights = class_weights(
-            args.class_weight, counts, num_classes, runtime=runtime, resumed=resumed
-        )
+        info = dataset.info
+        weights = class_weights(args.class_weight, counts, info.num_classes, runtime, resumed)
         run_log.message(runtime.precision_note(args.amp))
-        state = build_state(
-            args,
-            runtime,
-            dataset.info,
-            checkpoint=checkpoint,
-            resumed_from=resumed_from,
-            log=run_log.message,
-        )
+        state = build_state(args, runtime, info, checkpoint, resumed_from, run_log.message)
         del checkpoint  # its tensors are in the model and optimizer now
         return run(
             args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log
@@ -585,130 +469,77 @@ def train(args):
 
 
 def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemption, run_log):
-    """The loop's periodic work, the loop, then the JSON line."""
+    """The loop's periodic work and loss, the loop, then the JSON line."""
     model, optimizer, scaler, start, best = state
     run_log.start(start)
+    work_dir = Path(args.work_dir)
     settings = {**vars(args), "world_size": runtime.world_size}
     settings["class_weights"] = None if weights is None else weights.tolist()
+    contents = dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=dataset.info)
+    every = dict(interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints)
+    resumed, log = dict(path=resumed_from, best=best), run_log.message
     checkpointer = workdir.Checkpointer(
-        Path(args.work_dir),
-        model,
-        contents=dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=dataset.info),
-        interval=args.ckpt_interval,
-        iters=args.iters,
-        keep=args.keep_checkpoints,
-        is_main=runtime.is_main,
-        log=run_log.message,
-        path=resumed_from,
-        best=best,
+        work_dir, model, contents=contents, **every, is_main=runtime.is_main, log=log, **resumed
     )
+    scoring = dict(runtime=runtime, amp=args.amp, workers=min(args.workers, 2))
+    every = dict(interval=args.val_interval, iters=args.iters)
     validation = workdir.Validation(
-        val_set,
-        model,
-        runtime=runtime,
-        amp=args.amp,
-        workers=min(args.workers, 2),
-        interval=args.val_interval,
-        iters=args.iters,
-        run_log=run_log,
-        checkpointer=checkpointer,
+        val_set, model, **scoring, **every, run_log=run_log, checkpointer=checkpointer
     )
-    step_check = workdir.StepCheck(
-        scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=Path(args.work_dir)
-    )
-    hooks = dict(step_check=step_check, checkpointer=checkpointer, validation=validation)
-    loss_fn = functools.partial(
-        segmentation_loss,
-        loss_type=args.loss,
-        ohem_thresh=args.ohem_thresh,
-        aux_weight=args.aux_weight,
-        normalise=args.loss_normalise,
-        class_weight=weights,
-    )
-    progress = run_loop(
-        args,
-        runtime,
-        model,
-        optimizer,
-        scaler,
-        loss_fn,
-        dataset,
-        start,
-        run_log,
-        preemption=preemption,
-        **hooks,
-    )
-    return finish(args, runtime, progress=progress, run_log=run_log, **hooks)
+    checks = dict(static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
+    hooks = dict(step_check=workdir.StepCheck(scaler, **checks), preemption=preemption)
+    hooks |= dict(checkpointer=checkpointer, validation=validation)
+    kind = dict(loss_type=args.loss, ohem_thresh=args.ohem_thresh, normalise=args.loss_normalise)
+    weighted = dict(aux_weight=args.aux_weight, class_weight=weights)
+    loss_fn = functools.partial(segmentation_loss, **kind, **weighted)
+    progress = run_loop(args, runtime, state, loss_fn, dataset, run_log, hooks)
+    return finish(args, runtime, progress, run_log, hooks)
 
 
-def run_loop(args, runtime, model, optimizer, scaler, loss_fn, dataset, start, run_log, **hooks):
+def run_loop(args, runtime, state, loss_fn, dataset, run_log, hooks):
     """One step per batch, then each periodic work (the checkpoint first: a validation that fails
     never costs the interval). Returns the workdir.Progress that timed it."""
+    model, optimizer, scaler, start, _ = state
     step_check, checkpointer = hooks["step_check"], hooks["checkpointer"]
     validation, preemption = hooks["validation"], hooks["preemption"]
-    schedule = lr_schedule(args)
+    schedule = dict(base_lr=args.lr, power=args.poly_power, schedule=args.lr_schedule)
+    named_alike = ("iters", "min_lr", "warmup_iters", "warmup", "warmup_ratio")
+    schedule |= {name: getattr(args, name) for name in named_alike}
+    lr_at = functools.partial(learning_rate, **schedule)
     stepped = data_parallel(model, runtime) if runtime.distributed else model
     stepped = torch.compile(stepped) if args.compile else stepped
-    loader = training_loader(
-        dataset,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        seed=args.seed,
-        start=start,
-        iters=args.iters,
-        runtime=runtime,
-    )
+    sgd_step = functools.partial(train_step, stepped, optimizer, scaler=scaler, loss_fn=loss_fn)
     autocast = functools.partial(runtime.autocast, args.amp)
-    layout = trains_channels_last(args, runtime)
-    images_per_iter = args.batch_size * runtime.world_size
+    span = dict(start=start, iters=args.iters)
+    batches = dict(batch_size=args.batch_size, workers=args.workers, seed=args.seed)
+    loader = datasets.training_loader(dataset, **batches, **span, runtime=runtime)
+    per_iter = args.batch_size * runtime.world_size
     progress = workdir.Progress(
-        run_log,
-        interval=args.log_interval,
-        start=start,
-        iters=args.iters,
-        images_per_iter=images_per_iter,
+        run_log, interval=args.log_interval, **span, images_per_iter=per_iter
     )
+    layout = trains_channels_last(args, runtime)
     it = start
     preemption.loop_begins()
     with progress.bar, stopping(runtime, checkpointer, preemption, lambda: it):
         tick = time.perf_counter()
         for it, batch in enumerate(loader, start):
-            data_time, lr = time.perf_counter() - tick, schedule(it)
+            data_time, lr = time.perf_counter() - tick, lr_at(it)
             torch.manual_seed(seed_for(args.seed, args.diff_seed, rank=runtime.rank, iteration=it))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             images = batch["image"].to(runtime.device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last) if layout else images
             labels = batch["label"].to(runtime.device, non_blocking=True).long()
-            step = dict(
-                scaler=scaler, images=images, labels=labels, loss_fn=loss_fn, autocast=autocast
-            )
-            loss = train_step(stepped, optimizer, **step).item()
+            loss = sgd_step(images=images, labels=labels, autocast=autocast).item()
             step_check.step(it, loss, labels)
-            progress.step(
-                it, loss=loss, lr=lr, data_time=data_time, step_time=time.perf_counter() - tick
-            )
+            step_time = time.perf_counter() - tick
+            progress.step(it, loss=loss, lr=lr, data_time=data_time, step_time=step_time)
             checkpointer.step(it)
             with workdir.saved_on_error(checkpointer, it):
                 validation.step(it)
             preemption.step(it, runtime, checkpointer)
             tick = time.perf_counter()
     return progress
-
-
-def lr_schedule(args):
-    """The lr of each iteration: learning_rate with this run's numbers."""
-    return functools.partial(
-        learning_rate,
-        base_lr=args.lr,
-        iters=args.iters,
-        min_lr=args.min_lr,
-        power=args.poly_power,
-        warmup_iters=args.warmup_iters,
-        warmup=args.warmup,
-        warmup_ratio=args.warmup_ratio,
-        schedule=args.lr_schedule,
-    )
 
 
 @contextlib.contextmanager
@@ -723,18 +554,14 @@ def stopping(runtime, checkpointer, preemption, iteration):
             sys.exit(128 + preemption.signum)
         raise
     except workdir.LogUnwritable as e:
-        with contextlib.suppress(
-            cli.Error, OSError
-        ):  # no room for it either: the last checkpoint stays
+        with contextlib.suppress(cli.Error, OSError):  # no room for it either: the last one stays
             checkpointer.step(iteration(), now=True)
-        raise workdir.TrainingError(
-            f"{e}, then run the same command with --resume. {saved()}"
-        ) from None
+        resume = f"then run the same command with --resume. {saved()}"
+        raise workdir.TrainingError(f"{e}, {resume}") from None
     except KeyboardInterrupt:
+        at = f"interrupted at iteration {iteration() + 1}"
         resume = f"{saved()} Run the same command with --resume to continue."
-        raise workdir.Stopped(
-            f"interrupted at iteration {iteration() + 1}; {resume}", signal.SIGINT
-        ) from None
+        raise workdir.Stopped(f"{at}; {resume}", signal.SIGINT) from None
 
 
 def main(argv=None):
@@ -745,9 +572,7 @@ def main(argv=None):
         return
     try:
         cli.main(train, args)
-    except (
-        SystemExit
-    ) as e:  # under run_8p.sh an error that a restart would repeat ends the group instead
+    except SystemExit as e:  # run_8p.sh: an error that a restart would repeat ends the group
         if e.code == 2 and (launcher := os.environ.get("BISENET_LAUNCHER_PID")):
             # leaves just after the launcher signalled every rank
             signal.signal(signal.SIGTERM, lambda *_: time.sleep(1) or sys.exit(2))
