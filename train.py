@@ -591,31 +591,25 @@ def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemptio
     settings = {**vars(args), "world_size": runtime.world_size}
     settings["class_weights"] = None if weights is None else weights.tolist()
     checkpointer = workdir.Checkpointer(
-        Path(args.work_dir),
+        run_log,
         model,
         contents=dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=dataset.info),
         interval=args.ckpt_interval,
         iters=args.iters,
         keep=args.keep_checkpoints,
-        is_main=runtime.is_main,
-        log=run_log.message,
         path=resumed_from,
         best=best,
     )
     validation = workdir.Validation(
         val_set,
         model,
+        checkpointer,
         runtime=runtime,
         amp=args.amp,
         workers=min(args.workers, 2),
         interval=args.val_interval,
-        iters=args.iters,
-        run_log=run_log,
-        checkpointer=checkpointer,
     )
-    step_check = workdir.StepCheck(
-        scaler, static_scale=args.loss_scale, run_log=run_log, work_dir=Path(args.work_dir)
-    )
+    step_check = workdir.StepCheck(scaler, run_log, static_scale=args.loss_scale)
     hooks = dict(step_check=step_check, checkpointer=checkpointer, validation=validation)
     loss_fn = functools.partial(
         segmentation_loss,
