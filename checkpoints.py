@@ -31,8 +31,7 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, or a pickle of more than weights
-        error = e
-    # why, without torch's advice of weights_only=False, which would run the file's code
+        error = e  # said below, without torch's advice of weights_only=False: it runs the file
     try:  # the Python classes its pickle would build: torch scans the file without running it
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint at all: nothing to scan
@@ -50,7 +49,8 @@ def read_checkpoint(path):
 
 def load_model(path):
     """(model in eval mode, the DatasetInfo of its classes) of our checkpoints, CoinCheung's
-    released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly."""
+    released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly. Weights saved without
+    a dataset description are Cityscapes' for 19 classes, else numbered classes of a VOC palette."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         kind = type(checkpoint).__name__
@@ -72,14 +72,9 @@ def load_model(path):
         where = f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})"
         fix = "it comes from a diverged run, use an earlier checkpoint"
         raise CheckpointError(f"{path}: {where}; {fix}")
-    return model.eval(), checkpoint_dataset(description, config.num_classes, source=path)
-
-
-def checkpoint_dataset(description, num_classes, *, source):
-    """The DatasetInfo of a dataset description saved with a checkpoint; without one, a 19-class
-    model is a Cityscapes one and others get numbered class names and a palette of their size."""
+    model, num_classes = model.eval(), config.num_classes
     if not description:
-        return CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
+        return model, CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
     try:
         palette = description.get("palette") or voc_palette(len(description["class_names"]))
         info = DatasetInfo.from_dict({**description, "palette": palette})
@@ -89,16 +84,15 @@ def checkpoint_dataset(description, num_classes, *, source):
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         malformed = f"its dataset description is malformed ({cli.first_line(e)})"
         fix = "re-save it, or load it with --load-from in train.py"
-        raise CheckpointError(f"{source}: {malformed}; {fix}") from None
+        raise CheckpointError(f"{path}: {malformed}; {fix}") from None
     if info.num_classes != num_classes:
         names = f"names {info.num_classes} classes, the model has {num_classes}"
-        raise CheckpointError(f"{source}: its dataset description {names}")
-    return info
+        raise CheckpointError(f"{path}: its dataset description {names}")
+    return model, info
 
 
 def load_backbone(model, source, *, log=print):
-    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached
-    by torch.hub)."""
+    """ImageNet ResNet weights in torchvision's layout (fc.* ignored), from a path or cached URL."""
     if re.match(r"^https?://", str(source)):
         try:
             state = torch.hub.load_state_dict_from_url(

@@ -1,12 +1,9 @@
 """A training run's work dir and its bookkeeping, so that no run is ever lost: one training process
 per work dir (a lock), the newest complete checkpoint to resume from, a log that only grows, and
 the loop's periodic work (progress, checkpoints, validation, stop signals), each a `.step(it)`.
-
-    work_dir/iter_N.pth   a complete training checkpoint after N iterations (model, optimizer...)
-    work_dir/latest.pth   a link to the newest iter_N.pth (hard where symbolic links are refused)
-    work_dir/best.pth     the checkpoint of the best validation mIoU
-    work_dir/log.jsonl    a JSON line per log interval and validation; the pictures come from it
-    work_dir/.lock        held by the training process that uses the work dir"""
+Its files: iter_N.pth (a complete training checkpoint after N iterations), latest.pth (a link to
+the newest, hard where symbolic links are refused), best.pth (of the best val mIoU), log.jsonl (a
+JSON line per log interval and validation: the pictures' source), .lock (held by train.py)."""
 
 import contextlib
 import errno
@@ -127,8 +124,7 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        # torch.save reports what went wrong in its Python file writes (ENOSPC, Ctrl-C) as a
-        # RuntimeError raised while handling it
+        # torch.save raises a RuntimeError while handling its file writes' ENOSPC or Ctrl-C
         chain, cause = [], e
         while cause is not None:
             chain.append(cause)
@@ -155,22 +151,6 @@ def point_latest(work_dir, target):
             os.link(target, temp)
 
 
-def latest_target(work_dir):
-    """The name latest.pth points to (None: no latest.pth), checked to be what train.py writes."""
-    latest = work_dir / "latest.pth"
-    if latest.is_symlink():
-        return os.readlink(latest)
-    if not latest.exists():
-        return None
-    if latest.is_file():
-        twins = [p.name for _, p in iteration_checkpoints(work_dir) if os.path.samefile(p, latest)]
-        if twins:
-            return twins[-1]
-    found = "directory" if latest.is_dir() else "file"
-    fix = "move it out of the work dir and resume"
-    raise WorkDirError(f"{latest}: expected the link train.py writes, found a {found}; {fix}")
-
-
 def work_dir_contents(work_dir):
     """What of an earlier run a work dir holds: 'iter_4.pth, best.pth, latest.pth -> iter_4.pth'."""
     names = [path.name for _, path in iteration_checkpoints(work_dir)]
@@ -185,12 +165,19 @@ def work_dir_contents(work_dir):
 
 
 def resume_point(work_dir):
-    """(checkpoint dict, path, note) to continue the run in work_dir from, or (None, None, None) for
-    an unused one. The newest iter_N.pth is the resume point whatever latest.pth says: a run killed
-    between writing iter_N.pth and relinking latest.pth goes on from its newest complete checkpoint.
-    A damaged newest checkpoint stops the run with its name (continuing from an older one would
-    later overwrite it)."""
-    saved, target = iteration_checkpoints(work_dir), latest_target(work_dir)
+    """(checkpoint dict, path, note) to continue the run in work_dir from (Nones: an unused one):
+    the newest iter_N.pth whatever latest.pth says, since a kill may come between writing one and
+    relinking the other. A damaged newest one stops the run: going on from an older one would
+    later overwrite it."""
+    saved, latest = iteration_checkpoints(work_dir), work_dir / "latest.pth"
+    target = os.readlink(latest) if latest.is_symlink() else None
+    if latest.exists() and not target:  # a hard link: the name of the iter_N.pth it is
+        twins = [p.name for _, p in saved if latest.is_file() and os.path.samefile(p, latest)]
+        if not twins:
+            found = "directory" if latest.is_dir() else "file"
+            expected = f"expected the link train.py writes, found a {found}"
+            raise WorkDirError(f"{latest}: {expected}; move it out of the work dir and resume")
+        target = twins[-1]
     if not saved:
         if contents := work_dir_contents(work_dir):  # best.pth or latest.pth without their run
             fix = "pass a new --work-dir, or move those files away to start over"
@@ -213,15 +200,14 @@ def resume_point(work_dir):
     if target is None:
         note = "latest.pth is missing"
     elif target != newest.name:
-        missing = "" if (work_dir / "latest.pth").exists() else ", which is missing"
+        missing = "" if latest.exists() else ", which is missing"
         note = f"latest.pth points to {target}{missing}"
     return checkpoint, newest, note
 
 
 def open_work_dir(work_dir, resume, *, runtime, log=print):
     """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds
-    the same resume checkpoint (None for a fresh run), reading the work dir that rank 0 writes
-    (shared storage across machines)."""
+    the same resume checkpoint (None for a fresh run) in the work dir rank 0 writes (shared)."""
     held = None
     if runtime.is_main:
         held = lock(work_dir)
@@ -241,15 +227,13 @@ def open_work_dir(work_dir, resume, *, runtime, log=print):
 
 
 def set_aside(work_dir):
-    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/, so that a fresh run
-    (one whose checkpoints were moved away) never cuts or replaces them. Returns the folder, or
-    None."""
+    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/ (returned), so that a
+    fresh run (one whose checkpoints were moved away) never cuts or replaces them."""
     if not (work_dir / "log.jsonl").exists():  # no earlier run: a tb/ set up for this one stays
         return None
     k = 1
-    while (work_dir / f"earlier_run_{k}").exists():
+    while (folder := work_dir / f"earlier_run_{k}").exists():
         k += 1
-    folder = work_dir / f"earlier_run_{k}"
     folder.mkdir()
     for name in RUN_FILES:
         if (work_dir / name).exists():
@@ -257,46 +241,38 @@ def set_aside(work_dir):
     return folder
 
 
-def read_log_lines(path, *, until, note):
-    """The lines of log.jsonl up to iteration `until`. A last line without its newline (a full
-    disk or a kill cut it short) is replayed by the resumed run; a garbled line is skipped, and
-    said."""
-    kept, garbled = [], []
-    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
-    for number, line in enumerate(lines, 1):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        if not isinstance(entry, dict):
-            garbled += [number] if line.endswith("\n") else []
-        elif line.endswith("\n") and entry.get("iter", 0) <= until:
-            kept.append(line)
-    if garbled:
-        note(f"warning: {path}: skipped {len(garbled)} garbled lines (first: line {garbled[0]})")
-    return kept
-
-
-class RunLog:
-    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars
-    if installed."""
+class RunLog(contextlib.AbstractContextManager):
+    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard's."""
 
     def __init__(self, work_dir, enabled):
         self.work_dir, self.enabled, self.path = work_dir, enabled, work_dir / "log.jsonl"
         self.file = self.writer = self.plotter = None
 
     def start(self, iteration):
-        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`:
-        what the stopped run logged after its checkpoint is replayed by this one, so those lines
-        give way to the replayed ones."""
+        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`,
+        replaying what the stopped run logged after its checkpoint: those lines give way, as does a
+        last line a full disk or a kill cut short. A garbled line is skipped, and said."""
         if not self.enabled:
             return
         try:
             if iteration == 0 and (folder := set_aside(self.work_dir)):
                 self.message(f"an earlier run's log and pictures were moved to {folder}")
-            lines = read_log_lines(self.path, until=iteration, note=self.message)
+            text = self.path.read_text(errors="replace") if self.path.exists() else ""
+            kept, garbled = [], []
+            for number, line in enumerate(text.splitlines(keepends=True), 1):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not isinstance(entry, dict):
+                    garbled += [number] if line.endswith("\n") else []
+                elif line.endswith("\n") and entry.get("iter", 0) <= iteration:
+                    kept.append(line)
+            if garbled:
+                skipped = f"skipped {len(garbled)} garbled lines (first: line {garbled[0]})"
+                self.message(f"warning: {self.path}: {skipped}")
             with atomic_write(self.path) as temp:
-                temp.write_text("".join(lines))
+                temp.write_text("".join(kept))
             self.file = open(self.path, "a")
             from torch.utils.tensorboard import SummaryWriter
 
@@ -332,9 +308,8 @@ class RunLog:
         return LogUnwritable(f"{self.work_dir}: {why}")
 
     def draw(self, *, wait=False):
-        """Redraws the run's pictures (tools/plot_run.py) in a process of their own, so that
-        training neither waits for matplotlib nor fails with it. At the end (wait) the drawing is
-        waited for, a failure said."""
+        """Redraws the run's pictures (tools/plot_run.py) in a process of their own: training
+        neither waits for matplotlib nor fails with it. At the end (wait) a failure is said."""
         drawing = self.plotter and self.plotter.poll() is None
         if not self.enabled or (drawing and not wait):
             return
@@ -349,9 +324,6 @@ class RunLog:
             said = said[-1] if said else f"exit code {self.plotter.returncode}"
             retry = f"python tools/plot_run.py {self.work_dir} retries"
             self.message(f"warning: the run's pictures were not drawn ({said}); {retry}")
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *error):
         """Closes the log whatever ended the run: on a full disk what is left unwritten was said."""
@@ -372,17 +344,14 @@ def due(it, interval, iters):
 
 
 class Progress:
-    """The progress bar every step, a log line every `interval` iterations and at the end;
-    training images per second and the share of time spent waiting for data, over the steps after
-    the first few (warm-up)."""
+    """The progress bar every step, a log line every `interval` iterations and at the end; images
+    per second and the share of time waiting for data, timed after the first (warm-up) steps."""
 
     def __init__(self, run_log, *, interval, start, iters, images_per_iter):
-        self.run_log, self.interval = run_log, interval
-        disabled = not run_log.enabled
-        self.bar = tqdm(
-            total=iters, initial=start, disable=disabled, dynamic_ncols=True, desc="train"
-        )
-        self.iters, self.images_per_iter = iters, images_per_iter
+        self.run_log, self.interval, self.iters = run_log, interval, iters
+        self.images_per_iter = images_per_iter
+        shown = dict(disable=not run_log.enabled, dynamic_ncols=True, desc="train")
+        self.bar = tqdm(total=iters, initial=start, **shown)
         self.first_timed = start + min(10, max((iters - start) // 10, 1))
         self.images, self.seconds, self.data_seconds = 0, 0.0, 0.0
 
@@ -401,28 +370,23 @@ class Progress:
             self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
 
     def summary(self):
-        if not self.seconds:
-            return {"train_fps": None, "data_wait_frac": None}
-        fps, wait = self.images / self.seconds, self.data_seconds / self.seconds
-        return {"train_fps": round(fps, 2), "data_wait_frac": round(wait, 3)}
+        fps = round(self.images / self.seconds, 2) if self.seconds else None
+        wait = round(self.data_seconds / self.seconds, 3) if self.seconds else None
+        return {"train_fps": fps, "data_wait_frac": wait}
 
 
 class Checkpointer:
-    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, old ones
-    pruned to `keep`; only rank 0 (the one that logs) writes. `contents`: what a checkpoint holds
-    besides the model; `best`: the best mIoU; `path`: the newest iteration checkpoint (the resumed
-    one until this run writes its own)."""
+    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, the oldest
+    beyond `keep` pruned; rank 0 (which logs) writes. `path`: the newest (at first the resumed)."""
 
     def __init__(self, run_log, model, *, contents, interval, iters, keep, path, best):
-        self.run_log, self.work_dir, self.is_main = run_log, run_log.work_dir, run_log.enabled
-        self.model, self.contents, self.best = model, contents, best
+        self.run_log, self.work_dir, self.model = run_log, run_log.work_dir, model
+        self.contents, self.best, self.path = contents, best, path
         self.interval, self.iters, self.keep = interval, iters, keep
-        self.path = path
 
     def save(self, path, iteration):
-        """Only finite weights are written: a diverged step must never replace the last good
-        checkpoint."""
-        if not self.is_main:
+        """Only finite weights: a diverged step must never replace the last good checkpoint."""
+        if not self.run_log.enabled:
             return
         state = self.model.state_dict()
         if bad := non_finite(state):
@@ -430,16 +394,15 @@ class Checkpointer:
             hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
             where = f"the weights hold NaN or inf after iteration {iteration} ({which})"
             raise CheckpointError(f"{where}, so {path.name} was not written: {hint}")
-        contents = self.contents
         checkpoint = {
             "model_config": self.model.config.to_dict(),
             "model": state,
-            "optimizer": contents["optimizer"].state_dict(),
-            "scaler": contents["scaler"].state_dict(),
+            "optimizer": self.contents["optimizer"].state_dict(),
+            "scaler": self.contents["scaler"].state_dict(),
             "iteration": iteration,
             "best_miou": self.best,
-            "args": contents["settings"],
-            "dataset": contents["dataset"].to_dict(),
+            "args": self.contents["settings"],
+            "dataset": self.contents["dataset"].to_dict(),
         }
         atomic_save(checkpoint, path)
 
@@ -449,7 +412,7 @@ class Checkpointer:
             return
         self.path = path
         self.save(path, it + 1)
-        if self.is_main:
+        if self.run_log.enabled:
             point_latest(self.work_dir, path)
             old = iteration_checkpoints(self.work_dir)[: -self.keep] if self.keep > 0 else []
             for _, removed in old:
@@ -457,20 +420,15 @@ class Checkpointer:
                 self.run_log.message(f"removed {removed.name} (--keep-checkpoints {self.keep})")
 
 
-class Preemption:
-    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1
-    (SLURM's --signal; not on Windows) stop the run. Before the loop a signal stops it at once;
-    in the loop every rank finishes its step, they agree on the iteration, rank 0 saves it, and
-    the run ends (Stopped)."""
+class Preemption(contextlib.AbstractContextManager):
+    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1 (SLURM's
+    --signal) stop the run: before the loop at once; in the loop every rank finishes its step, they
+    agree on the iteration, rank 0 saves it, and the run ends (Stopped)."""
 
     def __init__(self, work_dir):
         self.work_dir, self.signum, self.in_loop = work_dir, None, False
-        self.previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self.received)
-
-    def __enter__(self):
-        return self
+        # signal.signal returns the handler it replaces
+        self.previous = {signum: signal.signal(signum, self.received) for signum in STOP_SIGNALS}
 
     def __exit__(self, *error):
         """The handlers the process had before: a run inside a longer process ends its own."""
@@ -482,8 +440,7 @@ class Preemption:
         if self.in_loop:
             return
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # one of several ranks: the launcher, or the rank that failed, says why
-            sys.exit(128 + signum)
+            sys.exit(128 + signum)  # one of several ranks: the launcher or the failed rank says why
         name, saved = signal.Signals(signum).name, last_checkpoint_note(self.work_dir)
         raise Stopped(f"stopped by {name} before the first step. {saved}", signum)
 
@@ -525,8 +482,7 @@ def changed_settings(saved, current, names):
 
 @contextlib.contextmanager
 def saved_on_error(checkpointer, it):
-    """Risky periodic work (validation): an error there first saves the iteration reached, as a
-    stop does."""
+    """Risky periodic work (validation): an error there first saves the iteration reached."""
     try:
         yield
     except BaseException:
@@ -536,9 +492,8 @@ def saved_on_error(checkpointer, it):
 
 
 class StepCheck:
-    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back);
-    a non-finite loss anywhere else, or a scale below 1, ends the run with the last good
-    checkpoint kept."""
+    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a
+    non-finite loss otherwise, or a scale below 1, ends the run, the last good checkpoint kept."""
 
     def __init__(self, scaler, run_log, *, static_scale):
         self.scaler, self.run_log, self.static_scale = scaler, run_log, static_scale
@@ -571,9 +526,8 @@ class StepCheck:
 
 
 class Validation:
-    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics,
-    through the path evaluate.py scores a checkpoint with (BatchNorm folded): one checkpoint, one
-    number. A new best is saved as best.pth."""
+    """val mIoU every `interval` iterations and at the end, scored as evaluate.py scores the
+    checkpoint (rank 0's BatchNorm, folded): one checkpoint, one number. A new best is best.pth."""
 
     def __init__(self, val_set, model, checkpointer, *, runtime, amp, workers, interval):
         self.val_set, self.model, self.checkpointer = val_set, model, checkpointer
@@ -591,9 +545,8 @@ class Validation:
         miou, best = self.result["mIoU"], self.checkpointer.best
         improved = math.isfinite(miou) and (best is None or miou > best)
         best = self.checkpointer.best = miou if improved else best
-        shown = f"{miou:.2f} (ss whole)"
-        if not math.isfinite(miou):
-            shown = "undefined: no val pixel is labelled, so it is never a best"
+        undefined = "undefined: no val pixel is labelled, so it is never a best"
+        shown = f"{miou:.2f} (ss whole)" if math.isfinite(miou) else undefined
         best_text = "no best yet" if best is None else f"best {best:.2f}"
         run_log.message(f"iter {it + 1}: val mIoU {shown}, {best_text}")
         names, iou = self.val_set.info.class_names, self.result["iou"]
