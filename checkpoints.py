@@ -31,34 +31,26 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty, text, or a pickle of more than weights
-        raise CheckpointError(f"{path}: {unloadable(path, e)}") from None
-
-
-def unloadable(path, error):
-    """Why torch.load refused a file. torch's own text advises weights_only=False, which would run
-    the file's code: that advice is never passed on."""
+        error = e  # said below, without torch's advice of weights_only=False: it runs the file
     try:  # the Python classes its pickle would build: torch scans the file without running it
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint at all: nothing to scan
         unsafe = []
     if unsafe:
         objects = ", ".join(unsafe[:3])
-        return (
-            f"holds Python objects ({objects}) besides weights, which are never unpickled here; "
-            "re-save its state_dict"
-        )
+        never = "which are never unpickled here; re-save its state_dict"
+        raise CheckpointError(f"{path}: holds Python objects ({objects}) besides weights, {never}")
     kind = type(error).__name__
     detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(error))
     reason = detail[1][:200] if detail else cli.first_line(error, 200)
     reason = "" if "weights_only" in reason or reason == kind else f": {reason}"
-    return f"not a loadable PyTorch checkpoint ({kind}{reason})"
+    raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({kind}{reason})")
 
 
 def load_model(path):
     """(model in eval mode, the DatasetInfo of its classes) of our checkpoints, CoinCheung's
-    released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly. The classes: the
-    description saved with it, mmseg's meta, or for weights without one, Cityscapes for 19 classes
-    and numbered classes otherwise."""
+    released state dict or mmseg's {'state_dict', 'meta'}, loaded strictly. Weights saved without
+    a dataset description are Cityscapes' for 19 classes, else numbered classes of a VOC palette."""
     checkpoint = read_checkpoint(path)
     if not isinstance(checkpoint, dict):
         kind = type(checkpoint).__name__
@@ -74,22 +66,15 @@ def load_model(path):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(
-            f"{path}: weights do not fit the model: {cli.first_line(e)}"
-        ) from None
-    bad = non_finite(state)
-    if bad:
+        misfit = f"weights do not fit the model: {cli.first_line(e)}"
+        raise CheckpointError(f"{path}: {misfit}") from None
+    if bad := non_finite(state):
         where = f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})"
         fix = "it comes from a diverged run, use an earlier checkpoint"
         raise CheckpointError(f"{path}: {where}; {fix}")
-    return model.eval(), checkpoint_dataset(description, config.num_classes, source=path)
-
-
-def checkpoint_dataset(description, num_classes, *, source):
-    """The DatasetInfo of a dataset description saved with a checkpoint; without one, a 19-class
-    model is a Cityscapes one and others get numbered class names and a palette of their size."""
+    model, num_classes = model.eval(), config.num_classes
     if not description:
-        return CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
+        return model, CITYSCAPES if num_classes == NUM_CLASSES else unnamed_classes(num_classes)
     try:
         palette = description.get("palette") or voc_palette(len(description["class_names"]))
         info = DatasetInfo.from_dict({**description, "palette": palette})
@@ -97,19 +82,17 @@ def checkpoint_dataset(description, num_classes, *, source):
         if len(info.palette) != info.num_classes or not colours_ok:
             raise ValueError("palette does not fit the classes")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
+        malformed = f"its dataset description is malformed ({cli.first_line(e)})"
         fix = "re-save it, or load it with --load-from in train.py"
-        raise CheckpointError(
-            f"{source}: its dataset description is malformed ({cli.first_line(e)}); {fix}"
-        ) from None
+        raise CheckpointError(f"{path}: {malformed}; {fix}") from None
     if info.num_classes != num_classes:
         names = f"names {info.num_classes} classes, the model has {num_classes}"
-        raise CheckpointError(f"{source}: its dataset description {names}")
-    return info
+        raise CheckpointError(f"{path}: its dataset description {names}")
+    return model, info
 
 
 def load_backbone(model, source, *, log=print):
-    """ImageNet ResNet weights in torchvision's format (fc.* ignored), from a path or an URL (cached
-    by torch.hub)."""
+    """ImageNet ResNet weights in torchvision's layout (fc.* ignored), from a path or cached URL."""
     if re.match(r"^https?://", str(source)):
         try:
             state = torch.hub.load_state_dict_from_url(
@@ -118,10 +101,9 @@ def load_backbone(model, source, *, log=print):
         # URLError, HTTPError, a timeout, or a download that is not a checkpoint
         except (OSError, RuntimeError) as e:
             reason = getattr(e, "reason", None) or cli.first_line(e, 200)
+            failed = f"could not download the backbone weights ({reason})"
             fix = "check the URL and the network, or pass a local file"
-            raise CheckpointError(
-                f"{source}: could not download the backbone weights ({reason}); {fix}"
-            ) from None
+            raise CheckpointError(f"{source}: {failed}; {fix}") from None
     else:
         state = read_checkpoint(source)
     from interop import backbone_state  # torchvision's layout, read only with --pretrained
@@ -135,17 +117,14 @@ def load_backbone(model, source, *, log=print):
 
 
 def initial_weights(path, config, *, log):
-    """(ModelConfig, state dict) for --load-from: a checkpoint's model with the dropout and classes
-    of `config`. On other classes every classifier the model names (BiSeNetV1.classifiers) starts
-    afresh; the rest is kept."""
+    """(ModelConfig, state dict) for --load-from: a checkpoint's model with `config`'s dropout and
+    classes; on other classes its classifiers (BiSeNetV1.classifiers) start afresh."""
     source = load_model(path)[0]
     depth = source.config.depth
     if depth != config.depth:
         raise CheckpointError(f"{path}: a ResNet-{depth} model; pass --depth {depth}")
-    # keeps its fusion variant and input normalisation
-    config = dataclasses.replace(
-        source.config, dropout=config.dropout, num_classes=config.num_classes
-    )
+    asked = dict(dropout=config.dropout, num_classes=config.num_classes)
+    config = dataclasses.replace(source.config, **asked)  # its fusion variant, input normalisation
     state = source.state_dict()
     if source.config.num_classes != config.num_classes:
         classifiers = BiSeNetV1(config).classifiers()
@@ -157,23 +136,17 @@ def initial_weights(path, config, *, log):
 
 
 def restore(checkpoint, path, *, model, optimizer, scaler, runtime, info):
-    """(iteration, best mIoU) of a training checkpoint, its state loaded into the model, optimizer
-    and scaler. A run goes on only with its own model and classes: its best mIoU would otherwise
-    compare other data."""
+    """(iteration, best mIoU) of a training checkpoint loaded into the model, optimizer and scaler.
+    Only a run's own model and classes go on with it: its best mIoU compares their data."""
     saved_config = ModelConfig.from_dict(checkpoint["model_config"], path)
     if saved_config != model.config:
         # depth and classes come first in ModelConfig: flags set them
-        fields = [f.name for f in dataclasses.fields(ModelConfig)]
-        changed = [
-            f"{n} {getattr(saved_config, n)} -> {getattr(model.config, n)}"
-            for n in fields
-            if getattr(saved_config, n) != getattr(model.config, n)
-        ]
+        ours = dataclasses.asdict(model.config)
+        saved = dataclasses.asdict(saved_config).items()
+        changed = [f"{name} {was} -> {ours[name]}" for name, was in saved if was != ours[name]]
         more = f" and {len(changed) - 2} settings that follow from them" if len(changed) > 2 else ""
-        fix = "pass a new --work-dir, or the flags of that run"
-        raise CheckpointError(
-            f"{path}: a run of another model configuration ({', '.join(changed[:2])}{more}); {fix}"
-        )
+        other = f"a run of another model configuration ({', '.join(changed[:2])}{more})"
+        raise CheckpointError(f"{path}: {other}; pass a new --work-dir, or the flags of that run")
     saved_classes = tuple((checkpoint.get("dataset") or {}).get("class_names") or ())
     if saved_classes and saved_classes != info.class_names:
         k, ours, theirs = first_difference(saved_classes, info.class_names)

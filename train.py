@@ -472,22 +472,18 @@ def run(args, runtime, state, dataset, val_set, weights, resumed_from, preemptio
     """The loop's periodic work and loss, the loop, then the JSON line."""
     model, optimizer, scaler, start, best = state
     run_log.start(start)
-    work_dir = Path(args.work_dir)
     settings = {**vars(args), "world_size": runtime.world_size}
     settings["class_weights"] = None if weights is None else weights.tolist()
     contents = dict(optimizer=optimizer, scaler=scaler, settings=settings, dataset=dataset.info)
     every = dict(interval=args.ckpt_interval, iters=args.iters, keep=args.keep_checkpoints)
-    resumed, log = dict(path=resumed_from, best=best), run_log.message
-    checkpointer = workdir.Checkpointer(
-        work_dir, model, contents=contents, **every, is_main=runtime.is_main, log=log, **resumed
-    )
+    resumed = dict(path=resumed_from, best=best)
+    checkpointer = workdir.Checkpointer(run_log, model, contents=contents, **every, **resumed)
     scoring = dict(runtime=runtime, amp=args.amp, workers=min(args.workers, 2))
-    every = dict(interval=args.val_interval, iters=args.iters)
     validation = workdir.Validation(
-        val_set, model, **scoring, **every, run_log=run_log, checkpointer=checkpointer
+        val_set, model, checkpointer, **scoring, interval=args.val_interval
     )
-    checks = dict(static_scale=args.loss_scale, run_log=run_log, work_dir=work_dir)
-    hooks = dict(step_check=workdir.StepCheck(scaler, **checks), preemption=preemption)
+    step_check = workdir.StepCheck(scaler, run_log, static_scale=args.loss_scale)
+    hooks = dict(step_check=step_check, preemption=preemption)
     hooks |= dict(checkpointer=checkpointer, validation=validation)
     kind = dict(loss_type=args.loss, ohem_thresh=args.ohem_thresh, normalise=args.loss_normalise)
     weighted = dict(aux_weight=args.aux_weight, class_weight=weights)

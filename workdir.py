@@ -1,13 +1,9 @@
 """A training run's work dir and its bookkeeping, so that no run is ever lost: one training process
-per work dir (a lock), the newest complete checkpoint found to resume from, a log that only grows,
-and the loop's periodic work (progress, checkpoints, validation, stop signals), each a `.step(it)`.
-
-    work_dir/iter_N.pth   a complete training checkpoint after N iterations (model, optimizer...)
-    work_dir/latest.pth   a link to the newest iter_N.pth (hard where symbolic links are refused)
-    work_dir/best.pth     the checkpoint of the best validation mIoU
-    work_dir/log.jsonl    a JSON line per log interval and validation; the pictures come from it
-    work_dir/.lock        held by the training process that uses the work dir
-"""
+per work dir (a lock), the newest complete checkpoint to resume from, a log that only grows, and
+the loop's periodic work (progress, checkpoints, validation, stop signals), each a `.step(it)`.
+Its files: iter_N.pth (a complete training checkpoint after N iterations), latest.pth (a link to
+the newest, hard where symbolic links are refused), best.pth (of the best val mIoU), log.jsonl (a
+JSON line per log interval and validation: the pictures' source), .lock (held by train.py)."""
 
 import contextlib
 import errno
@@ -18,11 +14,11 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from subprocess import DEVNULL, PIPE, Popen
 
 import torch
 from tqdm import tqdm
@@ -36,9 +32,7 @@ from evaluate import evaluate, inference_model, torch_segmenter
 ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
 RUN_FILES = ("log.jsonl", "curves.png", "confusion.png", "confusion.csv", "per_class_iou.png", "tb")
 MB = 2**20
-STOP_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
-)
+STOP_SIGNALS = {signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}  # no SIGUSR1 on Windows
 
 
 class WorkDirError(cli.Error):
@@ -46,8 +40,7 @@ class WorkDirError(cli.Error):
 
 
 class TrainingError(cli.Error):
-    """Training cannot go on (e.g. a non-finite loss in fp32). The message says where and what to
-    do."""
+    """Training cannot go on (e.g. a non-finite loss in fp32)."""
 
 
 class LogUnwritable(TrainingError):
@@ -62,40 +55,30 @@ class Stopped(TrainingError):
         self.exit_code = 128 + signum
 
 
-def hold_lock(handle):
-    """An exclusive lock on the open file, which the OS drops when the process dies: POSIX record
-    locks (which also hold across machines on NFS with a lock manager), or msvcrt's on Windows."""
-    try:
-        import fcntl
-    except ImportError:
-        import msvcrt
-
-        handle.seek(0)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-    else:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
 def lock(work_dir):
-    """Creates work_dir and holds its lock for the life of this process. The lock file says who
-    holds it."""
+    """Creates work_dir and holds its lock for the life of this process (the OS drops it when the
+    process dies). The lock file says who holds it."""
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
         handle = open(work_dir / ".lock", "a+")
     except OSError as e:
-        fix = "pass a writable --work-dir"
-        raise WorkDirError(
-            f"{work_dir}: cannot write to the work dir ({e.strerror}); {fix}"
-        ) from None
+        why = f"cannot write to the work dir ({e.strerror}); pass a writable --work-dir"
+        raise WorkDirError(f"{work_dir}: {why}") from None
+    handle.seek(0)  # msvcrt locks bytes from the file's position
     try:
-        hold_lock(handle)
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:  # POSIX record locks, which also hold across machines on NFS with a lock manager
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
         fix = "wait for it to end, or pass another --work-dir"
         raise WorkDirError(f"{work_dir} is in use by {holder}; {fix}") from None
-    handle.seek(0)
     handle.truncate(0)
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     handle.write(f"train.py pid {os.getpid()} on {socket.gethostname()} since {since}\n")
@@ -105,15 +88,12 @@ def lock(work_dir):
 
 def iteration_checkpoints(work_dir):
     """[(N, path)] of work_dir/iter_N.pth, oldest first."""
-    found = [
-        (int(m[1]), p) for p in work_dir.glob("iter_*.pth") if (m := ITERATION_NAME.match(p.name))
-    ]
-    return sorted(found)
+    found = [(ITERATION_NAME.match(path.name), path) for path in work_dir.glob("iter_*.pth")]
+    return sorted((int(match[1]), path) for match, path in found if match)
 
 
 def last_checkpoint_note(work_dir):
-    saved = iteration_checkpoints(work_dir)
-    if saved:
+    if saved := iteration_checkpoints(work_dir):
         return f"The last good checkpoint is kept: {saved[-1][1]}"
     return "No checkpoint had been written yet."
 
@@ -122,10 +102,8 @@ def tensor_bytes(obj):
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(map(tensor_bytes, obj.values()))
-    if isinstance(obj, (list, tuple)):
-        return sum(map(tensor_bytes, obj))
-    return 0
+        obj = list(obj.values())
+    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
 
 
 def no_space(directory, needed):
@@ -134,21 +112,9 @@ def no_space(directory, needed):
     return WorkDirError(f"no space left on {directory} ({sizes}); free some space and resume")
 
 
-def caused_by(error, matches):
-    """Whether `error` or an error it was raised while handling matches: torch.save reports what
-    went wrong in its Python file writes (ENOSPC, Ctrl-C) as a RuntimeError raised during their
-    handling."""
-    while error is not None:
-        if matches(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def atomic_save(obj, path):
     """torch.save to a temporary file, fsync, rename: `path` is the old file or the complete new
-    one, never a part. A full disk is said as such (checked first, and on failure), and the
-    partial file is deleted."""
+    one, never a part. A full disk is said as such (checked first, and on failure)."""
     directory, needed = path.parent, tensor_bytes(obj) + MB
     if shutil.disk_usage(directory).free < needed:
         raise no_space(directory, needed)
@@ -158,42 +124,20 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        if caused_by(e, lambda error: isinstance(error, KeyboardInterrupt)):
+        # torch.save raises a RuntimeError while handling its file writes' ENOSPC or Ctrl-C
+        chain, cause = [], e
+        while cause is not None:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(error, KeyboardInterrupt) for error in chain):
             raise KeyboardInterrupt from None
-        if caused_by(
-            e, lambda error: getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-        ):
+        if any(getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for error in chain):
             raise no_space(directory, needed) from None
         if isinstance(e, OSError):
-            kept = "the previous checkpoints are kept"
-            raise WorkDirError(
-                f"{path}: could not write the checkpoint ({e.strerror or e}); {kept}"
-            ) from None
+            why = f"could not write the checkpoint ({e.strerror or e})"
+            raise WorkDirError(f"{path}: {why}; the previous checkpoints are kept") from None
         raise
     cli.sync_directory(directory)
-
-
-def save_checkpoint(path, model, *, optimizer, scaler, iteration, best, settings, dataset):
-    """Only finite weights are written: a diverged step must never replace the last good
-    checkpoint."""
-    state = model.state_dict()
-    bad = non_finite(state)
-    if bad:
-        which = f"{bad[0]} and {len(bad) - 1} more" if len(bad) > 1 else bad[0]
-        hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
-        where = f"the weights hold NaN or inf after iteration {iteration} ({which})"
-        raise CheckpointError(f"{where}, so {path.name} was not written: {hint}")
-    checkpoint = {
-        "model_config": model.config.to_dict(),
-        "model": state,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "iteration": iteration,
-        "best_miou": best,
-        "args": settings,
-        "dataset": dataset.to_dict(),
-    }
-    atomic_save(checkpoint, path)
 
 
 def point_latest(work_dir, target):
@@ -207,35 +151,8 @@ def point_latest(work_dir, target):
             os.link(target, temp)
 
 
-def latest_target(work_dir):
-    """The name latest.pth points to (None: no latest.pth), checked to be what train.py writes."""
-    latest = work_dir / "latest.pth"
-    if latest.is_symlink():
-        return os.readlink(latest)
-    if not latest.exists():
-        return None
-    if latest.is_file():
-        twins = [p.name for _, p in iteration_checkpoints(work_dir) if os.path.samefile(p, latest)]
-        if twins:
-            return twins[-1]
-    found = "directory" if latest.is_dir() else "file"
-    fix = "move it out of the work dir and resume"
-    raise WorkDirError(f"{latest}: expected the link train.py writes, found a {found}; {fix}")
-
-
-def prune(work_dir, keep):
-    """Deletes the oldest iter_N.pth beyond the newest `keep` (0: keep all); best.pth stays."""
-    if keep <= 0:
-        return []
-    removed = [path for _, path in iteration_checkpoints(work_dir)[:-keep]]
-    for path in removed:
-        path.unlink(missing_ok=True)
-    return removed
-
-
 def work_dir_contents(work_dir):
-    """What of an earlier run a work dir holds, e.g. 'iter_4.pth, best.pth, latest.pth ->
-    iter_4.pth'."""
+    """What of an earlier run a work dir holds: 'iter_4.pth, best.pth, latest.pth -> iter_4.pth'."""
     names = [path.name for _, path in iteration_checkpoints(work_dir)]
     names += ["best.pth"] if (work_dir / "best.pth").exists() else []
     latest = work_dir / "latest.pth"
@@ -248,22 +165,24 @@ def work_dir_contents(work_dir):
 
 
 def resume_point(work_dir):
-    """(checkpoint dict, path, note) to continue the run in work_dir from, or (None, None, None) for
-    an unused one.
-
-    The newest iter_N.pth is the resume point whatever latest.pth says: a run killed between
-    writing iter_N.pth and relinking latest.pth goes on from its newest complete checkpoint. A
-    damaged newest checkpoint stops the run with its name (continuing from an older one would
-    later overwrite it)."""
-    saved = iteration_checkpoints(work_dir)
-    target = latest_target(work_dir)
+    """(checkpoint dict, path, note) to continue the run in work_dir from (Nones: an unused one):
+    the newest iter_N.pth whatever latest.pth says, since a kill may come between writing one and
+    relinking the other. A damaged newest one stops the run: going on from an older one would
+    later overwrite it."""
+    saved, latest = iteration_checkpoints(work_dir), work_dir / "latest.pth"
+    target = os.readlink(latest) if latest.is_symlink() else None
+    if latest.exists() and not target:  # a hard link: the name of the iter_N.pth it is
+        twins = [p.name for _, p in saved if latest.is_file() and os.path.samefile(p, latest)]
+        if not twins:
+            found = "directory" if latest.is_dir() else "file"
+            expected = f"expected the link train.py writes, found a {found}"
+            raise WorkDirError(f"{latest}: {expected}; move it out of the work dir and resume")
+        target = twins[-1]
     if not saved:
-        if target or (work_dir / "best.pth").exists():
-            contents = work_dir_contents(work_dir)
+        if contents := work_dir_contents(work_dir):  # best.pth or latest.pth without their run
             fix = "pass a new --work-dir, or move those files away to start over"
-            raise WorkDirError(
-                f"{work_dir} holds a run ({contents}) but no iter_N.pth to resume from; {fix}"
-            )
+            held = f"{work_dir} holds a run ({contents}) but no iter_N.pth to resume from"
+            raise WorkDirError(f"{held}; {fix}")
         return None, None, None
     newest = saved[-1][1]
     try:
@@ -281,23 +200,22 @@ def resume_point(work_dir):
     if target is None:
         note = "latest.pth is missing"
     elif target != newest.name:
-        missing = "" if (work_dir / "latest.pth").exists() else ", which is missing"
+        missing = "" if latest.exists() else ", which is missing"
         note = f"latest.pth points to {target}{missing}"
     return checkpoint, newest, note
 
 
 def open_work_dir(work_dir, resume, *, runtime, log=print):
     """Rank 0 takes the work dir's lock and clears killed runs' temp files; every rank then finds
-    the same resume checkpoint (None for a fresh run), reading the work dir that rank 0 writes
-    (shared storage across machines)."""
+    the same resume checkpoint (None for a fresh run) in the work dir rank 0 writes (shared)."""
     held = None
     if runtime.is_main:
         held = lock(work_dir)
         for path in sorted(work_dir.glob(".*.tmp")):  # with the lock held, none is a live process's
             path.unlink(missing_ok=True)
             log(f"removed {path.name}, left by a run that was killed while writing")
-        contents = work_dir_contents(work_dir)
-        if not resume and contents:  # a fresh run never writes over an earlier run's checkpoints
+        # a fresh run never writes over an earlier run's checkpoints
+        if not resume and (contents := work_dir_contents(work_dir)):
             fix = "pass --resume to continue it, or a new --work-dir"
             raise WorkDirError(f"{work_dir} holds the checkpoints of a run ({contents}); {fix}")
     if not resume:
@@ -309,74 +227,61 @@ def open_work_dir(work_dir, resume, *, runtime, log=print):
 
 
 def set_aside(work_dir):
-    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/, so that a fresh run
-    (one whose checkpoints were moved away) never cuts or replaces them. Returns the folder, or
-    None."""
+    """Moves an earlier run's log and pictures into work_dir/earlier_run_K/ (returned), so that a
+    fresh run (one whose checkpoints were moved away) never cuts or replaces them."""
     if not (work_dir / "log.jsonl").exists():  # no earlier run: a tb/ set up for this one stays
         return None
-    found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
     k = 1
-    while (work_dir / f"earlier_run_{k}").exists():
+    while (folder := work_dir / f"earlier_run_{k}").exists():
         k += 1
-    folder = work_dir / f"earlier_run_{k}"
     folder.mkdir()
-    for path in found:
-        path.rename(folder / path.name)
+    for name in RUN_FILES:
+        if (work_dir / name).exists():
+            (work_dir / name).rename(folder / name)
     return folder
 
 
-def read_log_lines(path, *, until, note):
-    """The lines of log.jsonl up to iteration `until`. A last line without its newline (a full
-    disk or a kill cut it short) is replayed by the resumed run; a garbled line is skipped, and
-    said."""
-    kept, garbled = [], []
-    lines = path.read_text(errors="replace").splitlines(keepends=True) if path.exists() else []
-    for number, line in enumerate(lines, 1):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            entry = None
-        if not isinstance(entry, dict):
-            garbled += [number] if line.endswith("\n") else []
-        elif line.endswith("\n") and entry.get("iter", 0) <= until:
-            kept.append(line)
-    if garbled:
-        note(f"warning: {path}: skipped {len(garbled)} garbled lines (first: line {garbled[0]})")
-    return kept
-
-
-class RunLog:
-    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard scalars
-    if installed."""
+class RunLog(contextlib.AbstractContextManager):
+    """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard's."""
 
     def __init__(self, work_dir, enabled):
-        self.enabled, self.path = enabled, work_dir / "log.jsonl"
+        self.work_dir, self.enabled, self.path = work_dir, enabled, work_dir / "log.jsonl"
         self.file = self.writer = self.plotter = None
 
     def start(self, iteration):
-        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`:
-        what the stopped run logged after its checkpoint is replayed by this one, so those lines
-        give way to the replayed ones."""
+        """A fresh run sets an earlier run's files aside; a resumed one goes on from `iteration`,
+        replaying what the stopped run logged after its checkpoint: those lines give way, as does a
+        last line a full disk or a kill cut short. A garbled line is skipped, and said."""
         if not self.enabled:
             return
         try:
-            if iteration == 0 and (folder := set_aside(self.path.parent)):
+            if iteration == 0 and (folder := set_aside(self.work_dir)):
                 self.message(f"an earlier run's log and pictures were moved to {folder}")
-            lines = read_log_lines(self.path, until=iteration, note=self.message)
+            text = self.path.read_text(errors="replace") if self.path.exists() else ""
+            kept, garbled = [], []
+            for number, line in enumerate(text.splitlines(keepends=True), 1):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not isinstance(entry, dict):
+                    garbled += [number] if line.endswith("\n") else []
+                elif line.endswith("\n") and entry.get("iter", 0) <= iteration:
+                    kept.append(line)
+            if garbled:
+                skipped = f"skipped {len(garbled)} garbled lines (first: line {garbled[0]})"
+                self.message(f"warning: {self.path}: {skipped}")
             with atomic_write(self.path) as temp:
-                temp.write_text("".join(lines))
+                temp.write_text("".join(kept))
             self.file = open(self.path, "a")
             from torch.utils.tensorboard import SummaryWriter
 
-            # its writer thread's errors (a full disk) come back through record(): no
-            # second traceback
+            # its writer thread's errors (a full disk) come back through record(), untraced
             threading.excepthook = tensorboard_quiet
-            self.writer = SummaryWriter(str(self.path.parent / "tb"))
+            self.writer = SummaryWriter(str(self.work_dir / "tb"))
         except ImportError:
-            self.message(
-                "TensorBoard is not installed: scalars go to log.jsonl only "
-                "(pip install tensorboard)"
-            )
+            fix = "scalars go to log.jsonl only (pip install tensorboard)"
+            self.message(f"TensorBoard is not installed: {fix}")
         except OSError as e:
             raise self.failed(e) from None
 
@@ -399,37 +304,26 @@ class RunLog:
             raise self.failed(e) from None
 
     def failed(self, error):
-        reason = error.strerror or error
-        return LogUnwritable(
-            f"{self.path.parent}: cannot write the run's log ({reason}); free some space"
-        )
+        why = f"cannot write the run's log ({error.strerror or error}); free some space"
+        return LogUnwritable(f"{self.work_dir}: {why}")
 
     def draw(self, *, wait=False):
-        """Redraws the run's pictures (tools/plot_run.py) in a process of their own, so that
-        training neither waits for matplotlib nor fails with it. At the end (wait) the drawing is
-        waited for, a failure said."""
-        if not self.enabled or (self.plotter and self.plotter.poll() is None and not wait):
+        """Redraws the run's pictures (tools/plot_run.py) in a process of their own: training
+        neither waits for matplotlib nor fails with it. At the end (wait) a failure is said."""
+        drawing = self.plotter and self.plotter.poll() is None
+        if not self.enabled or (drawing and not wait):
             return
-        if self.plotter and self.plotter.poll() is None:
-            # its files are written atomically: the final drawing replaces them
+        if drawing:  # its files are written atomically: the final drawing replaces them
             self.plotter.terminate()
             self.plotter.wait()
-        plot = [sys.executable, str(Path(__file__).resolve().parent / "tools" / "plot_run.py")]
-        self.plotter = subprocess.Popen(
-            [*plot, str(self.path.parent)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        plot_run = Path(__file__).resolve().parent / "tools" / "plot_run.py"
+        command = [sys.executable, str(plot_run), str(self.work_dir)]
+        self.plotter = Popen(command, stdout=DEVNULL, stderr=PIPE, text=True)
         if wait and self.plotter.wait():
-            said = self.plotter.stderr.read().strip().splitlines() or [
-                f"exit code {self.plotter.returncode}"
-            ]
-            retry = f"python tools/plot_run.py {self.path.parent} retries"
-            self.message(f"warning: the run's pictures were not drawn ({said[-1]}); {retry}")
-
-    def __enter__(self):
-        return self
+            said = self.plotter.stderr.read().strip().splitlines()
+            said = said[-1] if said else f"exit code {self.plotter.returncode}"
+            retry = f"python tools/plot_run.py {self.work_dir} retries"
+            self.message(f"warning: the run's pictures were not drawn ({said}); {retry}")
 
     def __exit__(self, *error):
         """Closes the log whatever ended the run: on a full disk what is left unwritten was said."""
@@ -445,23 +339,19 @@ def tensorboard_quiet(hook):
 
 
 def due(it, interval, iters):
-    """Whether the periodic work of 0-based iteration `it` runs: every `interval` iterations and
-    at the end."""
+    """Whether 0-based iteration `it` does the periodic work: every `interval`, and at the end."""
     return (it + 1) % interval == 0 or it + 1 == iters
 
 
 class Progress:
-    """The progress bar every step, a log line every `interval` iterations and at the end;
-    training images per second and the share of time spent waiting for data, over the steps after
-    the first few (warm-up)."""
+    """The progress bar every step, a log line every `interval` iterations and at the end; images
+    per second and the share of time waiting for data, timed after the first (warm-up) steps."""
 
     def __init__(self, run_log, *, interval, start, iters, images_per_iter):
-        self.run_log, self.interval = run_log, interval
-        disabled = not run_log.enabled
-        self.bar = tqdm(
-            total=iters, initial=start, disable=disabled, dynamic_ncols=True, desc="train"
-        )
-        self.iters, self.images_per_iter = iters, images_per_iter
+        self.run_log, self.interval, self.iters = run_log, interval, iters
+        self.images_per_iter = images_per_iter
+        shown = dict(disable=not run_log.enabled, dynamic_ncols=True, desc="train")
+        self.bar = tqdm(total=iters, initial=start, **shown)
         self.first_timed = start + min(10, max((iters - start) // 10, 1))
         self.images, self.seconds, self.data_seconds = 0, 0.0, 0.0
 
@@ -480,30 +370,41 @@ class Progress:
             self.run_log.record(entry, **{"train/loss": loss, "train/lr": lr})
 
     def summary(self):
-        if not self.seconds:
-            return {"train_fps": None, "data_wait_frac": None}
-        fps, wait = self.images / self.seconds, self.data_seconds / self.seconds
-        return {"train_fps": round(fps, 2), "data_wait_frac": round(wait, 3)}
+        fps = round(self.images / self.seconds, 2) if self.seconds else None
+        wait = round(self.data_seconds / self.seconds, 3) if self.seconds else None
+        return {"train_fps": fps, "data_wait_frac": wait}
 
 
 class Checkpointer:
-    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, old ones
-    pruned to `keep`; only rank 0 writes. `contents`: what a checkpoint holds besides the model;
-    `best`: the best mIoU."""
+    """iter_N.pth every `interval` iterations and at the end, latest.pth pointed at it, the oldest
+    beyond `keep` pruned; rank 0 (which logs) writes. `path`: the newest (at first the resumed)."""
 
-    def __init__(
-        self, work_dir, model, *, contents, interval, iters, keep, is_main, log, path, best
-    ):
-        self.work_dir, self.model, self.contents = work_dir, model, contents
+    def __init__(self, run_log, model, *, contents, interval, iters, keep, path, best):
+        self.run_log, self.work_dir, self.model = run_log, run_log.work_dir, model
+        self.contents, self.best, self.path = contents, best, path
         self.interval, self.iters, self.keep = interval, iters, keep
-        self.is_main, self.log, self.best = is_main, log, best
-        self.path = (
-            path  # the newest iteration checkpoint: the resumed one until this run writes its own
-        )
 
     def save(self, path, iteration):
-        if self.is_main:
-            save_checkpoint(path, self.model, iteration=iteration, best=self.best, **self.contents)
+        """Only finite weights: a diverged step must never replace the last good checkpoint."""
+        if not self.run_log.enabled:
+            return
+        state = self.model.state_dict()
+        if bad := non_finite(state):
+            which = f"{bad[0]} and {len(bad) - 1} more" if len(bad) > 1 else bad[0]
+            hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
+            where = f"the weights hold NaN or inf after iteration {iteration} ({which})"
+            raise CheckpointError(f"{where}, so {path.name} was not written: {hint}")
+        checkpoint = {
+            "model_config": self.model.config.to_dict(),
+            "model": state,
+            "optimizer": self.contents["optimizer"].state_dict(),
+            "scaler": self.contents["scaler"].state_dict(),
+            "iteration": iteration,
+            "best_miou": self.best,
+            "args": self.contents["settings"],
+            "dataset": self.contents["dataset"].to_dict(),
+        }
+        atomic_save(checkpoint, path)
 
     def step(self, it, *, now=False):
         path = self.work_dir / f"iter_{it + 1}.pth"
@@ -511,26 +412,23 @@ class Checkpointer:
             return
         self.path = path
         self.save(path, it + 1)
-        if self.is_main:
+        if self.run_log.enabled:
             point_latest(self.work_dir, path)
-            for old in prune(self.work_dir, self.keep):
-                self.log(f"removed {old.name} (--keep-checkpoints {self.keep})")
+            old = iteration_checkpoints(self.work_dir)[: -self.keep] if self.keep > 0 else []
+            for _, removed in old:
+                removed.unlink(missing_ok=True)
+                self.run_log.message(f"removed {removed.name} (--keep-checkpoints {self.keep})")
 
 
-class Preemption:
-    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1
-    (SLURM's --signal; not on Windows) stop the run. Before the loop a signal stops it at once;
-    in the loop every rank finishes its step, they agree on the iteration, rank 0 saves it, and
-    the run ends (Stopped)."""
+class Preemption(contextlib.AbstractContextManager):
+    """SIGTERM (what SLURM, Kubernetes and spot instances send before SIGKILL) and SIGUSR1 (SLURM's
+    --signal) stop the run: before the loop at once; in the loop every rank finishes its step, they
+    agree on the iteration, rank 0 saves it, and the run ends (Stopped)."""
 
     def __init__(self, work_dir):
         self.work_dir, self.signum, self.in_loop = work_dir, None, False
-        self.previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, self.received)
-
-    def __enter__(self):
-        return self
+        # signal.signal returns the handler it replaces
+        self.previous = {signum: signal.signal(signum, self.received) for signum in STOP_SIGNALS}
 
     def __exit__(self, *error):
         """The handlers the process had before: a run inside a longer process ends its own."""
@@ -539,13 +437,12 @@ class Preemption:
 
     def received(self, signum, _frame):
         self.signum = signum
-        if not self.in_loop and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            sys.exit(
-                128 + signum
-            )  # one of several ranks: the launcher, or the rank that failed, says why
-        if not self.in_loop:
-            name, saved = signal.Signals(signum).name, last_checkpoint_note(self.work_dir)
-            raise Stopped(f"stopped by {name} before the first step. {saved}", signum)
+        if self.in_loop:
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            sys.exit(128 + signum)  # one of several ranks: the launcher or the failed rank says why
+        name, saved = signal.Signals(signum).name, last_checkpoint_note(self.work_dir)
+        raise Stopped(f"stopped by {name} before the first step. {saved}", signum)
 
     def loop_begins(self):
         """From here every rank reaches the end of its step, where they agree: a signal waits
@@ -553,23 +450,21 @@ class Preemption:
         self.in_loop = True
 
     def step(self, it, runtime, checkpointer):
-        if runtime.any_rank(self.signum is not None):
-            checkpointer.step(it, now=True)
-            signum = self.signum or signal.SIGTERM  # another rank's signal
-            if not runtime.is_main:
-                sys.exit(128 + signum)  # rank 0 says it, once
-            resume = "run the same command with --resume (the launch scripts do) to continue"
-            name = signal.Signals(signum).name
-            raise Stopped(
-                f"stopped by {name} after iteration {it + 1}; saved {checkpointer.path}; {resume}",
-                signum,
-            )
+        if not runtime.any_rank(self.signum is not None):
+            return
+        checkpointer.step(it, now=True)
+        signum = self.signum or signal.SIGTERM  # another rank's signal
+        if not runtime.is_main:
+            sys.exit(128 + signum)  # rank 0 says it, once
+        resume = "run the same command with --resume (the launch scripts do) to continue"
+        saved = f"after iteration {it + 1}; saved {checkpointer.path}"
+        raise Stopped(f"stopped by {signal.Signals(signum).name} {saved}; {resume}", signum)
 
 
 def setting_text(value):
     if isinstance(value, (tuple, list)):
         joiner = "x" if all(isinstance(v, int) for v in value) else ","
-        return joiner.join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        return joiner.join(map(setting_text, value))
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -577,19 +472,17 @@ def changed_settings(saved, current, names):
     """'--lr 0.01 (was 0.02), ...': the settings `names` of this command that differ from the
     resumed run's."""
     changes = []
-    for name in names:
-        if name in saved and setting_text(saved[name]) != setting_text(current[name]):
+    for name in (name for name in names if name in saved):
+        now, was = setting_text(current[name]), setting_text(saved[name])
+        if now != was:
             flag = "world size" if name == "world_size" else "--" + name.replace("_", "-")
-            changes.append(
-                f"{flag} {setting_text(current[name])} (was {setting_text(saved[name])})"
-            )
+            changes.append(f"{flag} {now} (was {was})")
     return ", ".join(changes)
 
 
 @contextlib.contextmanager
 def saved_on_error(checkpointer, it):
-    """Risky periodic work (validation): an error there first saves the iteration reached, as a
-    stop does."""
+    """Risky periodic work (validation): an error there first saves the iteration reached."""
     try:
         yield
     except BaseException:
@@ -598,23 +491,14 @@ def saved_on_error(checkpointer, it):
         raise
 
 
-# -- The loop's checks: each step's health, and validation -----------------------------------------
 class StepCheck:
-    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back);
-    a non-finite loss anywhere else, or a scale below 1, ends the run with the last good
-    checkpoint kept."""
+    """An fp16 overflow skips the step and lowers the scale (a static --loss-scale is put back); a
+    non-finite loss otherwise, or a scale below 1, ends the run, the last good checkpoint kept."""
 
-    def __init__(self, scaler, *, static_scale, run_log, work_dir):
-        self.scaler, self.static_scale, self.run_log, self.work_dir = (
-            scaler,
-            static_scale,
-            run_log,
-            work_dir,
-        )
+    def __init__(self, scaler, run_log, *, static_scale):
+        self.scaler, self.run_log, self.static_scale = scaler, run_log, static_scale
         self.scale_before = scaler.get_scale()
-        self.unlabelled = (
-            0  # batches without a labelled pixel: they train nothing (loss 0), and are counted
-        )
+        self.unlabelled = 0  # batches without a labelled pixel: they train nothing (loss 0)
 
     def step(self, it, loss, labels):
         if not (labels != IGNORE_INDEX).any():
@@ -631,63 +515,45 @@ class StepCheck:
             self.run_log.message(f"iter {it + 1}: {skipped}")
             self.run_log.record({"iter": it + 1, "overflow": True, "loss_scale": scale})
             if scale < 1:
-                saved = last_checkpoint_note(self.work_dir)
+                saved = last_checkpoint_note(self.run_log.work_dir)
                 fix = f"lower --lr, or use --amp-dtype bfloat16 or --amp O0. {saved}"
                 fell = f"the fp16 loss scale fell to {scale:g} at iteration {it + 1}"
-                raise TrainingError(
-                    f"{fell}: gradients overflow at any scale, so training diverged; {fix}"
-                )
+                why = "gradients overflow at any scale, so training diverged"
+                raise TrainingError(f"{fell}: {why}; {fix}")
         elif not math.isfinite(loss):
-            raise TrainingError(
-                f"loss is {loss} at iteration {it + 1}; lower --lr or check the data. "
-                f"{last_checkpoint_note(self.work_dir)}"
-            )
+            fix = f"lower --lr or check the data. {last_checkpoint_note(self.run_log.work_dir)}"
+            raise TrainingError(f"loss is {loss} at iteration {it + 1}; {fix}")
 
 
 class Validation:
-    """val mIoU every `interval` iterations and at the end, with rank 0's BatchNorm statistics,
-    through the path evaluate.py scores a checkpoint with (BatchNorm folded): one checkpoint, one
-    number. A new best is saved as best.pth."""
+    """val mIoU every `interval` iterations and at the end, scored as evaluate.py scores the
+    checkpoint (rank 0's BatchNorm, folded): one checkpoint, one number. A new best is best.pth."""
 
-    def __init__(
-        self, val_set, model, *, runtime, amp, workers, interval, iters, run_log, checkpointer
-    ):
-        self.val_set, self.model, self.runtime, self.amp, self.workers = (
-            val_set,
-            model,
-            runtime,
-            amp,
-            workers,
-        )
-        self.interval, self.iters, self.run_log, self.checkpointer = (
-            interval,
-            iters,
-            run_log,
-            checkpointer,
-        )
-        self.result = None
+    def __init__(self, val_set, model, checkpointer, *, runtime, amp, workers, interval):
+        self.val_set, self.model, self.checkpointer = val_set, model, checkpointer
+        self.runtime, self.amp, self.workers = runtime, amp, workers
+        self.interval, self.result = interval, None
 
     def step(self, it):
-        if self.val_set is None or not due(it, self.interval, self.iters):
+        if self.val_set is None or not due(it, self.interval, self.checkpointer.iters):
             return
+        run_log = self.checkpointer.run_log
         self.runtime.share_buffers(self.model)
-        segment = torch_segmenter(
-            inference_model(self.model, self.runtime), self.runtime, amp=self.amp
-        )
+        model = inference_model(self.model, self.runtime)
+        segment = torch_segmenter(model, self.runtime, amp=self.amp)
         self.result = evaluate(segment, self.val_set, runtime=self.runtime, workers=self.workers)
         miou, best = self.result["mIoU"], self.checkpointer.best
         improved = math.isfinite(miou) and (best is None or miou > best)
         best = self.checkpointer.best = miou if improved else best
-        shown = f"{miou:.2f} (ss whole)"
-        if not math.isfinite(miou):
-            shown = "undefined: no val pixel is labelled, so it is never a best"
+        undefined = "undefined: no val pixel is labelled, so it is never a best"
+        shown = f"{miou:.2f} (ss whole)" if math.isfinite(miou) else undefined
         best_text = "no best yet" if best is None else f"best {best:.2f}"
-        self.run_log.message(f"iter {it + 1}: val mIoU {shown}, {best_text}")
+        run_log.message(f"iter {it + 1}: val mIoU {shown}, {best_text}")
         names, iou = self.val_set.info.class_names, self.result["iou"]
         per_class = {name: None if math.isnan(v) else 100 * v for name, v in zip(names, iou)}
         entry = {f"val_{key}": self.result[key] for key in ("mIoU", "mDice", "mAcc", "aAcc")}
         entry |= {"val_iou": per_class, "val_confusion": self.result["confusion"]}
-        self.run_log.record({"iter": it + 1, **entry}, **{"val/mIoU": miou})
-        self.run_log.draw()
+        run_log.record({"iter": it + 1, **entry}, **{"val/mIoU": miou})
+        run_log.draw()
         if improved:
             self.checkpointer.save(self.checkpointer.work_dir / "best.pth", it + 1)
