@@ -1,7 +1,8 @@
 """What the command-line scripts share: one-line errors, range-checked flags, the flags several
 scripts take, atomic file writes and worker processes. Every script reports bad input as one line,
 `error: <what> <what to do>`, and exits with 2: argparse's errors (ArgumentParser) and every Error
-raised (main): UsageError, DataError, CheckpointError, WorkDirError, TrainingError (train.py)."""
+raised (main): UsageError, DataError, CheckpointError, and workdir.py's WorkDirError and
+TrainingError."""
 
 import argparse
 import contextlib

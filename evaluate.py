@@ -313,9 +313,11 @@ def score(segment, info, args, runtime, *, precision, model_name):
             f"--format labelIds: {dataset.info.name} has no submission ids (Cityscapes only); "
             "use --format trainIds"
         )
+    write = None
     if args.out_dir:
         from predictions import prediction_writer  # read only when predictions are written
-    write = prediction_writer(dataset, args, runtime) if args.out_dir else None
+
+        write = prediction_writer(dataset, args, runtime)
     result = evaluate(segment, dataset, runtime=runtime, write=write, workers=args.workers)
     if not runtime.is_main:
         return
