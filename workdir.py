@@ -33,6 +33,7 @@ ITERATION_NAME = re.compile(r"^iter_(\d+)\.pth$")
 RUN_FILES = ("log.jsonl", "curves.png", "confusion.png", "confusion.csv", "per_class_iou.png", "tb")
 MB = 2**20
 STOP_SIGNALS = {signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}  # no SIGUSR1 on Windows
+DIVERGED = "lower --lr, or check the data"  # what to do when training diverged
 
 
 class WorkDirError(cli.Error):
@@ -241,6 +242,21 @@ def set_aside(work_dir):
     return folder
 
 
+def log_lines_until(text, iteration):
+    """(the complete lines of log text up to `iteration`, the numbers of the garbled ones)."""
+    kept, garbled = [], []
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if not isinstance(entry, dict):
+            garbled += [number] if line.endswith("\n") else []
+        elif line.endswith("\n") and entry.get("iter", 0) <= iteration:
+            kept.append(line)
+    return kept, garbled
+
+
 class RunLog(contextlib.AbstractContextManager):
     """rank 0's record of a run: messages above the progress bar, JSON lines, TensorBoard's."""
 
@@ -258,16 +274,7 @@ class RunLog(contextlib.AbstractContextManager):
             if iteration == 0 and (folder := set_aside(self.work_dir)):
                 self.message(f"an earlier run's log and pictures were moved to {folder}")
             text = self.path.read_text(errors="replace") if self.path.exists() else ""
-            kept, garbled = [], []
-            for number, line in enumerate(text.splitlines(keepends=True), 1):
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    entry = None
-                if not isinstance(entry, dict):
-                    garbled += [number] if line.endswith("\n") else []
-                elif line.endswith("\n") and entry.get("iter", 0) <= iteration:
-                    kept.append(line)
+            kept, garbled = log_lines_until(text, iteration)
             if garbled:
                 skipped = f"skipped {len(garbled)} garbled lines (first: line {garbled[0]})"
                 self.message(f"warning: {self.path}: {skipped}")
@@ -391,7 +398,7 @@ class Checkpointer:
         state = self.model.state_dict()
         if bad := non_finite(state):
             which = f"{bad[0]} and {len(bad) - 1} more" if len(bad) > 1 else bad[0]
-            hint = f"lower --lr, or check the data. {last_checkpoint_note(path.parent)}"
+            hint = f"{DIVERGED}. {last_checkpoint_note(path.parent)}"
             where = f"the weights hold NaN or inf after iteration {iteration} ({which})"
             raise CheckpointError(f"{where}, so {path.name} was not written: {hint}")
         checkpoint = {
@@ -521,7 +528,7 @@ class StepCheck:
                 why = "gradients overflow at any scale, so training diverged"
                 raise TrainingError(f"{fell}: {why}; {fix}")
         elif not math.isfinite(loss):
-            fix = f"lower --lr or check the data. {last_checkpoint_note(self.run_log.work_dir)}"
+            fix = f"{DIVERGED}. {last_checkpoint_note(self.run_log.work_dir)}"
             raise TrainingError(f"loss is {loss} at iteration {it + 1}; {fix}")
 
 
