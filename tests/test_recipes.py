@@ -99,3 +99,21 @@ def test_each_launch_script_trains_the_readme_recipe(recipe, script, env):
     )
     assert row["loss"] == f"CE main + 2 aux (weight {args.aux_weight:g})" and args.loss == "ce"
     assert row["precision"] == f"AMP {args.amp}"
+
+
+@pytest.mark.parametrize(
+    "earlier, recipe, row",
+    [
+        ("seed_r50", "ascend_r50", "Ascend ModelZoo (= mmseg 0.x config)"),
+        ("r18", "mmseg_r18", "R18 (mmseg)"),
+    ],
+)
+def test_the_recipes_earlier_names_still_train_the_readme_recipe(earlier, recipe, row):
+    """Launch scripts and notes written before the recipes were named after their sources."""
+    cells = readme_recipes()[row]
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "1"}):
+        args = parse_args(["--recipe", earlier])
+    assert args.recipe == recipe
+    assert f"ResNet-{args.depth}, from scratch" == cells["context path"]
+    assert math.isclose(args.lr, float(cells["lr"]) * args.batch_size / count(cells["images"]))
+    assert args.iters == count(cells["iterations"])

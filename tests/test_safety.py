@@ -336,6 +336,22 @@ def test_a_work_dir_and_an_export_of_the_previous_version_go_on_unchanged(
     )
 
 
+@pytest.mark.slow
+def test_a_run_begun_under_an_earlier_recipe_name_resumes_under_it(
+    synthetic_root, finished_run, tmp_path
+):
+    work_dir = copy_run(finished_run, tmp_path)
+    for path in work_dir.glob("iter_*.pth"):
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["args"]["recipe"] = "seed_r50"  # what `--recipe seed_r50` saved
+        torch.save(checkpoint, path)
+    again = ["--data-root", str(synthetic_root), *QUICK, "--work-dir", str(work_dir), "--resume"]
+    resumed = run_train([*again, "--recipe", "seed_r50", "--iters", "4"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and last_json(resumed.stdout)["iters"] == 4
+    assert "settings that differ from the run's: --iters 4 (was 3)\n" in resumed.stdout
+
+
 # 2. only finite weights are saved -----------------------------------------------------------------
 @pytest.mark.slow
 def test_a_step_that_makes_the_weights_non_finite_is_never_saved(
