@@ -217,6 +217,12 @@ def levels(image, alpha=1.0, beta=0.0):
     return cv2.LUT(image, table)
 
 
+def balanced(label, max_ratio):
+    """More than one class, none covering max_ratio of the labelled pixels (mmseg's check)."""
+    counts = np.bincount(label.ravel(), minlength=256)[:IGNORE_INDEX]
+    return np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < max_ratio
+
+
 @dataclasses.dataclass(eq=False)
 class TrainTransform:
     """mmseg's Cityscapes recipe: random rescale, random crop with cat_max_ratio, pad, flip,
@@ -241,13 +247,12 @@ class TrainTransform:
         scaled_h, scaled_w = int(height * ratio + 0.5), int(width * ratio + 0.5)
         crop_h, crop_w = min(self.crop[0], scaled_h), min(self.crop[1], scaled_w)
         # cat_max_ratio: up to 10 more crops while one class fills too much of the crop, as mmseg
-        for _ in range(11 if self.cat_max_ratio < 1 else 1):
+        for _ in range(11):
             top, left = rng.integers(scaled_h - crop_h + 1), rng.integers(scaled_w - crop_w + 1)
             rows = nearest_indices(scaled_h, height, top, crop_h)
             cols = nearest_indices(scaled_w, width, left, crop_w)
             label_crop = label[rows[:, None], cols[None, :]]
-            counts = np.bincount(label_crop.ravel(), minlength=256)[:IGNORE_INDEX]
-            if np.count_nonzero(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+            if self.cat_max_ratio >= 1 or balanced(label_crop, self.cat_max_ratio):
                 break
         sy, sx = height / scaled_h, width / scaled_w
         to_source = np.array([[sx, 0, (left + 0.5) * sx - 0.5], [0, sy, (top + 0.5) * sy - 0.5]])
